@@ -1,0 +1,50 @@
+"""SmartTrim's method parts as a trimkit plugin (registered through the ``trimkit`` entry point).
+
+Policies ``cross_modal`` (Eq. 3-7), ``local`` and ``random`` (the §6.1 baselines); samplers
+``gumbel`` (Eq. 8) and ``hard_st``; objective ``smarttrim`` (Eq. 9-12); schedulers ``linear``
+(the curriculum) and ``constant``. A third-party plugin registers its own parts the same way.
+"""
+
+from __future__ import annotations
+
+from trimkit.plugins import hookimpl
+
+from .objectives import SmartTrimObjective, cost_loss, self_distillation
+from .policies import CrossModalHeadPolicy, CrossModalTokenPolicy, LocalTokenPolicy, RandomTokenPolicy
+from .samplers import gumbel_sigmoid, hard_straight_through
+from .schedulers import ConstantTargets, LinearCurriculum
+
+__all__ = [
+    "SmartTrimObjective", "cost_loss", "self_distillation", "CrossModalHeadPolicy", "CrossModalTokenPolicy",
+    "LocalTokenPolicy", "RandomTokenPolicy", "gumbel_sigmoid", "hard_straight_through", "ConstantTargets",
+    "LinearCurriculum",
+]
+
+
+@hookimpl
+def trimkit_register_token_policies(registry):
+    registry.token_policies.register("cross_modal", CrossModalTokenPolicy)
+    registry.token_policies.register("local", LocalTokenPolicy)
+    registry.token_policies.register("random", RandomTokenPolicy)
+
+
+@hookimpl
+def trimkit_register_head_policies(registry):
+    registry.head_policies.register("cross_modal", CrossModalHeadPolicy)
+
+
+@hookimpl
+def trimkit_register_samplers(registry):
+    registry.samplers.register("gumbel", gumbel_sigmoid)
+    registry.samplers.register("hard_st", hard_straight_through)
+
+
+@hookimpl
+def trimkit_register_objectives(registry):
+    registry.objectives.register("smarttrim", lambda config: SmartTrimObjective(config.lambda_cost, config.lambda_sd))
+
+
+@hookimpl
+def trimkit_register_schedulers(registry):
+    registry.schedulers.register("linear", lambda config: LinearCurriculum(config.curriculum_fraction, config.temperature))
+    registry.schedulers.register("constant", lambda config: ConstantTargets(0.0, config.temperature))

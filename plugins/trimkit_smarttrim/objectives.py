@@ -1,0 +1,58 @@
+"""The SmartTrim objective (paper Eq. 9-12) and its parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def cost_loss(records: Sequence) -> torch.Tensor:
+    """Eq. 9-10: mean over trimmed modules p of (beta_p - gamma_p)^2.
+
+    beta_p is the kept fraction of module p (tokens of a layer, or heads of an attention module)
+    averaged over the batch; gamma_p its current target. Records with a target of exactly 1.0
+    and no trimming wanted still count (they hold the module at 'keep everything').
+    """
+    terms = [(r.keep.mean() - r.target) ** 2 for r in records]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).mean()
+
+
+def self_distillation(trimmed_logits: torch.Tensor, full_logits: torch.Tensor, labels: torch.Tensor,
+                      task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Eq. 11: task(full) + KL(f(x, P) || f(x, empty)), the full pass from the same model."""
+    log_p = F.log_softmax(trimmed_logits, dim=-1)
+    log_q = F.log_softmax(full_logits, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    return task_loss(full_logits, labels) + kl
+
+
+@dataclass
+class SmartTrimObjective:
+    """Eq. 12: L = task + lambda_SD * L_SD + lambda_cost * L_cost."""
+
+    lambda_cost: float = 20.0
+    lambda_sd: float = 1.0
+    task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+
+    @property
+    def needs_full_pass(self) -> bool:
+        return self.lambda_sd > 0
+
+    def __call__(self, trimmed_logits, labels, records, full_logits=None) -> dict[str, torch.Tensor]:
+        task = self.task_loss(trimmed_logits, labels)
+        cost = cost_loss(records).to(task.device)
+        out = {"task": task, "cost": cost}
+        total = task + self.lambda_cost * cost
+        if self.lambda_sd > 0:
+            if full_logits is None:
+                raise ValueError("SmartTrimObjective: lambda_sd > 0 needs the full-model logits")
+            sd = self_distillation(trimmed_logits, full_logits, labels, self.task_loss)
+            out["sd"] = sd
+            total = total + self.lambda_sd * sd
+        out["loss"] = total
+        return out

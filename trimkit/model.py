@@ -1,0 +1,269 @@
+"""``trim(model, config)``: wrap a model with learned trimmers, PEFT-style.
+
+The returned :class:`TrimmedModel` behaves like the model: ``tmodel(**inputs)`` returns what the
+model returns. In training mode masks are sampled (Gumbel-sigmoid by default) and the decisions
+are recorded for the cost loss; in eval mode tokens and heads whose logits are <= 0 are removed
+(batch 1) or masked (larger batches, until the packed engine runs them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .config import TrimConfig, TrimConfigError, resolve_target, selector_keys
+from .ops import MODES, Record, Runtime
+from .plugins import get_registry, select_adapter
+from .rewrite import LayerTrimmers, rewrite
+from .spec import LayerSpec, ModelSpec
+
+
+def _layer_index(spec: ModelSpec) -> dict[str, tuple[str, str, int]]:
+    """layer path -> (stream, site, index among the stream's layers at that site)."""
+    counts: dict[tuple[str, str], int] = {}
+    out = {}
+    for layer in spec.layers:
+        i = counts.get((layer.stream, layer.site), 0)
+        counts[(layer.stream, layer.site)] = i + 1
+        out[layer.path] = (layer.stream, layer.site, i)
+    return out
+
+
+def _selected(selectors: list[str] | None, field: str, index: dict[str, tuple[str, str, int]]) -> set[str]:
+    if selectors is None:
+        return set(index)
+    chosen: set[str] = set()
+    for j, sel in enumerate(selectors):
+        hit = {p for p, (st, si, i) in index.items() if sel in (p, st, si, f"{st}.{si}", f"{st}.{si}.{i}")}
+        if not hit:
+            known = sorted({st for st, _, _ in index.values()} | {f"{st}.{si}" for st, si, _ in index.values()})
+            raise TrimConfigError(f"{field}[{j}]: {sel!r} selects no layer; use a layer path, 'stream', "
+                                  f"'stream.site' or 'stream.site.index' (streams/sites here: {known}, "
+                                  f"{len(index)} layers)")
+        chosen |= hit
+    return chosen
+
+
+def _check_target_keys(target: Any, field: str, keys: set[str]) -> None:
+    if isinstance(target, dict):
+        for k in target:
+            if k not in keys:
+                raise TrimConfigError(f"{field}[{k!r}]: selects no module of this model; valid selectors include "
+                                      f"{sorted(keys)[:20]}")
+
+
+class TrimmedModel(nn.Module):
+    """A model with trimmers inserted (see :func:`trim`). ``.model`` is the original model."""
+
+    def __init__(self, model: nn.Module, config: TrimConfig, adapter_name: str, spec: ModelSpec,
+                 example_inputs: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.adapter_name = adapter_name
+        self.spec = spec
+        registry = get_registry()
+        self.runtime = Runtime(sampler=registry.samplers.get(config.sampler), temperature=config.temperature)
+        self._forced_mode: str | None = None
+        self.inference = "remove"
+        index = _layer_index(spec)
+        token_layers = _selected(config.token_layers, "token_layers", index) if config.trim_tokens else set()
+        head_layers = _selected(config.head_layers, "head_layers", index) if config.trim_heads else set()
+        all_keys = {k for p, (st, si, i) in index.items() for k in selector_keys(st, si, i)}
+        for p, (st, si, i) in index.items():
+            for a in spec.layers[[l.path for l in spec.layers].index(p)].attentions:
+                all_keys |= set(selector_keys(st, si, i, a.kind))
+        _check_target_keys(config.token_target, "token_target", all_keys)
+        _check_target_keys(config.head_target, "head_target", all_keys)
+        token_factory = registry.token_policies.get(config.token_policy)
+        head_factory = registry.head_policies.get(config.head_policy)
+        self.final_targets: dict[str, float] = {}
+
+        def make(lspec: LayerSpec, key: str, dim: int | None, ctx_dim: int | None) -> LayerTrimmers:
+            st, si, i = index[lspec.path]
+            if dim is None:
+                raise TrimConfigError(f"layer {lspec.path!r}: could not infer the hidden size from example inputs")
+            token = None
+            if lspec.path in token_layers:
+                token = token_factory(dim, ctx_dim, config)
+                self.final_targets[key] = resolve_target(config.token_target, selector_keys(st, si, i))
+            heads = {}
+            if lspec.path in head_layers:
+                for j, a in enumerate(lspec.attentions):
+                    heads[str(j)] = head_factory(dim, ctx_dim if a.kind == "cross" else None, a.num_heads, config)
+                    self.final_targets[f"{key}.{j}"] = resolve_target(config.head_target, selector_keys(st, si, i, a.kind))
+            return LayerTrimmers(token, heads)
+
+        rewritten, trimmers = rewrite(model, spec, example_inputs, self.runtime, make)
+        object.__setattr__(self, "_graph", rewritten.gm)  # shares the model's modules; not re-registered
+        self._input_names = rewritten.input_names
+        self.trimmers = nn.ModuleDict({_safe(k): v for k, v in trimmers.items()})
+        self.runtime.targets = dict(self.final_targets)
+        self._signature = inspect.signature(model.forward)
+        self._get_attrs = [n.target for n in rewritten.gm.graph.nodes if n.op == "get_attr"]
+
+    # --- running ---------------------------------------------------------------------------
+    def _mode(self, batch: int) -> str:
+        if self._forced_mode is not None:
+            return self._forced_mode
+        if self.training:
+            return "sample"
+        return self.inference if batch == 1 else "hard"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self._signature.bind(*args, **kwargs)
+        inputs = bound.arguments
+        batch = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)), 1)
+        rt = self.runtime
+        rt.mode = self._mode(batch)
+        rt.records = []
+        rt.padding = {}
+        for s in self.spec.streams:
+            if s.padding_input and isinstance(inputs.get(s.padding_input), torch.Tensor):
+                rt.padding[s.name] = inputs[s.padding_input]
+        for name, value in self.spec.concrete_args.items():
+            if name in inputs and inputs[name] is not value and inputs[name] != value:
+                raise ValueError(f"input {name!r} was fixed to {value!r} when the model was traced; trim a model "
+                                 f"for this task (got {type(inputs[name]).__name__})")
+        return self._graph(*[inputs[n] for n in self._input_names])
+
+    @contextlib.contextmanager
+    def mode(self, mode: str) -> Iterator["TrimmedModel"]:
+        """Force a mode for the block: ``off`` (full model), ``sample``, ``hard`` or ``remove``."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
+        prev, self._forced_mode = self._forced_mode, mode
+        try:
+            yield self
+        finally:
+            self._forced_mode = prev
+
+    def full(self) -> contextlib.AbstractContextManager:
+        """The untrimmed model (every trimmer bypassed): ``with tmodel.full(): tmodel(**x)``."""
+        return self.mode("off")
+
+    @property
+    def records(self) -> list[Record]:
+        """Decisions of every trimmer in the last forward."""
+        return self.runtime.records
+
+    def set_targets(self, targets: dict[str, float]) -> None:
+        """Current per-module targets (a curriculum scheduler moves them)."""
+        self.runtime.targets = dict(targets)
+
+    def set_temperature(self, temperature: float) -> None:
+        self.runtime.temperature = float(temperature)
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): keep the graph's tensor references in sync
+        out = super()._apply(fn, recurse)
+        gm = self._graph
+        for target in self._get_attrs:
+            owner_path, _, attr = target.rpartition(".")
+            value = self.model.get_submodule(owner_path) if owner_path else self.model
+            holder = gm.get_submodule(owner_path) if owner_path else gm
+            setattr(holder, attr, getattr(value, attr))
+        return out
+
+    # --- reporting -------------------------------------------------------------------------
+    def trimmer_parameters(self) -> int:
+        return sum(p.numel() for p in self.trimmers.parameters())
+
+    def backbone_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # --- persistence -----------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, include_backbone: bool = True) -> Path:
+        """Write ``trim_config.json``, ``trimmers.safetensors`` and (optionally) ``backbone.safetensors``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"adapter": self.adapter_name, "config": self.config.model_dump(mode="json")}
+        (directory / "trim_config.json").write_text(json.dumps(meta, indent=2))
+        save_file({k: v.contiguous() for k, v in self.trimmers.state_dict().items()}, str(directory / "trimmers.safetensors"))
+        if include_backbone:
+            state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+            save_file(_dedupe(state), str(directory / "backbone.safetensors"))
+        return directory
+
+    def load_trimmers(self, directory: str | Path, strict: bool = True) -> None:
+        """Load weights written by :meth:`save_pretrained` (backbone too when present)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        path = directory / "trimmers.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not a trimkit checkpoint (no trimmers.safetensors)")
+        _load_checked(self.trimmers, load_file(str(path)), str(path), strict)
+        backbone = directory / "backbone.safetensors"
+        if backbone.exists():
+            _load_checked(self.model, load_file(str(backbone)), str(backbone), strict)
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        if ptr in seen and v.numel() > 0:
+            out[k] = v.clone()  # safetensors refuses shared storage
+        else:
+            out[k] = v
+        seen[ptr] = k
+    return out
+
+
+def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool) -> None:
+    own = module.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if bad or (strict and (missing or unexpected)):
+        raise ValueError(f"{source} does not match the model: shape mismatches {bad[:5]}, missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} ({len(bad)}/{len(missing)}/{len(unexpected)} in all)")
+    module.load_state_dict(state, strict=strict)
+
+
+def _safe(key: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", "_", key)
+
+
+def trim(model: nn.Module, config: TrimConfig | None = None, *, adapter: str | None = None,
+         example_inputs: dict[str, Any] | None = None) -> TrimmedModel:
+    """Insert trimmers into ``model`` (no source edits) and return the :class:`TrimmedModel`.
+
+    The adapter is ``adapter`` or ``config.adapter`` or picked by the plugins from the model.
+    ``example_inputs`` (for shape inference) default to the adapter's random inputs.
+    """
+    config = config or TrimConfig()
+    registry = get_registry()
+    name = adapter or config.adapter or select_adapter(model)
+    impl = registry.adapters.get(name)
+    spec = impl.describe(model)
+    if example_inputs is None:
+        example_inputs = impl.example_inputs(model, batch_size=1, seed=0)
+    was_training = model.training
+    model.eval()
+    tmodel = TrimmedModel(model, config, name, spec, example_inputs)
+    tmodel.train(was_training)
+    return tmodel
+
+
+def load_trimmed(directory: str | Path, model: nn.Module) -> TrimmedModel:
+    """Rebuild a :class:`TrimmedModel` from :meth:`TrimmedModel.save_pretrained` output onto ``model``."""
+    directory = Path(directory)
+    meta_path = directory / "trim_config.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path}: not a trimkit checkpoint directory")
+    meta = json.loads(meta_path.read_text())
+    tmodel = trim(model, TrimConfig.model_validate(meta["config"]), adapter=meta["adapter"])
+    tmodel.load_trimmers(directory)
+    return tmodel

@@ -1,0 +1,334 @@
+"""torch.fx graph rewriting: insert trimmers at each described layer and route masks into attention.
+
+Two levels of graphs:
+
+1. The model is traced with every described layer (and the adapter's other leaves) kept as one
+   call. Each layer call is replaced by a call of :class:`TrimmedLayer`, which also receives the
+   :class:`~trimkit.ops.TokenState` of the stream's hidden states and of the context stream's, and
+   returns ``(output, new_state)``. A hidden state's token state is found through the data flow:
+   it is the state returned by the latest layer of that stream among the node's ancestors (so
+   METER's parallel update, where the text layer reads the vision states of the *previous*
+   layer, gets the matching state).
+2. Each layer is traced with its attention modules kept as calls; those calls are replaced by
+   :class:`~trimkit.ops.TrimAttention` (the module's own weights) that takes an extra
+   ``trimkit_trim`` argument carrying the key mask and the head mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .ops import AttnTrim, Runtime, TokenState, TrimAttention, align
+from .spec import LayerSpec, ModelSpec
+
+
+class TraceError(RuntimeError):
+    """Tracing failed; the message names the module and the adapter hook that can fix it."""
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: set[str], autowrap_functions: Sequence[Callable] = ()) -> None:
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _trace(root: nn.Module, leaves: set[str], concrete_args: dict[str, Any], autowrap: Sequence[Callable], what: str, hook: str) -> fx.Graph:
+    tracer = _Tracer(leaves, autowrap)
+    try:
+        return tracer.trace(root, concrete_args=concrete_args or None)
+    except Exception as err:
+        where = ""
+        stack = getattr(tracer, "module_stack", None)
+        if stack:
+            where = f" inside module {list(stack.keys())[-1]!r}"
+        raise TraceError(
+            f"torch.fx could not trace {what}{where}: {type(err).__name__}: {err}. "
+            f"The adapter can fix this through {hook} (make the offending module a leaf, autowrap the "
+            "function, or fix an input with concrete_args)."
+        ) from err
+
+
+def _param_names(module: nn.Module) -> list[str]:
+    return [p.name for p in inspect.signature(module.forward).parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _arg_name(ref: int | str, names: list[str], layer: str) -> str:
+    if isinstance(ref, str):
+        if ref not in names:
+            raise ValueError(f"layer {layer!r}: argument {ref!r} is not a parameter of its forward {names}")
+        return ref
+    if ref >= len(names):
+        raise ValueError(f"layer {layer!r}: argument index {ref} out of range for forward{tuple(names)}")
+    return names[ref]
+
+
+def _contains_node(value: Any) -> bool:
+    found = False
+
+    def visit(v: Any) -> Any:
+        nonlocal found
+        found = True
+        return v
+
+    fx.node.map_arg(value, visit)
+    return found
+
+
+class TrimmedLayer(nn.Module):
+    """One described layer, trimmed. Holds references (not copies) to the layer and its trimmers."""
+
+    def __init__(self, key: str, layer: nn.Module, spec: LayerSpec, symbolic: set[str], runtime: Runtime,
+                 trimmers: nn.Module, autowrap: Sequence[Callable]) -> None:
+        super().__init__()
+        self.key = key
+        self.spec = spec
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "trimmers", trimmers)
+        object.__setattr__(self, "runtime", runtime)
+        self.names = _param_names(layer)
+        self.signature = inspect.signature(layer.forward)
+        self.hidden_name = _arg_name(spec.hidden, self.names, spec.path)
+        self.context_name = _arg_name(spec.context, self.names, spec.path) if spec.context is not None else None
+        self.hidden_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.hidden_token_args.items()}
+        self.context_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.context_token_args.items()}
+        self.token_dim = 1 if spec.batch_first else 0
+        self.inner = self._trace_inner(layer, symbolic, autowrap)
+
+    def _trace_inner(self, layer: nn.Module, symbolic: set[str], autowrap: Sequence[Callable]) -> fx.GraphModule:
+        spec = self.spec
+        for a in spec.attentions:
+            try:
+                layer.get_submodule(a.path)
+            except AttributeError:
+                raise ValueError(f"layer {spec.path!r}: attention module {a.path!r} does not exist") from None
+        params = inspect.signature(layer.forward).parameters
+        concrete = {n: params[n].default for n in self.names if n not in symbolic and params[n].default is not inspect.Parameter.empty}
+        graph = _trace(layer, {a.path for a in spec.attentions}, concrete, autowrap, f"layer {spec.path!r}",
+                       "LayerSpec.attentions (attention paths) or ModelSpec.autowrap_functions")
+        gm = fx.GraphModule(layer, graph)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder" and not str(n.target).startswith("*")]
+        with graph.inserting_after(placeholders[-1]):
+            trims = graph.placeholder("trimkit_attn", default_value=None)
+        found = set()
+        for node in list(graph.nodes):
+            if node.op != "call_module":
+                continue
+            for i, a in enumerate(spec.attentions):
+                if node.target == a.path:
+                    name = f"trimkit_attn_{i}"
+                    if not hasattr(gm, name):
+                        gm.add_submodule(name, TrimAttention(layer.get_submodule(a.path), a))
+                    with graph.inserting_before(node):
+                        trim = graph.call_function(operator.getitem, (trims, i))
+                    node.target = name
+                    node.kwargs = {**node.kwargs, "trimkit_trim": trim}
+                    found.add(i)
+        missing = [spec.attentions[i].path for i in range(len(spec.attentions)) if i not in found]
+        if missing:
+            raise TraceError(f"layer {spec.path!r}: attention modules {missing} are never called in its traced forward")
+        gm.recompile()
+        return gm
+
+    def forward(self, *args: Any, trimkit_hidden_state: TokenState | None = None, trimkit_context_state: TokenState | None = None,
+                trimkit_context: torch.Tensor | None = None, **kwargs: Any) -> tuple[Any, TokenState | None]:
+        rt = self.runtime
+        if rt.mode == "off":
+            return self.layer(*args, **kwargs), trimkit_hidden_state
+        bound = self.signature.bind_partial(*args, **kwargs)
+        a = bound.arguments
+        spec = self.spec
+        hidden = a[self.hidden_name]
+        context = a[self.context_name] if self.context_name is not None else trimkit_context
+        hstate, cstate = trimkit_hidden_state, trimkit_context_state
+        first = (lambda t: t[:, 0]) if spec.batch_first else (lambda t: t[0])
+        tokens = self.trimmers.token
+        cls_ctx = first(context) if context is not None else None
+        if tokens is not None:
+            seq = hidden if spec.batch_first else hidden.transpose(0, 1)
+            logits = tokens(seq, first(hidden), cls_ctx)
+            hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim)
+            a[self.hidden_name] = hidden
+        for name, dim in self.hidden_side.items():
+            if name in a:
+                a[name] = align(a[name], hstate, dim)
+        for name, dim in self.context_side.items():
+            if name in a:
+                a[name] = align(a[name], cstate, dim)
+        cls_self = first(hidden)
+        trims: list[AttnTrim | None] = []
+        for i, att in enumerate(spec.attentions):
+            key_state = hstate if att.kind == "self" else cstate
+            key_mask = key_state.mask if key_state is not None else None
+            head = self.trimmers.heads[str(i)] if str(i) in self.trimmers.heads else None
+            if head is not None:
+                trim = rt.head_step(f"{self.key}.{i}", head(cls_self, cls_ctx if att.kind == "cross" else None))
+                trim.key_mask = key_mask
+            else:
+                trim = AttnTrim(key_mask=key_mask)
+            trims.append(trim)
+        out = self.inner(**a, trimkit_attn=trims)
+        return out, hstate
+
+
+class LayerTrimmers(nn.Module):
+    """The trimmers of one layer: an optional token trimmer and head trimmers by attention index."""
+
+    def __init__(self, token: nn.Module | None, heads: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.token = token
+        self.heads = nn.ModuleDict(heads)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        for inp in stack.pop().all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                stack.append(inp)
+    return seen
+
+
+def _move_before(graph: fx.Graph, target: fx.Node, anchor: fx.Node) -> None:
+    """Move ``target`` and the ancestors it needs that come after ``anchor`` to just before ``anchor``."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    if order[target] < order[anchor]:
+        return
+    need = [n for n in _ancestors(target) | {target} if order[n] > order[anchor]]
+    if anchor in need or any(anchor in _ancestors(n) for n in need):
+        raise TraceError(f"cannot compute {target.name!r} before {anchor.name!r}: it depends on that layer")
+    for n in sorted(need, key=order.__getitem__):
+        anchor.prepend(n)
+
+
+class Rewritten:
+    """Result of :func:`rewrite`: the graph module plus what was built for it."""
+
+    def __init__(self, gm: fx.GraphModule, layers: dict[str, TrimmedLayer], input_names: list[str]) -> None:
+        self.gm = gm
+        self.layers = layers
+        self.input_names = input_names
+
+
+def rewrite(
+    model: nn.Module,
+    spec: ModelSpec,
+    example_inputs: dict[str, Any],
+    runtime: Runtime,
+    make_trimmers: Callable[[LayerSpec, str, int, int | None], LayerTrimmers],
+) -> tuple[Rewritten, dict[str, LayerTrimmers]]:
+    """Trace ``model`` and return the rewritten graph module and the trimmers built for it.
+
+    ``make_trimmers(layer_spec, key, dim, context_dim)`` builds each layer's trimmers (from the
+    config and the plugin registries); dims come from shape propagation on ``example_inputs``.
+    """
+    spec.validate()
+    by_path = {l.path: l for l in spec.layers}
+    for path in by_path:
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"the adapter describes layer {path!r}, but the model has no such module") from None
+    leaves = set(by_path) | set(spec.leaf_modules)
+    graph = _trace(model, leaves, dict(spec.concrete_args), spec.autowrap_functions, f"model {type(model).__name__}",
+                   "ModelSpec.leaf_modules / autowrap_functions / concrete_args")
+    gm = fx.GraphModule(model, graph)
+    input_names = [n.target for n in graph.nodes if n.op == "placeholder"]
+    args = [example_inputs[n] for n in input_names if n in example_inputs]
+    if len(args) != len(input_names):
+        missing = [n for n in input_names if n not in example_inputs]
+        raise ValueError(f"example inputs lack {missing} (the traced model's inputs are {input_names})")
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*args)
+
+    def dim_of(node: Any) -> int | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return int(meta.shape[-1]) if meta is not None else None
+
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in by_path:
+            calls.setdefault(node.target, []).append(node)
+    missing = [p for p in by_path if p not in calls]
+    if missing:
+        raise TraceError(f"described layers {missing} are never called in the traced forward of {type(model).__name__}")
+
+    wrappers: dict[str, TrimmedLayer] = {}
+    trimmers: dict[str, LayerTrimmers] = {}
+    state_out: dict[fx.Node, tuple[str, fx.Node]] = {}  # wrapper node -> (stream, state node)
+    order_cache: dict[fx.Node, int] = {}
+
+    def state_of(value: Any, stream: str) -> fx.Node | None:
+        if not isinstance(value, fx.Node):
+            return None
+        best = None
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for anc in _ancestors(value) | {value}:
+            hit = state_out.get(anc)
+            if hit is not None and hit[0] == stream and (best is None or order[anc] > order[best[0]]):
+                best = (anc, hit[1])
+        return best[1] if best else None
+
+    source_nodes: dict[str, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.target not in by_path:
+            continue
+        lspec = by_path[node.target]
+        layer = model.get_submodule(node.target)
+        names = _param_names(layer)
+        call_args = dict(zip(names, node.args))
+        call_args.update(node.kwargs)
+        hidden_name = _arg_name(lspec.hidden, names, lspec.path)
+        if hidden_name not in call_args:
+            raise TraceError(f"layer {lspec.path!r} is called without its hidden-state argument {hidden_name!r}")
+        context_node = None
+        if lspec.context is not None:
+            context_node = call_args.get(_arg_name(lspec.context, names, lspec.path))
+        elif lspec.context_source:
+            if lspec.context_source not in source_nodes:
+                src = [n for n in graph.nodes if n.op == "call_module" and n.target == lspec.context_source]
+                if not src:
+                    raise TraceError(f"layer {lspec.path!r}: context_source {lspec.context_source!r} is not called "
+                                     "as one module in the traced forward (declare it in ModelSpec.leaf_modules)")
+                source_nodes[lspec.context_source] = src[0]
+            context_node = source_nodes[lspec.context_source]
+            _move_before(graph, context_node, node)
+        key = lspec.path
+        if key not in wrappers:
+            symbolic = {n for n, v in call_args.items() if _contains_node(v)}
+            trimmers[key] = make_trimmers(lspec, key, dim_of(call_args[hidden_name]), dim_of(context_node))
+            wrapper = TrimmedLayer(key, layer, lspec, symbolic, runtime, trimmers[key], spec.autowrap_functions)
+            name = "trimkit_layer_" + key.replace(".", "_")
+            gm.add_submodule(name, wrapper)
+            wrappers[key] = wrapper
+        name = "trimkit_layer_" + key.replace(".", "_")
+        extra = {
+            "trimkit_hidden_state": state_of(call_args[hidden_name], lspec.stream),
+            "trimkit_context_state": state_of(context_node, lspec.context_stream) if lspec.context_stream else None,
+        }
+        if lspec.context is None and context_node is not None:
+            extra["trimkit_context"] = context_node
+        with graph.inserting_before(node):
+            new = graph.call_module(name, node.args, {**node.kwargs, **extra})
+            out = graph.call_function(operator.getitem, (new, 0))
+            st = graph.call_function(operator.getitem, (new, 1))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        state_out[new] = (lspec.stream, st)
+    del order_cache
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return Rewritten(gm, wrappers, input_names), trimmers

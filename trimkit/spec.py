@@ -1,0 +1,168 @@
+"""How an adapter *describes* a model to the core: streams, trimmed layers, attention modules.
+
+The core never edits model source. It traces the model with torch.fx, finds the call of each
+layer named here, and rewrites the graph around it; inside each layer it replaces the calls of the
+attention modules named here by :class:`trimkit.ops.TrimAttention`, which reuses the module's own
+projection weights. Everything below is plain data plus two small callables per attention
+module that translate between the module's own call convention and trimkit's.
+
+A newcomer's map: a token is dropped in :meth:`trimkit.ops.TokenState.trim` (eval) or masked in
+:class:`trimkit.ops.TrimAttention` (training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+ArgRef = int | str
+"""A positional index or a keyword name of an argument in a module call."""
+
+
+@dataclass(frozen=True)
+class AttnCall:
+    """One attention call in trimkit's terms.
+
+    ``x``: queries' input (B, Nq, D). ``context``: keys/values' input (B, Nk, D), ``None`` for
+    self-attention. ``bias``: additive float mask broadcastable to (B, heads, Nq, Nk) or ``None``.
+    """
+
+    x: torch.Tensor
+    context: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def _default_inputs(args: tuple, kwargs: dict) -> AttnCall:
+    return AttnCall(args[0], args[1] if len(args) > 1 else kwargs.get("context"), kwargs.get("bias"))
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """An attention module inside a layer, and how to compute it with its own weights.
+
+    path: module path relative to the layer module, e.g. ``"attention.self"``.
+    kind: ``"self"`` (keys from the layer's own stream) or ``"cross"`` (keys from the context stream).
+    num_heads: number of heads. Projections are either separate ``nn.Linear`` children (``q``,
+    ``k``, ``v``) or one fused ``in_proj`` weight/bias pair as in ``nn.MultiheadAttention``
+    (``in_proj="in_proj"`` reads ``in_proj_weight`` and ``in_proj_bias``).
+    out: name of the output projection child when the module applies it itself (timm, open_clip,
+    ``nn.MultiheadAttention``); ``None`` when the module returns per-head contexts concatenated
+    (HF BERT-style ``SelfAttention``), in which case the model applies the output projection.
+    inputs: maps the module's call ``(args, kwargs)`` to an :class:`AttnCall`.
+    output: maps trimkit's result (B, Nq, D) back to what the module's caller expects.
+    batch_first: whether the module's tensors are (B, N, D) (else (N, B, D)).
+    scale: softmax scale; ``None`` means ``head_dim ** -0.5``.
+    """
+
+    path: str
+    kind: str = "self"
+    num_heads: int = 1
+    q: str = "query"
+    k: str = "key"
+    v: str = "value"
+    in_proj: str | None = None
+    out: str | None = None
+    inputs: Callable[[tuple, dict], AttnCall] = _default_inputs
+    output: Callable[[torch.Tensor], Any] = lambda y: y
+    batch_first: bool = True
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("self", "cross"):
+            raise ValueError(f"AttentionSpec({self.path!r}).kind must be 'self' or 'cross', got {self.kind!r}")
+        if self.num_heads < 1:
+            raise ValueError(f"AttentionSpec({self.path!r}).num_heads must be >= 1, got {self.num_heads}")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer (a module called once per forward) whose input tokens may be trimmed.
+
+    path: module path in the model, e.g. ``"cross_image_layers.3"``.
+    stream: the token stream this layer updates (``"vision"``, ``"text"``...).
+    site: a free label grouping layers for targets (``"uni"``, ``"cross"``...).
+    hidden: the argument holding the stream's hidden states (B, N, D) (or (N, B, D) when
+    ``batch_first`` is False).
+    context / context_stream: the argument holding the other stream's hidden states, for layers
+    that read it (co-attention); ``context_source`` instead names a module whose call output is the
+    other stream's hidden states, for uni-modal layers whose trimmers still want its [CLS].
+    hidden_token_args / context_token_args: other arguments with a token dimension (attention
+    masks...), mapped to that dimension; they are created at the stream's *original* length and
+    are gathered to the kept tokens in eval mode.
+    attentions: the attention modules inside the layer.
+    batch_first: whether the layer's hidden states are (B, N, D) (else (N, B, D)).
+    """
+
+    path: str
+    stream: str
+    site: str = "uni"
+    hidden: ArgRef = 0
+    context: ArgRef | None = None
+    context_stream: str | None = None
+    context_source: str | None = None
+    hidden_token_args: dict[ArgRef, int] = field(default_factory=dict)
+    context_token_args: dict[ArgRef, int] = field(default_factory=dict)
+    attentions: Sequence[AttentionSpec] = ()
+    batch_first: bool = True
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A token stream (one modality). ``cls_index`` is where its [CLS] token sits (always kept).
+
+    padding_input: name of a model input (B, N) with 1 for real tokens and 0 for padding, used so
+    padding never counts as kept in the cost loss; ``None`` when the stream has no padding.
+    """
+
+    name: str
+    cls_index: int = 0
+    padding_input: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cls_index != 0:
+            raise ValueError(
+                f"StreamSpec({self.name!r}).cls_index={self.cls_index}: trimkit keeps [CLS] first; "
+                "put the [CLS] token at position 0 (a wrapper can reorder tokens)."
+            )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the core needs to know about a model.
+
+    input_names: the forward's inputs, in order, that the trace keeps symbolic; other inputs are
+    fixed by ``concrete_args``. leaf_modules: module paths the tracer must not enter (besides the
+    trimmed layers, which are always leaves at the top level). autowrap_functions: functions the
+    tracer records as calls instead of tracing into (see DESIGN.md for HF masking utilities).
+    """
+
+    streams: Sequence[StreamSpec]
+    layers: Sequence[LayerSpec]
+    input_names: Sequence[str]
+    concrete_args: dict[str, Any] = field(default_factory=dict)
+    leaf_modules: Sequence[str] = ()
+    autowrap_functions: Sequence[Callable] = ()
+
+    def stream(self, name: str) -> StreamSpec:
+        for s in self.streams:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stream {name!r}; the adapter declares {[s.name for s in self.streams]}")
+
+    def validate(self) -> None:
+        names = {s.name for s in self.streams}
+        seen: set[str] = set()
+        for layer in self.layers:
+            if layer.stream not in names:
+                raise ValueError(f"layer {layer.path!r}: unknown stream {layer.stream!r} (declared: {sorted(names)})")
+            if layer.context_stream is not None and layer.context_stream not in names:
+                raise ValueError(f"layer {layer.path!r}: unknown context_stream {layer.context_stream!r}")
+            if (layer.context is not None or layer.context_source) and layer.context_stream is None:
+                raise ValueError(f"layer {layer.path!r}: context given without context_stream")
+            if any(a.kind == "cross" for a in layer.attentions) and layer.context is None:
+                raise ValueError(f"layer {layer.path!r}: cross-attention needs the layer's `context` argument")
+            if layer.path in seen:
+                raise ValueError(f"layer {layer.path!r} declared twice")
+            seen.add(layer.path)
