@@ -44,6 +44,7 @@ class TokenState:
 
     mask: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    length: int = 0  # the stream's original token count (mode remove)
 
 
 @dataclass
@@ -103,11 +104,12 @@ class Runtime:
             keep[0] = True  # [CLS] is always kept
             local = keep.nonzero().squeeze(1)  # the one host sync of this layer
             prev = state.index if state is not None and state.index is not None else None
-            total = prev.numel() if prev is not None else logits.shape[1]
+            length = state.length if prev is not None else logits.shape[1]
             index = prev[local] if prev is not None else local
             hidden = hidden.index_select(token_dim, local)
-            self.records.append(Record(key, "token", target, keep.new_tensor([local.numel() / _orig_len(self, stream, total)], dtype=torch.float32), index=index, total=total))
-            return TokenState(index=index), hidden
+            kept = torch.tensor([local.numel() / length], dtype=torch.float32)
+            self.records.append(Record(key, "token", target, kept, index=index, total=length))
+            return TokenState(index=index, length=length), hidden
         m = self._mask(logits)
         ones = torch.ones_like(m[:, :1])
         m = torch.cat([ones, m[:, 1:]], dim=1)  # [CLS] always kept (no in-place write on a graph tensor)
@@ -129,16 +131,12 @@ class Runtime:
         heads = logits.shape[1]
         if self.mode == "remove":
             index = (logits[0] > 0).nonzero().squeeze(1)
-            self.records.append(Record(key, "head", target, logits.new_tensor([index.numel() / heads]), index=index, total=heads))
+            kept = torch.tensor([index.numel() / heads], dtype=torch.float32)
+            self.records.append(Record(key, "head", target, kept, index=index, total=heads))
             return AttnTrim(head_index=index)
         m = self._mask(logits)
         self.records.append(Record(key, "head", target, m.mean(1), mask=m, total=heads))
         return AttnTrim(head_mask=m)
-
-
-def _orig_len(rt: Runtime, stream: str, current: int) -> int:
-    pad = rt.padding.get(stream)
-    return int(pad.shape[1]) if pad is not None and pad.shape[0] == 1 else current
 
 
 def align(tensor: Any, state: TokenState | None, dim: int) -> Any:

@@ -138,6 +138,7 @@ class TrimmedLayer(nn.Module):
         if missing:
             raise TraceError(f"layer {spec.path!r}: attention modules {missing} are never called in its traced forward")
         gm.recompile()
+        self.inner_inputs = {n.target for n in graph.nodes if n.op == "placeholder"} - {"trimkit_attn"}
         return gm
 
     def forward(self, *args: Any, trimkit_hidden_state: TokenState | None = None, trimkit_context_state: TokenState | None = None,
@@ -177,7 +178,7 @@ class TrimmedLayer(nn.Module):
             else:
                 trim = AttnTrim(key_mask=key_mask)
             trims.append(trim)
-        out = self.inner(**a, trimkit_attn=trims)
+        out = self.inner(**{k: v for k, v in a.items() if k in self.inner_inputs}, trimkit_attn=trims)
         return out, hstate
 
 
@@ -265,10 +266,11 @@ def rewrite(
     if missing:
         raise TraceError(f"described layers {missing} are never called in the traced forward of {type(model).__name__}")
 
+    dims = {n: dim_of(n) for n in graph.nodes}  # shapes are known on the original nodes only
+
     wrappers: dict[str, TrimmedLayer] = {}
     trimmers: dict[str, LayerTrimmers] = {}
     state_out: dict[fx.Node, tuple[str, fx.Node]] = {}  # wrapper node -> (stream, state node)
-    order_cache: dict[fx.Node, int] = {}
 
     def state_of(value: Any, stream: str) -> fx.Node | None:
         if not isinstance(value, fx.Node):
@@ -308,7 +310,7 @@ def rewrite(
         key = lspec.path
         if key not in wrappers:
             symbolic = {n for n, v in call_args.items() if _contains_node(v)}
-            trimmers[key] = make_trimmers(lspec, key, dim_of(call_args[hidden_name]), dim_of(context_node))
+            trimmers[key] = make_trimmers(lspec, key, dims.get(call_args[hidden_name]), dims.get(context_node))
             wrapper = TrimmedLayer(key, layer, lspec, symbolic, runtime, trimmers[key], spec.autowrap_functions)
             name = "trimkit_layer_" + key.replace(".", "_")
             gm.add_submodule(name, wrapper)
@@ -324,10 +326,10 @@ def rewrite(
             new = graph.call_module(name, node.args, {**node.kwargs, **extra})
             out = graph.call_function(operator.getitem, (new, 0))
             st = graph.call_function(operator.getitem, (new, 1))
+        dims[out] = dims.get(node)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         state_out[new] = (lspec.stream, st)
-    del order_cache
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

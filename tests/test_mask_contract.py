@@ -1,0 +1,135 @@
+"""The mask contract (DESIGN.md): masked training forward == physically trimmed forward, and
+all-masks-1 == the original model. Property-tested over random models, inputs and masks."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from toyvlm import ToyAdapter, ToyVLM
+
+from trimkit import TrimConfig, trim
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _toy(request):
+    request.getfixturevalue("toy_registry_module")
+
+
+def _randomise(tmodel, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tmodel.trimmers.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _build(seed, dim, heads, cross, uni_v, token_target=0.5):
+    torch.manual_seed(seed)
+    model = ToyVLM(dim=dim, heads=heads, cross=cross, uni_v=uni_v).eval()
+    return model, trim(model, TrimConfig(token_target=token_target, head_target=0.5), adapter="toy")
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), heads=st.sampled_from([1, 2, 4]), cross=st.integers(1, 3),
+       uni_v=st.integers(0, 2), scale=st.floats(0.2, 2.0), text_len=st.integers(2, 9))
+def test_hard_masks_equal_physical_removal(seed, heads, cross, uni_v, scale, text_len):
+    model, tmodel = _build(seed, 32, heads, cross, uni_v)
+    tmodel.eval()
+    _randomise(tmodel, seed, scale)
+    g = torch.Generator().manual_seed(seed)
+    x = {"pixel_values": torch.randn(1, 3, 32, 32, generator=g),
+         "input_ids": torch.randint(1, 50, (1, text_len), generator=g),
+         "attention_mask": torch.ones(1, text_len, dtype=torch.long)}
+    with torch.no_grad(), tmodel.mode("hard"):
+        masked = tmodel(**x)
+        hard_records = list(tmodel.records)
+    with torch.no_grad(), tmodel.mode("remove"):
+        removed = tmodel(**x)
+        remove_records = list(tmodel.records)
+    torch.testing.assert_close(removed, masked, atol=2e-5, rtol=1e-4)
+    # the two modes took the same decisions
+    for h, r in zip(hard_records, remove_records):
+        assert h.key == r.key
+        assert abs(float(h.keep) - float(r.keep)) < 1e-6, h.key
+
+
+def test_trimming_really_happens_and_changes_output():
+    """Guard against the contract holding vacuously because nothing was dropped."""
+    model, tmodel = _build(0, 32, 4, 2, 2)
+    tmodel.eval()
+    _randomise(tmodel, 1, 1.0)
+    x = ToyAdapter().example_inputs(model, 1, seed=3)
+    with torch.no_grad():
+        full = model(**x)
+        out = tmodel(**x)
+    token_keep = [float(r.keep) for r in tmodel.records if r.kind == "token"]
+    head_keep = [float(r.keep) for r in tmodel.records if r.kind == "head"]
+    assert min(token_keep) < 1.0 and min(head_keep) < 1.0
+    assert (out - full).abs().max() > 1e-3
+
+
+def test_all_masks_one_equals_original():
+    """Stable init keeps every token and head: the trimmed model is the original model."""
+    model, tmodel = _build(0, 32, 4, 2, 2)
+    x = ToyAdapter().example_inputs(model, 3, seed=1)  # padded batch
+    tmodel.eval()
+    with torch.no_grad():
+        ref = model(**x)
+        torch.testing.assert_close(tmodel(**x), ref, atol=1e-5, rtol=1e-5)
+        with tmodel.mode("remove"):
+            one = {k: v[:1] for k, v in x.items()}
+            torch.testing.assert_close(tmodel(**one), model(**one), atol=1e-5, rtol=1e-5)
+        with tmodel.full():
+            assert torch.equal(tmodel(**x), ref)
+    assert all(float(r.keep.min()) == 1.0 for r in tmodel.records) or not tmodel.records
+
+
+def test_cls_kept_masks_binary_and_monotone():
+    model, tmodel = _build(2, 32, 4, 2, 2)
+    _randomise(tmodel, 5, 1.5)
+    x = ToyAdapter().example_inputs(model, 4, seed=2)
+    tmodel.eval()
+    with torch.no_grad():
+        tmodel(**x)  # batch 4 -> hard masks
+    prev: dict[str, torch.Tensor] = {}
+    for r in tmodel.records:
+        assert set(torch.unique(r.mask).tolist()) <= {0.0, 1.0}, r.key
+        if r.kind == "token":
+            assert bool((r.mask[:, 0] == 1).all()), f"{r.key}: [CLS] dropped"
+            stream = "text" if r.key.startswith(("text", "cross_t")) else "vision"
+            if stream in prev:
+                assert bool((r.mask <= prev[stream]).all()), f"{r.key}: a dropped token came back"
+            prev[stream] = r.mask
+
+
+def test_training_masks_are_soft_and_differentiable():
+    model, tmodel = _build(3, 32, 4, 1, 1)
+    tmodel.train()
+    x = ToyAdapter().example_inputs(model, 2, seed=0)
+    out = tmodel(**x)
+    token = [r for r in tmodel.records if r.kind == "token"]
+    assert token and all(0 < float(r.mask.detach().min()) and float(r.mask.detach().max()) <= 1 for r in token)
+    loss = sum(r.keep.mean() for r in tmodel.records) + out.sum()
+    loss.backward()
+    grads = [p.grad for p in tmodel.trimmers.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_dropped_tokens_are_neither_keys_nor_values():
+    """Drop every text token but [CLS] at the first text layer: the output must not depend on them,
+    in either mode (this covers the vision stream's cross-attention to text too)."""
+    model, tmodel = _build(4, 32, 4, 2, 1)
+    tmodel.eval()
+    x = ToyAdapter().example_inputs(model, 1, seed=4)
+    n_text = x["input_ids"].shape[1]
+    tmodel.runtime.forced = {"text.0": torch.cat([torch.ones(1, 1), -torch.ones(1, n_text - 1)], 1)}
+    x2 = dict(x, input_ids=x["input_ids"].clone())
+    x2["input_ids"][:, 1:] = (x["input_ids"][:, 1:] + 7) % 50
+    try:
+        for mode in ("hard", "remove"):
+            with torch.no_grad(), tmodel.mode(mode):
+                torch.testing.assert_close(tmodel(**x), tmodel(**x2), atol=1e-6, rtol=1e-6)
+    finally:
+        tmodel.runtime.forced = {}
+    with torch.no_grad():  # whereas the untrimmed model does depend on them
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(model(**x), model(**x2), atol=1e-6, rtol=1e-6)

@@ -1,0 +1,1 @@
+"""Subcommands of the ``trimkit`` CLI (one module each, with ``register(subparsers)``)."""
