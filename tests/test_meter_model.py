@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import argparse
 
 import pydantic
 import pytest
@@ -324,7 +324,8 @@ def test_attention_specs_reproduce_the_modules():
     args, kwargs = (x, x, x), {"need_weights": False, "attn_mask": None}
     with torch.no_grad():
         ours, theirs = attend(att, att.inputs(args, kwargs), block.attn), block.attn(*args, **kwargs)
-    torch.testing.assert_close(ours[0], theirs[0]) and ours[1] is None
+    torch.testing.assert_close(ours[0], theirs[0])
+    assert ours[1] is None and theirs[1] is None
     layer = model.get_submodule(cross_layer.path)
     t, v = torch.randn(2, 16, 64), torch.randn(2, 17, 64)
     bias = padding_bias(torch.tensor([[1] * 16, [1] * 5 + [0] * 11]), t)
@@ -467,6 +468,6 @@ def test_interpolation_rejects_non_square_grids():
 
 def test_unreadable_pickle_explains_how_to_extract(tmp_path):
     path = tmp_path / "lightning.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"config": math}}, path)  # a module: not weights-only
+    torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=1e-5)}, path)  # not weights-only
     with pytest.raises(MeterCheckpointError, match="weights_only"):
         load_meter_checkpoint(path, _model())

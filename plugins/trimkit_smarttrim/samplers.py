@@ -16,4 +16,4 @@ def hard_straight_through(logits: torch.Tensor, temperature: float) -> torch.Ten
     """Binary masks forward, Gumbel-sigmoid gradients backward (straight-through)."""
     soft = gumbel_sigmoid(logits, temperature)
     hard = (soft > 0.5).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # exactly binary forward: x - x == 0

@@ -1,0 +1,90 @@
+"""Thin traceable wrappers around transformers' BLIP models (no transformers code copied or changed).
+
+transformers' BLIP ``forward`` methods take ``**kwargs``, return ``ModelOutput`` objects and (for
+VQA) need decoder inputs, so torch.fx cannot trace them as they are. Each wrapper holds the BLIP
+model's own submodules *under the same names* (``vision_model``, ``text_encoder``...), so module
+paths and ``state_dict`` keys are those of the BLIP model, and its forward names its inputs.
+
+Both wrappers also compute :class:`QuestionSummary`: the masked mean of the question's word
+embeddings (``text_encoder.embeddings``: embedding lookups and one LayerNorm, no matrix product,
+far below 2 % of the MACs). The vision layers run before the text encoder, so this summary is the
+cross-modal signal their token trimmers get in place of a text [CLS] (the embedding of the first
+token is the same for every question and carries nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
+
+__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipITMForTrimming"]
+
+
+class QuestionSummary(nn.Module):
+    """``(B, N, D)`` token embeddings + ``(B, N)`` padding mask -> ``(B, 1, D)`` masked mean (no parameters)."""
+
+    def forward(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.to(embeddings.dtype)[..., None]
+        return (embeddings * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1.0)
+
+
+class _BlipEncoders(nn.Module):
+    """Image encoder, then the question/caption encoder cross-attending to every image token."""
+
+    def _summary(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.question_summary(self.text_encoder.embeddings(input_ids=input_ids), attention_mask)
+
+    def _encode(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                                 encoder_attention_mask=image_atts, use_cache=False).last_hidden_state
+
+
+class BlipVQAForTrimming(_BlipEncoders):
+    """:class:`~transformers.BlipForQuestionAnswering` as answer *ranking*: ``forward -> (B, K)`` scores.
+
+    ``answer_ids`` / ``answer_attention_mask`` are ``(B * K, T)``: K candidate answers per question
+    (rows ``b * K .. b * K + K - 1`` belong to question ``b``), each starting with the decoder's BOS
+    token (``config.text_config.bos_token_id``) and padded on the right. The score of a candidate is
+    the sum of its tokens' log-probabilities under the answer decoder (BLIP's ``rank_answer``
+    without the top-k pre-selection); ``K = 1`` with the target answer gives the training
+    log-likelihood. Like transformers' ``BlipForQuestionAnswering``, the decoder attends to every
+    encoder output token (transformers' BLIP drops cross-attention masks).
+    """
+
+    def __init__(self, model: BlipForQuestionAnswering) -> None:
+        super().__init__()
+        self.config = model.config
+        self.vision_model = model.vision_model
+        self.text_encoder = model.text_encoder
+        self.text_decoder = model.text_decoder
+        self.question_summary = QuestionSummary()
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_ids: torch.Tensor, answer_attention_mask: torch.Tensor) -> torch.Tensor:
+        self._summary(input_ids, attention_mask)  # traced once; the trimmers read it (context_source)
+        question = self._encode(pixel_values, input_ids, attention_mask)
+        k = answer_ids.shape[0] // question.shape[0]
+        logits = self.text_decoder(input_ids=answer_ids, attention_mask=answer_attention_mask,
+                                   encoder_hidden_states=question.repeat_interleave(k, 0),
+                                   use_cache=False, return_logits=True)
+        logp = logits.log_softmax(-1).gather(-1, answer_ids[:, 1:, None]).squeeze(-1)
+        return (logp * answer_attention_mask[:, 1:].to(logp.dtype)).sum(-1).view(-1, k)
+
+
+class BlipITMForTrimming(_BlipEncoders):
+    """:class:`~transformers.BlipForImageTextRetrieval` with its ITM head: ``forward -> (B, 2)`` logits."""
+
+    def __init__(self, model: BlipForImageTextRetrieval) -> None:
+        super().__init__()
+        self.config = model.config
+        self.vision_model = model.vision_model
+        self.text_encoder = model.text_encoder
+        self.itm_head = model.itm_head
+        self.question_summary = QuestionSummary()
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._summary(input_ids, attention_mask)
+        return self.itm_head(self._encode(pixel_values, input_ids, attention_mask)[:, 0, :])

@@ -1,0 +1,81 @@
+"""Eq. 8-12 pieces against hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from trimkit_smarttrim import (ConstantTargets, LinearCurriculum, SmartTrimObjective, cost_loss, gumbel_sigmoid,
+                               hard_straight_through, self_distillation)
+
+from trimkit.ops import Record
+
+
+def _rec(keep, target, kind="token"):
+    return Record("m", kind, target, torch.tensor(keep))
+
+
+def test_cost_loss_hand_computed():
+    # module 1: batch keeps 0.6 and 0.8 -> beta 0.7, target 0.5 -> 0.04
+    # module 2: heads keep 1.0, 0.5 -> beta 0.75, target 0.25 -> 0.25
+    recs = [_rec([0.6, 0.8], 0.5), _rec([1.0, 0.5], 0.25, "head")]
+    assert cost_loss(recs).item() == pytest.approx((0.04 + 0.25) / 2)
+    assert cost_loss([]).item() == 0.0
+
+
+def test_cost_loss_is_batch_mean_not_per_instance():
+    """beta_p averages over the batch, so instances may differ (that is the point of adaptivity)."""
+    assert cost_loss([_rec([0.0, 1.0], 0.5)]).item() == pytest.approx(0.0)
+
+
+def test_self_distillation_hand_computed():
+    trimmed = torch.tensor([[2.0, 0.0]])
+    full = torch.tensor([[0.0, 0.0]])
+    labels = torch.tensor([0])
+    p = torch.softmax(trimmed, -1)
+    kl = float((p * (p.log() - math.log(0.5))).sum())
+    expected = F.cross_entropy(full, labels).item() + kl
+    assert self_distillation(trimmed, full, labels, F.cross_entropy).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_total_objective_weights():
+    obj = SmartTrimObjective(lambda_cost=20.0, lambda_sd=1.0)
+    logits = torch.tensor([[1.0, -1.0], [0.5, 0.5]])
+    full = torch.tensor([[2.0, -1.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    recs = [_rec([0.9, 0.7], 0.5)]
+    out = obj(logits, labels, recs, full_logits=full)
+    expected = out["task"] + 20.0 * out["cost"] + 1.0 * out["sd"]
+    assert out["loss"].item() == pytest.approx(expected.item())
+    assert out["cost"].item() == pytest.approx(0.09)
+    with pytest.raises(ValueError, match="full-model logits"):
+        obj(logits, labels, recs)
+
+
+def test_gumbel_sigmoid_is_relaxed_bernoulli():
+    torch.manual_seed(0)
+    logits = torch.full((200_000,), 0.7, requires_grad=True)
+    m = gumbel_sigmoid(logits, 0.5)
+    assert 0 < float(m.min()) and float(m.max()) < 1
+    # P(sample > 0.5) = sigmoid(logit) for the binary concrete distribution
+    assert float((m > 0.5).float().mean()) == pytest.approx(torch.sigmoid(torch.tensor(0.7)).item(), abs=0.01)
+    m.sum().backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
+
+
+def test_straight_through_is_binary_with_gradients():
+    logits = torch.randn(1000, requires_grad=True)
+    m = hard_straight_through(logits, 1.0)
+    assert set(torch.unique(m.detach()).tolist()) <= {0.0, 1.0}
+    m.sum().backward()
+    assert float(logits.grad.abs().sum()) > 0
+
+
+def test_linear_curriculum():
+    sched = LinearCurriculum(fraction=0.5)
+    final = {"a": 0.4}
+    assert sched.targets(0, 100, final)["a"] == pytest.approx(1.0)
+    assert sched.targets(25, 100, final)["a"] == pytest.approx(0.7)
+    assert sched.targets(50, 100, final)["a"] == pytest.approx(0.4)
+    assert sched.targets(90, 100, final)["a"] == pytest.approx(0.4)
+    assert ConstantTargets().targets(0, 100, final)["a"] == pytest.approx(0.4)
