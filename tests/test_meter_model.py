@@ -14,7 +14,7 @@ from trimkit._compat import ensure_torchvision
 
 ensure_torchvision()
 
-from open_clip.transformer import ResidualAttentionBlock  # noqa: E402
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock  # noqa: E402
 
 from trimkit_meter.convert import (  # noqa: E402
     MeterCheckpointError,
@@ -111,7 +111,7 @@ def test_base_builds_on_meta():
     assert len(model.cross_modal_image_layers) == len(model.cross_modal_text_layers) == 6
     assert model.text_transformer.embeddings.word_embeddings.weight.shape == (50265, 768)
     assert model.vqa_classifier[3].weight.shape == (3129, 1536)
-    assert isinstance(model.vit_model.transformer.resblocks[0].mlp.gelu, nn.Module)
+    assert isinstance(model.vit_model.transformer.resblocks[0].mlp.gelu, QuickGELU)  # CLIP's activation
     assert 300e6 < sum(p.numel() for p in model.parameters()) < 350e6
 
 
@@ -229,6 +229,7 @@ def test_fx_trace_equals_eager(task):
 def test_cross_layer_traces_standalone():
     model = _model()
     layer = model.cross_modal_image_layers[0]
+    assert isinstance(layer, MeterCrossLayer)
     graph = _LeafTracer(leaf_types=(MeterAttention,)).trace(layer)  # all four arguments are tensors
     gm = fx.GraphModule(layer, graph)
     calls = [(n.target, n.args) for n in graph.nodes if n.op == "call_module" and n.target.endswith(".self")]

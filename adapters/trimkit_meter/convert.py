@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .modeling import HEAD_NAMES, MeterConfig, MeterModel
 
 __all__ = ["MeterCheckpointError", "MeterConversion", "convert_meter_checkpoint", "convert_meter_state_dict",
-           "load_meter_checkpoint"]
+           "interpolate_pos_embed", "load_meter_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,8 @@ def _adapt_shapes(conv: MeterConversion, config: MeterConfig) -> None:
             conv.adapted[key] = "dropped row 2 (second NLVR2 image): the task has one image"
 
 
-def convert_meter_state_dict(sd: Mapping[str, torch.Tensor], config: MeterConfig | None = None) -> dict[str, torch.Tensor]:
+def convert_meter_state_dict(sd: Mapping[str, torch.Tensor],
+                             config: MeterConfig | None = None) -> dict[str, torch.Tensor]:
     """Official METER state dict -> :class:`MeterModel` state dict (see :func:`convert_meter_checkpoint`).
 
     Dropped keys are logged at INFO level; use :func:`convert_meter_checkpoint` to get them.

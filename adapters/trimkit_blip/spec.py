@@ -1,0 +1,109 @@
+"""How trimkit sees BLIP (the wrappers of :mod:`trimkit_blip.modeling`): streams, layers, attentions.
+
+Streams and trimmed layers, in forward order:
+
+* ``vision``: ``vision_model.encoder.layers.N`` (``BlipEncoderLayer``), self-attention
+  ``self_attn`` (``BlipAttention``: one fused ``qkv`` linear, own ``projection``). Their trimmers'
+  cross-modal input is ``question_summary`` (``context_source``; see :mod:`trimkit_blip.modeling`).
+* ``text`` (padding from ``attention_mask``): ``text_encoder.encoder.layer.N`` (``BlipTextLayer``),
+  self-attention ``attention.self`` and cross-attention ``crossattention.self`` to the image
+  tokens (``encoder_hidden_states``); both return per-head contexts, the layer applies
+  ``output.dense``.
+* ``answer`` (VQA only): ``text_decoder.bert.encoder.layer.N``, declared so that their
+  cross-attention to the question tokens honours the text stream's trimming (key masks in
+  training, gathered keys at inference). Trim no tokens or heads there: select
+  :data:`TRIMMED_STREAMS` in ``TrimConfig.token_layers`` / ``head_layers``.
+
+transformers' BLIP v1 attention does not go through ``AttentionInterface``; its text
+self-attention mask is ``(B, 1, N, N)`` with identical rows (padding of the keys), so the
+attention inputs keep its first row, which stays valid when text tokens are dropped (only the
+key dimension is declared as a token dimension).
+"""
+
+from __future__ import annotations
+
+from transformers import masking_utils
+from torch import nn
+
+from trimkit.spec import AttentionSpec, AttnCall, LayerSpec, ModelSpec, StreamSpec
+
+from .modeling import BlipITMForTrimming, BlipVQAForTrimming
+
+__all__ = ["TRIMMED_STREAMS", "describe_blip"]
+
+TRIMMED_STREAMS = ["vision", "text"]
+"""Selectors for ``TrimConfig.token_layers`` / ``head_layers``: never trim the answer decoder."""
+
+_TEXT_ATTN_ARGS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask")
+
+
+def _text_call(args: tuple, kwargs: dict) -> dict:
+    call = dict(zip(_TEXT_ATTN_ARGS, args))
+    call.update(kwargs)
+    return call
+
+
+def _encoder_self_inputs(args: tuple, kwargs: dict) -> AttnCall:
+    """``BlipTextSelfAttention`` as encoder self-attention: padding bias, first query row only."""
+    bias = _text_call(args, kwargs).get("attention_mask")
+    return AttnCall(args[0] if args else kwargs["hidden_states"], None, bias[:, :, :1] if bias is not None else None)
+
+
+def _decoder_self_inputs(args: tuple, kwargs: dict) -> AttnCall:
+    """``BlipTextSelfAttention`` as causal decoder self-attention: the full (B, 1, T, T) bias."""
+    call = _text_call(args, kwargs)
+    return AttnCall(call["hidden_states"], None, call.get("attention_mask"))
+
+
+def _cross_inputs(args: tuple, kwargs: dict) -> AttnCall:
+    """``BlipTextSelfAttention`` as cross-attention: transformers applies no mask (it reads the
+    unset ``encoder_attention_mask``), and neither does trimkit beyond its own key mask."""
+    call = _text_call(args, kwargs)
+    return AttnCall(call["hidden_states"], call["encoder_hidden_states"], call.get("encoder_attention_mask"))
+
+
+def _pair(y):
+    """What BLIP's attention modules return: ``(output, attention_probs)``."""
+    return y, None
+
+
+def _text_layers(stack: nn.ModuleList, prefix: str, stream: str, site: str, self_inputs) -> list[LayerSpec]:
+    layers = []
+    for i, layer in enumerate(stack):
+        heads = layer.attention.self.num_attention_heads
+        attentions = [AttentionSpec("attention.self", "self", heads, inputs=self_inputs, output=_pair)]
+        if hasattr(layer, "crossattention"):
+            attentions.append(AttentionSpec("crossattention.self", "cross", heads, inputs=_cross_inputs, output=_pair))
+        layers.append(LayerSpec(f"{prefix}.{i}", stream, site, hidden=0, context="encoder_hidden_states",
+                                context_stream="vision" if stream == "text" else "text",
+                                hidden_token_args={"attention_mask": -1} if stream == "text" else {},
+                                attentions=attentions))
+    return layers
+
+
+def describe_blip(model: BlipVQAForTrimming | BlipITMForTrimming) -> ModelSpec:
+    """The :class:`~trimkit.spec.ModelSpec` of a BLIP wrapper (VQA ranking or ITM)."""
+    vision = []
+    for i, layer in enumerate(model.vision_model.encoder.layers):
+        attn = layer.self_attn
+        vision.append(LayerSpec(f"vision_model.encoder.layers.{i}", "vision", "uni", hidden=0,
+                                context_source="question_summary", context_stream="text",
+                                attentions=[AttentionSpec("self_attn", "self", attn.num_heads, in_proj="qkv",
+                                                          out="projection", output=_pair, scale=attn.scale)]))
+    layers = vision + _text_layers(model.text_encoder.encoder.layer, "text_encoder.encoder.layer", "text", "uni",
+                                   _encoder_self_inputs)
+    inputs = ["pixel_values", "input_ids", "attention_mask"]
+    if isinstance(model, BlipVQAForTrimming):
+        layers += _text_layers(model.text_decoder.bert.encoder.layer, "text_decoder.bert.encoder.layer", "answer",
+                               "decoder", _decoder_self_inputs)
+        inputs += ["answer_ids", "answer_attention_mask"]
+    leaves = ["text_encoder.embeddings", "question_summary", "vision_model.embeddings"]
+    if isinstance(model, BlipVQAForTrimming):
+        leaves.append("text_decoder.bert.embeddings")
+    spec = ModelSpec(
+        streams=[StreamSpec("vision"), StreamSpec("text", padding_input="attention_mask"), StreamSpec("answer")],
+        layers=layers, input_names=inputs, leaf_modules=leaves,
+        autowrap_functions=(masking_utils.create_causal_mask, masking_utils.create_bidirectional_mask),
+    )
+    spec.validate()
+    return spec
