@@ -107,6 +107,7 @@ class TrimmedModel(nn.Module):
         self.trimmers = nn.ModuleDict({_safe(k): v for k, v in trimmers.items()})
         self.runtime.targets = dict(self.final_targets)
         self._signature = inspect.signature(model.forward)
+        self._defaults = {n: spec.concrete_args.get(n, p.default) for n, p in self._signature.parameters.items()}
         self._get_attrs = [n.target for n in rewritten.gm.graph.nodes if n.op == "get_attr"]
 
     # --- running ---------------------------------------------------------------------------
@@ -132,7 +133,7 @@ class TrimmedModel(nn.Module):
             if name in inputs and inputs[name] is not value and inputs[name] != value:
                 raise ValueError(f"input {name!r} was fixed to {value!r} when the model was traced; trim a model "
                                  f"for this task (got {type(inputs[name]).__name__})")
-        return self._graph(*[inputs[n] for n in self._input_names])
+        return self._graph(*[inputs[n] if n in inputs else self._defaults[n] for n in self._input_names])
 
     @contextlib.contextmanager
     def mode(self, mode: str) -> Iterator["TrimmedModel"]:

@@ -246,11 +246,22 @@ def rewrite(
     graph = _trace(model, leaves, dict(spec.concrete_args), spec.autowrap_functions, f"model {type(model).__name__}",
                    "ModelSpec.leaf_modules / autowrap_functions / concrete_args")
     gm = fx.GraphModule(model, graph)
-    input_names = [n.target for n in graph.nodes if n.op == "placeholder"]
-    args = [example_inputs[n] for n in input_names if n in example_inputs]
-    if len(args) != len(input_names):
-        missing = [n for n in input_names if n not in example_inputs]
-        raise ValueError(f"example inputs lack {missing} (the traced model's inputs are {input_names})")
+    # placeholders follow the forward's parameters, inputs fixed by concrete_args included
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    input_names = [p.name for p in params]
+    if len(input_names) != sum(n.op == "placeholder" for n in graph.nodes):
+        raise TraceError(f"{type(model).__name__}.forward: cannot match its parameters {input_names} to the trace's inputs")
+    args = []
+    for p in params:
+        if p.name in example_inputs:
+            args.append(example_inputs[p.name])
+        elif p.name in spec.concrete_args:
+            args.append(spec.concrete_args[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            args.append(p.default)
+        else:
+            raise ValueError(f"example inputs lack {p.name!r} (the model's inputs are {input_names})")
     with torch.no_grad():
         ShapeProp(gm).propagate(*args)
 

@@ -14,11 +14,71 @@ token is the same for every question and carries nothing).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
+from transformers.models.blip.modeling_blip import BlipAttention, BlipEncoderLayer
+from transformers.models.blip.modeling_blip_text import BlipTextLayer
 
-__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipITMForTrimming"]
+__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipITMForTrimming", "make_layers_traceable"]
+
+_ENCODER_LAYER_FORWARD = inspect.unwrap(BlipEncoderLayer.forward)
+_TEXT_LAYER_FORWARD = inspect.unwrap(BlipTextLayer.forward)
+
+
+class TraceableBlipEncoderLayer(BlipEncoderLayer):
+    """``BlipEncoderLayer`` whose forward fx can trace as a root: transformers' own forward, without
+    the gradient-checkpointing wrapper (``forward(self, *args, **kwargs)``) and with no ``**kwargs``."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return _ENCODER_LAYER_FORWARD(self, hidden_states)
+
+
+class TraceableBlipTextLayer(BlipTextLayer):
+    """``BlipTextLayer`` made traceable as a root, like :class:`TraceableBlipEncoderLayer`."""
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, encoder_attention_mask=None,
+                past_key_values=None):
+        return _TEXT_LAYER_FORWARD(self, hidden_states, encoder_hidden_states, attention_mask=attention_mask,
+                                   encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values)
+
+
+class TraceableBlipAttention(BlipAttention):
+    """``BlipAttention`` exposing its fused ``qkv`` linear as ``qkv_weight`` / ``qkv_bias`` (views, not
+    new parameters), the ``in_proj`` form that :class:`trimkit.ops.TrimAttention` reads."""
+
+    @property
+    def qkv_weight(self) -> torch.Tensor:
+        return self.qkv.weight
+
+    @property
+    def qkv_bias(self) -> torch.Tensor | None:
+        return self.qkv.bias
+
+
+for _cls in (TraceableBlipEncoderLayer, TraceableBlipTextLayer):  # undo GradientCheckpointingLayer's re-wrapping
+    _cls.forward = inspect.unwrap(_cls.forward)
+
+_TRACEABLE = {BlipEncoderLayer: TraceableBlipEncoderLayer, BlipTextLayer: TraceableBlipTextLayer,
+              BlipAttention: TraceableBlipAttention}
+
+
+def make_layers_traceable(model: nn.Module) -> nn.Module:
+    """Give BLIP's layers and vision attentions (in place) the subclasses above; weights, ``state_dict``
+    and outputs are unchanged.
+
+    trimkit traces every trimmed layer on its own (``trimkit.rewrite.TrimmedLayer``), and fx cannot
+    trace transformers 5.x layers as roots (a ``functools.wraps`` wrapper taking ``*args`` and a
+    ``**kwargs`` parameter that becomes a symbolic placeholder). What is lost: gradient
+    checkpointing of these layers (the trimmed forward never checkpoints them anyway).
+    """
+    for module in model.modules():
+        traceable = _TRACEABLE.get(type(module))
+        if traceable is not None:
+            module.__class__ = traceable
+    return model
 
 
 class QuestionSummary(nn.Module):
@@ -61,6 +121,7 @@ class BlipVQAForTrimming(_BlipEncoders):
         self.text_encoder = model.text_encoder
         self.text_decoder = model.text_decoder
         self.question_summary = QuestionSummary()
+        make_layers_traceable(self)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 answer_ids: torch.Tensor, answer_attention_mask: torch.Tensor) -> torch.Tensor:
@@ -84,6 +145,7 @@ class BlipITMForTrimming(_BlipEncoders):
         self.text_encoder = model.text_encoder
         self.itm_head = model.itm_head
         self.question_summary = QuestionSummary()
+        make_layers_traceable(self)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self._summary(input_ids, attention_mask)

@@ -62,6 +62,11 @@ def _cross_inputs(args: tuple, kwargs: dict) -> AttnCall:
     return AttnCall(call["hidden_states"], call["encoder_hidden_states"], call.get("encoder_attention_mask"))
 
 
+def _vision_inputs(args: tuple, kwargs: dict) -> AttnCall:
+    """``BlipAttention(hidden_states)``: unmasked self-attention."""
+    return AttnCall(args[0] if args else kwargs["hidden_states"])
+
+
 def _pair(y):
     """What BLIP's attention modules return: ``(output, attention_probs)``."""
     return y, None
@@ -89,7 +94,7 @@ def describe_blip(model: BlipVQAForTrimming | BlipITMForTrimming) -> ModelSpec:
         vision.append(LayerSpec(f"vision_model.encoder.layers.{i}", "vision", "uni", hidden=0,
                                 context_source="question_summary", context_stream="text",
                                 attentions=[AttentionSpec("self_attn", "self", attn.num_heads, in_proj="qkv",
-                                                          out="projection", output=_pair, scale=attn.scale)]))
+                                                          out="projection", inputs=_vision_inputs, output=_pair, scale=attn.scale)]))
     layers = vision + _text_layers(model.text_encoder.encoder.layer, "text_encoder.encoder.layer", "text", "uni",
                                    _encoder_self_inputs)
     inputs = ["pixel_values", "input_ids", "attention_mask"]

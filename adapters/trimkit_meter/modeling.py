@@ -21,9 +21,9 @@ so that its checkpoints load with a thin key mapping (:mod:`trimkit_meter.conver
     concatenated [text CLS, image CLS] pooled features.
 
 NLVR2 follows METER: each example is two (image, text) pairs encoded separately and the two
-pooled vectors are concatenated. Here the two pairs are stacked along the batch (rows ``0..B-1``
-are pair 1, rows ``B..2B-1`` pair 2) so that every layer is called once per forward; the result
-is identical to METER's two passes.
+pooled vectors are concatenated. Here the text is encoded once and each image runs the vision
+encoder and the co-attention layers with it (each layer is called twice; trimkit tracks the two
+calls separately); the result is identical to METER's two passes.
 
 Every module call in :meth:`MeterModel.forward` is fx-traceable: make ``text_transformer``, each
 ``vit_model.transformer.resblocks.N`` and each cross layer leaves (see ``trimkit_meter.spec``).
@@ -421,14 +421,19 @@ class MeterModel(nn.Module):
             raise ValueError("task 'nlvr2' needs pixel_values_2 (the second image of each example)")
         if not nlvr2 and pixel_values_2 is not None:
             raise ValueError(f"pixel_values_2 is only used by task 'nlvr2' (this model's task is {self.config.task!r})")
-        pairs = pixel_values.shape[0]
-        if nlvr2:  # two (image, text) pairs per example, stacked along the batch
-            pixel_values = torch.cat([pixel_values, pixel_values_2], dim=0)
-            input_ids = torch.cat([input_ids, input_ids], dim=0)
-            attention_mask = torch.cat([attention_mask, attention_mask], dim=0)
-
-        # uni-modal encoders
+        # text first: it is cheap, and the vision trimmers read its [CLS] (cross-modal signal)
         t = self.text_transformer(input_ids, attention_mask)
+        t = self.cross_modal_text_transform(t)
+        t = t + self.token_type_embeddings(torch.zeros_like(attention_mask, dtype=torch.long))
+        t_bias = padding_bias(attention_mask, t)
+        feats = self.encode_pair(pixel_values, t, t_bias, image_type=1)
+        if nlvr2:  # METER's NLVR2: a second (image, text) pair, its image typed 2, pooled side by side
+            feats = torch.cat([feats, self.encode_pair(pixel_values_2, t, t_bias, image_type=2)], dim=-1)
+        return self.head(feats)
+
+    def encode_pair(self, pixel_values: torch.Tensor, t: torch.Tensor, t_bias: torch.Tensor,
+                    image_type: int = 1) -> torch.Tensor:
+        """Vision encoder + co-attention for one image with the encoded text; returns pooled (B, 2h)."""
         v = self.embed_image(pixel_values)
         # every visual token is real; made here, at the stream's original length (trimkit gathers
         # such per-token tensors to the kept tokens itself)
@@ -436,16 +441,8 @@ class MeterModel(nn.Module):
         for blk in self.vit_model.transformer.resblocks:
             v = blk(v)
         v = self.vit_model.ln_post(v)
-
-        # to the cross-modal width, plus modality types (text 0, image 1, NLVR2's second image 2)
-        t = self.cross_modal_text_transform(t)
         v = self.cross_modal_image_transform(v)
-        image_types = torch.ones_like(v[:, :, 0], dtype=torch.long)
-        if nlvr2:
-            image_types = torch.cat([image_types[:pairs], image_types[pairs:] * 2], dim=0)
-        t = t + self.token_type_embeddings(torch.zeros_like(attention_mask, dtype=torch.long))
-        v = v + self.token_type_embeddings(image_types)
-        t_bias = padding_bias(attention_mask, t)
+        v = v + self.token_type_embeddings(torch.full_like(v[:, :, 0], image_type, dtype=torch.long))
         v_bias = padding_bias(image_mask, v)
 
         # co-attention: both streams read the previous layer's outputs
@@ -453,11 +450,7 @@ class MeterModel(nn.Module):
             v_next = image_layer(v, t, v_bias, t_bias)
             t_next = text_layer(t, v, t_bias, v_bias)
             v, t = v_next, t_next
-
-        cls_feats = torch.cat([self.cross_modal_text_pooler(t), self.cross_modal_image_pooler(v)], dim=-1)
-        if nlvr2:
-            cls_feats = torch.cat([cls_feats[:pairs], cls_feats[pairs:]], dim=-1)
-        return self.head(cls_feats)
+        return torch.cat([self.cross_modal_text_pooler(t), self.cross_modal_image_pooler(v)], dim=-1)
 
 
 def build_meter(size: Literal["tiny", "base"] = "tiny", **overrides: Any) -> MeterModel:

@@ -14,9 +14,8 @@ Trimmed layers, in forward order:
 
 The text encoder (``text_transformer``) is one opaque leaf: its tokens are not trimmed.
 
-NLVR2: the model stacks the two (image, text) pairs along the batch, so inside the graph both
-streams have ``2B`` rows (pair 1 then pair 2) while the ``attention_mask`` input has ``B``;
-the text padding of row ``B + i`` is that of row ``i``.
+NLVR2: the text is encoded once and each image runs the vision blocks and co-attention layers
+with it, so every layer is called twice; trimkit tracks each call's token state separately.
 """
 
 from __future__ import annotations
