@@ -23,6 +23,15 @@ ATOL = 1e-5
 PARTS = ["visual", "clip"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: threads only add contention (keeps the file fast on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def adapter():
     return get_registry().adapters.get("open_clip")
@@ -77,8 +86,7 @@ def test_fresh_trimmers_keep_the_model_exact(adapter, part):
 
 
 @pytest.mark.parametrize("part", PARTS)
-@pytest.mark.parametrize("policy", ["cross_modal", "local"])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("policy,seed", [("cross_modal", 0), ("cross_modal", 1), ("local", 2)])
 def test_hard_masks_equal_removal(adapter, part, policy, seed):
     model = adapter.build("tiny", part=part, vision={"layers": 3})
     tmodel = _trim(model, token_policy=policy)

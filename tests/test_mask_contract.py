@@ -133,3 +133,72 @@ def test_dropped_tokens_are_neither_keys_nor_values():
     with torch.no_grad():  # whereas the untrimmed model does depend on them
         with pytest.raises(AssertionError):
             torch.testing.assert_close(model(**x), model(**x2), atol=1e-6, rtol=1e-6)
+
+
+class _Link(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, uni):
+        return x + self.proj(uni)
+
+
+class LinkedToyVLM(ToyVLM):
+    """BridgeTower-like: each co-attention layer's vision input gets the uni-modal vision states
+    (original length) added by a link module outside the layers."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.link = _Link(self.head.in_features // 2)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        v = self.patch(pixel_values).flatten(2).transpose(1, 2)
+        v = torch.cat([self.cls.expand(v.shape[0], -1, -1), v], 1) + self.pos
+        t = self.embed(input_ids)
+        t_bias = (1.0 - attention_mask[:, None, None, :].to(t.dtype)) * -1e9
+        for layer in self.text:
+            t = layer(t, bias=t_bias)
+        uni = v
+        for layer in self.vision:
+            uni = layer(uni)
+        v = uni
+        for lv, lt in zip(self.cross_v, self.cross_t):
+            v = self.link(v, uni)
+            v, t = lv(v, t, None, t_bias), lt(t, v, t_bias, None)
+        return self.head(torch.cat([v[:, 0], t[:, 0]], -1))
+
+
+def test_token_args_outside_layers_are_gathered():
+    import dataclasses
+
+    from trimkit import TokenArg
+    from trimkit.plugins import get_registry
+
+    class LinkedAdapter(ToyAdapter):
+        declare = True
+
+        def describe(self, model):
+            spec = super().describe(model)
+            layers = [l for l in spec.layers if not l.path.startswith("vision.")]  # uni vision untrimmed
+            extra = [TokenArg("link", "uni", "vision", 1)] if self.declare else []
+            return dataclasses.replace(spec, layers=layers, token_args=extra)
+
+    adapter = LinkedAdapter()
+    get_registry().adapters.register("toy_linked", adapter, replace=True)
+    torch.manual_seed(0)
+    model = LinkedToyVLM(cross=2).eval()
+    tmodel = trim(model, TrimConfig(), adapter="toy_linked")
+    _randomise(tmodel, 3, 1.0)
+    x = adapter.example_inputs(model, 1, seed=5)
+    with torch.no_grad(), tmodel.mode("hard"):
+        a = tmodel(**x)
+    with torch.no_grad(), tmodel.mode("remove"):
+        b = tmodel(**x)
+    assert min(float(r.keep) for r in tmodel.records if r.key.startswith("cross_v")) < 1
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    adapter.declare = False  # without the declaration, removal cannot line the link's input up
+    bad = trim(model, TrimConfig(), adapter="toy_linked")
+    bad.trimmers.load_state_dict(tmodel.trimmers.state_dict())
+    with torch.no_grad(), bad.mode("remove"), pytest.raises(RuntimeError):
+        bad(**x)

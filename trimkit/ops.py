@@ -168,9 +168,12 @@ class TrimAttention(nn.Module):
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
         m, s = self.module, self.spec
-        if s.in_proj is not None:
-            w = getattr(m, f"{s.in_proj}_weight")
-            b = getattr(m, f"{s.in_proj}_bias", None)
+        if s.in_proj is not None or s.qkv is not None:
+            if s.qkv is not None:
+                fused = m.get_submodule(s.qkv)
+                w, b = fused.weight, fused.bias
+            else:
+                w, b = getattr(m, f"{s.in_proj}_weight"), getattr(m, f"{s.in_proj}_bias", None)
             wq, wk, wv = w.chunk(3, 0)
             bq, bk, bv = b.chunk(3, 0) if b is not None else (None, None, None)
             return wq, bq, wk, bk, wv, bv
@@ -225,6 +228,8 @@ class TrimAttention(nn.Module):
 
     def _width(self) -> int:
         s = self.spec
+        if s.qkv is not None:
+            return self.module.get_submodule(s.qkv).weight.shape[0] // 3
         if s.in_proj is not None:
             return getattr(self.module, f"{s.in_proj}_weight").shape[0] // 3
         return self.module.get_submodule(s.q).weight.shape[0]

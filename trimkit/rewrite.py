@@ -242,7 +242,7 @@ def rewrite(
             model.get_submodule(path)
         except AttributeError:
             raise ValueError(f"the adapter describes layer {path!r}, but the model has no such module") from None
-    leaves = set(by_path) | set(spec.leaf_modules)
+    leaves = set(by_path) | set(spec.leaf_modules) | {t.module for t in spec.token_args}
     graph = _trace(model, leaves, dict(spec.concrete_args), spec.autowrap_functions, f"model {type(model).__name__}",
                    "ModelSpec.leaf_modules / autowrap_functions / concrete_args")
     gm = fx.GraphModule(model, graph)
@@ -341,6 +341,26 @@ def rewrite(
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         state_out[new] = (lspec.stream, st)
+
+    # token-carrying arguments of calls outside the layers: gather them like the layers' own
+    for targ in spec.token_args:
+        consumers = [n for n in graph.nodes if n.op == "call_module" and n.target == targ.module]
+        if not consumers:
+            raise TraceError(f"ModelSpec.token_args: module {targ.module!r} is not called as one module in the trace")
+        names = _param_names(model.get_submodule(targ.module))
+        name = _arg_name(targ.arg, names, targ.module)
+        for node in consumers:
+            pos = names.index(name)
+            value = node.args[pos] if pos < len(node.args) else node.kwargs.get(name)
+            state = state_of(node, targ.stream)
+            if not isinstance(value, fx.Node) or state is None:
+                continue
+            with graph.inserting_before(node):
+                aligned = graph.call_function(align, (value, state, targ.dim))
+            if pos < len(node.args):
+                node.args = node.args[:pos] + (aligned,) + node.args[pos + 1:]
+            else:
+                node.kwargs = {**node.kwargs, name: aligned}
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -44,9 +44,10 @@ class AttentionSpec:
 
     path: module path relative to the layer module, e.g. ``"attention.self"``.
     kind: ``"self"`` (keys from the layer's own stream) or ``"cross"`` (keys from the context stream).
-    num_heads: number of heads. Projections are either separate ``nn.Linear`` children (``q``,
-    ``k``, ``v``) or one fused ``in_proj`` weight/bias pair as in ``nn.MultiheadAttention``
-    (``in_proj="in_proj"`` reads ``in_proj_weight`` and ``in_proj_bias``).
+    num_heads: number of heads. Projections are separate ``nn.Linear`` children (``q``, ``k``,
+    ``v``), or one fused ``nn.Linear`` child ``qkv`` (timm) whose rows are [q; k; v], or one fused
+    ``in_proj`` weight/bias pair as in ``nn.MultiheadAttention`` (``in_proj="in_proj"`` reads
+    ``in_proj_weight`` and ``in_proj_bias``).
     out: name of the output projection child when the module applies it itself (timm, open_clip,
     ``nn.MultiheadAttention``); ``None`` when the module returns per-head contexts concatenated
     (HF BERT-style ``SelfAttention``), in which case the model applies the output projection.
@@ -62,6 +63,7 @@ class AttentionSpec:
     q: str = "query"
     k: str = "key"
     v: str = "value"
+    qkv: str | None = None
     in_proj: str | None = None
     out: str | None = None
     inputs: Callable[[tuple, dict], AttnCall] = _default_inputs
@@ -109,6 +111,21 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class TokenArg:
+    """An argument of a call of a module *outside* the layers that carries a stream's tokens at
+    the stream's original length (e.g. BridgeTower's link towers, which add the uni-modal states of
+    the matching layer). In eval mode it is gathered to the tokens still present at that call.
+
+    module: module path of the callee; arg: positional index or keyword name; dim: token dimension.
+    """
+
+    module: str
+    arg: int | str
+    stream: str
+    dim: int = 1
+
+
+@dataclass(frozen=True)
 class StreamSpec:
     """A token stream (one modality). ``cls_index`` is where its [CLS] token sits (always kept).
 
@@ -136,6 +153,8 @@ class ModelSpec:
     fixed by ``concrete_args``. leaf_modules: module paths the tracer must not enter (besides the
     trimmed layers, which are always leaves at the top level). autowrap_functions: functions the
     tracer records as calls instead of tracing into (see DESIGN.md for HF masking utilities).
+    token_args: token-carrying arguments of calls outside the layers (see :class:`TokenArg`); their
+    modules are traced as leaves.
     """
 
     streams: Sequence[StreamSpec]
@@ -144,6 +163,7 @@ class ModelSpec:
     concrete_args: dict[str, Any] = field(default_factory=dict)
     leaf_modules: Sequence[str] = ()
     autowrap_functions: Sequence[Callable] = ()
+    token_args: Sequence[TokenArg] = ()
 
     def stream(self, name: str) -> StreamSpec:
         for s in self.streams:

@@ -22,7 +22,8 @@ from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
 from transformers.models.blip.modeling_blip import BlipAttention, BlipEncoderLayer
 from transformers.models.blip.modeling_blip_text import BlipTextLayer
 
-__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipITMForTrimming", "make_layers_traceable"]
+__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipITMForTrimming", "make_layers_traceable", "padding_bias",
+           "causal_bias"]
 
 _ENCODER_LAYER_FORWARD = inspect.unwrap(BlipEncoderLayer.forward)
 _TEXT_LAYER_FORWARD = inspect.unwrap(BlipTextLayer.forward)
@@ -81,6 +82,19 @@ def make_layers_traceable(model: nn.Module) -> nn.Module:
     return model
 
 
+def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, N)`` 1/0 padding mask -> additive ``(B, 1, 1, N)`` bias: what transformers' eager
+    ``create_bidirectional_mask`` builds, one query row (its rows are identical)."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, T)`` padding mask -> additive ``(B, 1, T, T)`` causal bias (eager ``create_causal_mask``)."""
+    t = mask.shape[1]
+    allowed = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()[None, None] & mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 class QuestionSummary(nn.Module):
     """``(B, N, D)`` token embeddings + ``(B, N)`` padding mask -> ``(B, 1, D)`` masked mean (no parameters)."""
 
@@ -90,16 +104,22 @@ class QuestionSummary(nn.Module):
 
 
 class _BlipEncoders(nn.Module):
-    """Image encoder, then the question/caption encoder cross-attending to every image token."""
+    """Image encoder, then the question/caption encoder cross-attending to every image token.
+
+    Masks are passed to transformers already 4-D (additive, as its eager masking utilities make
+    them), which its masking utilities return as they are: under torch.fx they would otherwise see
+    a *rebuilt* config (fx re-creates dataclass arguments field by field, losing
+    ``_attn_implementation``) and return no mask at all. ``encoder_attention_mask`` is left out:
+    transformers' BLIP never applies it (its cross-attention reads an unset argument).
+    """
 
     def _summary(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.question_summary(self.text_encoder.embeddings(input_ids=input_ids), attention_mask)
 
     def _encode(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                                 encoder_attention_mask=image_atts, use_cache=False).last_hidden_state
+        return self.text_encoder(input_ids=input_ids, attention_mask=padding_bias(attention_mask, image_embeds.dtype),
+                                 encoder_hidden_states=image_embeds, use_cache=False).last_hidden_state
 
 
 class BlipVQAForTrimming(_BlipEncoders):
@@ -111,7 +131,7 @@ class BlipVQAForTrimming(_BlipEncoders):
     the sum of its tokens' log-probabilities under the answer decoder (BLIP's ``rank_answer``
     without the top-k pre-selection); ``K = 1`` with the target answer gives the training
     log-likelihood. Like transformers' ``BlipForQuestionAnswering``, the decoder attends to every
-    encoder output token (transformers' BLIP drops cross-attention masks).
+    encoder output token.
     """
 
     def __init__(self, model: BlipForQuestionAnswering) -> None:
@@ -125,10 +145,10 @@ class BlipVQAForTrimming(_BlipEncoders):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 answer_ids: torch.Tensor, answer_attention_mask: torch.Tensor) -> torch.Tensor:
-        self._summary(input_ids, attention_mask)  # traced once; the trimmers read it (context_source)
+        self._summary(input_ids, attention_mask)  # traced once; the vision trimmers read it (context_source)
         question = self._encode(pixel_values, input_ids, attention_mask)
         k = answer_ids.shape[0] // question.shape[0]
-        logits = self.text_decoder(input_ids=answer_ids, attention_mask=answer_attention_mask,
+        logits = self.text_decoder(input_ids=answer_ids, attention_mask=causal_bias(answer_attention_mask, question.dtype),
                                    encoder_hidden_states=question.repeat_interleave(k, 0),
                                    use_cache=False, return_logits=True)
         logp = logits.log_softmax(-1).gather(-1, answer_ids[:, 1:, None]).squeeze(-1)

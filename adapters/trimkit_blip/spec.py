@@ -27,7 +27,7 @@ from torch import nn
 
 from trimkit.spec import AttentionSpec, AttnCall, LayerSpec, ModelSpec, StreamSpec
 
-from .modeling import BlipITMForTrimming, BlipVQAForTrimming
+from .modeling import BlipITMForTrimming, BlipVQAForTrimming, causal_bias, padding_bias
 
 __all__ = ["TRIMMED_STREAMS", "describe_blip"]
 
@@ -108,7 +108,8 @@ def describe_blip(model: BlipVQAForTrimming | BlipITMForTrimming) -> ModelSpec:
     spec = ModelSpec(
         streams=[StreamSpec("vision"), StreamSpec("text", padding_input="attention_mask"), StreamSpec("answer")],
         layers=layers, input_names=inputs, leaf_modules=leaves,
-        autowrap_functions=(masking_utils.create_causal_mask, masking_utils.create_bidirectional_mask),
+        autowrap_functions=(masking_utils.create_causal_mask, masking_utils.create_bidirectional_mask, padding_bias,
+                            causal_bias),
     )
     spec.validate()
     return spec
