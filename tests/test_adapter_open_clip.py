@@ -5,7 +5,6 @@ Selection, exactness with fresh trimmers, hard masks == removal, MACs, zero-shot
 
 from __future__ import annotations
 
-import traceback
 
 import pytest
 import torch
@@ -38,13 +37,7 @@ def adapter():
 
 
 def _trim(model: nn.Module, **config) -> trimkit.TrimmedModel:
-    try:
-        return trimkit.trim(model, TrimConfig(**config)).eval()
-    except IndexError as err:  # known core bug, reported with the adapter
-        frames = [f.name for f in traceback.extract_tb(err.__traceback__)]
-        if "dim_of" in frames:
-            pytest.xfail("core bug: rewrite() dim_of() indexes shape[-1] of a 0-d tensor (CLIP's logit_scale.exp())")
-        raise
+    return trimkit.trim(model, TrimConfig(**config)).eval()
 
 
 def _randomize(tmodel: trimkit.TrimmedModel, seed: int) -> None:

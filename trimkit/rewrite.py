@@ -39,7 +39,9 @@ class _Tracer(fx.Tracer):
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        # Childless modules (Linear, LayerNorm, Dropout, timm's DropPath...) stay calls, so their
+        # train/eval behaviour is decided when they run, not frozen at trace time.
+        return qualname in self.leaves or super().is_leaf_module(m, qualname) or next(m.children(), None) is None
 
 
 def _trace(root: nn.Module, leaves: set[str], concrete_args: dict[str, Any], autowrap: Sequence[Callable], what: str, hook: str) -> fx.Graph:
@@ -154,7 +156,8 @@ class TrimmedLayer(nn.Module):
         hstate, cstate = trimkit_hidden_state, trimkit_context_state
         first = (lambda t: t[:, 0]) if spec.batch_first else (lambda t: t[0])
         tokens = self.trimmers.token
-        cls_ctx = first(context) if context is not None else None
+        # a context source may give hidden states (its [CLS] is used) or one vector per instance
+        cls_ctx = None if context is None else context if context.dim() == 2 else first(context)
         if tokens is not None:
             seq = hidden if spec.batch_first else hidden.transpose(0, 1)
             logits = tokens(seq, first(hidden), cls_ctx)
@@ -267,7 +270,8 @@ def rewrite(
 
     def dim_of(node: Any) -> int | None:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-        return int(meta.shape[-1]) if meta is not None else None
+        shape = getattr(meta, "shape", None)  # tuples of tensors carry a tuple of metadata instead
+        return int(shape[-1]) if shape is not None and len(shape) > 0 else None
 
     calls: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:

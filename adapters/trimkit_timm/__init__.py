@@ -14,9 +14,9 @@ give different outputs), distillation token (``VisionTransformerDistilled``), ``
 and attention with ``qk_norm``, ``scale_attn_norm`` or a gate. Register tokens (after [CLS]) are
 trimmable like patch tokens: only index 0 is protected by the core.
 
-Known limits: timm's ``attn_drop`` is not applied by the recomputed attention, and ``DropPath``
-inside a block is traced in eval mode, so stochastic depth is off while fine-tuning in mode
-``sample`` (see the package report; both need core support).
+Known limits (both need core support): timm's ``attn_drop`` is not applied by the recomputed
+attention, and ``DropPath`` inside a block is traced in eval mode, so stochastic depth is off
+while fine-tuning in mode ``sample`` (mode ``off`` runs the block itself and keeps it).
 
 >>> import trimkit, timm
 >>> tmodel = trimkit.trim(timm.create_model("deit_small_patch16_224"), trimkit.TrimConfig(token_target=0.6))
@@ -40,10 +40,6 @@ SIZES = {"tiny": None, "base": "vit_base_patch16_224"}
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 
-FUSED_QKV = "_trimkit_qkv"
-"""Name under which the fused ``qkv`` weight/bias are exposed to the core (see :func:`_expose_qkv`)."""
-
-
 def _vit_class() -> type | None:
     if "timm" not in sys.modules:  # a timm model cannot exist without timm imported: stay cheap
         return None
@@ -62,20 +58,6 @@ def _attn_inputs(args: tuple, kwargs: dict) -> AttnCall:
     if mask is not None and mask.dtype == torch.bool:  # sdpa: True = may attend
         mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, float("-inf"))
     return AttnCall(x, None, mask)
-
-
-def _expose_qkv(attn: nn.Module) -> None:
-    """Expose ``attn.qkv``'s weight/bias as ``_trimkit_qkv_weight``/``_bias`` (core gap workaround).
-
-    :class:`~trimkit.spec.AttentionSpec` reads a fused projection only as ``{in_proj}_weight`` /
-    ``{in_proj}_bias`` attributes of the attention module (``nn.MultiheadAttention`` style); timm
-    keeps it in a ``qkv`` Linear child. The aliases are plain instance attributes pointing at the
-    *same* Parameter objects: not registered, so ``parameters()``/``state_dict()`` are unchanged,
-    and ``.to()``/``load_state_dict`` (which update parameters in place) keep them valid. They go
-    stale only if ``attn.qkv`` itself is replaced; ``describe`` refreshes them on every ``trim``.
-    """
-    attn.__dict__[f"{FUSED_QKV}_weight"] = attn.qkv.weight
-    attn.__dict__[f"{FUSED_QKV}_bias"] = attn.qkv.bias
 
 
 def _name(model: nn.Module) -> str:
@@ -123,8 +105,7 @@ def describe_timm_vit(model: nn.Module) -> ModelSpec:
     layers = []
     for i, block in enumerate(model.blocks):
         attn = block.attn
-        _expose_qkv(attn)
-        spec = AttentionSpec("attn", kind="self", num_heads=attn.num_heads, in_proj=FUSED_QKV, out="proj",
+        spec = AttentionSpec("attn", kind="self", num_heads=attn.num_heads, qkv="qkv", out="proj",
                              inputs=_attn_inputs, output=attn.proj_drop, scale=attn.scale)
         layers.append(LayerSpec(f"blocks.{i}", stream="vision", site="uni", hidden="x", attentions=[spec]))
     spec = ModelSpec(
