@@ -44,3 +44,31 @@ def test_trimmer_overhead_is_reported():
     model = build_meter("tiny")
     tmodel = trim(model, TrimConfig())
     assert 0 < tmodel.trimmer_parameters() < tmodel.backbone_parameters()
+
+
+def test_save_and_load_round_trip(tmp_path):
+    import pytest
+
+    from trimkit import load_trimmed
+
+    torch.manual_seed(0)
+    model = build_meter("tiny")
+    tmodel = trim(model, TrimConfig(token_target=0.5))
+    with torch.no_grad():
+        for p in tmodel.trimmers.parameters():
+            p.normal_(0, 0.5)
+    tmodel.eval()
+    x = meter_example_inputs(model, batch_size=1, seed=2)
+    with torch.no_grad():
+        ref = tmodel(**x)
+    tmodel.save_pretrained(tmp_path / "ckpt")
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"trim_config.json", "trimmers.safetensors",
+                                                                "backbone.safetensors"}
+    torch.manual_seed(1)
+    restored = load_trimmed(tmp_path / "ckpt", build_meter("tiny")).eval()  # different random init
+    with torch.no_grad():
+        torch.testing.assert_close(restored(**x), ref)
+    with pytest.raises(ValueError, match="does not match the model"):  # a checkpoint for another model
+        load_trimmed(tmp_path / "ckpt", build_meter("tiny", cross_layers=1))
+    with pytest.raises(ValueError, match="pixel_values_2"):
+        tmodel(**x, pixel_values_2=x["pixel_values"])
