@@ -3,7 +3,8 @@
 The returned :class:`TrimmedModel` behaves like the model: ``tmodel(**inputs)`` returns what the
 model returns. In training mode masks are sampled (Gumbel-sigmoid by default) and the decisions
 are recorded for the cost loss; in eval mode tokens and heads whose logits are <= 0 are removed
-(batch 1) or masked (larger batches, until the packed engine runs them).
+(batch 1), and larger batches are masked or, with ``tmodel.inference = "packed"``, packed (the kept
+tokens of the batch in one row matrix: :mod:`trimkit.engine.packed`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import TrimConfig, TrimConfigError, resolve_target, selector_keys
+from .engine.packed import fetch
 from .ops import MODES, Record, Runtime
 from .plugins import get_registry, select_adapter
 from .rewrite import LayerTrimmers, rewrite
@@ -72,8 +74,9 @@ class TrimmedModel(nn.Module):
         registry = get_registry()
         self.runtime = Runtime(sampler=registry.samplers.get(config.sampler), temperature=config.temperature)
         self._forced_mode: str | None = None
-        self.inference = "remove"
-        index = _layer_index(spec)
+        self._inference = "remove"
+        trimmable = {l.path for l in spec.layers if l.trimmable}
+        index = {p: v for p, v in _layer_index(spec).items() if p in trimmable}
         token_layers = _selected(config.token_layers, "token_layers", index) if config.trim_tokens else set()
         head_layers = _selected(config.head_layers, "head_layers", index) if config.trim_heads else set()
         all_keys = {k for p, (st, si, i) in index.items() for k in selector_keys(st, si, i)}
@@ -87,6 +90,8 @@ class TrimmedModel(nn.Module):
         self.final_targets: dict[str, float] = {}
 
         def make(lspec: LayerSpec, key: str, dim: int | None, ctx_dim: int | None) -> LayerTrimmers:
+            if lspec.path not in index:  # trimmable=False: rewritten so masks reach it, no trimmers
+                return LayerTrimmers(None, {})
             st, si, i = index[lspec.path]
             if dim is None:
                 raise TrimConfigError(f"layer {lspec.path!r}: could not infer the hidden size from example inputs")
@@ -111,21 +116,38 @@ class TrimmedModel(nn.Module):
         self._get_attrs = [n.target for n in rewritten.gm.graph.nodes if n.op == "get_attr"]
 
     # --- running ---------------------------------------------------------------------------
+    @property
+    def inference(self) -> str:
+        """How eval-mode forwards run: ``"remove"`` (default: batch 1 physically trimmed, larger
+        batches masked as in mode ``hard``), ``"packed"`` (batch 1 trimmed, larger batches packed:
+        the kept tokens of the batch in one row matrix, see :mod:`trimkit.engine.packed`) or
+        ``"hard"`` (always masked)."""
+        return self._inference
+
+    @inference.setter
+    def inference(self, value: str) -> None:
+        if value not in ("remove", "packed", "hard"):
+            raise ValueError(f"TrimmedModel.inference must be 'remove', 'packed' or 'hard', got {value!r}")
+        self._inference = value
+
     def _mode(self, batch: int) -> str:
         if self._forced_mode is not None:
             return self._forced_mode
         if self.training:
             return "sample"
-        return self.inference if batch == 1 else "hard"
+        if batch == 1:
+            return "remove" if self._inference == "packed" else self._inference
+        return "packed" if self._inference == "packed" else "hard"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._forced_mode == "off":  # the untrimmed model costs nothing: the original module, called directly
+            self.runtime.begin("off")
+            return self.model(*args, **kwargs)
         bound = self._signature.bind(*args, **kwargs)
         inputs = bound.arguments
         batch = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)), 1)
         rt = self.runtime
-        rt.mode = self._mode(batch)
-        rt.records = []
-        rt.padding = {}
+        rt.begin(self._mode(batch))
         for s in self.spec.streams:
             if s.padding_input and isinstance(inputs.get(s.padding_input), torch.Tensor):
                 rt.padding[s.name] = inputs[s.padding_input]
@@ -133,11 +155,19 @@ class TrimmedModel(nn.Module):
             if name in inputs and inputs[name] is not value and inputs[name] != value:
                 raise ValueError(f"input {name!r} was fixed to {value!r} when the model was traced; trim a model "
                                  f"for this task (got {type(inputs[name]).__name__})")
-        return self._graph(*[inputs[n] if n in inputs else self._defaults[n] for n in self._input_names])
+        if rt.mode == "packed" and rt.padding:  # real tokens per instance, once per forward (one host sync)
+            names = list(rt.padding)
+            rt.real = dict(zip(names, fetch([(rt.padding[n] != 0).sum(-1) for n in names])))
+        out = self._graph(*[inputs[n] if n in inputs else self._defaults[n] for n in self._input_names])
+        if rt.checks and bool(torch.stack(rt.checks).any()):
+            raise NotImplementedError(
+                "trimkit packed mode assumes attention biases are padding-only (0 on every real token), but a bias "
+                "was non-zero on a kept token; use tmodel.inference = 'remove' (masked batches) for this model")
+        return out
 
     @contextlib.contextmanager
     def mode(self, mode: str) -> Iterator["TrimmedModel"]:
-        """Force a mode for the block: ``off`` (full model), ``sample``, ``hard`` or ``remove``."""
+        """Force a mode for the block: ``off`` (full model), ``sample``, ``hard``, ``remove`` or ``packed``."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
         prev, self._forced_mode = self._forced_mode, mode

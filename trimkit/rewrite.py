@@ -22,10 +22,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_map
 
-from .ops import AttnTrim, Runtime, TokenState, TrimAttention, align
+from .engine import packed as P
+from .engine.packed import PackedCall
+from .ops import AttnTrim, Runtime, TokenState, TrimAttention, _rows, align
 from .spec import LayerSpec, ModelSpec
 
 
@@ -87,6 +91,39 @@ def _contains_node(value: Any) -> bool:
     return found
 
 
+class _Unflatten(nn.Module):
+    """Rebuilds a layer's structured output from fx's flat output list."""
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, flat: list) -> Any:
+        return pytree.tree_unflatten(flat, self.spec)
+
+
+def _plain_codegen(gm_or_graph: Any, spec: Any = None) -> Any:
+    """Give a layer traced with concrete_args a plain keyword signature.
+
+    fx then generates pytree flattening code whose signature cannot hold inputs with defaults (the
+    concrete ones) next to extra placeholders. Call once on the graph (returns the output spec), then
+    on the graph module with that spec to unflatten the output explicitly.
+    """
+    if spec is None:
+        info = getattr(gm_or_graph._codegen, "pytree_info", None)
+        if info is None:
+            return None
+        gm_or_graph._codegen = fx.graph.CodeGen()
+        return info.out_spec
+    gm = gm_or_graph
+    gm.add_submodule("trimkit_unflatten", _Unflatten(spec))
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    with gm.graph.inserting_before(out):
+        value = gm.graph.call_module("trimkit_unflatten", (out.args[0],))
+    out.args = (value,)
+    return None
+
+
 class TrimmedLayer(nn.Module):
     """One described layer, trimmed. Holds references (not copies) to the layer and its trimmers."""
 
@@ -116,9 +153,27 @@ class TrimmedLayer(nn.Module):
                 raise ValueError(f"layer {spec.path!r}: attention module {a.path!r} does not exist") from None
         params = inspect.signature(layer.forward).parameters
         concrete = {n: params[n].default for n in self.names if n not in symbolic and params[n].default is not inspect.Parameter.empty}
-        graph = _trace(layer, {a.path for a in spec.attentions}, concrete, autowrap, f"layer {spec.path!r}",
+        for p in params.values():  # HF layers take **kwargs: fix them empty so fx can trace the layer
+            if p.kind == p.VAR_KEYWORD:
+                concrete[f"**{p.name}"] = {}
+            elif p.kind == p.VAR_POSITIONAL:
+                concrete[f"*{p.name}"] = ()
+        root = layer
+        forward = type(layer).forward
+        if inspect.unwrap(forward) is not forward:
+            # A decorated forward (transformers wraps layers' forward as f(*args, **kwargs)) hides the
+            # parameters from fx: trace a view of the layer whose class has the undecorated forward.
+            # The view shares the layer's __dict__ (modules, parameters); the layer is not touched.
+            view_cls = type(f"{type(layer).__name__}TraceView", (type(layer),), {})
+            view_cls.forward = inspect.unwrap(forward)  # after creation: __init_subclass__ may re-wrap it
+            root = object.__new__(view_cls)
+            root.__dict__ = layer.__dict__
+        graph = _trace(root, {a.path for a in spec.attentions}, concrete, autowrap, f"layer {spec.path!r}",
                        "LayerSpec.attentions (attention paths) or ModelSpec.autowrap_functions")
-        gm = fx.GraphModule(layer, graph)
+        out_spec = _plain_codegen(graph)
+        gm = fx.GraphModule(root, graph)
+        if out_spec is not None:
+            _plain_codegen(gm, out_spec)
         placeholders = [n for n in graph.nodes if n.op == "placeholder" and not str(n.target).startswith("*")]
         with graph.inserting_after(placeholders[-1]):
             trims = graph.placeholder("trimkit_attn", default_value=None)
@@ -144,45 +199,178 @@ class TrimmedLayer(nn.Module):
         return gm
 
     def forward(self, *args: Any, trimkit_hidden_state: TokenState | None = None, trimkit_context_state: TokenState | None = None,
-                trimkit_context: torch.Tensor | None = None, **kwargs: Any) -> tuple[Any, TokenState | None]:
+                trimkit_context: torch.Tensor | None = None, trimkit_last: bool = False,
+                **kwargs: Any) -> tuple[Any, TokenState | None]:
         rt = self.runtime
         if rt.mode == "off":
             return self.layer(*args, **kwargs), trimkit_hidden_state
-        bound = self.signature.bind_partial(*args, **kwargs)
-        a = bound.arguments
-        spec = self.spec
+        a = self.signature.bind_partial(*args, **kwargs).arguments
         hidden = a[self.hidden_name]
         context = a[self.context_name] if self.context_name is not None else trimkit_context
-        hstate, cstate = trimkit_hidden_state, trimkit_context_state
-        first = (lambda t: t[:, 0]) if spec.batch_first else (lambda t: t[0])
-        tokens = self.trimmers.token
+        if rt.mode == "packed":
+            return self._packed(a, hidden, context, trimkit_hidden_state, trimkit_context_state, trimkit_last)
+        if rt.mode == "remove":
+            return self._remove(a, hidden, context, trimkit_hidden_state, trimkit_context_state)
+        return self._masked(a, hidden, context, trimkit_hidden_state, trimkit_context_state)
+
+    def _first(self, t: torch.Tensor) -> torch.Tensor:
+        return t[:, 0] if self.spec.batch_first else t[0]
+
+    def _cls_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
         # a context source may give hidden states (its [CLS] is used) or one vector per instance
-        cls_ctx = None if context is None else context if context.dim() == 2 else first(context)
-        if tokens is not None:
-            seq = hidden if spec.batch_first else hidden.transpose(0, 1)
-            logits = tokens(seq, first(hidden), cls_ctx)
-            hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim)
-            a[self.hidden_name] = hidden
+        return None if context is None else context if context.dim() == 2 else self._first(context)
+
+    def _head_logits(self, cls_self: torch.Tensor, cls_ctx: torch.Tensor | None) -> list[torch.Tensor | None]:
+        heads = self.trimmers.heads
+        return [heads[str(i)](cls_self, cls_ctx if att.kind == "cross" else None) if str(i) in heads else None
+                for i, att in enumerate(self.spec.attentions)]
+
+    def _align_side(self, a: dict[str, Any], hstate: TokenState | None, cstate: TokenState | None) -> None:
         for name, dim in self.hidden_side.items():
             if name in a:
                 a[name] = align(a[name], hstate, dim)
         for name, dim in self.context_side.items():
             if name in a:
                 a[name] = align(a[name], cstate, dim)
-        cls_self = first(hidden)
-        trims: list[AttnTrim | None] = []
-        for i, att in enumerate(spec.attentions):
+
+    def _run(self, a: dict[str, Any], trims: list[AttnTrim]) -> Any:
+        return self.inner(**{k: v for k, v in a.items() if k in self.inner_inputs}, trimkit_attn=trims)
+
+    def _masked(self, a, hidden, context, hstate, cstate):
+        """Modes sample/hard: masks multiply, nothing is removed."""
+        rt, spec = self.runtime, self.spec
+        tokens = self.trimmers.token
+        cls_ctx = self._cls_context(context)
+        if tokens is not None:
+            seq = hidden if spec.batch_first else hidden.transpose(0, 1)
+            logits = tokens(seq, self._first(hidden), cls_ctx)
+            hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim)
+            a[self.hidden_name] = hidden
+        self._align_side(a, hstate, cstate)
+        cls_self = self._first(hidden)
+        trims: list[AttnTrim] = []
+        for i, (att, logits) in enumerate(zip(spec.attentions, self._head_logits(cls_self, cls_ctx))):
             key_state = hstate if att.kind == "self" else cstate
             key_mask = key_state.mask if key_state is not None else None
-            head = self.trimmers.heads[str(i)] if str(i) in self.trimmers.heads else None
-            if head is not None:
-                trim = rt.head_step(f"{self.key}.{i}", head(cls_self, cls_ctx if att.kind == "cross" else None))
-                trim.key_mask = key_mask
-            else:
-                trim = AttnTrim(key_mask=key_mask)
+            trim = rt.head_step(f"{self.key}.{i}", logits) if logits is not None else AttnTrim()
+            trim.key_mask = key_mask
             trims.append(trim)
-        out = self.inner(**{k: v for k, v in a.items() if k in self.inner_inputs}, trimkit_attn=trims)
+        return self._run(a, trims), hstate
+
+    def _remove(self, a, hidden, context, hstate, cstate):
+        """Mode remove (batch 1): every decision of the layer first, one host sync, then gather."""
+        rt, spec = self.runtime, self.spec
+        tokens = self.trimmers.token
+        cls_ctx = self._cls_context(context)
+        cls_self = self._first(hidden)  # [CLS] is always kept: the same before and after trimming
+        logits = None
+        if tokens is not None:
+            logits = tokens(hidden if spec.batch_first else hidden.transpose(0, 1), cls_self, cls_ctx)
+        hstate, hidden, trims = rt.remove_step(self.key, logits, self._head_logits(cls_self, cls_ctx), hidden, hstate,
+                                               self.token_dim)
+        a[self.hidden_name] = hidden
+        self._align_side(a, hstate, cstate)
+        return self._run(a, [t if t is not None else AttnTrim() for t in trims]), hstate
+
+    def _packed(self, a, hidden, context, hstate, cstate, last):
+        """Mode packed: the batch's kept tokens of this stream are one row matrix (see
+        :mod:`trimkit.engine.packed`). The stream is packed at its first described layer and unpacked
+        after its last one (``last``, marked by the rewriter). One host sync per layer at most."""
+        rt, spec = self.runtime, self.spec
+        bf = spec.batch_first
+        hp = hstate.packing if hstate is not None else None
+        if hstate is not None and hp is None:
+            raise RuntimeError(f"layer {spec.path!r}: the stream's token state is not packed (mixed modes?)")
+        if hp is not None and hp.padded:
+            raise RuntimeError(f"layer {spec.path!r}: its stream was unpacked after an earlier layer")
+        tokens = self.trimmers.token
+        fetch: list[torch.Tensor] = []
+        if hp is None:  # the stream's first described layer: pack it here (padding dropped)
+            hb = hidden if bf else hidden.transpose(0, 1)
+            B, N = hb.shape[:2]
+            cls_self = hb[:, 0]
+            real_mask, real = rt.real_tokens(spec.stream, B, N, hb.device)
+        else:
+            rows = _rows(hidden, bf, hp.total, "hidden states")
+            cls_self = rows.index_select(0, hp.starts)
+        # the context stream: [CLS] for the trimmers, rows for cross-attention
+        cls_ctx, cpack, crows = None, None, None
+        cross = any(att.kind == "cross" for att in spec.attentions)
+        if context is not None and context.dim() == 2:
+            cls_ctx = context
+        elif context is not None:
+            cp = cstate.packing if cstate is not None else None
+            if cp is None or cp.padded:
+                cb = context if bf else context.transpose(0, 1)
+                cls_ctx = cb[:, 0]
+                if cross and cp is None:
+                    cpack = rt.context_packing(spec.context_stream or "", cb)
+                    crows = cb.reshape(-1, *cb.shape[2:]).index_select(0, cpack.flat)
+                elif cross:
+                    cpack, crows = cp.as_padded(False), P.repack(cb, cp)
+            else:
+                cpack, crows = cp, _rows(context, bf, cp.total, "context")
+                cls_ctx = crows.index_select(0, cp.starts)
+        # decisions
+        head_logits = self._head_logits(cls_self, cls_ctx)
+        if hp is None:
+            keep = real_mask.clone() if real_mask is not None else torch.ones(B, N, dtype=torch.bool, device=hb.device)
+            if tokens is not None:
+                logits = rt.forced.get(self.key, tokens(hb, cls_self, cls_ctx))
+                keep &= logits > 0
+            keep[:, 0] = True  # [CLS] is always kept
+            counts_dev = keep.sum(1)
+            if tokens is not None:
+                fetch.append(counts_dev)
+        elif tokens is not None:
+            logits = P.token_logits(tokens, rows, hp, cls_self, cls_ctx)
+            forced = rt.forced.get(self.key)
+            if forced is not None:  # forced logits are given over the original tokens (B, N), as in mode hard
+                logits = forced.reshape(-1).to(rows.device).index_select(0, hp.flat)
+            keep = logits > 0
+            keep.index_fill_(0, hp.starts, True)  # [CLS] is always kept
+            counts_dev = torch.zeros(hp.batch, dtype=torch.long, device=keep.device).index_add_(0, hp.bidx, keep.long())
+            fetch.append(counts_dev)
+        host = P.fetch(fetch)  # the one host synchronisation of this layer (none without a token trimmer)
+        if hp is None:
+            counts = host[0] if host else list(real)
+            rows, pack = P.pack_tokens(hb, keep, counts, counts_dev, real)
+        elif tokens is not None and sum(host[0]) < hp.total:
+            rows, pack = P.select_rows(rows, hp, keep, host[0], counts_dev)
+        else:
+            pack = hp
+        if tokens is not None:
+            rt.packed_record_tokens(self.key, pack)
+        hstate = TokenState(packing=pack)
+        a[self.hidden_name] = rows.unsqueeze(0) if bf else rows.unsqueeze(1)
+        if crows is not None and self.context_name is not None:
+            a[self.context_name] = crows.unsqueeze(0) if bf else crows.unsqueeze(1)
+        self._align_side(a, hstate, TokenState(packing=cpack) if cpack is not None else cstate)
+        trims = []
+        for i, (att, logits) in enumerate(zip(spec.attentions, head_logits)):
+            kpack = pack if att.kind == "self" else cpack
+            if kpack is None:
+                raise RuntimeError(f"layer {spec.path!r}: cross-attention {att.path!r} has no packed context")
+            mask = rt.packed_head_mask(f"{self.key}.{i}", logits) if logits is not None else None
+            trims.append(AttnTrim(head_mask=mask, packed=PackedCall(pack, kpack, rt.checks)))
+        out = self._run(a, trims)
+        if last:  # after the stream's last described layer: (B, max kept, D), [CLS] at 0
+            out = _unpack_outputs(out, pack, bf)
+            hstate = TokenState(packing=pack.as_padded())
         return out, hstate
+
+
+def _unpack_outputs(out: Any, pack: P.Packing, batch_first: bool) -> Any:
+    """Unpack every output tensor laid out as the layer's rows ((1, R, ...) or (R, 1, ...))."""
+    bdim, tdim = (0, 1) if batch_first else (1, 0)
+
+    def one(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[bdim] == 1 and t.shape[tdim] == pack.total:
+            padded = P.unpack(t.select(bdim, 0), pack)  # (B, max, ...)
+            return padded if batch_first else padded.transpose(0, 1)
+        return t
+
+    return tree_map(one, out)
 
 
 class LayerTrimmers(nn.Module):
@@ -345,6 +533,11 @@ def rewrite(
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         state_out[new] = (lspec.stream, st)
+
+    # each stream's last layer call (its state feeds no later layer of the stream): mode packed unpacks there
+    for new, (_, st) in state_out.items():
+        if not any(u in state_out and u.kwargs.get("trimkit_hidden_state") is st for u in st.users):
+            new.kwargs = {**new.kwargs, "trimkit_last": True}
 
     # token-carrying arguments of calls outside the layers: gather them like the layers' own
     for targ in spec.token_args:

@@ -95,6 +95,9 @@ class LayerSpec:
     are gathered to the kept tokens in eval mode.
     attentions: the attention modules inside the layer.
     batch_first: whether the layer's hidden states are (B, N, D) (else (N, B, D)).
+    trimmable: ``False`` for a layer that must be rewritten (its attention must see the masks of
+    the streams it reads) but never gets trimmers, e.g. BLIP's answer decoder; config selectors
+    never match it.
     """
 
     path: str
@@ -108,6 +111,7 @@ class LayerSpec:
     context_token_args: dict[ArgRef, int] = field(default_factory=dict)
     attentions: Sequence[AttentionSpec] = ()
     batch_first: bool = True
+    trimmable: bool = True
 
 
 @dataclass(frozen=True)

@@ -19,68 +19,9 @@ import inspect
 import torch
 from torch import nn
 from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
-from transformers.models.blip.modeling_blip import BlipAttention, BlipEncoderLayer
-from transformers.models.blip.modeling_blip_text import BlipTextLayer
 
-__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipITMForTrimming", "make_layers_traceable", "padding_bias",
+__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipITMForTrimming", "padding_bias",
            "causal_bias"]
-
-_ENCODER_LAYER_FORWARD = inspect.unwrap(BlipEncoderLayer.forward)
-_TEXT_LAYER_FORWARD = inspect.unwrap(BlipTextLayer.forward)
-
-
-class TraceableBlipEncoderLayer(BlipEncoderLayer):
-    """``BlipEncoderLayer`` whose forward fx can trace as a root: transformers' own forward, without
-    the gradient-checkpointing wrapper (``forward(self, *args, **kwargs)``) and with no ``**kwargs``."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return _ENCODER_LAYER_FORWARD(self, hidden_states)
-
-
-class TraceableBlipTextLayer(BlipTextLayer):
-    """``BlipTextLayer`` made traceable as a root, like :class:`TraceableBlipEncoderLayer`."""
-
-    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, encoder_attention_mask=None,
-                past_key_values=None):
-        return _TEXT_LAYER_FORWARD(self, hidden_states, encoder_hidden_states, attention_mask=attention_mask,
-                                   encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values)
-
-
-class TraceableBlipAttention(BlipAttention):
-    """``BlipAttention`` exposing its fused ``qkv`` linear as ``qkv_weight`` / ``qkv_bias`` (views, not
-    new parameters), the ``in_proj`` form that :class:`trimkit.ops.TrimAttention` reads."""
-
-    @property
-    def qkv_weight(self) -> torch.Tensor:
-        return self.qkv.weight
-
-    @property
-    def qkv_bias(self) -> torch.Tensor | None:
-        return self.qkv.bias
-
-
-for _cls in (TraceableBlipEncoderLayer, TraceableBlipTextLayer):  # undo GradientCheckpointingLayer's re-wrapping
-    _cls.forward = inspect.unwrap(_cls.forward)
-
-_TRACEABLE = {BlipEncoderLayer: TraceableBlipEncoderLayer, BlipTextLayer: TraceableBlipTextLayer,
-              BlipAttention: TraceableBlipAttention}
-
-
-def make_layers_traceable(model: nn.Module) -> nn.Module:
-    """Give BLIP's layers and vision attentions (in place) the subclasses above; weights, ``state_dict``
-    and outputs are unchanged.
-
-    trimkit traces every trimmed layer on its own (``trimkit.rewrite.TrimmedLayer``), and fx cannot
-    trace transformers 5.x layers as roots (a ``functools.wraps`` wrapper taking ``*args`` and a
-    ``**kwargs`` parameter that becomes a symbolic placeholder). What is lost: gradient
-    checkpointing of these layers (the trimmed forward never checkpoints them anyway).
-    """
-    for module in model.modules():
-        traceable = _TRACEABLE.get(type(module))
-        if traceable is not None:
-            module.__class__ = traceable
-    return model
-
 
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(B, N)`` 1/0 padding mask -> additive ``(B, 1, 1, N)`` bias: what transformers' eager
@@ -111,13 +52,17 @@ class _BlipEncoders(nn.Module):
     a *rebuilt* config (fx re-creates dataclass arguments field by field, losing
     ``_attn_implementation``) and return no mask at all. ``encoder_attention_mask`` is left out:
     transformers' BLIP never applies it (its cross-attention reads an unset argument).
+    ``interpolate_pos_encoding`` (constructor) is passed to the vision model, to run a checkpoint at
+    another resolution (the paper fine-tunes at 288px).
     """
 
     def _summary(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.question_summary(self.text_encoder.embeddings(input_ids=input_ids), attention_mask)
 
-    def _encode(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+    def _encode(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> torch.Tensor:
+        image_embeds = self.vision_model(pixel_values=pixel_values,
+                                         interpolate_pos_encoding=self.interpolate_pos_encoding).last_hidden_state
         return self.text_encoder(input_ids=input_ids, attention_mask=padding_bias(attention_mask, image_embeds.dtype),
                                  encoder_hidden_states=image_embeds, use_cache=False).last_hidden_state
 
@@ -134,23 +79,23 @@ class BlipVQAForTrimming(_BlipEncoders):
     encoder output token.
     """
 
-    def __init__(self, model: BlipForQuestionAnswering) -> None:
+    def __init__(self, model: BlipForQuestionAnswering, interpolate_pos_encoding: bool = False) -> None:
         super().__init__()
         self.config = model.config
+        self.interpolate_pos_encoding = interpolate_pos_encoding
         self.vision_model = model.vision_model
         self.text_encoder = model.text_encoder
         self.text_decoder = model.text_decoder
         self.question_summary = QuestionSummary()
-        make_layers_traceable(self)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 answer_ids: torch.Tensor, answer_attention_mask: torch.Tensor) -> torch.Tensor:
         self._summary(input_ids, attention_mask)  # traced once; the vision trimmers read it (context_source)
         question = self._encode(pixel_values, input_ids, attention_mask)
         k = answer_ids.shape[0] // question.shape[0]
-        logits = self.text_decoder(input_ids=answer_ids, attention_mask=causal_bias(answer_attention_mask, question.dtype),
-                                   encoder_hidden_states=question.repeat_interleave(k, 0),
-                                   use_cache=False, return_logits=True)
+        bias = causal_bias(answer_attention_mask, question.dtype)
+        logits = self.text_decoder(input_ids=answer_ids, attention_mask=bias, use_cache=False, return_logits=True,
+                                   encoder_hidden_states=question.repeat_interleave(k, 0))
         logp = logits.log_softmax(-1).gather(-1, answer_ids[:, 1:, None]).squeeze(-1)
         return (logp * answer_attention_mask[:, 1:].to(logp.dtype)).sum(-1).view(-1, k)
 
@@ -158,15 +103,16 @@ class BlipVQAForTrimming(_BlipEncoders):
 class BlipITMForTrimming(_BlipEncoders):
     """:class:`~transformers.BlipForImageTextRetrieval` with its ITM head: ``forward -> (B, 2)`` logits."""
 
-    def __init__(self, model: BlipForImageTextRetrieval) -> None:
+    def __init__(self, model: BlipForImageTextRetrieval, interpolate_pos_encoding: bool = False) -> None:
         super().__init__()
         self.config = model.config
+        self.interpolate_pos_encoding = interpolate_pos_encoding
         self.vision_model = model.vision_model
         self.text_encoder = model.text_encoder
         self.itm_head = model.itm_head
         self.question_summary = QuestionSummary()
-        make_layers_traceable(self)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> torch.Tensor:
         self._summary(input_ids, attention_mask)
         return self.itm_head(self._encode(pixel_values, input_ids, attention_mask)[:, 0, :])

@@ -5,19 +5,18 @@ Streams and trimmed layers, in forward order:
 * ``vision``: ``vision_model.encoder.layers.N`` (``BlipEncoderLayer``), self-attention
   ``self_attn`` (``BlipAttention``: one fused ``qkv`` linear, own ``projection``). Their trimmers'
   cross-modal input is ``question_summary`` (``context_source``; see :mod:`trimkit_blip.modeling`).
-* ``text`` (padding from ``attention_mask``): ``text_encoder.encoder.layer.N`` (``BlipTextLayer``),
-  self-attention ``attention.self`` and cross-attention ``crossattention.self`` to the image
-  tokens (``encoder_hidden_states``); both return per-head contexts, the layer applies
-  ``output.dense``.
+* ``text`` (padding from ``attention_mask``), site ``"cross"``: ``text_encoder.encoder.layer.N``
+  (``BlipTextLayer``), self-attention ``attention.self`` and cross-attention
+  ``crossattention.self`` to the image tokens (``encoder_hidden_states``); both return per-head
+  contexts, the layer applies ``output.dense``.
 * ``answer`` (VQA only): ``text_decoder.bert.encoder.layer.N``, declared so that their
   cross-attention to the question tokens honours the text stream's trimming (key masks in
-  training, gathered keys at inference). Trim no tokens or heads there: select
-  :data:`TRIMMED_STREAMS` in ``TrimConfig.token_layers`` / ``head_layers``.
+  training, gathered keys at inference); ``trimmable=False``, so they never get trimmers.
 
-transformers' BLIP v1 attention does not go through ``AttentionInterface``; its text
-self-attention mask is ``(B, 1, N, N)`` with identical rows (padding of the keys), so the
-attention inputs keep its first row, which stays valid when text tokens are dropped (only the
-key dimension is declared as a token dimension).
+transformers' BLIP v1 attention does not go through ``AttentionInterface``. The wrappers give the
+text encoder a ``(B, 1, 1, N)`` padding bias, declared as a token argument on its last
+dimension; a ``(B, 1, N, N)`` bias (what transformers builds itself: identical rows) is cut to its
+first row by the attention inputs, since only one token dimension per argument can be declared.
 """
 
 from __future__ import annotations
@@ -27,12 +26,10 @@ from torch import nn
 
 from trimkit.spec import AttentionSpec, AttnCall, LayerSpec, ModelSpec, StreamSpec
 
+from .adapter import TRIMMED_STREAMS  # noqa: F401  (documented here, defined import-cheap)
 from .modeling import BlipITMForTrimming, BlipVQAForTrimming, causal_bias, padding_bias
 
-__all__ = ["TRIMMED_STREAMS", "describe_blip"]
-
-TRIMMED_STREAMS = ["vision", "text"]
-"""Selectors for ``TrimConfig.token_layers`` / ``head_layers``: never trim the answer decoder."""
+__all__ = ["describe_blip"]
 
 _TEXT_ATTN_ARGS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask")
 
@@ -46,7 +43,7 @@ def _text_call(args: tuple, kwargs: dict) -> dict:
 def _encoder_self_inputs(args: tuple, kwargs: dict) -> AttnCall:
     """``BlipTextSelfAttention`` as encoder self-attention: padding bias, first query row only."""
     bias = _text_call(args, kwargs).get("attention_mask")
-    return AttnCall(args[0] if args else kwargs["hidden_states"], None, bias[:, :, :1] if bias is not None else None)
+    return AttnCall(args[0] if args else kwargs["hidden_states"], None, None if bias is None else bias[:, :, :1])
 
 
 def _decoder_self_inputs(args: tuple, kwargs: dict) -> AttnCall:
@@ -82,7 +79,7 @@ def _text_layers(stack: nn.ModuleList, prefix: str, stream: str, site: str, self
         layers.append(LayerSpec(f"{prefix}.{i}", stream, site, hidden=0, context="encoder_hidden_states",
                                 context_stream="vision" if stream == "text" else "text",
                                 hidden_token_args={"attention_mask": -1} if stream == "text" else {},
-                                attentions=attentions))
+                                attentions=attentions, trimmable=stream != "answer"))
     return layers
 
 
@@ -90,24 +87,23 @@ def describe_blip(model: BlipVQAForTrimming | BlipITMForTrimming) -> ModelSpec:
     """The :class:`~trimkit.spec.ModelSpec` of a BLIP wrapper (VQA ranking or ITM)."""
     vision = []
     for i, layer in enumerate(model.vision_model.encoder.layers):
-        attn = layer.self_attn
+        attn = AttentionSpec("self_attn", "self", layer.self_attn.num_heads, qkv="qkv", out="projection",
+                             inputs=_vision_inputs, output=_pair, scale=layer.self_attn.scale)
         vision.append(LayerSpec(f"vision_model.encoder.layers.{i}", "vision", "uni", hidden=0,
-                                context_source="question_summary", context_stream="text",
-                                attentions=[AttentionSpec("self_attn", "self", attn.num_heads, in_proj="qkv",
-                                                          out="projection", inputs=_vision_inputs, output=_pair, scale=attn.scale)]))
-    layers = vision + _text_layers(model.text_encoder.encoder.layer, "text_encoder.encoder.layer", "text", "uni",
+                                context_source="question_summary", context_stream="text", attentions=[attn]))
+    layers = vision + _text_layers(model.text_encoder.encoder.layer, "text_encoder.encoder.layer", "text", "cross",
                                    _encoder_self_inputs)
+    streams = [StreamSpec("vision"), StreamSpec("text", padding_input="attention_mask")]
     inputs = ["pixel_values", "input_ids", "attention_mask"]
+    leaves = ["text_encoder.embeddings", "question_summary", "vision_model.embeddings"]
     if isinstance(model, BlipVQAForTrimming):
         layers += _text_layers(model.text_decoder.bert.encoder.layer, "text_decoder.bert.encoder.layer", "answer",
                                "decoder", _decoder_self_inputs)
+        streams.append(StreamSpec("answer"))
         inputs += ["answer_ids", "answer_attention_mask"]
-    leaves = ["text_encoder.embeddings", "question_summary", "vision_model.embeddings"]
-    if isinstance(model, BlipVQAForTrimming):
         leaves.append("text_decoder.bert.embeddings")
     spec = ModelSpec(
-        streams=[StreamSpec("vision"), StreamSpec("text", padding_input="attention_mask"), StreamSpec("answer")],
-        layers=layers, input_names=inputs, leaf_modules=leaves,
+        streams=streams, layers=layers, input_names=inputs, leaf_modules=leaves,
         autowrap_functions=(masking_utils.create_causal_mask, masking_utils.create_bidirectional_mask, padding_bias,
                             causal_bias),
     )

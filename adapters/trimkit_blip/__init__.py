@@ -1,0 +1,48 @@
+"""trimkit adapter ``blip``: transformers' BLIP (v1) for VQA and image-text matching.
+
+Wrap the model first (transformers' own forwards cannot be traced by torch.fx)::
+
+    import trimkit
+    from trimkit_blip import wrap
+    model = wrap(BlipForQuestionAnswering.from_pretrained(...))   # or BlipForImageTextRetrieval
+    tmodel = trimkit.trim(model, trimkit.TrimConfig(token_target={"vision": 0.5, "text": 0.8}))
+
+Streams: ``vision`` (ViT layers; their cross-modal signal is the mean of the question's word
+embeddings, :class:`~trimkit_blip.modeling.QuestionSummary`), ``text`` (question encoder layers,
+which cross-attend to the image tokens) and, for VQA, ``answer`` (the answer decoder, declared only
+so that it sees exactly the question tokens kept; its layers are ``trimmable=False``).
+
+Supported: ``BlipForQuestionAnswering`` as answer ranking (:class:`BlipVQAForTrimming`: the
+scores of K candidate answers per question; K = 1 gives the training log-likelihood) and
+``BlipForImageTextRetrieval`` with its ITM head (:class:`BlipITMForTrimming`). Not supported:
+free-form ``generate`` through the trimmed graph, the retrieval model's contrastive
+(``use_itm_head=False``) path, captioning, NLVR2 (two images). With masks (modes ``hard`` and
+``sample``) a VQA batch of B > 1 questions must use K = 1: the core applies a question's token
+mask to B rows, not to its K decoder rows. Ranking K > 1 candidates works at batch 1 (mode
+``remove``) and with the trimmers off.
+"""
+
+from __future__ import annotations
+
+from trimkit.plugins import hookimpl
+
+from .adapter import TINY, TRIMMED_STREAMS, BlipAdapter, wrap
+
+__all__ = ["BlipAdapter", "BlipITMForTrimming", "BlipVQAForTrimming", "QuestionSummary", "TINY", "TRIMMED_STREAMS",
+           "describe_blip", "wrap"]
+
+_LAZY = {"BlipITMForTrimming": "modeling", "BlipVQAForTrimming": "modeling", "QuestionSummary": "modeling",
+         "describe_blip": "spec"}
+
+
+def __getattr__(name: str):  # transformers' BLIP is imported on first use, not with the plugin
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@hookimpl
+def trimkit_register_adapters(registry):
+    registry.adapters.register("blip", BlipAdapter())

@@ -1,0 +1,108 @@
+"""The ``blip`` adapter object. Import-cheap: transformers' BLIP is imported only when a model is
+described or built (the plugin is loaded with every trimkit registry)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["BlipAdapter", "TINY", "TRIMMED_STREAMS", "wrap"]
+
+TRIMMED_STREAMS = ["vision", "text"]
+"""Selectors for ``TrimConfig.token_layers`` / ``head_layers``: never trim the VQA answer decoder."""
+
+TINY = dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8),
+    text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     encoder_hidden_size=32, max_position_embeddings=32, pad_token_id=0, bos_token_id=2,
+                     sep_token_id=3),
+)
+"""``build("tiny")``: 2 vision + 2 text (+ 2 decoder) layers of width 32, 32px images (17 image tokens)."""
+
+
+def wrap(model: nn.Module, interpolate_pos_encoding: bool = False) -> nn.Module:
+    """The traceable wrapper of a transformers BLIP model (weights shared, not copied);
+    ``interpolate_pos_encoding`` runs it at an image size other than its config's."""
+    from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
+
+    from .modeling import BlipITMForTrimming, BlipVQAForTrimming
+
+    if isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming)):
+        return model
+    if isinstance(model, BlipForQuestionAnswering):
+        return BlipVQAForTrimming(model, interpolate_pos_encoding)
+    if isinstance(model, BlipForImageTextRetrieval):
+        return BlipITMForTrimming(model, interpolate_pos_encoding)
+    raise TypeError(f"trimkit_blip.wrap: no BLIP wrapper for {type(model).__name__}")
+
+
+class BlipAdapter:
+    """Describes the BLIP wrappers; builds ``tiny`` and ``base`` (BLIP base; paper: 288px) models."""
+
+    def matches(self, model: nn.Module) -> bool:
+        if "transformers.models.blip" not in sys.modules:  # no BLIP model can exist yet: stay cheap
+            return False
+        from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
+
+        from .modeling import BlipITMForTrimming, BlipVQAForTrimming
+
+        return isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming, BlipForQuestionAnswering,
+                                  BlipForImageTextRetrieval))
+
+    def describe(self, model: nn.Module):
+        from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
+
+        from .spec import describe_blip
+
+        if isinstance(model, (BlipForQuestionAnswering, BlipForImageTextRetrieval)):
+            raise TypeError(f"trimkit_blip: a {type(model).__name__} cannot be traced as it is; trim "
+                            "trimkit_blip.wrap(model) (same weights) instead")
+        return describe_blip(model)
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 1, seed: int = 0, num_answers: int = 1,
+                       text_len: int = 8, answer_len: int = 4) -> dict[str, Any]:
+        """Random inputs; rows after the first are padded. VQA adds ``num_answers`` candidate answers
+        per question (``(batch_size * num_answers, answer_len)``, BOS first)."""
+        from .modeling import BlipVQAForTrimming
+
+        gen = torch.Generator().manual_seed(seed)
+        text = model.config.text_config
+        size = model.config.vision_config.image_size
+        low = max(text.pad_token_id, text.sep_token_id) + 1
+
+        def ids(rows: int, length: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x = torch.randint(low, text.vocab_size, (rows, length), generator=gen)
+            x[:, 0] = first
+            mask = torch.ones_like(x)
+            for r in range(1, rows):
+                mask[r, int(torch.randint(2, length + 1, (1,), generator=gen)):] = 0
+            return x.masked_fill(mask == 0, text.pad_token_id), mask
+
+        input_ids, attention_mask = ids(batch_size, text_len, low)
+        inputs = {"pixel_values": torch.randn(batch_size, 3, size, size, generator=gen),
+                  "input_ids": input_ids, "attention_mask": attention_mask}
+        if isinstance(model, BlipVQAForTrimming):
+            inputs["answer_ids"], inputs["answer_attention_mask"] = ids(batch_size * num_answers, answer_len,
+                                                                        text.bos_token_id)
+        return inputs
+
+    def build(self, size: str = "tiny", seed: int = 0, task: str = "vqa", image_size: int | None = None,
+              **options: Any) -> nn.Module:
+        """A randomly initialised wrapped model: ``task`` ``"vqa"`` or ``"itm"``; ``size`` ``"tiny"`` or
+        ``"base"`` (transformers' default ``BlipConfig``: BLIP base, 384px); ``image_size`` overrides."""
+        from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionAnswering
+
+        if size not in ("tiny", "base"):
+            raise ValueError(f"trimkit_blip.build: size must be 'tiny' or 'base', got {size!r}")
+        if task not in ("vqa", "itm"):
+            raise ValueError(f"trimkit_blip.build: task must be 'vqa' or 'itm', got {task!r}")
+        kwargs = {k: dict(v) for k, v in TINY.items()} if size == "tiny" else {"vision_config": {}, "text_config": {}}
+        if image_size is not None:
+            kwargs["vision_config"]["image_size"] = image_size
+        torch.manual_seed(seed)
+        cls = BlipForQuestionAnswering if task == "vqa" else BlipForImageTextRetrieval
+        return wrap(cls(BlipConfig(**kwargs, **options)).eval())
