@@ -36,9 +36,7 @@ def models(adapter):
 
 
 def _config(**kw) -> TrimConfig:
-    from trimkit_blip import TRIMMED_STREAMS
-
-    return TrimConfig(token_layers=TRIMMED_STREAMS, head_layers=TRIMMED_STREAMS, **kw)
+    return TrimConfig(**kw)  # the answer decoder is declared trimmable=False: never trimmed
 
 
 def _randomize(tmodel: trimkit.TrimmedModel, seed: int, scale: float = 0.5) -> None:

@@ -31,12 +31,7 @@ def adapter():
 
 
 def _trim(model: nn.Module, **config) -> trimkit.TrimmedModel:
-    try:
-        return trimkit.trim(model, TrimConfig(**config)).eval()
-    except ValueError as err:  # known core bug, reported with the adapter (see trimkit_timm docstring)
-        if "example inputs lack" in str(err) and "_1" in str(err):
-            pytest.xfail(f"core bug: rewrite() treats ModelSpec.concrete_args placeholders as inputs: {err}")
-        raise
+    return trimkit.trim(model, TrimConfig(**config)).eval()
 
 
 def _randomize(tmodel: trimkit.TrimmedModel, seed: int) -> None:

@@ -90,3 +90,25 @@ def test_unrecognised_model_error_names_class():
 
     with pytest.raises(LookupError, match="Linear"):
         select_adapter(torch.nn.Linear(2, 2))
+
+
+def test_untrimmable_layers_get_no_trimmers_and_match_no_selector():
+    import dataclasses
+
+    from toyvlm import ToyAdapter
+
+    from trimkit.plugins import get_registry
+
+    class Partly(ToyAdapter):
+        def describe(self, model):
+            spec = super().describe(model)
+            layers = [dataclasses.replace(l, trimmable=l.stream != "text") for l in spec.layers]
+            return dataclasses.replace(spec, layers=layers)
+
+    get_registry().adapters.register("toy_partly", Partly(), replace=True)
+    tmodel = trim(ToyVLM(cross=2), TrimConfig(token_target=0.5, head_target=0.5), adapter="toy_partly")
+    text = [k for k in tmodel.trimmers if k.startswith(("text", "cross_t"))]
+    assert text and all(tmodel.trimmers[k].token is None and len(tmodel.trimmers[k].heads) == 0 for k in text)
+    assert tmodel.trimmers["cross_v_0"].token is not None
+    with pytest.raises(TrimConfigError, match="token_layers"):
+        trim(ToyVLM(cross=2), TrimConfig(token_layers=["text"]), adapter="toy_partly")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
-import sys
 from typing import Any, Iterable
 
 import pluggy

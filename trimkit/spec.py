@@ -78,6 +78,41 @@ class AttentionSpec:
             raise ValueError(f"AttentionSpec({self.path!r}).num_heads must be >= 1, got {self.num_heads}")
 
 
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+
+
+def _mha_inputs(args: tuple, kwargs: dict) -> AttnCall:
+    """``nn.MultiheadAttention(q, k, v, need_weights=..., attn_mask=...)`` -> :class:`AttnCall`.
+
+    A boolean ``attn_mask`` (True = blocked) becomes an additive float mask; ``key_padding_mask``
+    and per-head (3-D) masks are refused.
+    """
+    call = dict(zip(_MHA_ARGS, args)) | kwargs
+    if call.get("key_padding_mask") is not None:
+        raise NotImplementedError("trimkit: nn.MultiheadAttention key_padding_mask is not supported; "
+                                  "pass padding as attn_mask or describe it as a token argument")
+    query, key, mask = call["query"], call.get("key"), call.get("attn_mask")
+    if mask is not None:
+        if mask.dim() > 2:
+            raise NotImplementedError("trimkit: per-head (3-D) nn.MultiheadAttention masks are not supported")
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(mask, float("-inf"))
+    return AttnCall(query, None if key is None or key is query else key, mask)
+
+
+def _mha_output(y: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return y, None  # what nn.MultiheadAttention returns with need_weights=False
+
+
+def multihead_attention(path: str, module: torch.nn.MultiheadAttention, kind: str = "self") -> AttentionSpec:
+    """The :class:`AttentionSpec` of an ``nn.MultiheadAttention`` child (fused ``in_proj``, own
+    ``out_proj``), recomputed outside its fused kernel so heads can be trimmed."""
+    if not module._qkv_same_embed_dim:
+        raise NotImplementedError(f"trimkit: {path}: nn.MultiheadAttention with kdim/vdim != embed_dim is not supported")
+    return AttentionSpec(path, kind, module.num_heads, in_proj="in_proj", out="out_proj", inputs=_mha_inputs,
+                         output=_mha_output, batch_first=module.batch_first)
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """A layer (a module called once per forward) whose input tokens may be trimmed.

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from trimkit.plugins import hookimpl
 
-from .adapter import TINY, TRIMMED_STREAMS, BlipAdapter, wrap
+from .adapter import TINY, BlipAdapter, wrap
 
-__all__ = ["BlipAdapter", "BlipITMForTrimming", "BlipVQAForTrimming", "QuestionSummary", "TINY", "TRIMMED_STREAMS",
+__all__ = ["BlipAdapter", "BlipITMForTrimming", "BlipVQAForTrimming", "QuestionSummary", "TINY",
            "describe_blip", "wrap"]
 
 _LAZY = {"BlipITMForTrimming": "modeling", "BlipVQAForTrimming": "modeling", "QuestionSummary": "modeling",

@@ -9,9 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BlipAdapter", "TINY", "TRIMMED_STREAMS", "wrap"]
+__all__ = ["BlipAdapter", "TINY", "wrap"]
 
-TRIMMED_STREAMS = ["vision", "text"]
 """Selectors for ``TrimConfig.token_layers`` / ``head_layers``: never trim the VQA answer decoder."""
 
 TINY = dict(

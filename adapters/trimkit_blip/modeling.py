@@ -14,7 +14,6 @@ token is the same for every question and carries nothing).
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 from torch import nn

@@ -26,7 +26,6 @@ from torch import nn
 
 from trimkit.spec import AttentionSpec, AttnCall, LayerSpec, ModelSpec, StreamSpec
 
-from .adapter import TRIMMED_STREAMS  # noqa: F401  (documented here, defined import-cheap)
 from .modeling import BlipITMForTrimming, BlipVQAForTrimming, causal_bias, padding_bias
 
 __all__ = ["describe_blip"]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trimkit.spec import AttentionSpec, AttnCall, LayerSpec, ModelSpec, StreamSpec
+from trimkit.spec import AttentionSpec, AttnCall, LayerSpec, ModelSpec, StreamSpec, multihead_attention
 
 from .modeling import MeterAttention, MeterModel
 
@@ -34,33 +34,6 @@ __all__ = ["TEXT_ENCODER_PATH", "describe_meter", "meter_example_inputs"]
 TEXT_ENCODER_PATH = "text_transformer"
 """Module path of METER's text encoder (one leaf call returning the text hidden states)."""
 
-_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
-
-
-def _mha_inputs(args: tuple, kwargs: dict) -> AttnCall:
-    """``nn.MultiheadAttention(q, k, v, need_weights=..., attn_mask=...)`` -> :class:`AttnCall`.
-
-    A boolean ``attn_mask`` (True = blocked) becomes an additive float mask; a 3-D mask
-    (B * heads, Nq, Nk) is not supported (open_clip's ViT passes none).
-    """
-    call = dict(zip(_MHA_ARGS, args))
-    call.update(kwargs)
-    if call.get("key_padding_mask") is not None:
-        raise NotImplementedError("trimkit_meter: nn.MultiheadAttention key_padding_mask is not supported")
-    query, key = call["query"], call.get("key")
-    mask = call.get("attn_mask")
-    if mask is not None:
-        if mask.dim() > 2:
-            raise NotImplementedError("trimkit_meter: per-head (3-D) nn.MultiheadAttention masks are not supported")
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                mask, torch.finfo(query.dtype).min)
-    return AttnCall(query, None if key is None or key is query else key, mask)
-
-
-def _mha_output(y: torch.Tensor) -> tuple[torch.Tensor, None]:
-    """What ``nn.MultiheadAttention`` returns with ``need_weights=False``: ``(out, None)``."""
-    return y, None
 
 
 def _meter_attention_inputs(args: tuple, kwargs: dict) -> AttnCall:
@@ -90,9 +63,7 @@ def describe_meter(model: MeterModel) -> ModelSpec:
     batch_first = bool(model.vit_model.transformer.batch_first)
     layers: list[LayerSpec] = []
     for i, block in enumerate(model.vit_model.transformer.resblocks):
-        mha = block.attn
-        attn = AttentionSpec("attn", kind="self", num_heads=mha.num_heads, in_proj="in_proj", out="out_proj",
-                             inputs=_mha_inputs, output=_mha_output, batch_first=mha.batch_first)
+        attn = multihead_attention("attn", block.attn)
         layers.append(LayerSpec(f"vit_model.transformer.resblocks.{i}", stream="vision", site="uni", hidden=0,
                                 context_source=TEXT_ENCODER_PATH, context_stream="text", attentions=[attn],
                                 batch_first=batch_first))

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from trimkit.plugins import hookimpl
-from trimkit.spec import AttentionSpec, AttnCall, LayerSpec, ModelSpec, StreamSpec
+from trimkit.spec import LayerSpec, ModelSpec, StreamSpec, multihead_attention
 
 __all__ = ["OpenClipAdapter", "describe_open_clip"]
 
@@ -50,7 +50,6 @@ SIZES = {"tiny": None, "base": "ViT-B-16"}
 TINY_VISION = dict(layers=2, width=64, head_width=16, patch_size=8, image_size=32)
 TINY_TEXT = dict(context_length=16, vocab_size=100, width=32, heads=4, layers=1)
 
-_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
 
 
 def _open_clip_classes() -> tuple[type, ...]:
@@ -60,30 +59,6 @@ def _open_clip_classes() -> tuple[type, ...]:
     from open_clip.transformer import VisionTransformer
 
     return VisionTransformer, CLIP, CustomTextCLIP
-
-
-def _mha_inputs(args: tuple, kwargs: dict) -> AttnCall:
-    """``nn.MultiheadAttention(q, k, v, need_weights=False, attn_mask=...)`` -> :class:`AttnCall`.
-
-    A boolean ``attn_mask`` (True = blocked) becomes an additive float mask; per-head (3-D) masks
-    and ``key_padding_mask`` are not supported (open_clip's image tower passes neither).
-    """
-    call = dict(zip(_MHA_ARGS, args))
-    call.update(kwargs)
-    if call.get("key_padding_mask") is not None:
-        raise NotImplementedError("trimkit_open_clip: nn.MultiheadAttention key_padding_mask is not supported")
-    query, key, mask = call["query"], call.get("key"), call.get("attn_mask")
-    if mask is not None:
-        if mask.dim() > 2:
-            raise NotImplementedError("trimkit_open_clip: per-head (3-D) attention masks are not supported")
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(mask, float("-inf"))
-    return AttnCall(query, None if key is None or key is query else key, mask)
-
-
-def _mha_output(y: torch.Tensor) -> tuple[torch.Tensor, None]:
-    """What ``nn.MultiheadAttention(..., need_weights=False)`` returns: ``(out, None)``."""
-    return y, None
 
 
 def _check_tower(visual: nn.Module, where: str) -> None:
@@ -126,9 +101,7 @@ def describe_open_clip(model: nn.Module) -> ModelSpec:
     batch_first = bool(getattr(visual.transformer, "batch_first", True))
     layers = []
     for i, block in enumerate(visual.transformer.resblocks):
-        mha = block.attn
-        attn = AttentionSpec("attn", kind="self", num_heads=mha.num_heads, in_proj="in_proj", out="out_proj",
-                             inputs=_mha_inputs, output=_mha_output, batch_first=mha.batch_first)
+        attn = multihead_attention("attn", block.attn)
         layers.append(LayerSpec(f"{prefix}transformer.resblocks.{i}", stream="vision", site="uni", hidden="q_x",
                                 attentions=[attn], batch_first=batch_first))
     text_leaf = "text" if hasattr(model, "text") else "transformer"  # CustomTextCLIP / CLIP text encoder
