@@ -120,14 +120,15 @@ class TrimmedModel(nn.Module):
     def inference(self) -> str:
         """How eval-mode forwards run: ``"remove"`` (default: batch 1 physically trimmed, larger
         batches masked as in mode ``hard``), ``"packed"`` (batch 1 trimmed, larger batches packed:
-        the kept tokens of the batch in one row matrix, see :mod:`trimkit.engine.packed`) or
-        ``"hard"`` (always masked)."""
+        the kept tokens of the batch in one row matrix, see :mod:`trimkit.engine.packed`),
+        ``"padded"`` (as packed, but layers run on (B, max kept, D): the baseline packing is
+        measured against) or ``"hard"`` (always masked)."""
         return self._inference
 
     @inference.setter
     def inference(self, value: str) -> None:
-        if value not in ("remove", "packed", "hard"):
-            raise ValueError(f"TrimmedModel.inference must be 'remove', 'packed' or 'hard', got {value!r}")
+        if value not in ("remove", "packed", "padded", "hard"):
+            raise ValueError(f"TrimmedModel.inference must be 'remove', 'packed', 'padded' or 'hard', got {value!r}")
         self._inference = value
 
     def _mode(self, batch: int) -> str:
@@ -136,8 +137,8 @@ class TrimmedModel(nn.Module):
         if self.training:
             return "sample"
         if batch == 1:
-            return "remove" if self._inference == "packed" else self._inference
-        return "packed" if self._inference == "packed" else "hard"
+            return "remove" if self._inference in ("packed", "padded") else self._inference
+        return self._inference if self._inference in ("packed", "padded") else "hard"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._forced_mode == "off":  # the untrimmed model costs nothing: the original module, called directly
@@ -155,7 +156,7 @@ class TrimmedModel(nn.Module):
             if name in inputs and inputs[name] is not value and inputs[name] != value:
                 raise ValueError(f"input {name!r} was fixed to {value!r} when the model was traced; trim a model "
                                  f"for this task (got {type(inputs[name]).__name__})")
-        if rt.mode == "packed" and rt.padding:  # real tokens per instance, once per forward (one host sync)
+        if rt.mode in ("packed", "padded") and rt.padding:  # real tokens per instance, once per forward (one host sync)
             names = list(rt.padding)
             rt.real = dict(zip(names, fetch([(rt.padding[n] != 0).sum(-1) for n in names])))
         out = self._graph(*[inputs[n] if n in inputs else self._defaults[n] for n in self._input_names])

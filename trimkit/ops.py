@@ -1,19 +1,26 @@
 """The mask semantics: where tokens and heads are masked (training) or really dropped (inference).
 
-One rewritten graph serves both modes; only these operations change behaviour:
+One rewritten graph serves every mode; only these operations change behaviour:
 
 * :meth:`Runtime.token_step` turns a layer's token logits into the stream's new
-  :class:`TokenState`. Training: a sampled (or hard) mask, multiplied into the previous one, so a
-  dropped token stays dropped. Inference at batch 1: the kept tokens are gathered
+  :class:`TokenState` in the masked modes (``sample``, ``hard``): a mask multiplied into the
+  previous one, so a dropped token stays dropped.
+* :meth:`Runtime.remove_step` (mode ``remove``, batch 1) takes a layer's token decision and all its
+  head decisions with one host synchronisation; the kept tokens are gathered
   (``hidden.index_select``) and the state remembers their original positions.
+* Mode ``packed`` (batches): the kept tokens of the whole batch are one row matrix, see
+  :mod:`trimkit.engine.packed`; :meth:`trimkit.rewrite.TrimmedLayer._packed` takes a layer's
+  decisions (one host synchronisation) and selects the kept rows.
 * :class:`TrimAttention` recomputes an attention module with its own weights: a masked token is
   neither key nor value (``log(mask)`` added to the scores), a masked head's output is scaled by its
-  mask; at inference only the kept heads' projection rows are computed.
+  mask; in mode ``remove`` only the kept heads are computed; in mode ``packed`` attention runs per
+  instance by cumulative sequence lengths and heads are masked per instance.
 * :func:`align` gathers tensors created at a stream's original length (padding masks, states
   that skip layers) to the kept tokens.
 
-The contract (tested with hypothesis): with the same hard masks, the masked forward and the
-physically trimmed forward agree on every kept token; with every mask 1 both equal the model.
+The contract (tested with hypothesis): with the same hard masks, the masked forward, the physically
+trimmed forward and the packed forward agree on every kept token; with every mask 1 they equal the
+model.
 """
 
 from __future__ import annotations
@@ -25,12 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engine import packed as P
+from .engine.packed import Packing, PackedCall
 from .spec import AttentionSpec
 
-MODES = ("off", "sample", "hard", "remove")
+MODES = ("off", "sample", "hard", "remove", "packed", "padded")
 """off: trimmers bypassed (the full model). sample: training masks from the sampler. hard: binary
 masks (pi > 0) applied as masks, nothing removed. remove: binary masks, tokens/heads removed
-(batch 1)."""
+(batch 1). packed: binary masks, the kept tokens of a batch packed into rows (any batch).
+padded: as packed, but each layer runs on (B, max kept, D) with key-padding masks (the baseline
+packing is measured against)."""
 
 
 @dataclass
@@ -38,13 +49,14 @@ class TokenState:
     """What has been trimmed from one stream so far.
 
     ``mask`` (B, N) in [0, 1] over the stream's original tokens (modes sample/hard), or ``index``
-    (N_kept,) the original positions of the tokens still present (mode remove). Both ``None``:
-    nothing trimmed yet.
+    (N_kept,) the original positions of the tokens still present (mode remove), or ``packing``
+    (mode packed, :class:`~trimkit.engine.packed.Packing`). All ``None``: nothing trimmed yet.
     """
 
     mask: torch.Tensor | None = None
     index: torch.Tensor | None = None
     length: int = 0  # the stream's original token count (mode remove)
+    packing: Packing | None = None
 
 
 @dataclass
@@ -52,8 +64,10 @@ class AttnTrim:
     """Per-call instructions for one :class:`TrimAttention`."""
 
     key_mask: torch.Tensor | None = None  # (B, Nk) float, modes sample/hard
-    head_mask: torch.Tensor | None = None  # (B, H) float, modes sample/hard
+    head_mask: torch.Tensor | None = None  # (B, H) float, modes sample/hard/packed
     head_index: torch.Tensor | None = None  # (H_kept,) long, mode remove
+    head_runs: list[tuple[int, int]] | None = None  # kept heads as [start, end) runs (host), mode remove
+    packed: PackedCall | None = None  # mode packed
 
 
 @dataclass
@@ -64,9 +78,21 @@ class Record:
     kind: str  # "token" | "head"
     target: float
     keep: torch.Tensor  # (B,) kept fraction per instance (differentiable in mode sample)
-    mask: torch.Tensor | None = None  # (B, N) or (B, H) current mask (modes sample/hard)
+    mask: torch.Tensor | None = None  # (B, N) or (B, H) current mask (modes sample/hard/packed heads)
     index: torch.Tensor | None = None  # kept original indices (mode remove)
     total: int = 0  # N or H before this layer's trimming (original count)
+    counts: list[int] | None = None  # kept tokens per instance (mode packed)
+
+
+def _runs(index: list[int]) -> list[tuple[int, int]]:
+    """Sorted head indices -> maximal [start, end) runs of consecutive heads."""
+    runs: list[tuple[int, int]] = []
+    for i in index:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 @dataclass
@@ -80,6 +106,18 @@ class Runtime:
     records: list[Record] = field(default_factory=list)
     forced: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> logits override (tests, profiling)
     targets: dict[str, float] = field(default_factory=dict)  # key -> current (scheduled) target
+    real: dict[str, list[int]] = field(default_factory=dict)  # stream -> real tokens per instance (mode packed)
+    checks: list[torch.Tensor] = field(default_factory=list)  # deferred device flags (mode packed)
+    context_packings: dict[tuple, Packing] = field(default_factory=dict)  # packings of unpacked contexts
+
+    def begin(self, mode: str) -> None:
+        """Reset the per-forward state."""
+        self.mode = mode
+        self.records = []
+        self.padding = {}
+        self.real = {}
+        self.checks = []
+        self.context_packings = {}
 
     def _binary(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits > 0).to(logits.dtype)
@@ -91,25 +129,16 @@ class Runtime:
             return self.sampler(logits, self.temperature)
         return self._binary(logits)
 
+    # --- masked modes (sample, hard) -------------------------------------------------------
     def token_step(
         self, key: str, stream: str, logits: torch.Tensor, hidden: torch.Tensor, state: TokenState | None, token_dim: int
     ) -> tuple[TokenState, torch.Tensor]:
         """Apply a token trimmer's logits (B, N_cur) to a stream; returns (new state, new hidden)."""
+        if self.mode == "remove":  # one token trimmer alone (the layer path uses remove_step)
+            state, hidden, _ = self.remove_step(key, logits, [], hidden, state, token_dim)
+            return state, hidden
         logits = self.forced.get(key, logits)
         target = self.targets.get(key, 1.0)
-        if self.mode == "remove":
-            if logits.shape[0] != 1:
-                raise RuntimeError("trimkit: physical token removal runs at batch 1 (use the packed engine for batches)")
-            keep = logits[0] > 0
-            keep[0] = True  # [CLS] is always kept
-            local = keep.nonzero().squeeze(1)  # the one host sync of this layer
-            prev = state.index if state is not None and state.index is not None else None
-            length = state.length if prev is not None else logits.shape[1]
-            index = prev[local] if prev is not None else local
-            hidden = hidden.index_select(token_dim, local)
-            kept = torch.tensor([local.numel() / length], dtype=torch.float32)
-            self.records.append(Record(key, "token", target, kept, index=index, total=length))
-            return TokenState(index=index, length=length), hidden
         m = self._mask(logits)
         ones = torch.ones_like(m[:, :1])
         m = torch.cat([ones, m[:, 1:]], dim=1)  # [CLS] always kept (no in-place write on a graph tensor)
@@ -125,7 +154,7 @@ class Runtime:
         return TokenState(mask=mask), hidden
 
     def head_step(self, key: str, logits: torch.Tensor) -> AttnTrim:
-        """Apply a head trimmer's logits (B, H)."""
+        """Apply a head trimmer's logits (B, H) (masked modes; mode remove takes heads in remove_step)."""
         logits = self.forced.get(key, logits)
         target = self.targets.get(key, 1.0)
         heads = logits.shape[1]
@@ -133,17 +162,108 @@ class Runtime:
             index = (logits[0] > 0).nonzero().squeeze(1)
             kept = torch.tensor([index.numel() / heads], dtype=torch.float32)
             self.records.append(Record(key, "head", target, kept, index=index, total=heads))
-            return AttnTrim(head_index=index)
+            return AttnTrim(head_index=index, head_runs=_runs(index.tolist()))
         m = self._mask(logits)
         self.records.append(Record(key, "head", target, m.mean(1), mask=m, total=heads))
         return AttnTrim(head_mask=m)
 
+    # --- mode remove (batch 1) ---------------------------------------------------------------
+    def remove_step(
+        self, key: str, token_logits: torch.Tensor | None, head_logits: list[torch.Tensor | None],
+        hidden: torch.Tensor, state: TokenState | None, token_dim: int,
+    ) -> tuple[TokenState | None, torch.Tensor, list[AttnTrim | None]]:
+        """Mode remove (batch 1): a layer's token decision and all its head decisions, taken with one
+        host synchronisation. Returns (new token state, hidden with the kept tokens gathered, per
+        attention an :class:`AttnTrim` with the kept heads' runs, or ``None`` without a head trimmer)."""
+        parts: list[torch.Tensor] = []
+        keep = None
+        if token_logits is not None:
+            token_logits = self.forced.get(key, token_logits)
+            if token_logits.shape[0] != 1:
+                raise RuntimeError("trimkit: physical token removal runs at batch 1 (use mode 'packed' for batches)")
+            keep = token_logits[0] > 0
+            keep[0] = True  # [CLS] is always kept
+            parts.append(keep)
+        heads = []
+        for i, h in enumerate(head_logits):
+            if h is not None:
+                h = self.forced.get(f"{key}.{i}", h)
+                parts.append(h[0] > 0)
+            heads.append(h)
+        host = P.fetch(parts)  # the one host synchronisation of this layer
+        if keep is not None:
+            flags = host.pop(0)
+            n_cur, n_kept = len(flags), sum(flags)
+            prev = state.index if state is not None and state.index is not None else None
+            length = state.length if prev is not None else n_cur
+            if n_kept < n_cur:
+                local = P.nonzero(keep, n_kept)
+                hidden = hidden.index_select(token_dim, local)  # a contiguous copy of the kept tokens
+                index = prev.index_select(0, local) if prev is not None else local
+            else:
+                index = prev if prev is not None else torch.arange(n_cur, device=keep.device)
+            kept = torch.tensor([n_kept / length], dtype=torch.float32)
+            self.records.append(Record(key, "token", self.targets.get(key, 1.0), kept, index=index, total=length))
+            state = TokenState(index=index, length=length)
+        trims: list[AttnTrim | None] = []
+        for i, h in enumerate(heads):
+            if h is None:
+                trims.append(None)
+                continue
+            flags = host.pop(0)
+            index = [j for j, f in enumerate(flags) if f]
+            k = f"{key}.{i}"
+            self.records.append(Record(k, "head", self.targets.get(k, 1.0),
+                                       torch.tensor([len(index) / len(flags)], dtype=torch.float32),
+                                       index=torch.tensor(index, dtype=torch.long), total=len(flags)))
+            # every head kept: the plain dense path (no slicing at all)
+            trims.append(AttnTrim() if len(index) == len(flags) else AttnTrim(head_runs=_runs(index)))
+        return state, hidden, trims
+
+    # --- mode packed (batches) ----------------------------------------------------------------
+    def real_tokens(self, stream: str, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor | None, list[int]]:
+        """Mode packed: the stream's real-token mask (B, N) (``None``: no padding) and real counts (host)."""
+        pad = self.padding.get(stream)
+        if pad is not None and tuple(pad.shape) == (batch, length) and stream in self.real:
+            return pad.to(device=device).bool(), self.real[stream]
+        return None, [length] * batch
+
+    def context_packing(self, stream: str, context: torch.Tensor) -> Packing:
+        """Mode packed: the packing of a context stream read before its own first layer (its real
+        tokens); built once per forward and stream."""
+        B, N = context.shape[:2]
+        key = (stream, B, N, context.device)
+        if key not in self.context_packings:
+            mask, real = self.real_tokens(stream, B, N, context.device)
+            keep = mask if mask is not None else torch.ones(B, N, dtype=torch.bool, device=context.device)
+            self.context_packings[key] = P.packing_of(keep, list(real), keep.sum(1), list(real))[1]
+        return self.context_packings[key]
+
+    def packed_record_tokens(self, key: str, pack: Packing) -> None:
+        real = torch.tensor(pack.real, dtype=torch.float32).clamp_min(1)
+        keep = torch.tensor(pack.counts, dtype=torch.float32) / real
+        self.records.append(Record(key, "token", self.targets.get(key, 1.0), keep, index=pack.pos,
+                                   total=pack.length, counts=list(pack.counts)))
+
+    def packed_head_mask(self, key: str, logits: torch.Tensor) -> torch.Tensor:
+        """A head trimmer's per-instance binary mask (B, H) in mode packed (no host sync)."""
+        logits = self.forced.get(key, logits)
+        m = self._binary(logits)
+        self.records.append(Record(key, "head", self.targets.get(key, 1.0), m.mean(1), mask=m, total=m.shape[1]))
+        return m
+
 
 def align(tensor: Any, state: TokenState | None, dim: int) -> Any:
     """Gather a tensor made at the stream's original length to the tokens still present."""
-    if state is None or state.index is None or not isinstance(tensor, torch.Tensor):
+    if state is None or not isinstance(tensor, torch.Tensor):
+        return tensor
+    if state.packing is not None:
+        return P.gather(tensor, state.packing, dim)
+    if state.index is None:
         return tensor
     if tensor.shape[dim] == 1:  # broadcast dimension: nothing to gather
+        return tensor
+    if state.index.numel() == tensor.shape[dim] == state.length:  # nothing dropped yet
         return tensor
     return tensor.index_select(dim, state.index.to(tensor.device))
 
@@ -153,6 +273,9 @@ def key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     tiny = torch.finfo(mask.dtype).tiny
     bias = torch.where(mask > 0, mask.clamp_min(tiny).log(), torch.full_like(mask, float("-inf")))
     return bias.to(dtype)[:, None, None, :]
+
+
+_NO_TRIM = AttnTrim()
 
 
 class TrimAttention(nn.Module):
@@ -166,65 +289,172 @@ class TrimAttention(nn.Module):
         self.spec = spec
         object.__setattr__(self, "module", module)  # shared, not re-registered
 
-    def _weights(self) -> tuple[torch.Tensor, ...]:
+    def _fused(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The fused [q; k; v] projection (timm ``qkv``, ``nn.MultiheadAttention`` ``in_proj``), if any."""
         m, s = self.module, self.spec
-        if s.in_proj is not None or s.qkv is not None:
-            if s.qkv is not None:
-                fused = m.get_submodule(s.qkv)
-                w, b = fused.weight, fused.bias
-            else:
-                w, b = getattr(m, f"{s.in_proj}_weight"), getattr(m, f"{s.in_proj}_bias", None)
+        if s.qkv is not None:
+            fused = m.get_submodule(s.qkv)
+            return fused.weight, fused.bias
+        if s.in_proj is not None:
+            return getattr(m, f"{s.in_proj}_weight"), getattr(m, f"{s.in_proj}_bias", None)
+        return None
+
+    def _weights(self) -> tuple[torch.Tensor, ...]:
+        fused = self._fused()
+        if fused is not None:
+            w, b = fused
             wq, wk, wv = w.chunk(3, 0)
             bq, bk, bv = b.chunk(3, 0) if b is not None else (None, None, None)
             return wq, bq, wk, bk, wv, bv
+        m, s = self.module, self.spec
         q, k, v = (m.get_submodule(n) for n in (s.q, s.k, s.v))
         return q.weight, q.bias, k.weight, k.bias, v.weight, v.bias
+
+    def _qkv(self, x: torch.Tensor, ctx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections of x (..., D) (keys from ctx, or x when None): (..., width) each.
+        Self-attention with a fused projection is one matmul."""
+        fused = self._fused() if ctx is None else None
+        if fused is not None:
+            q, k, v = F.linear(x, *fused).chunk(3, -1)
+            return q, k, v
+        wq, bq, wk, bk, wv, bv = self._weights()
+        src = x if ctx is None else ctx
+        return F.linear(x, wq, bq), F.linear(src, wk, bk), F.linear(src, wv, bv)
 
     def forward(self, *args: Any, trimkit_trim: AttnTrim | None = None, **kwargs: Any) -> Any:
         s = self.spec
         call = s.inputs(args, kwargs)
+        trim = trimkit_trim or _NO_TRIM
+        if trim.packed is not None:
+            return s.output(self._packed(call.x, call.context, call.bias, trim))
         x, ctx, bias = call.x, call.context, call.bias
-        if ctx is None:
-            ctx = x
+        if ctx is x:
+            ctx = None
         if not s.batch_first:
-            x, ctx = x.transpose(0, 1), ctx.transpose(0, 1)
-        wq, bq, wk, bk, wv, bv = self._weights()
-        heads = s.num_heads
-        d = wq.shape[0] // heads
-        trim = trimkit_trim or AttnTrim()
-        rows = None
-        if trim.head_index is not None:
-            rows = (trim.head_index[:, None] * d + torch.arange(d, device=wq.device)).reshape(-1)
-            wq, wk, wv = wq[rows], wk[rows], wv[rows]
-            bq, bk, bv = (b[rows] if b is not None else None for b in (bq, bk, bv))
-            heads = trim.head_index.numel()
-        B, Nq, _ = x.shape
-        Nk = ctx.shape[1]
-        if heads > 0:
-            q = F.linear(x, wq, bq).view(B, Nq, heads, d).transpose(1, 2)
-            k = F.linear(ctx, wk, bk).view(B, Nk, heads, d).transpose(1, 2)
-            v = F.linear(ctx, wv, bv).view(B, Nk, heads, d).transpose(1, 2)
-            mask = None if bias is None else bias.to(q.dtype)
-            if trim.key_mask is not None:
-                kb = key_bias(trim.key_mask, q.dtype)
-                mask = kb if mask is None else mask + kb
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale)
-            if trim.head_mask is not None:
-                y = y * trim.head_mask.to(y.dtype)[:, :, None, None]
-            y = y.transpose(1, 2).reshape(B, Nq, heads * d)
-        else:  # every head dropped: the attention contributes nothing
-            y = x.new_zeros(B, Nq, 0)
-        if s.out is not None:
-            out = self.module.get_submodule(s.out)
-            w = out.weight if rows is None else out.weight[:, rows]
-            y = F.linear(y, w, out.bias)
-        elif rows is not None:  # the model applies the output projection: give it every head's slot
-            full = y.new_zeros(B, Nq, self._width())
-            full[..., rows] = y
-            y = full
+            x = x.transpose(0, 1)
+            ctx = ctx.transpose(0, 1) if ctx is not None else None
+        runs = trim.head_runs
+        if runs is None and trim.head_index is not None:
+            runs = _runs(trim.head_index.tolist())
+        y = self._dense(x, ctx, bias, trim) if runs is None else self._kept_heads(x, ctx, bias, runs)
         if not s.batch_first:
             y = y.transpose(0, 1)
         return s.output(y)
+
+    def _dense(self, x: torch.Tensor, ctx: torch.Tensor | None, bias: torch.Tensor | None, trim: AttnTrim) -> torch.Tensor:
+        """Every head computed; key and head masks applied (modes sample/hard/padded, and remove with
+        every head kept). ``ctx`` None: self-attention."""
+        s = self.spec
+        heads = s.num_heads
+        B, Nq, _ = x.shape
+        Nk = Nq if ctx is None else ctx.shape[1]
+        q, k, v = self._qkv(x, ctx)
+        d = q.shape[-1] // heads
+        q = q.view(B, Nq, heads, d).transpose(1, 2)
+        k = k.view(B, Nk, heads, d).transpose(1, 2)
+        v = v.view(B, Nk, heads, d).transpose(1, 2)
+        mask = None if bias is None else bias.to(q.dtype)
+        if trim.key_mask is not None:
+            kb = key_bias(trim.key_mask, q.dtype)
+            mask = kb if mask is None else mask + kb
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale)
+        if trim.head_mask is not None:
+            y = y * trim.head_mask.to(y.dtype)[:, :, None, None]
+        y = y.transpose(1, 2).reshape(B, Nq, heads * d)
+        if s.out is not None:
+            out = self.module.get_submodule(s.out)
+            y = F.linear(y, out.weight, out.bias)
+        return y
+
+    def _kept_heads(self, x: torch.Tensor, ctx: torch.Tensor | None, bias: torch.Tensor | None,
+                    runs: list[tuple[int, int]]) -> torch.Tensor:
+        """Mode remove: only the kept heads are computed.
+
+        Kept heads are grouped into runs of consecutive heads; a run's q/k/v projection rows (and
+        output-projection columns) are *views* of the weights, so nothing is copied: each run is one
+        matmul per projection on views, its own attention call, and one accumulating matmul into the
+        output projection. Measured on METER-base attention shapes (``benchmarks/heads_strategy.py``,
+        D = 768, 12 heads, 24-325 tokens, 3-9 heads kept): 1.2-3.5x faster than computing every head
+        and masking (which pays for the dropped heads' matmuls), and as fast as gathering the kept
+        rows of the weights with ``index_select`` at 1 thread (within 5%), faster at 2 threads when
+        few tokens are left (the gather copies ~3-4 x D x D_kept floats per attention and forward,
+        as much memory traffic as the matmuls it saves).
+        """
+        s = self.spec
+        wq, bq, wk, bk, wv, bv = self._weights()
+        heads = s.num_heads
+        d = wq.shape[0] // heads
+        if ctx is None:
+            ctx = x
+        B, Nq, _ = x.shape
+        Nk = ctx.shape[1]
+        mask = None if bias is None else bias.to(x.dtype)
+        out = self.module.get_submodule(s.out) if s.out is not None else None
+        if out is not None:
+            acc = None
+        else:  # the model applies the output projection itself: give it every head's slot (zeros when dropped)
+            acc = x.new_zeros(B, Nq, heads * d)
+        for a, e in runs:
+            r0, r1 = a * d, e * d
+            h = e - a
+            q = F.linear(x, wq[r0:r1], None if bq is None else bq[r0:r1]).view(B, Nq, h, d).transpose(1, 2)
+            k = F.linear(ctx, wk[r0:r1], None if bk is None else bk[r0:r1]).view(B, Nk, h, d).transpose(1, 2)
+            v = F.linear(ctx, wv[r0:r1], None if bv is None else bv[r0:r1]).view(B, Nk, h, d).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale).transpose(1, 2).reshape(B, Nq, h * d)
+            if out is None:
+                acc[..., r0:r1] = y
+            elif acc is None:
+                acc = F.linear(y, out.weight[:, r0:r1], out.bias)
+            else:
+                acc.view(B * Nq, -1).addmm_(y.view(B * Nq, h * d), out.weight[:, r0:r1].t())
+        if acc is None:  # every head dropped: the attention contributes only the output bias
+            acc = x.new_zeros(B, Nq, out.weight.shape[0])
+            if out.bias is not None:
+                acc = acc + out.bias
+        return acc
+
+    def _packed(self, x: torch.Tensor, ctx: torch.Tensor | None, bias: torch.Tensor | None, trim: AttnTrim) -> torch.Tensor:
+        """Mode packed: x (1, Rq, D) rows of a batch, ctx (1, Rk, D) or None; attention per instance
+        (:func:`~trimkit.engine.packed.varlen_attention`); per-instance head masks scale each row's
+        heads (slicing weights per instance would not batch: every instance keeps other heads)."""
+        s, pc = self.spec, trim.packed
+        if pc.q.padded:
+            return self._padded(x, ctx, bias, trim)
+        bf = s.batch_first
+        xr = _rows(x, bf, pc.q.total, "queries")
+        cr = None if ctx is None or ctx is x else _rows(ctx, bf, pc.k.total, "keys")
+        flag = P.key_bias_flag(bias, pc.k)
+        if flag is not None:
+            pc.checks.append(flag)
+        heads = s.num_heads
+        q, k, v = self._qkv(xr, cr)
+        d = q.shape[-1] // heads
+        q, k, v = q.view(-1, heads, d), k.view(-1, heads, d), v.view(-1, heads, d)
+        y = P.varlen_attention(q, k, v, pc.q, pc.k, s.scale)
+        if trim.head_mask is not None:
+            y = y * trim.head_mask.to(y.dtype).index_select(0, pc.q.bidx)[:, :, None]
+        y = y.reshape(xr.shape[0], heads * d)
+        if s.out is not None:
+            out = self.module.get_submodule(s.out)
+            y = F.linear(y, out.weight, out.bias)
+        return y.unsqueeze(0) if bf else y.unsqueeze(1)
+
+    def _padded(self, x: torch.Tensor, ctx: torch.Tensor | None, bias: torch.Tensor | None, trim: AttnTrim) -> torch.Tensor:
+        """Mode padded: (B, max kept, D) inputs, keys beyond each instance's count masked."""
+        s, pc = self.spec, trim.packed
+        if ctx is x:
+            ctx = None
+        if not s.batch_first:
+            x = x.transpose(0, 1)
+            ctx = ctx.transpose(0, 1) if ctx is not None else None
+        flag = P.key_bias_flag(bias, pc.k)
+        if flag is not None:
+            pc.checks.append(flag)
+        mask = P.key_padding_bias(pc.k, x.dtype)
+        if bias is not None:
+            mask = mask + bias.to(x.dtype)
+        y = self._dense(x, ctx, mask, AttnTrim(head_mask=trim.head_mask))
+        return y if s.batch_first else y.transpose(0, 1)
 
     def _width(self) -> int:
         s = self.spec
@@ -233,3 +463,11 @@ class TrimAttention(nn.Module):
         if s.in_proj is not None:
             return getattr(self.module, f"{s.in_proj}_weight").shape[0] // 3
         return self.module.get_submodule(s.q).weight.shape[0]
+
+
+def _rows(x: torch.Tensor, batch_first: bool, total: int, what: str) -> torch.Tensor:
+    rows = x[0] if batch_first else x[:, 0]
+    if x.shape[0 if batch_first else 1] != 1 or rows.shape[0] != total:
+        raise RuntimeError(f"trimkit packed mode: the attention's {what} have shape {tuple(x.shape)}, expected "
+                           f"packed rows of {total} tokens: the model changed the token layout between layers")
+    return rows

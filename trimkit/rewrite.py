@@ -207,7 +207,7 @@ class TrimmedLayer(nn.Module):
         a = self.signature.bind_partial(*args, **kwargs).arguments
         hidden = a[self.hidden_name]
         context = a[self.context_name] if self.context_name is not None else trimkit_context
-        if rt.mode == "packed":
+        if rt.mode in ("packed", "padded"):
             return self._packed(a, hidden, context, trimkit_hidden_state, trimkit_context_state, trimkit_last)
         if rt.mode == "remove":
             return self._remove(a, hidden, context, trimkit_hidden_state, trimkit_context_state)
@@ -273,15 +273,19 @@ class TrimmedLayer(nn.Module):
         return self._run(a, [t if t is not None else AttnTrim() for t in trims]), hstate
 
     def _packed(self, a, hidden, context, hstate, cstate, last):
-        """Mode packed: the batch's kept tokens of this stream are one row matrix (see
+        """Modes packed/padded: the batch's kept tokens of this stream are one row matrix (see
         :mod:`trimkit.engine.packed`). The stream is packed at its first described layer and unpacked
-        after its last one (``last``, marked by the rewriter). One host sync per layer at most."""
+        after its last one (``last``, marked by the rewriter). One host sync per layer at most.
+
+        Mode padded (the baseline packing is measured against) takes the same decisions on rows but
+        hands the layer (B, max kept, D) tensors and runs attention with key-padding masks."""
         rt, spec = self.runtime, self.spec
         bf = spec.batch_first
+        padded = rt.mode == "padded"
         hp = hstate.packing if hstate is not None else None
         if hstate is not None and hp is None:
             raise RuntimeError(f"layer {spec.path!r}: the stream's token state is not packed (mixed modes?)")
-        if hp is not None and hp.padded:
+        if hp is not None and hp.padded and not padded:
             raise RuntimeError(f"layer {spec.path!r}: its stream was unpacked after an earlier layer")
         tokens = self.trimmers.token
         fetch: list[torch.Tensor] = []
@@ -291,10 +295,11 @@ class TrimmedLayer(nn.Module):
             cls_self = hb[:, 0]
             real_mask, real = rt.real_tokens(spec.stream, B, N, hb.device)
         else:
-            rows = _rows(hidden, bf, hp.total, "hidden states")
+            rows = P.repack(hidden if bf else hidden.transpose(0, 1), hp) if padded else _rows(
+                hidden, bf, hp.total, "hidden states")
             cls_self = rows.index_select(0, hp.starts)
         # the context stream: [CLS] for the trimmers, rows for cross-attention
-        cls_ctx, cpack, crows = None, None, None
+        cls_ctx, cpack, crows, ctx_in = None, None, None, None
         cross = any(att.kind == "cross" for att in spec.attentions)
         if context is not None and context.dim() == 2:
             cls_ctx = context
@@ -306,6 +311,8 @@ class TrimmedLayer(nn.Module):
                 if cross and cp is None:
                     cpack = rt.context_packing(spec.context_stream or "", cb)
                     crows = cb.reshape(-1, *cb.shape[2:]).index_select(0, cpack.flat)
+                elif cross and padded:  # the padded engine's own layout: as it is
+                    cpack, ctx_in = cp, context
                 elif cross:
                     cpack, crows = cp.as_padded(False), P.repack(cb, cp)
             else:
@@ -341,10 +348,21 @@ class TrimmedLayer(nn.Module):
             pack = hp
         if tokens is not None:
             rt.packed_record_tokens(self.key, pack)
+        if not padded:
+            a[self.hidden_name] = rows.unsqueeze(0) if bf else rows.unsqueeze(1)
+        elif pack is not hp:
+            pack = pack.as_padded()
+            h = P.unpack(rows, pack)
+            a[self.hidden_name] = h if bf else h.transpose(0, 1)
+        if crows is not None and padded:
+            cpack = cpack.as_padded()
+            ctx_in = P.unpack(crows, cpack)
+            ctx_in = ctx_in if bf else ctx_in.transpose(0, 1)
+        elif crows is not None:
+            ctx_in = crows.unsqueeze(0) if bf else crows.unsqueeze(1)
+        if ctx_in is not None and self.context_name is not None:
+            a[self.context_name] = ctx_in
         hstate = TokenState(packing=pack)
-        a[self.hidden_name] = rows.unsqueeze(0) if bf else rows.unsqueeze(1)
-        if crows is not None and self.context_name is not None:
-            a[self.context_name] = crows.unsqueeze(0) if bf else crows.unsqueeze(1)
         self._align_side(a, hstate, TokenState(packing=cpack) if cpack is not None else cstate)
         trims = []
         for i, (att, logits) in enumerate(zip(spec.attentions, head_logits)):
@@ -354,7 +372,7 @@ class TrimmedLayer(nn.Module):
             mask = rt.packed_head_mask(f"{self.key}.{i}", logits) if logits is not None else None
             trims.append(AttnTrim(head_mask=mask, packed=PackedCall(pack, kpack, rt.checks)))
         out = self._run(a, trims)
-        if last:  # after the stream's last described layer: (B, max kept, D), [CLS] at 0
+        if last and not padded:  # after the stream's last described layer: (B, max kept, D), [CLS] at 0
             out = _unpack_outputs(out, pack, bf)
             hstate = TokenState(packing=pack.as_padded())
         return out, hstate

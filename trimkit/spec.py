@@ -6,8 +6,9 @@ attention modules named here by :class:`trimkit.ops.TrimAttention`, which reuses
 projection weights. Everything below is plain data plus two small callables per attention
 module that translate between the module's own call convention and trimkit's.
 
-A newcomer's map: a token is dropped in :meth:`trimkit.ops.TokenState.trim` (eval) or masked in
-:class:`trimkit.ops.TrimAttention` (training).
+A newcomer's map: a token is dropped in :meth:`trimkit.ops.Runtime.remove_step` (eval) or masked in
+:meth:`trimkit.ops.Runtime.token_step` and :class:`trimkit.ops.TrimAttention` (training); the
+packed batch engine is :mod:`trimkit.engine.packed`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,171 @@
+"""``trimkit profile``: per-instance MACs and measured speed of the full and the trimmed model.
+
+``trimkit profile --adapter NAME [--size tiny|base] [--batch B] [--device cpu|cuda] [--reduction R]
+[--checkpoint DIR] [--json] [--repeats N] [--instances K] [--threads T] [--dtype float32|bfloat16]``
+
+* MACs per instance (``count_macs`` at batch 1 over ``--instances`` inputs), full (mode ``off``) and
+  trimmed (mode ``remove``).
+* Speed: batch 1 -> median latency over the instances; batch > 1 -> throughput of one batch
+  (trimmed = mode ``packed``). The full and the trimmed model are timed interleaved in the same run;
+  ``speed_ratio`` is the median over rounds of full time / trimmed time.
+* Keep decisions come from a trained checkpoint (``--checkpoint``, ``trimkit.model.load_trimmed``) or,
+  without one, from untrained trimmers set to reach ``--reduction`` (``trimkit.engine.calibrate``:
+  random weights, so the kept fraction varies per instance, and final biases found by bisection on
+  measured MACs); the output says which.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from datetime import datetime, timezone
+from typing import Any
+
+
+def register(sub) -> None:
+    p = sub.add_parser("profile", help="MACs per instance and interleaved latency/throughput, full vs trimmed")
+    p.add_argument("--adapter", required=True, help="registered adapter name (see `trimkit plugins`)")
+    p.add_argument("--size", default="tiny", help="model size the adapter builds (default: tiny)")
+    p.add_argument("--batch", type=int, default=1, help="1: latency; > 1: throughput of packed batches")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--reduction", type=float, default=2.0, help="MACs reduction to calibrate untrained trimmers to")
+    p.add_argument("--checkpoint", default=None, help="a trimkit checkpoint directory (save_pretrained output)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (each round times both models)")
+    p.add_argument("--instances", type=int, default=3, help="batch-1 instances for MACs and latency")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run)
+
+
+def _to(x: dict[str, Any], device: str, dtype) -> dict[str, Any]:
+    import torch
+
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
+            for k, v in x.items()}
+
+
+def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu", reduction: float = 2.0,
+            checkpoint: str | None = None, repeats: int = 5, instances: int = 3, seed: int = 0,
+            dtype: str | None = None, threads: int | None = None, model: Any = None) -> dict[str, Any]:
+    """Everything ``trimkit profile`` prints, as a dict (see the module docstring)."""
+    import torch
+
+    from trimkit.config import TrimConfig
+    from trimkit.engine.calibrate import calibrate
+    from trimkit.engine.timing import interleaved
+    from trimkit.macs import count_macs
+    from trimkit.model import load_trimmed, trim
+    from trimkit.plugins import get_registry
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: CUDA is not available on this machine")
+    impl = get_registry().adapters.get(adapter)
+    if model is None:
+        model = impl.build(size=size, seed=seed)
+    model = model.eval()
+    if checkpoint:
+        tmodel = load_trimmed(checkpoint, model).eval()
+    else:
+        tmodel = trim(model, TrimConfig(token_target=0.5, head_target=0.5), adapter=adapter).eval()
+    singles = [impl.example_inputs(model, batch_size=1, seed=seed + i) for i in range(instances)]
+
+    # MACs per instance (fp32 on CPU: decisions are the ones the model takes there)
+    if checkpoint:
+        source = f"trained checkpoint {checkpoint}"
+        with tmodel.full():
+            full = [count_macs(tmodel, **x).total for x in singles]
+        with tmodel.mode("remove"):
+            trimmed = [count_macs(tmodel, **x).total for x in singles]
+        level = None
+    else:
+        cal = calibrate(tmodel, singles, reduction, seed=seed)
+        full, trimmed = [f for f, _ in cal.per_instance], [t for _, t in cal.per_instance]
+        source = (f"untrained trimmers calibrated to {reduction:g}x MACs (random weights, per-layer keep level "
+                  f"{cal.level:.3f} for tokens and {cal.head_level:.3f} for heads, {cal.steps} MACs evaluations)")
+        level = cal.level
+    keep = []
+    with torch.no_grad(), tmodel.mode("remove"):
+        for x in singles:
+            tmodel(**x)
+            tokens = [r for r in tmodel.records if r.kind == "token"]
+            keep.append(statistics.mean(float(r.keep) for r in tokens) if tokens else 1.0)
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        dtype or ("bfloat16" if device == "cuda" else "float32")]
+    tmodel.to(device=device, dtype=dt)
+    if batch == 1:
+        runs = [_to(x, device, dt) for x in singles]
+        mode = "remove"
+    else:
+        runs = [_to(impl.example_inputs(model, batch_size=batch, seed=seed + 1000), device, dt)]
+        mode = "packed"
+
+    def full_fn(r: int) -> None:
+        with tmodel.full():
+            tmodel(**runs[r % len(runs)])
+
+    def trim_fn(r: int) -> None:
+        with tmodel.mode(mode):
+            tmodel(**runs[r % len(runs)])
+
+    t = interleaved({"full": full_fn, "trimmed": trim_fn}, repeats=max(repeats, 1) * len(runs), warmup=1, device=device)
+    macs_full, macs_trimmed = statistics.mean(full), statistics.mean(trimmed)
+    out: dict[str, Any] = {
+        "adapter": adapter, "size": size, "batch": batch, "device": device, "dtype": str(dt).replace("torch.", ""),
+        "threads": torch.get_num_threads() if device == "cpu" else None,
+        "decisions": "checkpoint" if checkpoint else "calibrated", "source": source, "keep_level": level,
+        "macs_full": macs_full, "macs_trimmed": macs_trimmed, "macs_ratio": macs_full / macs_trimmed,
+        "macs_full_per_instance": full, "macs_trimmed_per_instance": trimmed,
+        "token_keep_per_instance": keep,
+        "speed_ratio": t.ratio("full", "trimmed"),
+        "engine": mode,
+        "repeats": len(t.times["full"]),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
+                   + (f", {torch.cuda.get_device_name()}" if device == "cuda" else ""),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if batch == 1:
+        out["latency_full_ms"] = t.median("full") * 1e3
+        out["latency_trimmed_ms"] = t.median("trimmed") * 1e3
+    else:
+        out["throughput_full"] = batch / t.median("full")
+        out["throughput_trimmed"] = batch / t.median("trimmed")
+    return out
+
+
+def _fmt(n: float) -> str:
+    from trimkit.macs import format_macs
+
+    return f"{format_macs(n)}MACs"
+
+
+def run(args) -> int:
+    out = profile(args.adapter, size=args.size, batch=args.batch, device=args.device, reduction=args.reduction,
+                  checkpoint=args.checkpoint, repeats=args.repeats, instances=args.instances, seed=args.seed,
+                  dtype=args.dtype, threads=args.threads)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"trimkit profile --adapter {out['adapter']} --size {out['size']} --batch {out['batch']} "
+          f"--device {out['device']} ({out['dtype']}, {out['machine']}, torch {out['torch']})")
+    print(f"  decisions: {out['source']}")
+    per = ", ".join(f"{_fmt(f)}->{_fmt(t)}" for f, t in zip(out["macs_full_per_instance"],
+                                                                     out["macs_trimmed_per_instance"]))
+    print(f"  MACs per instance (full->trimmed): {per}")
+    print(f"  MACs: full {_fmt(out['macs_full'])}, trimmed {_fmt(out['macs_trimmed'])} ({out['macs_ratio']:.2f}x fewer)")
+    if out["batch"] == 1:
+        print(f"  latency (median, batch 1): full {out['latency_full_ms']:.1f} ms, trimmed "
+              f"{out['latency_trimmed_ms']:.1f} ms")
+    else:
+        print(f"  throughput (batch {out['batch']}, engine {out['engine']}): full {out['throughput_full']:.1f}/s, "
+              f"trimmed {out['throughput_trimmed']:.1f}/s")
+    print(f"  speed ratio (full time / trimmed time, interleaved, {out['repeats']} rounds): {out['speed_ratio']:.2f}x "
+          f"(MACs ratio {out['macs_ratio']:.2f}x)")
+    return 0
