@@ -1,0 +1,185 @@
+"""The training recipe: loss goes down, checkpoints resume, the JSONL log, stable init, curriculum, configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import trimkit
+from trimkit import TrimConfig, TrimmedModel, get_registry, hookimpl
+from trimkit.training import ConfigError, ExperimentConfig, Trainer, evaluate, load_checkpoint
+from trimkit.training.trainer import model_inputs
+
+from toyvlm import ToyAdapter
+
+TOY = {"dim": 32, "heads": 4, "image": 32, "patch": 8, "vocab": 64, "labels": 13}
+
+
+class _ToyPlugin:
+    @hookimpl
+    def trimkit_register_adapters(self, registry):
+        registry.adapters.register("toy", ToyAdapter())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_adapter():
+    get_registry(plugins=[_ToyPlugin()])
+    yield
+
+
+def _config(tmp_path, steps=6, trim=True, **train):
+    data = {
+        "model": {"adapter": "toy", "overrides": TOY},
+        "data": {"options": {"grid": 2, "cell": 16, "digits_per_image": [1, 3]}, "train_size": 96, "eval_size": 16},
+        "train": {"steps": steps, "batch_size": 8, "lr": 1e-3, "trimmer_lr": 1e-2, "macs_instances": 2,
+                  "out_dir": str(tmp_path / "run"), "progress": False, **train},
+        "trim": {"token_target": 0.5, "head_target": 0.75} if trim else None,
+    }
+    return ExperimentConfig.from_dict(data)
+
+
+def test_plain_training_reduces_the_loss(tmp_path):
+    cfg = _config(tmp_path, steps=30, trim=False, lr=3e-3, warmup_fraction=0.0)
+    trainer = Trainer(cfg)
+    # a fixed batch: the first and last steps see different batches, so compare on one batch
+    batch = next(trainer._batches(0))
+    x = model_inputs(trainer.net, batch)
+
+    def loss():
+        trainer.net.eval()
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(trainer.net(**x), batch["labels"]))
+
+    before = loss()
+    trainer.fit()
+    assert loss() < before - 0.1
+    assert trainer.tmodel is None and (tmp_path / "run" / "checkpoint" / "backbone.safetensors").exists()
+
+
+def test_smarttrim_steps_log_every_term(tmp_path):
+    trainer = Trainer(_config(tmp_path, steps=4, eval_every=2))
+    trainer.fit()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["type"] == "train"]
+    evals = [r for r in lines if r["type"] == "eval"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["step"] for r in evals] == [2, 4]
+    for r in steps:
+        for key in ("loss", "task", "cost", "sd", "lr_trimmers", "lr_backbone", "keep", "targets", "temperature"):
+            assert key in r, key
+        assert set(r["keep"]) == set(trainer.tmodel.final_targets) == set(r["targets"])
+        assert r["loss"] == pytest.approx(r["task"] + 20 * r["cost"] + r["sd"], rel=1e-4)
+    assert steps[0]["lr_trimmers"] > steps[0]["lr_backbone"]
+    for key in ("accuracy", "gmacs", "gmacs_full", "macs_ratio", "keep", "keep_tokens", "keep_heads"):
+        assert key in evals[-1], key
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["accuracy"] == evals[-1]["accuracy"]
+
+
+def test_smarttrim_few_steps_reduce_the_loss(tmp_path):
+    cfg = _config(tmp_path, steps=25, lr=3e-3, warmup_fraction=0.0, macs_instances=0)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    losses = [r["task"] for r in trainer.history]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_curriculum_moves_targets_from_one(tmp_path):
+    trainer = Trainer(_config(tmp_path, steps=8, macs_instances=0))
+    trainer.fit()
+    first, mid, last = trainer.history[0]["targets"], trainer.history[3]["targets"], trainer.history[-1]["targets"]
+    final = trainer.tmodel.final_targets
+    assert all(v == 1.0 for v in first.values())  # step 0 of the curriculum: keep everything
+    token_key = next(k for k in final if final[k] == 0.5)
+    assert 0.5 < mid[token_key] < 1.0
+    assert last[token_key] == pytest.approx(0.5)  # reached after curriculum_fraction (0.5) of training
+    assert trainer.history[-1]["keep_tokens"] < trainer.history[0]["keep_tokens"]
+
+
+def test_stable_init_keeps_everything_and_matches_the_model(tmp_path):
+    trainer = Trainer(_config(tmp_path))
+    tm = trainer.tmodel
+    tm.eval()
+    ds = trainer.eval_dataset
+    batch = ds.collate_fn([ds[i] for i in range(4)])
+    x = model_inputs(tm, batch)
+    with torch.no_grad():
+        hard = tm(**x)  # batch 4: hard masks
+        assert tm.records and all(float(r.keep.min()) == 1.0 for r in tm.records)
+        full = tm.model(**x)
+        torch.testing.assert_close(hard, full, rtol=1e-5, atol=1e-5)
+        one = {k: v[:1] for k, v in ds.collate_fn([ds[0]]).items() if k != "labels"}
+        removed = tm(**one)  # batch 1: removal
+        assert all(float(r.keep.min()) == 1.0 for r in tm.records)
+        torch.testing.assert_close(removed, tm.model(**one), rtol=1e-5, atol=1e-5)
+    ev = evaluate(tm, ds, macs_instances=0)
+    assert ev["keep_tokens"] == 1.0 and ev["keep_heads"] == 1.0
+
+
+def test_checkpoint_resume_continues_the_step_count(tmp_path):
+    cfg = _config(tmp_path, steps=6, save_every=3, macs_instances=0)
+    first = Trainer(cfg)
+    first.fit(stop_after=3)  # stop half-way, as an interrupted run would
+    assert first.step == 3
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3
+    resumed = Trainer(cfg)
+    resumed.fit(resume=True)
+    assert resumed.step == 6
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    # the resumed optimizer state came along (AdamW's step counters continue from 3)
+    assert all(int(s["step"]) == 6 for s in resumed.optimizer.state_dict()["state"].values())
+    # Known gap: a resumed run does not yet reproduce the uninterrupted run's weights bit for bit
+    # (RNG/data-order restoration is incomplete); tracked on the issue, not asserted here.
+
+
+def test_load_checkpoint_and_eval_command(tmp_path, capsys):
+    Trainer(_config(tmp_path, steps=2, macs_instances=0)).fit()
+    model, cfg = load_checkpoint(tmp_path / "run")
+    assert isinstance(model, TrimmedModel) and cfg.trim.token_target == 0.5
+    from trimkit.cli import main
+
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--json", "--macs-instances", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trimmed"] and 0 <= out["accuracy"] <= 1 and out["gmacs_full"] > 0
+
+
+def test_train_command_and_resume(tmp_path, capsys):
+    import yaml
+
+    cfg = _config(tmp_path, steps=2, macs_instances=0)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    from trimkit.cli import main
+
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert (tmp_path / "cli" / "checkpoint" / "trimmers.safetensors").exists()
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no " in capsys.readouterr().err
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="train.*exactly one of"):
+        ExperimentConfig.from_dict({"train": {"batch_size": 4}})
+    with pytest.raises(ConfigError, match="train.batch_szie: unknown field"):
+        ExperimentConfig.from_dict({"train": {"steps": 1, "batch_szie": 4}})
+    with pytest.raises(ConfigError, match="model.adapter.*unknown adapter 'nope'"):
+        ExperimentConfig.from_dict({"train": {"steps": 1}, "model": {"adapter": "nope"}})
+    with pytest.raises(ConfigError, match="trim.token_target"):
+        ExperimentConfig.from_dict({"train": {"steps": 1}, "trim": {"token_target": 1.5}})
+    with pytest.raises(ConfigError, match="data.name.*unknown dataset"):
+        ExperimentConfig.from_dict({"train": {"steps": 1}, "data": {"name": "imagenet"}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        ExperimentConfig.load(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        ExperimentConfig.load(tmp_path / "missing.yaml")
+
+
+def test_example_config_loads():
+    from pathlib import Path
+
+    cfg = ExperimentConfig.load(Path(__file__).parents[1] / "examples" / "digit_grid.yaml")
+    assert cfg.model.adapter == "meter" and cfg.trim is not None and cfg.data.name == "digit_grid"

@@ -1,0 +1,375 @@
+"""``trimkit demo``: the paper's Fig. 4a / Table 1 in miniature, on CPU, in minutes.
+
+1. **Backbone.** A small METER-architecture model is trained on digit-grid VQA (a grid of 16 px
+   cells, a few of which hold a handwritten digit; the question names a cell or a digit, so most
+   patches are irrelevant to it). This model plays the fine-tuned backbone.
+2. **Targets.** For each wanted MACs reduction (1.5x, 2x, 3x) the per-module keep targets are
+   *calibrated*: the backbone is run at batch 1 with token and head decisions forced to exactly
+   those keep ratios, its MACs counted, and the ratio bisected until the MACs ratio is the wanted
+   one. (The trained trimmers decide per instance, so the measured ratios below are what they
+   actually achieved, not these.)
+3. **SmartTrim.** Copies of the backbone are fine-tuned with the SmartTrim recipe at each target
+   (cross-modal token and head trimmers, cost loss, curriculum, self-distillation); at the 3x
+   target the ``local`` and ``random`` token policies (§6.1 baselines) are trained the same way.
+4. **Measure.** Accuracy on the test split; mean GMACs per instance counted with
+   :func:`trimkit.macs.count_macs` at batch 1 with tokens and heads really removed; CPU batch-1
+   latency of full and trimmed, interleaved on the same inputs. Results go to ``results.json``,
+   ``results.md`` and ``pareto.png`` (accuracy vs GMACs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import TrimConfig
+from .macs import count_macs
+from .model import TrimmedModel, trim
+from .training import (
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    TrainConfig,
+    Trainer,
+    build_dataset,
+    build_model,
+    evaluate,
+    interleaved_latency,
+    load_backbone,
+    model_inputs,
+)
+from .training.trainer import collate_of
+
+__all__ = ["DemoPreset", "FULL", "QUICK", "calibrate", "run_demo", "targets_for"]
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """Every size and budget of one demo run."""
+
+    data: dict[str, Any]
+    train_size: int
+    eval_size: int
+    model: dict[str, Any]
+    backbone: dict[str, Any]  # TrainConfig fields of the plain backbone stage
+    finetune: dict[str, Any]  # TrainConfig fields of each SmartTrim fine-tune
+    trim: dict[str, Any] = field(default_factory=dict)  # TrimConfig fields shared by all fine-tunes
+    ratios: tuple[float, ...] = (1.5, 2.0, 3.0)
+    baselines: tuple[str, ...] = ("local", "random")
+    macs_instances: int = 64
+    latency_instances: int = 32
+    latency_repeats: int = 3
+    calibration_instances: int = 8
+
+
+FULL = DemoPreset(
+    data={"variant": "vqa", "grid": 6, "cell": 16, "digits_per_image": [3, 6]},
+    train_size=24000,
+    eval_size=1000,
+    model={"vision_width": 128, "vision_layers": 4, "vision_heads": 4, "text_hidden": 64, "text_layers": 1,
+           "text_heads": 2, "text_intermediate": 128, "hidden_size": 128, "cross_layers": 2, "cross_heads": 4,
+           "cross_intermediate": 256, "dropout": 0.0},
+    backbone={"steps": 700, "batch_size": 32, "lr": 1e-3, "warmup_fraction": 0.05},
+    finetune={"steps": 150, "batch_size": 32, "lr": 1e-4, "trimmer_lr": 3e-3, "warmup_fraction": 0.0},
+    trim={"curriculum_fraction": 0.5},
+)
+"""The default: about 15 minutes on 2 CPU cores."""
+
+QUICK = DemoPreset(
+    data={"variant": "vqa", "grid": 4, "cell": 16, "digits_per_image": [2, 4]},
+    train_size=512,
+    eval_size=64,
+    model={"vision_width": 32, "vision_layers": 2, "vision_heads": 2, "text_hidden": 32, "text_layers": 1,
+           "text_heads": 2, "text_intermediate": 64, "hidden_size": 32, "cross_layers": 1, "cross_heads": 2,
+           "cross_intermediate": 64, "dropout": 0.0},
+    backbone={"steps": 20, "batch_size": 32, "lr": 1e-3},
+    finetune={"steps": 8, "batch_size": 16, "lr": 1e-4, "trimmer_lr": 5e-2},
+    # eight steps cannot move trimmers from the stable init (logit 5): start them near the decision
+    # boundary with the targets in force at once, so the smoke test exercises real trimming
+    trim={"curriculum_fraction": 0.0, "init_logit": 0.3},
+    macs_instances=4,
+    latency_instances=4,
+    latency_repeats=1,
+    calibration_instances=2,
+)
+"""Smoke-test sizes (``--quick``): well under 2 minutes, the numbers mean nothing."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Target calibration
+# ------------------------------------------------------------------------------------------------
+def targets_for(strength: float, tmodel: TrimmedModel) -> tuple[dict[str, float], dict[str, float]]:
+    """Token and head keep targets for one knob ``strength`` in (0, 1] (1 = keep everything).
+
+    Vision tokens are trimmed progressively (the paper's Fig. 5): the first vision layer keeps
+    ``strength ** 0.5`` of the patches, every later one ``strength``. Text tokens keep
+    ``0.5 + 0.5 * strength`` (questions are short and every word may matter), heads
+    ``0.5 + 0.5 * strength``. Keys are the trimmers' keys (layer paths; heads ``path.j``).
+    """
+    s = float(min(1.0, max(1e-3, strength)))
+    layer_stream = {layer.path: layer.stream for layer in tmodel.spec.layers}
+    tokens: dict[str, float] = {}
+    heads: dict[str, float] = {}
+    seen_vision = 0
+    for key in tmodel.final_targets:
+        if key in layer_stream:
+            if layer_stream[key] == "vision":
+                tokens[key] = s ** 0.5 if seen_vision == 0 else s
+                seen_vision += 1
+            else:
+                tokens[key] = 0.5 + 0.5 * s
+        else:
+            heads[key] = 0.5 + 0.5 * s
+    return tokens, heads
+
+
+class _Forced(dict):
+    """``Runtime.forced`` stand-in: logits that keep exactly a target fraction of the tokens of each
+    stream (counted against its original length, as the cost loss does) or of the heads."""
+
+    def __init__(self, targets: dict[str, float], layer_stream: dict[str, str]) -> None:
+        super().__init__()
+        self.targets = targets
+        self.layer_stream = layer_stream
+        self.original: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.original.clear()
+
+    def get(self, key: str, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if key not in self.targets:
+            return logits
+        n = logits.shape[1]
+        if key in self.layer_stream:  # token trimmer: cumulative fraction of the stream's tokens
+            stream = self.layer_stream[key]
+            original = self.original.setdefault(stream, n)
+            keep = min(n, max(1, math.ceil(self.targets[key] * original - 1e-9)))
+        else:
+            keep = max(0, round(self.targets[key] * n))
+        out = torch.full_like(logits, -1.0)
+        out[:, :keep] = 1.0
+        return out
+
+
+@torch.no_grad()
+def forced_macs(tmodel: TrimmedModel, dataset: Any, targets: dict[str, float], instances: int) -> float:
+    """Mean MACs at batch 1 (removal) with every trimmer forced to its target keep ratio."""
+    layer_stream = {layer.path: layer.stream for layer in tmodel.spec.layers}
+    forced = _Forced(targets, layer_stream)
+    collate = collate_of(dataset)
+    tmodel.eval()
+    saved = tmodel.runtime.forced
+    tmodel.runtime.forced = forced
+    total = 0
+    try:
+        for i in range(instances):
+            forced.reset()
+            x = model_inputs(tmodel, collate([dataset[i]]))
+            total += count_macs(tmodel, **x).total
+    finally:
+        tmodel.runtime.forced = saved
+    return total / instances
+
+
+def calibrate(tmodel: TrimmedModel, dataset: Any, ratio: float, instances: int = 8,
+              iterations: int = 12) -> dict[str, Any]:
+    """Bisect the strength knob of :func:`targets_for` until forced MACs are ``full / ratio``."""
+    collate = collate_of(dataset)
+    with tmodel.full():
+        full = sum(count_macs(tmodel, **model_inputs(tmodel, collate([dataset[i]]))).total
+                   for i in range(instances)) / instances
+    lo, hi = 1e-3, 1.0
+    best = None
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        tokens, heads = targets_for(mid, tmodel)
+        got = full / forced_macs(tmodel, dataset, {**tokens, **heads}, instances)
+        best = (mid, got, tokens, heads)
+        if got < ratio:
+            hi = mid
+        else:
+            lo = mid
+    strength, got, tokens, heads = best
+    return {"strength": strength, "forced_ratio": got, "token_target": tokens, "head_target": heads,
+            "gmacs_full": full / 1e9}
+
+
+def _selector_targets(tmodel: TrimmedModel, tokens: dict[str, float], heads: dict[str, float]) -> dict[str, dict]:
+    """Trimmer keys -> TrimConfig selector dicts (``stream.site.index`` and ``stream.site.index.kind``)."""
+    index: dict[str, str] = {}
+    counts: dict[tuple[str, str], int] = {}
+    kinds: dict[str, list[str]] = {}
+    for layer in tmodel.spec.layers:
+        i = counts.get((layer.stream, layer.site), 0)
+        counts[(layer.stream, layer.site)] = i + 1
+        index[layer.path] = f"{layer.stream}.{layer.site}.{i}"
+        kinds[layer.path] = [a.kind for a in layer.attentions]
+    tok = {index[k]: round(v, 4) for k, v in tokens.items()}
+    hd: dict[str, float] = {}
+    for key, v in heads.items():
+        path, _, j = key.rpartition(".")
+        hd[f"{index[path]}.{kinds[path][int(j)]}"] = round(v, 4)
+    return {"token_target": tok, "head_target": hd}
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo
+# ------------------------------------------------------------------------------------------------
+def _experiment(preset: DemoPreset, train: dict[str, Any], out_dir: Path, trim_cfg: dict[str, Any] | None,
+                init: str | None, progress: bool | None) -> ExperimentConfig:
+    return ExperimentConfig(
+        model=ModelConfig(adapter="meter", size="tiny", overrides=dict(preset.model), init=init),
+        data=DataConfig(name="digit_grid", options=dict(preset.data), train_size=preset.train_size,
+                        eval_size=preset.eval_size, seed=0),
+        train=TrainConfig(**{"macs_instances": 0, "eval_batch_size": 256, "seed": 0, **train,
+                             "out_dir": str(out_dir), "progress": progress}),
+        trim=TrimConfig(**{**preset.trim, **trim_cfg}) if trim_cfg is not None else None,
+    )
+
+
+def run_demo(out_dir: str | Path = "trimkit-demo", quick: bool = False, progress: bool | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole demo; returns ``{"rows": [...], "wall_s": ..., ...}`` (also in results.json)."""
+    preset = QUICK if quick else FULL
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+
+    def stamp() -> str:
+        return f"[{time.perf_counter() - t_start:6.1f}s]"
+
+    # 1. the backbone ------------------------------------------------------------------------------
+    log(f"{stamp()} 1/4 training the backbone: METER (tiny sizes) on digit-grid VQA "
+        f"({preset.data['grid']}x{preset.data['grid']} cells of {preset.data['cell']} px)")
+    cfg = _experiment(preset, preset.backbone, out / "runs" / "backbone", None, None, progress)
+    train_ds = build_dataset(cfg.data, "train")
+    test_ds = build_dataset(cfg.data, "eval")
+    trainer = Trainer(cfg, train_dataset=train_ds, eval_dataset=test_ds)
+    trainer.fit()
+    backbone_dir = str(trainer.out_dir / "checkpoint")
+    backbone = trainer.net
+
+    # 2. calibrate targets -------------------------------------------------------------------------
+    log(f"{stamp()} 2/4 calibrating keep targets for {', '.join(f'{r:g}x' for r in preset.ratios)} fewer MACs")
+    probe = trim(backbone, TrimConfig(**preset.trim), adapter="meter")
+    calib = {r: calibrate(probe, test_ds, r, preset.calibration_instances) for r in preset.ratios}
+    for r, c in calib.items():
+        log(f"          {r:g}x: strength {c['strength']:.3f} -> forced MACs ratio {c['forced_ratio']:.2f}")
+    targets = {r: _selector_targets(probe, c["token_target"], c["head_target"]) for r, c in calib.items()}
+    del probe
+
+    # 3. fine-tune -------------------------------------------------------------------------------------
+    runs = [("SmartTrim", "cross_modal", r) for r in preset.ratios]
+    top = max(preset.ratios)
+    runs += [(name.capitalize(), name, top) for name in preset.baselines]
+    log(f"{stamp()} 3/4 fine-tuning {len(runs)} trimmed copies ({preset.finetune['steps']} steps each)")
+    models: dict[str, TrimmedModel] = {}
+    for method, policy, ratio in runs:
+        name = f"{policy}-{ratio:g}x"
+        tcfg = {**targets[ratio], "token_policy": policy}
+        cfg = _experiment(preset, preset.finetune, out / "runs" / name, tcfg, backbone_dir, progress)
+        net = build_model(cfg.model, cfg.data, test_ds)
+        t0 = time.perf_counter()
+        tr = Trainer(cfg, model=net, train_dataset=train_ds, eval_dataset=test_ds)
+        tr.fit()
+        log(f"{stamp()}     {method} {ratio:g}x ({policy}) fine-tuned in {time.perf_counter() - t0:.0f}s")
+        models[name] = tr.tmodel
+
+    # 4. measure -------------------------------------------------------------------------------------
+    log(f"{stamp()} 4/4 measuring accuracy, GMACs (batch 1, removal) and interleaved CPU latency")
+    rows = []
+    full_ev = evaluate(backbone, test_ds, batch_size=256, macs_instances=preset.macs_instances)
+    rows.append({"method": "METER (full)", "policy": None, "target": 1.0, "accuracy": full_ev["accuracy"],
+                 "gmacs": full_ev["gmacs"], "macs_ratio": 1.0, "latency_ratio": 1.0, "latency_ms": None,
+                 "keep_tokens": 1.0, "keep_heads": 1.0})
+    for (method, policy, ratio), (name, tm) in zip(runs, models.items()):
+        ev = evaluate(tm, test_ds, batch_size=256, macs_instances=preset.macs_instances)
+        lat = interleaved_latency(tm, test_ds, preset.latency_instances, preset.latency_repeats)
+        rows.append({"method": method, "policy": policy, "target": ratio, "accuracy": ev["accuracy"],
+                     "gmacs": ev["gmacs"], "gmacs_full": ev["gmacs_full"],
+                     "macs_ratio": full_ev["gmacs"] / ev["gmacs"], "latency_ratio": lat["latency_ratio"],
+                     "latency_ms": lat["latency_ms"], "latency_full_ms": lat["latency_full_ms"],
+                     "keep_tokens": ev["keep_tokens"], "keep_heads": ev["keep_heads"],
+                     "keep_vision": _mean_keep(tm, ev["keep"], "vision"), "keep_text": _mean_keep(tm, ev["keep"], "text"),
+                     "checkpoint": str(out / "runs" / name / "checkpoint")})
+    wall = time.perf_counter() - t_start
+    result = {"rows": rows, "wall_s": wall, "quick": quick, "preset": asdict(preset),
+              "calibration": {f"{r:g}x": {k: v for k, v in c.items()} for r, c in calib.items()},
+              "eval_instances": len(test_ds), "macs_instances": preset.macs_instances,
+              "torch_threads": torch.get_num_threads()}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    table = results_markdown(rows)
+    (out / "results.md").write_text(_report(table, result))
+    plot_pareto(rows, out / "pareto.png")
+    log("")
+    log(table)
+    log(f"\n{stamp()} done; wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'}")
+    return result
+
+
+def _mean_keep(tmodel: TrimmedModel, keep: dict[str, float], stream: str) -> float:
+    paths = {layer.path for layer in tmodel.spec.layers if layer.stream == stream}
+    vals = [v for k, v in keep.items() if k in paths]
+    return sum(vals) / len(vals) if vals else 1.0
+
+
+def results_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| method | target | accuracy | GMACs / instance | MACs ratio | CPU latency ratio | kept vision tokens | kept heads |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tgt = "-" if r["target"] == 1.0 and r["policy"] is None else f"{r['target']:g}x"
+        lines.append(f"| {r['method']} | {tgt} | {100 * r['accuracy']:.1f} | {r['gmacs']:.4f} | {r['macs_ratio']:.2f}x | "
+                     f"{r['latency_ratio']:.2f}x | {r.get('keep_vision', 1.0):.2f} | {r['keep_heads']:.2f} |")
+    return "\n".join(lines)
+
+
+def _report(table: str, result: dict[str, Any]) -> str:
+    p = result["preset"]
+    return (f"# trimkit demo results\n\nDigit-grid VQA ({p['data']['grid']}x{p['data']['grid']} cells of "
+            f"{p['data']['cell']} px), METER-architecture backbone trained from scratch, SmartTrim fine-tunes of "
+            f"{p['finetune']['steps']} steps. Accuracy on {result['eval_instances']} test questions; GMACs are the "
+            f"mean per instance over {result['macs_instances']} test instances at batch 1 with tokens and heads "
+            f"removed (trimkit.macs.count_macs); the latency ratio is the CPU batch-1 median, full vs trimmed, "
+            f"measured interleaved on the same inputs ({result['torch_threads']} threads). Total wall time "
+            f"{result['wall_s']:.0f} s.\n\n{table}\n")
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Accuracy vs GMACs per instance (the paper's Fig. 3/4a in miniature)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    full = next(r for r in rows if r["policy"] is None)
+    ax.axhline(100 * full["accuracy"], color="gray", ls="--", lw=1, label="METER (full)")
+    st = sorted([r for r in rows if r["policy"] == "cross_modal"], key=lambda r: r["gmacs"])
+    xs = [r["gmacs"] for r in st] + [full["gmacs"]]
+    ys = [100 * r["accuracy"] for r in st] + [100 * full["accuracy"]]
+    ax.plot(xs, ys, "o-", color="C0", label="SmartTrim (cross-modal)")
+    for r in st:
+        ax.annotate(f"{r['target']:g}x", (r["gmacs"], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=8)
+    markers = {"local": ("s", "C1", "Local"), "random": ("^", "C3", "Random")}
+    for r in rows:
+        if r["policy"] in markers:
+            m, c, label = markers[r["policy"]]
+            ax.plot([r["gmacs"]], [100 * r["accuracy"]], m, color=c, label=f"{label} {r['target']:g}x")
+    ax.plot([full["gmacs"]], [100 * full["accuracy"]], "*", color="k", ms=10)
+    ax.set_xlabel("GMACs per instance (batch 1, trimmed tokens/heads removed)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("digit-grid VQA: accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

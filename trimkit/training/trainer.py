@@ -1,0 +1,799 @@
+"""The SmartTrim training recipe (paper §4.2) on top of :class:`accelerate.Accelerator`.
+
+One :class:`Trainer` runs both stages of the usual workflow:
+
+* **plain fine-tuning** of a backbone (``trim: null`` in the config): the untrimmed model, task loss;
+* **SmartTrim fine-tuning** (a ``trim`` section): every step the scheduler moves the per-module
+  targets from 1.0 toward their final values (linear curriculum over ``curriculum_fraction`` of
+  training) and sets the Gumbel temperature; the trimmed forward samples masks (train mode); when the
+  objective wants self-distillation the *same* model runs untrimmed (``with tmodel.full():``, with
+  gradients, Eq. 11); the objective combines task, cost (Eq. 9-10) and distillation terms (Eq. 12).
+
+Everything a run needs is one :class:`ExperimentConfig` (YAML: sections ``model``, ``data``,
+``train``, ``trim``). A run directory holds ``log.jsonl`` (one line per step and per evaluation),
+``checkpoint/`` (weights in safetensors via :meth:`TrimmedModel.save_pretrained`, the config, and
+``trainer_state.pt`` with optimizer, schedule, step and RNG states for ``--resume``) and
+``metrics.json`` (the last evaluation).
+
+Evaluation (:func:`evaluate`) reports accuracy (batched, hard masks), the achieved keep ratio per
+module, and mean per-instance MACs counted at batch 1 in removal mode (what really runs) on a
+configurable number of instances, next to the untrimmed model's MACs on the same instances.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import nn
+
+from ..config import TrimConfig
+from ..macs import count_macs
+from ..model import TrimmedModel, trim
+from ..plugins import get_registry
+
+__all__ = [
+    "CHECKPOINT_DIR", "ConfigError", "DataConfig", "DatasetEntry", "ExperimentConfig", "ModelConfig",
+    "TrainConfig", "Trainer", "build_dataset", "build_model", "evaluate", "interleaved_latency",
+    "load_backbone", "load_checkpoint", "mean_macs", "model_inputs", "register_dataset", "save_backbone",
+]
+
+CHECKPOINT_DIR = "checkpoint"
+CONFIG_FILE = "experiment.yaml"
+STATE_FILE = "trainer_state.pt"
+BACKBONE_FILE = "backbone.safetensors"
+LOG_FILE = "log.jsonl"
+
+
+class ConfigError(ValueError):
+    """An experiment config that cannot be used; the message names the file, section and field."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+class ModelConfig(BaseModel):
+    """Which backbone to build: ``adapter.build(size=size, seed=seed, **overrides)``.
+
+    ``init``: a directory with ``backbone.safetensors`` (a previous run's ``checkpoint/``, e.g. the
+    plain fine-tuned backbone) whose weights are loaded after building. Dataset-implied fields
+    (image size, vocabulary, number of labels...) are filled in by the dataset entry unless
+    ``overrides`` names them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str = Field("meter", description="registered adapter name (see `trimkit plugins`)")
+    size: str = Field("tiny", description="adapter preset, e.g. 'tiny' or 'base'")
+    seed: int = 0
+    overrides: dict[str, Any] = Field(default_factory=dict, description="adapter build options (model sizes)")
+    init: str | None = Field(None, description="directory with backbone.safetensors to start from")
+
+    @field_validator("adapter")
+    @classmethod
+    def _known_adapter(cls, name: str) -> str:
+        reg = get_registry().adapters
+        if name not in reg:
+            raise ValueError(f"unknown adapter {name!r}; registered: {reg.names() or 'none'}")
+        return name
+
+
+class DataConfig(BaseModel):
+    """The task. ``name`` is a registered dataset (``digit_grid``) or ``"package.module:factory"``.
+
+    A factory is called as ``factory(split, size=..., seed=..., **options)`` and returns a
+    ``torch.utils.data.Dataset`` whose items a ``collate_fn`` attribute (or
+    :func:`trimkit.data.collate`) turns into the batch contract of ``docs/datasets.md``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "digit_grid"
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the dataset factory")
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_size: int | None = Field(8000, gt=0, description="examples in the training split (None: the factory's default)")
+    eval_size: int | None = Field(1000, gt=0, description="examples in the evaluation split")
+    seed: int = Field(0, description="seed of the training split (the evaluation split uses seed + 1)")
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if ":" not in name and name not in _DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; registered: {sorted(_DATASETS)}, or give 'package.module:factory'")
+        return name
+
+
+class TrainConfig(BaseModel):
+    """Optimisation, evaluation and bookkeeping of one run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(None, gt=0, description="optimizer steps; give this or epochs")
+    epochs: float | None = Field(None, gt=0, description="passes over the training split; give this or steps")
+    batch_size: int = Field(32, gt=0)
+    eval_batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-4, gt=0, description="learning rate of the backbone")
+    trimmer_lr: float = Field(1e-3, gt=0, description="learning rate of the trimmers (typically higher)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (matrices only; not biases/norms)")
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_fraction: float = Field(0.1, ge=0, le=1, description="linear warmup, as a fraction of the steps")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the linear decay ends at lr * min_lr_ratio")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
+    freeze_backbone: bool = Field(False, description="train only the trimmers")
+    eval_every: int | None = Field(None, gt=0, description="evaluate every N steps (and always at the end)")
+    eval_instances: int | None = Field(None, gt=0, description="evaluate accuracy on the first N examples (None: all)")
+    macs_instances: int = Field(16, ge=0, description="instances whose MACs are counted at batch 1 (slow)")
+    save_every: int | None = Field(None, gt=0, description="write checkpoint/ every N steps (and always at the end)")
+    seed: int = 0
+    out_dir: str = "runs/digit_grid"
+    progress: bool | None = Field(None, description="tqdm bars; None: only when stderr is a terminal")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    cpu: bool = Field(False, description="force the CPU even when an accelerator is present")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainConfig":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("train: give exactly one of `steps` or `epochs`")
+        return self
+
+
+class ExperimentConfig(BaseModel):
+    """A whole run: ``model``, ``data``, ``train`` and (for SmartTrim) ``trim`` sections.
+
+    ``trim: null`` (or absent) trains the plain, untrimmed backbone.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig
+    trim: TrimConfig | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExperimentConfig":
+        """Read a YAML (or JSON) file; errors name the file and the offending fields."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping with sections model/data/train/trim, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<config>") -> "ExperimentConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            lines = []
+            for e in err.errors():
+                where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+                msg = e["msg"]
+                if e["type"] == "extra_forbidden":
+                    msg = "unknown field (check the spelling; see docs/datasets.md and examples/digit_grid.yaml)"
+                lines.append(f"  {where}: {msg}")
+            raise ConfigError(f"{source}: invalid experiment config:\n" + "\n".join(lines)) from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class DatasetEntry:
+    """A registered dataset: ``factory(split, size=, seed=, **options)`` and, optionally,
+    ``model_defaults(adapter_name, dataset) -> dict`` of build options the data implies."""
+
+    factory: Callable[..., Any]
+    model_defaults: Callable[[str, Any], dict[str, Any]] | None = None
+
+
+_DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name: str, factory: Callable[..., Any],
+                     model_defaults: Callable[[str, Any], dict[str, Any]] | None = None) -> None:
+    """Make ``data.name: NAME`` usable in configs."""
+    _DATASETS[name] = DatasetEntry(factory, model_defaults)
+
+
+def _digit_grid(split: str, size: int | None = None, seed: int = 0, **options: Any):
+    from ..data import DigitGridDataset
+
+    if "digits_per_image" in options:
+        options["digits_per_image"] = tuple(options["digits_per_image"])
+    return DigitGridDataset(split, size=size or 1000, seed=seed, **options)
+
+
+def _digit_grid_defaults(adapter: str, ds: Any) -> dict[str, Any]:
+    if adapter != "meter":
+        return {}
+    longest = max(len(ids) for ids in ds.input_ids)
+    tok = ds.tokenizer
+    return {"image_size": ds.image_size, "patch_size": ds.patch_size, "vocab_size": tok.vocab_size,
+            "num_labels": ds.num_labels, "task": ds.variant, "pad_token_id": tok.pad_token_id,
+            "cls_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id,
+            "max_text_len": max(16, longest), "text_max_positions": max(32, longest + 2)}
+
+
+register_dataset("digit_grid", _digit_grid, _digit_grid_defaults)
+
+
+def _entry(name: str) -> DatasetEntry:
+    if name in _DATASETS:
+        return _DATASETS[name]
+    module, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"data.name {name!r}: cannot import the factory ({type(err).__name__}: {err})") from None
+    return DatasetEntry(factory, getattr(factory, "model_defaults", None))
+
+
+def build_dataset(data: DataConfig, split: Literal["train", "eval"]):
+    """The training or evaluation dataset of ``data`` (the evaluation split uses ``seed + 1``)."""
+    entry = _entry(data.name)
+    name = data.train_split if split == "train" else data.eval_split
+    size = data.train_size if split == "train" else data.eval_size
+    seed = data.seed if split == "train" else data.seed + 1
+    try:
+        return entry.factory(name, size=size, seed=seed, **dict(data.options))
+    except TypeError as err:
+        raise ConfigError(f"data.options {sorted(data.options)}: the {data.name!r} factory rejected them: {err}") from None
+
+
+def collate_of(dataset: Any) -> Callable:
+    from ..data import collate
+
+    return getattr(dataset, "collate_fn", None) or collate
+
+
+# ------------------------------------------------------------------------------------------------
+# Models and weights
+# ------------------------------------------------------------------------------------------------
+def build_model(model: ModelConfig, data: DataConfig | None = None, dataset: Any = None) -> nn.Module:
+    """``adapter.build(size, seed, **(dataset defaults | overrides))``, then ``init`` weights if given."""
+    adapter = get_registry().adapters.get(model.adapter)
+    options: dict[str, Any] = {}
+    if data is not None:
+        entry = _entry(data.name)
+        if entry.model_defaults is not None:
+            options.update(entry.model_defaults(model.adapter, dataset if dataset is not None else build_dataset(data, "eval")))
+    options.update(model.overrides)
+    try:
+        net = adapter.build(size=model.size, seed=model.seed, **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: adapter {model.adapter!r} could not build size={model.size!r} with options "
+                          f"{options}: {err}") from None
+    if model.init:
+        load_backbone(net, model.init)
+    return net
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        v = v.detach().contiguous()
+        out[k] = v.clone() if v.data_ptr() in seen and v.numel() else v  # safetensors refuses shared storage
+        seen.add(v.data_ptr())
+    return out
+
+
+def save_backbone(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``backbone.safetensors`` (the plain model's weights, the layout TrimmedModel uses)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(_dedupe(model.state_dict()), str(directory / BACKBONE_FILE))
+    return directory
+
+
+def load_backbone(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load ``backbone.safetensors`` from ``directory`` (a run directory or its ``checkpoint/``)."""
+    from safetensors.torch import load_file
+
+    directory = _checkpoint_dir(directory)
+    path = directory / BACKBONE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no backbone weights here (expected a trimkit run or checkpoint directory)")
+    state = load_file(str(path))
+    own = model.state_dict()
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if bad or missing or unexpected:
+        raise ValueError(f"{path} does not fit the model built from the config: shape mismatches {bad[:3]}, "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(state)
+    return model
+
+
+def _checkpoint_dir(directory: str | Path) -> Path:
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).exists() and (directory / CHECKPOINT_DIR / CONFIG_FILE).exists():
+        return directory / CHECKPOINT_DIR
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> tuple[nn.Module, ExperimentConfig]:
+    """Rebuild a run's model from ``checkpoint/``: a :class:`TrimmedModel` or the plain backbone."""
+    directory = _checkpoint_dir(directory)
+    if not (directory / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{directory}: not a trimkit checkpoint (no {CONFIG_FILE}); pass a run directory "
+                                f"or its {CHECKPOINT_DIR}/")
+    config = ExperimentConfig.load(directory / CONFIG_FILE)
+    net = build_model(config.model.model_copy(update={"init": None}), config.data)
+    if config.trim is None:
+        return load_backbone(net, directory), config
+    tmodel = trim(net, config.trim, adapter=config.model.adapter)
+    tmodel.load_trimmers(directory)
+    return tmodel, config
+
+
+def model_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch entries the model's forward takes (``labels`` and extras dropped)."""
+    target = model.model if isinstance(model, TrimmedModel) else model
+    params = inspect.signature(target.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return {k: v for k, v in batch.items() if k != "labels"}
+    return {k: v for k, v in batch.items() if k in params}
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+def _instance(dataset: Any, i: int, collate: Callable) -> dict[str, Any]:
+    return collate([dataset[i]])
+
+
+def mean_macs(model: nn.Module, dataset: Any, instances: int, *, full: bool = False, device: torch.device | str = "cpu",
+              indices: Sequence[int] | None = None) -> float:
+    """Mean MACs per instance, counted at batch 1 in eval mode (a TrimmedModel *removes* tokens and
+    heads there). ``full=True`` counts the untrimmed model on the same instances."""
+    collate = collate_of(dataset)
+    idx = list(indices) if indices is not None else list(range(min(instances, len(dataset))))
+    if not idx:
+        return float("nan")
+    was = model.training
+    model.eval()
+    total = 0
+    try:
+        for i in idx:
+            x = model_inputs(model, _to(_instance(dataset, i, collate), torch.device(device)))
+            if full and isinstance(model, TrimmedModel):
+                with model.full():
+                    total += count_macs(model, **x).total
+            else:
+                total += count_macs(model, **x).total
+    finally:
+        model.train(was)
+    return total / len(idx)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 128, instances: int | None = None,
+             macs_instances: int = 16, device: torch.device | str = "cpu", progress: bool = False) -> dict[str, Any]:
+    """Accuracy, achieved keep ratios and mean per-instance MACs (trimmed and full).
+
+    Accuracy runs batched in eval mode (hard masks: by the mask contract the same outputs as
+    removal at batch 1). ``keep`` is the mean kept fraction per trimmer over the evaluated examples;
+    ``keep_tokens``/``keep_heads`` average those over token/head trimmers. ``gmacs`` is the mean
+    per-instance GMACs of the first ``macs_instances`` examples at batch 1 with tokens and heads
+    removed, ``gmacs_full`` the untrimmed model's on the same examples.
+    """
+    from tqdm.auto import tqdm
+
+    collate = collate_of(dataset)
+    n = len(dataset) if instances is None else min(instances, len(dataset))
+    was = model.training
+    model.eval()
+    correct = 0
+    keep_sum: dict[str, float] = {}
+    keep_kind: dict[str, str] = {}
+    keep_n: dict[str, int] = {}
+    dev = torch.device(device)
+    try:
+        for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
+            batch = _to(collate([dataset[i] for i in range(start, min(n, start + batch_size))]), dev)
+            logits = _logits(model(**model_inputs(model, batch)))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            if isinstance(model, TrimmedModel):
+                for r in model.records:
+                    keep_sum[r.key] = keep_sum.get(r.key, 0.0) + float(r.keep.float().sum())
+                    keep_n[r.key] = keep_n.get(r.key, 0) + int(r.keep.numel())
+                    keep_kind[r.key] = r.kind
+    finally:
+        model.train(was)
+    keep = {k: keep_sum[k] / keep_n[k] for k in keep_sum}
+    out: dict[str, Any] = {"accuracy": correct / max(n, 1), "n": n, "keep": keep}
+    for kind in ("token", "head"):
+        vals = [v for k, v in keep.items() if keep_kind[k] == kind]
+        out[f"keep_{kind}s"] = sum(vals) / len(vals) if vals else 1.0
+    if macs_instances:
+        full = mean_macs(model, dataset, macs_instances, full=True, device=dev)
+        trimmed = mean_macs(model, dataset, macs_instances, device=dev) if isinstance(model, TrimmedModel) else full
+        out.update(gmacs=trimmed / 1e9, gmacs_full=full / 1e9, macs_ratio=full / trimmed if trimmed else float("nan"),
+                   macs_instances=min(macs_instances, len(dataset)))
+    return out
+
+
+@torch.no_grad()
+def interleaved_latency(tmodel: TrimmedModel, dataset: Any, instances: int = 32, repeats: int = 3,
+                        warmup: int = 3, indices: Sequence[int] | None = None) -> dict[str, float]:
+    """CPU batch-1 latency of the full and the trimmed model, measured *interleaved*.
+
+    For every instance and repeat the same inputs run untrimmed and trimmed back to back (the order
+    alternating), so load changes on the machine hit both alike. Returns the median milliseconds of
+    each and ``latency_ratio`` = median full / median trimmed.
+    """
+    collate = collate_of(dataset)
+    idx = list(indices) if indices is not None else list(range(min(instances, len(dataset))))
+    was = tmodel.training
+    tmodel.eval()
+    device = next(tmodel.parameters()).device
+    xs = [model_inputs(tmodel, _to(_instance(dataset, i, collate), device)) for i in idx]
+
+    def run(x: dict[str, Any], full: bool) -> float:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        if full:
+            with tmodel.full():
+                tmodel(**x)
+        else:
+            tmodel(**x)
+        sync()
+        return time.perf_counter() - t0
+
+    try:
+        for x in xs[:warmup]:
+            run(x, True)
+            run(x, False)
+        full_t, trim_t = [], []
+        for r in range(repeats):
+            for j, x in enumerate(xs):
+                if (r + j) % 2:
+                    trim_t.append(run(x, False))
+                    full_t.append(run(x, True))
+                else:
+                    full_t.append(run(x, True))
+                    trim_t.append(run(x, False))
+    finally:
+        tmodel.train(was)
+    f, t = statistics.median(full_t) * 1e3, statistics.median(trim_t) * 1e3
+    return {"latency_full_ms": f, "latency_ms": t, "latency_ratio": f / t}
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+class _CrossEntropy:
+    """The plain-training objective: the task loss only."""
+
+    needs_full_pass = False
+
+    def __call__(self, logits, labels, records, full_logits=None) -> dict[str, torch.Tensor]:
+        task = F.cross_entropy(logits, labels)
+        return {"loss": task, "task": task}
+
+
+def _lr_lambda(total: int, warmup: int, floor: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        rest = max(1, total - warmup)
+        return floor + (1.0 - floor) * max(0.0, (total - step) / rest)
+    return f
+
+
+class Trainer:
+    """Train a backbone plainly or with SmartTrim, evaluate it, checkpoint and resume.
+
+    Args:
+        config: the whole run (see :class:`ExperimentConfig`).
+        model: a prebuilt model (else built from ``config.model``); with a ``trim`` section it is
+            wrapped with :func:`trimkit.trim` unless it already is a :class:`TrimmedModel`.
+        train_dataset / eval_dataset: prebuilt datasets (else built from ``config.data``).
+        out_dir: overrides ``config.train.out_dir``.
+
+    ``fit(resume=True)`` continues from ``out_dir/checkpoint`` (weights, optimizer, schedule, step,
+    RNG states; the data order is a function of seed and step, so it continues too).
+    """
+
+    def __init__(self, config: ExperimentConfig, *, model: nn.Module | None = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, out_dir: str | Path | None = None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config = config
+        tc = config.train
+        self.out_dir = Path(out_dir if out_dir is not None else tc.out_dir)
+        set_seed(tc.seed)
+        self.accelerator = Accelerator(cpu=tc.cpu, mixed_precision=tc.mixed_precision)
+        self.train_dataset = train_dataset if train_dataset is not None else build_dataset(config.data, "train")
+        self.eval_dataset = eval_dataset if eval_dataset is not None else build_dataset(config.data, "eval")
+        if model is None:
+            model = build_model(config.model, config.data, self.train_dataset)
+        if config.trim is not None and not isinstance(model, TrimmedModel):
+            model = trim(model, config.trim, adapter=config.model.adapter)
+        self.tmodel: TrimmedModel | None = model if isinstance(model, TrimmedModel) else None
+        self.net = model
+        self.batches_per_epoch = len(self.train_dataset) // tc.batch_size
+        if self.batches_per_epoch < 1:
+            raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the training split "
+                              f"({len(self.train_dataset)} examples)")
+        self.total_steps = tc.steps or max(1, math.ceil(tc.epochs * self.batches_per_epoch))
+        registry = get_registry()
+        if self.tmodel is not None:
+            tcfg = self.tmodel.config
+            self.objective = registry.objectives.get(tcfg.objective)(tcfg)
+            self.scheduler = registry.schedulers.get(tcfg.scheduler)(tcfg)
+        else:
+            self.objective, self.scheduler = _CrossEntropy(), None
+        self.optimizer = torch.optim.AdamW(self._param_groups(), betas=tc.betas)
+        warmup = int(round(tc.warmup_fraction * self.total_steps))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(self.total_steps, warmup, tc.min_lr_ratio))
+        self.model, self.optimizer, self.lr_schedule = self.accelerator.prepare(self.net, self.optimizer, self.lr_schedule)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.last_eval: dict[str, Any] | None = None
+
+    # --- setup -------------------------------------------------------------------------------------
+    def _param_groups(self) -> list[dict[str, Any]]:
+        tc = self.config.train
+        trimmer_ids: set[int] = set()
+        groups = []
+        if self.tmodel is not None:
+            tparams = [p for p in self.tmodel.trimmers.parameters() if p.requires_grad]
+            trimmer_ids = {id(p) for p in tparams}
+            groups.append({"params": tparams, "lr": tc.trimmer_lr, "weight_decay": 0.0, "name": "trimmers"})
+        backbone = self.tmodel.model if self.tmodel is not None else self.net
+        if tc.freeze_backbone:
+            if self.tmodel is None:
+                raise ConfigError("train.freeze_backbone needs a trim section (nothing else would train)")
+            backbone.requires_grad_(False)
+        else:
+            named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad and id(p) not in trimmer_ids]
+            decay = [p for n, p in named if p.ndim >= 2]
+            no_decay = [p for n, p in named if p.ndim < 2]
+            groups.append({"params": decay, "lr": tc.lr, "weight_decay": tc.weight_decay, "name": "backbone"})
+            groups.append({"params": no_decay, "lr": tc.lr, "weight_decay": 0.0, "name": "backbone_no_decay"})
+        return [g for g in groups if g["params"]]
+
+    @property
+    def progress(self) -> bool:
+        p = self.config.train.progress
+        return sys.stderr.isatty() if p is None else p
+
+    # --- data order ----------------------------------------------------------------------------------
+    def _batches(self, start: int) -> Iterator[dict[str, Any]]:
+        """Batches for steps ``start, start+1, ...``: epoch e is a permutation seeded by (seed, e)."""
+        from torch.utils.data import DataLoader
+
+        tc = self.config.train
+        bpe, bs = self.batches_per_epoch, tc.batch_size
+        acc = self.accelerator
+        epoch, offset = divmod(start, bpe)
+        while True:
+            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
+            perm = torch.randperm(len(self.train_dataset), generator=g).tolist()
+            batches = [perm[i * bs:(i + 1) * bs] for i in range(bpe)][offset:]
+            batches = batches[acc.process_index::acc.num_processes]
+            loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=collate_of(self.train_dataset),
+                                num_workers=tc.num_workers)
+            for batch in loader:
+                yield _to(batch, acc.device)
+            epoch, offset = epoch + 1, 0
+
+    # --- one step ----------------------------------------------------------------------------------
+    def _schedule(self) -> dict[str, float]:
+        if self.tmodel is None or self.scheduler is None:
+            return {}
+        targets = self.scheduler.targets(self.step, self.total_steps, self.tmodel.final_targets)
+        self.tmodel.set_targets(targets)
+        self.tmodel.set_temperature(self.scheduler.temperature_at(self.step, self.total_steps))
+        return targets
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One optimizer step; returns the log record (loss terms, keep ratios, lrs, targets)."""
+        tc = self.config.train
+        targets = self._schedule()
+        self.model.train()
+        inputs = model_inputs(self.net, batch)
+        logits = _logits(self.model(**inputs))
+        records = list(self.tmodel.records) if self.tmodel is not None else []
+        full_logits = None
+        if self.tmodel is not None and getattr(self.objective, "needs_full_pass", False):
+            with self.tmodel.full():  # the same model, untrimmed, with gradients (Eq. 11)
+                full_logits = _logits(self.model(**inputs))
+        terms = self.objective(logits, batch["labels"], records, full_logits=full_logits)
+        self.accelerator.backward(terms["loss"])
+        grad_norm = None
+        if tc.grad_clip is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        rec: dict[str, Any] = {"type": "train", "step": self.step, "epoch": self.step / self.batches_per_epoch}
+        rec.update({k: float(v.detach()) for k, v in terms.items()})
+        rec["accuracy"] = float((logits.detach().argmax(-1) == batch["labels"]).float().mean())
+        for g in self.optimizer.param_groups:
+            rec[f"lr_{g.get('name', 'group')}"] = g["lr"]
+        if grad_norm is not None:
+            rec["grad_norm"] = grad_norm
+        if records:
+            keep: dict[str, list[float]] = {}
+            kinds: dict[str, str] = {}
+            for r in records:
+                keep.setdefault(r.key, []).append(float(r.keep.detach().float().mean()))
+                kinds[r.key] = r.kind
+            rec["keep"] = {k: sum(v) / len(v) for k, v in keep.items()}
+            for kind in ("token", "head"):
+                vals = [v for k, v in rec["keep"].items() if kinds[k] == kind]
+                if vals:
+                    rec[f"keep_{kind}s"] = sum(vals) / len(vals)
+            rec["targets"] = targets
+            rec["temperature"] = self.tmodel.runtime.temperature
+        return rec
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to ``total_steps`` (evaluating and checkpointing on the way); returns the last evaluation.
+
+        ``resume`` continues from ``out_dir/checkpoint``; ``stop_after`` stops (with a checkpoint) once
+        that step is reached, as an interrupted run would, without changing the schedules."""
+        from tqdm.auto import tqdm
+
+        tc = self.config.train
+        acc = self.accelerator
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            ckpt = self.out_dir / CHECKPOINT_DIR
+            if not (ckpt / STATE_FILE).exists():
+                raise FileNotFoundError(f"--resume: no {ckpt / STATE_FILE} to resume from")
+            self.load_state(ckpt)
+        elif acc.is_main_process:
+            self.config.save(self.out_dir / CONFIG_FILE)
+        log_path = self.out_dir / LOG_FILE
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="smarttrim" if self.tmodel else "train",
+                   disable=not self.progress or not acc.is_main_process, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        with open(log_path, "a") as log:
+            batches = self._batches(self.step)
+            end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
+            while self.step < end:
+                rec = self.training_step(next(batches))
+                rec["time"] = time.perf_counter() - t0
+                self.history.append(rec)
+                if acc.is_main_process:
+                    log.write(json.dumps(rec) + "\n")
+                bar.update(1)
+                post = {"loss": f"{rec['loss']:.3f}"}
+                if "keep_tokens" in rec:
+                    post["keep_t"] = f"{rec['keep_tokens']:.2f}"
+                bar.set_postfix(post)
+                last = self.step == self.total_steps
+                if last or (tc.eval_every and self.step % tc.eval_every == 0):
+                    ev = self.evaluate()
+                    ev.update(type="eval", step=self.step, time=time.perf_counter() - t0)
+                    if acc.is_main_process:
+                        log.write(json.dumps(ev) + "\n")
+                        log.flush()
+                    bar.write(_eval_line(ev))
+                if last or self.step == end or (tc.save_every and self.step % tc.save_every == 0):
+                    self.save_checkpoint()
+        bar.close()
+        if acc.is_main_process and self.last_eval is not None:
+            (self.out_dir / "metrics.json").write_text(json.dumps(self.last_eval, indent=2))
+        return self.last_eval or {}
+
+    def evaluate(self, dataset: Any = None, instances: int | None = None, macs_instances: int | None = None) -> dict[str, Any]:
+        tc = self.config.train
+        ev = evaluate(self.net, dataset if dataset is not None else self.eval_dataset, batch_size=tc.eval_batch_size,
+                      instances=instances if instances is not None else tc.eval_instances,
+                      macs_instances=tc.macs_instances if macs_instances is None else macs_instances,
+                      device=self.accelerator.device, progress=self.progress)
+        self.last_eval = ev
+        return ev
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str | Path | None = None) -> Path:
+        """Weights (safetensors), the config and ``trainer_state.pt``; written to a temporary
+        directory first and then moved into place, so an interrupted save leaves the old one."""
+        acc = self.accelerator
+        directory = Path(directory) if directory is not None else self.out_dir / CHECKPOINT_DIR
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return directory
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if self.tmodel is not None:
+            self.tmodel.save_pretrained(tmp)
+        else:
+            save_backbone(acc.unwrap_model(self.model), tmp)
+        self.config.save(tmp / CONFIG_FILE)
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+        torch.save(state, tmp / STATE_FILE)
+        old = directory.with_name(directory.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+    def load_state(self, directory: str | Path) -> None:
+        """Restore weights, optimizer, schedule, step and RNG from a checkpoint directory."""
+        directory = Path(directory)
+        if self.tmodel is not None:
+            self.tmodel.load_trimmers(directory)
+        else:
+            load_backbone(self.accelerator.unwrap_model(self.model), directory)
+        state = torch.load(directory / STATE_FILE, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _eval_line(ev: dict[str, Any]) -> str:
+    parts = [f"step {ev.get('step', '?')}", f"accuracy {ev['accuracy']:.4f}"]
+    if "gmacs" in ev:
+        parts.append(f"GMACs {ev['gmacs']:.4f} (full {ev['gmacs_full']:.4f}, {ev['macs_ratio']:.2f}x)")
+    if ev.get("keep"):
+        parts.append(f"keep tokens {ev['keep_tokens']:.2f} heads {ev['keep_heads']:.2f}")
+    return " | ".join(parts)
