@@ -1,22 +1,49 @@
-"""`trimkit demo --quick` end to end: the files it writes and the rows it reports."""
+"""``trimkit demo --quick`` end to end: the files it writes, the row fields, and real MACs savings."""
+
+from __future__ import annotations
 
 import json
+import math
+
+import pytest
 
 from trimkit.cli import main
 
+ROW_FIELDS = ("method", "target", "accuracy", "gmacs", "macs_ratio", "latency_ratio")
 
-def test_demo_quick_writes_results(tmp_path):
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
     for name in ("results.json", "results.md", "pareto.png"):
-        assert (out / name).stat().st_size > 0, name
-    rows = json.loads((out / "results.json").read_text())["rows"]
+        assert (out / name).exists() and (out / name).stat().st_size > 0, name
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]
     methods = [r["method"] for r in rows]
-    assert methods[0] == "METER (full)" and "Local" in methods and "Random" in methods
-    assert sum(m == "SmartTrim" for m in methods) == 3
+    assert methods[0] == "METER (full)"
+    assert methods.count("SmartTrim") == 3 and "Local" in methods and "Random" in methods
     for r in rows:
-        assert {"method", "target", "accuracy", "gmacs", "macs_ratio", "latency_ratio"} <= set(r), r
-        assert 0 <= r["accuracy"] <= 1 and r["gmacs"] > 0
-    full = rows[0]["gmacs"]
-    trimmed = [r for r in rows[1:]]
-    assert all(r["gmacs"] < full for r in trimmed), [(r["method"], r["gmacs"], full) for r in trimmed]
+        for key in ROW_FIELDS:
+            assert key in r, (r["method"], key)
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["gmacs"] > 0 and math.isfinite(r["latency_ratio"]) and r["latency_ratio"] > 0
+    full = rows[0]
+    assert full["macs_ratio"] == 1.0 and full["latency_ratio"] == 1.0
+    for r in rows[1:]:
+        assert r["gmacs"] < full["gmacs"], r  # tokens and heads really removed at batch 1
+        assert r["macs_ratio"] == pytest.approx(full["gmacs"] / r["gmacs"])
+    smarttrim = sorted((r for r in rows if r["method"] == "SmartTrim"), key=lambda r: r["target"])
+    assert [r["target"] for r in smarttrim] == [1.5, 2.0, 3.0]
+    assert {r["target"] for r in rows if r["method"] in ("Local", "Random")} == {3.0}
+
+    table = (out / "results.md").read_text()
+    assert "| method |" in table and "SmartTrim" in table and "Random" in table
+    assert "| method |" in printed  # the table is printed too
+    # each fine-tune left an evaluable checkpoint
+    assert main(["eval", "--checkpoint", rows[1]["checkpoint"], "--json", "--macs-instances", "1",
+                 "--instances", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["trimmed"] is True
