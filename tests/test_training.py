@@ -140,6 +140,8 @@ def test_load_checkpoint_and_eval_command(tmp_path, capsys):
     assert isinstance(model, TrimmedModel) and cfg.trim.token_target == 0.5
     from trimkit.cli import main
 
+    capsys.readouterr()  # drop the training log
+
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--json", "--macs-instances", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["trimmed"] and 0 <= out["accuracy"] <= 1 and out["gmacs_full"] > 0

@@ -336,7 +336,7 @@ def load_backbone(model: nn.Module, directory: str | Path) -> nn.Module:
 
 def _checkpoint_dir(directory: str | Path) -> Path:
     directory = Path(directory)
-    if not (directory / CONFIG_FILE).exists() and (directory / CHECKPOINT_DIR / CONFIG_FILE).exists():
+    if (directory / CHECKPOINT_DIR / CONFIG_FILE).exists():  # a run directory: its checkpoint/ holds the weights
         return directory / CHECKPOINT_DIR
     return directory
 
