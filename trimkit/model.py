@@ -186,6 +186,41 @@ class TrimmedModel(nn.Module):
         """Decisions of every trimmer in the last forward."""
         return self.runtime.records
 
+    def kept_mask(self, stream: str) -> torch.Tensor | None:
+        """After a forward: which token positions of ``stream``'s hidden states, laid out as its last
+        trimmed layer returned them, are real kept tokens: a ``(B, N)`` bool tensor.
+
+        The layout depends on the mode: ``hard``/``sample`` keep every position (dropped tokens are
+        masked), ``remove`` returns only the kept tokens (all ``True``), ``packed`` returns each
+        instance's kept tokens first, padded with zeros to the batch's maximum. Hand the states and
+        this mask to whatever reads the stream afterwards (e.g. a decoder that generates from the
+        kept image tokens). Padding tokens (``StreamSpec.padding_input``) are ``False``. ``None``:
+        no layer of the stream ran trimmed in the last forward (mode ``off``), so it is unchanged.
+        If the stream's layers are called more than once per forward, the latest call counts.
+        """
+        known = {s.name for s in self.spec.streams}
+        if stream not in known:
+            raise KeyError(f"kept_mask: unknown stream {stream!r}; this model's streams: {sorted(known)}")
+        rt = self.runtime
+        if stream not in rt.streams:
+            return None
+        state = rt.streams[stream]
+        pad = rt.padding.get(stream)
+        if state is None or (state.mask is None and state.index is None and state.packing is None):
+            return None if pad is None else pad != 0
+        if state.packing is not None:
+            pack = state.packing
+            counts = torch.tensor(pack.counts, device=pack.cu.device)
+            return torch.arange(pack.max, device=counts.device)[None, :] < counts[:, None]
+        if state.index is not None:
+            if pad is not None and pad.shape[-1] == state.length:
+                return pad.to(state.index.device).index_select(1, state.index) != 0
+            return torch.ones(1, state.index.numel(), dtype=torch.bool, device=state.index.device)
+        keep = state.mask > 0
+        if pad is not None and pad.shape == keep.shape:
+            keep = keep & (pad.to(keep.device) != 0)
+        return keep
+
     def set_targets(self, targets: dict[str, float]) -> None:
         """Current per-module targets (a curriculum scheduler moves them)."""
         self.runtime.targets = dict(targets)

@@ -109,6 +109,7 @@ class Runtime:
     real: dict[str, list[int]] = field(default_factory=dict)  # stream -> real tokens per instance (mode packed)
     checks: list[torch.Tensor] = field(default_factory=list)  # deferred device flags (mode packed)
     context_packings: dict[tuple, Packing] = field(default_factory=dict)  # packings of unpacked contexts
+    streams: dict[str, TokenState | None] = field(default_factory=dict)  # stream -> state after its latest layer call
 
     def begin(self, mode: str) -> None:
         """Reset the per-forward state."""
@@ -118,6 +119,7 @@ class Runtime:
         self.real = {}
         self.checks = []
         self.context_packings = {}
+        self.streams = {}
 
     def _binary(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits > 0).to(logits.dtype)

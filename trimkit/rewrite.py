@@ -208,10 +208,13 @@ class TrimmedLayer(nn.Module):
         hidden = a[self.hidden_name]
         context = a[self.context_name] if self.context_name is not None else trimkit_context
         if rt.mode in ("packed", "padded"):
-            return self._packed(a, hidden, context, trimkit_hidden_state, trimkit_context_state, trimkit_last)
-        if rt.mode == "remove":
-            return self._remove(a, hidden, context, trimkit_hidden_state, trimkit_context_state)
-        return self._masked(a, hidden, context, trimkit_hidden_state, trimkit_context_state)
+            out, state = self._packed(a, hidden, context, trimkit_hidden_state, trimkit_context_state, trimkit_last)
+        elif rt.mode == "remove":
+            out, state = self._remove(a, hidden, context, trimkit_hidden_state, trimkit_context_state)
+        else:
+            out, state = self._masked(a, hidden, context, trimkit_hidden_state, trimkit_context_state)
+        rt.streams[self.spec.stream] = state  # what TrimmedModel.kept_mask reports
+        return out, state
 
     def _first(self, t: torch.Tensor) -> torch.Tensor:
         return t[:, 0] if self.spec.batch_first else t[0]

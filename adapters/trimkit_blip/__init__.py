@@ -14,9 +14,11 @@ so that it sees exactly the question tokens kept; its layers are ``trimmable=Fal
 
 Supported: ``BlipForQuestionAnswering`` as answer ranking (:class:`BlipVQAForTrimming`: the
 scores of K candidate answers per question; K = 1 gives the training log-likelihood) and
-``BlipForImageTextRetrieval`` with its ITM head (:class:`BlipITMForTrimming`). Not supported:
-free-form ``generate`` through the trimmed graph, the retrieval model's contrastive
-(``use_itm_head=False``) path, captioning, NLVR2 (two images). With masks (modes ``hard`` and
+``BlipForImageTextRetrieval`` with its ITM head (:class:`BlipITMForTrimming`), and
+``BlipForConditionalGeneration`` (captioning, :class:`BlipCaptionForTrimming`: teacher-forced
+logits). Captions and free-form VQA answers are generated with :func:`generate`: the trimmed
+encoder runs once, the decoder generates from the kept tokens only. Not supported: the retrieval
+model's contrastive (``use_itm_head=False``) path, NLVR2 (two images). With masks (modes ``hard`` and
 ``sample``) a VQA batch of B > 1 questions must use K = 1: the core applies a question's token
 mask to B rows, not to its K decoder rows. Ranking K > 1 candidates works at batch 1 (mode
 ``remove``) and with the trimmers off.
@@ -28,11 +30,12 @@ from trimkit.plugins import hookimpl
 
 from .adapter import TINY, BlipAdapter, wrap
 
-__all__ = ["BlipAdapter", "BlipITMForTrimming", "BlipVQAForTrimming", "QuestionSummary", "TINY",
-           "describe_blip", "wrap"]
+__all__ = ["BlipAdapter", "BlipCaptionForTrimming", "BlipITMForTrimming", "BlipVQAForTrimming", "QuestionSummary",
+           "TINY", "describe_blip", "encoder_states", "generate", "wrap"]
 
-_LAZY = {"BlipITMForTrimming": "modeling", "BlipVQAForTrimming": "modeling", "QuestionSummary": "modeling",
-         "describe_blip": "spec"}
+_LAZY = {"BlipITMForTrimming": "modeling", "BlipVQAForTrimming": "modeling", "BlipCaptionForTrimming": "modeling",
+         "QuestionSummary": "modeling", "describe_blip": "spec", "generate": "generation",
+         "encoder_states": "generation"}
 
 
 def __getattr__(name: str):  # transformers' BLIP is imported on first use, not with the plugin

@@ -26,17 +26,20 @@ TINY = dict(
 def wrap(model: nn.Module, interpolate_pos_encoding: bool = False) -> nn.Module:
     """The traceable wrapper of a transformers BLIP model (weights shared, not copied);
     ``interpolate_pos_encoding`` runs it at an image size other than its config's."""
-    from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
-    from .modeling import BlipITMForTrimming, BlipVQAForTrimming
+    from .modeling import BlipCaptionForTrimming, BlipITMForTrimming, BlipVQAForTrimming
 
-    if isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming)):
+    if isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming, BlipCaptionForTrimming)):
         return model
     if isinstance(model, BlipForQuestionAnswering):
         return BlipVQAForTrimming(model, interpolate_pos_encoding)
     if isinstance(model, BlipForImageTextRetrieval):
         return BlipITMForTrimming(model, interpolate_pos_encoding)
-    raise TypeError(f"trimkit_blip.wrap: no BLIP wrapper for {type(model).__name__}")
+    if isinstance(model, BlipForConditionalGeneration):
+        return BlipCaptionForTrimming(model, interpolate_pos_encoding)
+    raise TypeError(f"trimkit_blip.wrap: no BLIP wrapper for {type(model).__name__} (supported: "
+                    "BlipForQuestionAnswering, BlipForImageTextRetrieval, BlipForConditionalGeneration)")
 
 
 class BlipAdapter:
@@ -45,19 +48,19 @@ class BlipAdapter:
     def matches(self, model: nn.Module) -> bool:
         if "transformers.models.blip" not in sys.modules:  # no BLIP model can exist yet: stay cheap
             return False
-        from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
+        from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
-        from .modeling import BlipITMForTrimming, BlipVQAForTrimming
+        from .modeling import BlipCaptionForTrimming, BlipITMForTrimming, BlipVQAForTrimming
 
-        return isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming, BlipForQuestionAnswering,
-                                  BlipForImageTextRetrieval))
+        return isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming, BlipCaptionForTrimming,
+                                  BlipForQuestionAnswering, BlipForImageTextRetrieval, BlipForConditionalGeneration))
 
     def describe(self, model: nn.Module):
-        from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
+        from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
         from .spec import describe_blip
 
-        if isinstance(model, (BlipForQuestionAnswering, BlipForImageTextRetrieval)):
+        if isinstance(model, (BlipForQuestionAnswering, BlipForImageTextRetrieval, BlipForConditionalGeneration)):
             raise TypeError(f"trimkit_blip: a {type(model).__name__} cannot be traced as it is; trim "
                             "trimkit_blip.wrap(model) (same weights) instead")
         return describe_blip(model)
@@ -65,8 +68,9 @@ class BlipAdapter:
     def example_inputs(self, model: nn.Module, batch_size: int = 1, seed: int = 0, num_answers: int = 1,
                        text_len: int = 8, answer_len: int = 4) -> dict[str, Any]:
         """Random inputs; rows after the first are padded. VQA adds ``num_answers`` candidate answers
-        per question (``(batch_size * num_answers, answer_len)``, BOS first)."""
-        from .modeling import BlipVQAForTrimming
+        per question (``(batch_size * num_answers, answer_len)``, BOS first); captioning gives
+        BOS-first caption ids."""
+        from .modeling import BlipCaptionForTrimming, BlipVQAForTrimming
 
         gen = torch.Generator().manual_seed(seed)
         text = model.config.text_config
@@ -81,7 +85,8 @@ class BlipAdapter:
                 mask[r, int(torch.randint(2, length + 1, (1,), generator=gen)):] = 0
             return x.masked_fill(mask == 0, text.pad_token_id), mask
 
-        input_ids, attention_mask = ids(batch_size, text_len, low)
+        caption = isinstance(model, BlipCaptionForTrimming)
+        input_ids, attention_mask = ids(batch_size, text_len, text.bos_token_id if caption else low)
         inputs = {"pixel_values": torch.randn(batch_size, 3, size, size, generator=gen),
                   "input_ids": input_ids, "attention_mask": attention_mask}
         if isinstance(model, BlipVQAForTrimming):
@@ -91,17 +96,23 @@ class BlipAdapter:
 
     def build(self, size: str = "tiny", seed: int = 0, task: str = "vqa", image_size: int | None = None,
               **options: Any) -> nn.Module:
-        """A randomly initialised wrapped model: ``task`` ``"vqa"`` or ``"itm"``; ``size`` ``"tiny"`` or
-        ``"base"`` (transformers' default ``BlipConfig``: BLIP base, 384px); ``image_size`` overrides."""
-        from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionAnswering
+        """A randomly initialised wrapped model: ``task`` ``"vqa"``, ``"itm"`` or ``"caption"``; ``size``
+        ``"tiny"`` or ``"base"`` (transformers' default ``BlipConfig``: BLIP base, 384px); ``image_size``
+        overrides."""
+        from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
+                                  BlipForQuestionAnswering)
 
         if size not in ("tiny", "base"):
             raise ValueError(f"trimkit_blip.build: size must be 'tiny' or 'base', got {size!r}")
-        if task not in ("vqa", "itm"):
-            raise ValueError(f"trimkit_blip.build: task must be 'vqa' or 'itm', got {task!r}")
+        classes = {"vqa": BlipForQuestionAnswering, "itm": BlipForImageTextRetrieval,
+                   "caption": BlipForConditionalGeneration}
+        if task not in classes:
+            raise ValueError(f"trimkit_blip.build: task must be one of {sorted(classes)}, got {task!r}")
         kwargs = {k: dict(v) for k, v in TINY.items()} if size == "tiny" else {"vision_config": {}, "text_config": {}}
         if image_size is not None:
             kwargs["vision_config"]["image_size"] = image_size
+        # transformers' BlipVisionConfig initialises with std 1e-10 (fine for checkpoints, degenerate for
+        # random models: every image token would be the same); random models here use BERT's 0.02
+        kwargs["vision_config"].setdefault("initializer_range", 0.02)
         torch.manual_seed(seed)
-        cls = BlipForQuestionAnswering if task == "vqa" else BlipForImageTextRetrieval
-        return wrap(cls(BlipConfig(**kwargs, **options)).eval())
+        return wrap(classes[task](BlipConfig(**kwargs, **options)).eval())

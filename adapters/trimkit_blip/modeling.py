@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
+from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
-__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipITMForTrimming", "padding_bias",
-           "causal_bias"]
+__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipITMForTrimming", "BlipCaptionForTrimming",
+           "padding_bias", "causal_bias"]
 
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(B, N)`` 1/0 padding mask -> additive ``(B, 1, 1, N)`` bias: what transformers' eager
@@ -86,11 +86,14 @@ class BlipVQAForTrimming(_BlipEncoders):
         self.text_encoder = model.text_encoder
         self.text_decoder = model.text_decoder
         self.question_summary = QuestionSummary()
+        # no-op marker: the question encoder's output as the trimmed graph computes it (only the kept
+        # question tokens at batch 1); trimkit_blip.generate reads it with a forward hook
+        self.question_states = nn.Identity()
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 answer_ids: torch.Tensor, answer_attention_mask: torch.Tensor) -> torch.Tensor:
         self._summary(input_ids, attention_mask)  # traced once; the vision trimmers read it (context_source)
-        question = self._encode(pixel_values, input_ids, attention_mask)
+        question = self.question_states(self._encode(pixel_values, input_ids, attention_mask))
         k = answer_ids.shape[0] // question.shape[0]
         bias = causal_bias(answer_attention_mask, question.dtype)
         logits = self.text_decoder(input_ids=answer_ids, attention_mask=bias, use_cache=False, return_logits=True,
@@ -115,3 +118,32 @@ class BlipITMForTrimming(_BlipEncoders):
                 ) -> torch.Tensor:
         self._summary(input_ids, attention_mask)
         return self.itm_head(self._encode(pixel_values, input_ids, attention_mask)[:, 0, :])
+
+
+class BlipCaptionForTrimming(nn.Module):
+    """:class:`~transformers.BlipForConditionalGeneration` (captioning), teacher-forced:
+    ``forward(pixel_values, input_ids, attention_mask) -> (B, T - 1, V)`` next-token logits.
+
+    ``input_ids`` start with the decoder's BOS token (``config.text_config.bos_token_id``; BLIP's
+    prompt is "a picture of") and are padded on the right; position ``t`` of the output predicts
+    token ``t + 1`` (the captioning loss is their cross-entropy). The decoder cross-attends to the
+    vision encoder's output: once trimmed, only to the kept image tokens. Captions are generated
+    with :func:`trimkit_blip.generate`, which runs the trimmed vision encoder once and decodes from
+    its kept tokens. The vision trimmers get no cross-modal signal (a fixed prompt carries none):
+    use them with the ``local`` policy or let ``cross_modal`` fall back to its own [CLS].
+    """
+
+    def __init__(self, model: BlipForConditionalGeneration, interpolate_pos_encoding: bool = False) -> None:
+        super().__init__()
+        self.config = model.config
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+        self.vision_model = model.vision_model
+        self.text_decoder = model.text_decoder
+        self.image_states = nn.Identity()  # no-op marker read by trimkit_blip.generate (see BlipVQAForTrimming)
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        image = self.vision_model(pixel_values=pixel_values,
+                                  interpolate_pos_encoding=self.interpolate_pos_encoding).last_hidden_state
+        image = self.image_states(image)
+        return self.text_decoder(input_ids=input_ids, attention_mask=causal_bias(attention_mask, image.dtype),
+                                 encoder_hidden_states=image, use_cache=False, return_logits=True)

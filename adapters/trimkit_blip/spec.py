@@ -12,6 +12,9 @@ Streams and trimmed layers, in forward order:
 * ``answer`` (VQA only): ``text_decoder.bert.encoder.layer.N``, declared so that their
   cross-attention to the question tokens honours the text stream's trimming (key masks in
   training, gathered keys at inference); ``trimmable=False``, so they never get trimmers.
+* ``caption`` (captioning only, in place of ``text``): the caption decoder's layers, declared
+  like ``answer`` so that their cross-attention reads only the kept image tokens; the vision
+  trimmers have no cross-modal input (the prompt is fixed).
 
 transformers' BLIP v1 attention does not go through ``AttentionInterface``. The wrappers give the
 text encoder a ``(B, 1, 1, N)`` padding bias, declared as a token argument on its last
@@ -26,7 +29,7 @@ from torch import nn
 
 from trimkit.spec import AttentionSpec, AttnCall, LayerSpec, ModelSpec, StreamSpec
 
-from .modeling import BlipITMForTrimming, BlipVQAForTrimming, causal_bias, padding_bias
+from .modeling import BlipCaptionForTrimming, BlipITMForTrimming, BlipVQAForTrimming, causal_bias, padding_bias
 
 __all__ = ["describe_blip"]
 
@@ -68,7 +71,8 @@ def _pair(y):
     return y, None
 
 
-def _text_layers(stack: nn.ModuleList, prefix: str, stream: str, site: str, self_inputs) -> list[LayerSpec]:
+def _text_layers(stack: nn.ModuleList, prefix: str, stream: str, site: str, self_inputs, context_stream: str,
+                 trimmable: bool) -> list[LayerSpec]:
     layers = []
     for i, layer in enumerate(stack):
         heads = layer.attention.self.num_attention_heads
@@ -76,28 +80,37 @@ def _text_layers(stack: nn.ModuleList, prefix: str, stream: str, site: str, self
         if hasattr(layer, "crossattention"):
             attentions.append(AttentionSpec("crossattention.self", "cross", heads, inputs=_cross_inputs, output=_pair))
         layers.append(LayerSpec(f"{prefix}.{i}", stream, site, hidden=0, context="encoder_hidden_states",
-                                context_stream="vision" if stream == "text" else "text",
-                                hidden_token_args={"attention_mask": -1} if stream == "text" else {},
-                                attentions=attentions, trimmable=stream != "answer"))
+                                context_stream=context_stream,
+                                hidden_token_args={"attention_mask": -1} if trimmable else {},
+                                attentions=attentions, trimmable=trimmable))
     return layers
 
 
-def describe_blip(model: BlipVQAForTrimming | BlipITMForTrimming) -> ModelSpec:
-    """The :class:`~trimkit.spec.ModelSpec` of a BLIP wrapper (VQA ranking or ITM)."""
+def describe_blip(model: BlipVQAForTrimming | BlipITMForTrimming | BlipCaptionForTrimming) -> ModelSpec:
+    """The :class:`~trimkit.spec.ModelSpec` of a BLIP wrapper (VQA ranking, ITM or captioning)."""
+    caption = isinstance(model, BlipCaptionForTrimming)
     vision = []
     for i, layer in enumerate(model.vision_model.encoder.layers):
         attn = AttentionSpec("self_attn", "self", layer.self_attn.num_heads, qkv="qkv", out="projection",
                              inputs=_vision_inputs, output=_pair, scale=layer.self_attn.scale)
         vision.append(LayerSpec(f"vision_model.encoder.layers.{i}", "vision", "uni", hidden=0,
-                                context_source="question_summary", context_stream="text", attentions=[attn]))
-    layers = vision + _text_layers(model.text_encoder.encoder.layer, "text_encoder.encoder.layer", "text", "cross",
-                                   _encoder_self_inputs)
-    streams = [StreamSpec("vision"), StreamSpec("text", padding_input="attention_mask")]
+                                context_source=None if caption else "question_summary",
+                                context_stream=None if caption else "text", attentions=[attn]))
     inputs = ["pixel_values", "input_ids", "attention_mask"]
-    leaves = ["text_encoder.embeddings", "question_summary", "vision_model.embeddings"]
+    leaves = ["vision_model.embeddings"]
+    if caption:  # the caption decoder is declared (not trimmed) so that it reads only the kept image tokens
+        layers = vision + _text_layers(model.text_decoder.bert.encoder.layer, "text_decoder.bert.encoder.layer",
+                                       "caption", "decoder", _decoder_self_inputs, "vision", trimmable=False)
+        streams = [StreamSpec("vision"), StreamSpec("caption")]
+        leaves.append("text_decoder.bert.embeddings")
+    else:
+        layers = vision + _text_layers(model.text_encoder.encoder.layer, "text_encoder.encoder.layer", "text", "cross",
+                                       _encoder_self_inputs, "vision", trimmable=True)
+        streams = [StreamSpec("vision"), StreamSpec("text", padding_input="attention_mask")]
+        leaves += ["text_encoder.embeddings", "question_summary"]
     if isinstance(model, BlipVQAForTrimming):
         layers += _text_layers(model.text_decoder.bert.encoder.layer, "text_decoder.bert.encoder.layer", "answer",
-                               "decoder", _decoder_self_inputs)
+                               "decoder", _decoder_self_inputs, "text", trimmable=False)
         streams.append(StreamSpec("answer"))
         inputs += ["answer_ids", "answer_attention_mask"]
         leaves.append("text_decoder.bert.embeddings")
