@@ -165,3 +165,134 @@ def test_unsupported_options_are_refused_by_name(adapter, vision, needle):
     model = adapter.build("tiny", vision=vision)
     with pytest.raises(ValueError, match=needle):
         trimkit.trim(model, TrimConfig())
+
+
+# --- text-guided mode: TextGuidedCLIP scores image-text pairs, the text is the vision trimmers' context ---
+
+TEXT_GUIDED = [pytest.param({}, id="clip"), pytest.param({"custom_text": True}, id="custom_text"),
+               pytest.param({"init_logit_bias": -1.5}, id="logit_bias")]
+
+
+def _text_guided(adapter, options: dict, layers: int = 2) -> nn.Module:
+    return adapter.build("tiny", part="text_guided", vision={"layers": layers}, **options)
+
+
+def _randomize_weights(tmodel: trimkit.TrimmedModel, seed: int) -> None:
+    """Random trimmer weights, zero biases: per-token decisions (neither all kept nor all dropped)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tmodel.trimmers.named_parameters():
+            p.copy_(torch.zeros_like(p) if name.endswith("bias") else torch.randn(p.shape, generator=gen))
+
+
+def _token_masks(tmodel: trimkit.TrimmedModel) -> dict[str, torch.Tensor]:
+    """Mode hard: each token trimmer's (B, N) mask in the last forward."""
+    return {r.key: r.mask > 0 for r in tmodel.records if r.kind == "token"}
+
+
+@pytest.mark.parametrize("options", TEXT_GUIDED)
+def test_text_guided_wrapper_shares_the_model(adapter, options):
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    from trimkit_open_clip import TextGuidedCLIP
+
+    wrapper = _text_guided(adapter, options)
+    assert isinstance(wrapper, TextGuidedCLIP) and select_adapter(wrapper) == "open_clip"
+    assert set(adapter.example_inputs(wrapper, batch_size=2)) == {"image", "text"}
+    model = adapter.build("tiny", part="clip", vision={"layers": 2}, **options)  # same seed: same weights
+    wrapper = TextGuidedCLIP(model)
+    own = {id(p) for p in model.parameters()}
+    assert {id(p) for p in wrapper.parameters()} == own  # shared, not copied
+    assert wrapper.visual is model.visual and wrapper.logit_scale is model.logit_scale
+    # keys: the CustomTextCLIP layout (a CLIP's text tower under ``text.``)
+    assert list(wrapper.state_dict()) != [] and set(wrapper.state_dict()) == set(
+        convert_to_custom_text_state_dict(model.state_dict()))
+    with pytest.raises(TypeError, match="CLIP"):
+        TextGuidedCLIP(model.visual)
+
+
+@pytest.mark.parametrize("options", TEXT_GUIDED)
+def test_text_guided_equals_get_logits_diagonal(adapter, options):
+    model = adapter.build("tiny", part="clip", **options)
+    from trimkit_open_clip import TextGuidedCLIP
+
+    wrapper = TextGuidedCLIP(model)
+    tmodel = _trim(wrapper, token_policy="cross_modal")
+    spec_layers = tmodel.spec.layers
+    assert spec_layers and all(l.context_source == "text" and l.context_stream == "text" for l in spec_layers)
+    assert all(v.token.context_dim == 32 for v in tmodel.trimmers.values())  # embed_dim: the text vector
+    calls = []
+    wrapper.text.register_forward_hook(lambda *_: calls.append(1))
+    for batch in (1, 3):  # batch 1 runs mode "remove", batch 3 mode "hard"
+        x = adapter.example_inputs(wrapper, batch_size=batch, seed=batch)
+        with torch.no_grad():
+            expected = model.get_logits(x["image"], x["text"])[0].diagonal()
+            torch.testing.assert_close(wrapper(**x), expected, atol=ATOL, rtol=0)
+            calls.clear()
+            got = tmodel(**x)
+            assert len(calls) == 1  # the text tower runs once per forward, as one (untrimmed) module
+            records = tmodel.records
+            with tmodel.full():
+                full = tmodel(**x)
+        assert got.shape == (batch,)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(full, expected, atol=ATOL, rtol=0)
+        assert records and all(float(r.keep.min()) == 1.0 for r in records)
+        assert all(r.key.startswith("visual.") for r in records)  # the text tower is not trimmed
+
+
+@pytest.mark.parametrize("options", TEXT_GUIDED)
+@pytest.mark.parametrize("policy,seed", [("cross_modal", 0), ("cross_modal", 1), ("local", 2)])
+def test_text_guided_hard_masks_equal_removal(adapter, options, policy, seed):
+    wrapper = _text_guided(adapter, options, layers=3)
+    tmodel = _trim(wrapper, token_policy=policy)
+    _randomize_weights(tmodel, seed)
+    x = adapter.example_inputs(wrapper, batch_size=3, seed=seed)
+    with torch.no_grad():
+        with tmodel.mode("hard"):
+            batch_hard = tmodel(**x)
+            batch_keep = {r.key: r.keep for r in tmodel.records}
+        with tmodel.mode("packed"):
+            torch.testing.assert_close(tmodel(**x), batch_hard, atol=ATOL, rtol=0)
+        dropped = 0
+        for i in range(3):
+            xi = {k: v[i:i + 1] for k, v in x.items()}
+            with tmodel.mode("hard"):
+                hard = tmodel(**xi)
+                hard_keep = {r.key: float(r.keep[0]) for r in tmodel.records}
+            with tmodel.mode("remove"):
+                removed = tmodel(**xi)
+                removed_keep = {r.key: float(r.keep[0]) for r in tmodel.records}
+            _close(removed, hard)  # masked == removed at batch 1
+            _close(removed, batch_hard[i:i + 1])  # batch masks == per-instance removal
+            assert removed_keep == pytest.approx(hard_keep)
+            assert removed_keep == pytest.approx({k: float(v[i]) for k, v in batch_keep.items()})
+            dropped += sum(r.kind == "token" and float(r.keep[0]) < 1.0 for r in tmodel.records)
+            assert any(r.kind == "token" and float(r.keep[0]) > 1 / 17 for r in tmodel.records), "every token dropped"
+        assert dropped > 0, f"nothing was trimmed: {batch_keep}"
+        assert not torch.allclose(batch_hard, wrapper(**x), atol=ATOL)
+
+
+@pytest.mark.parametrize("options", TEXT_GUIDED[:2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_text_guided_decisions_depend_on_the_text(adapter, options, seed):
+    """One image, two texts: the cross-modal token trimmers keep different tokens; the local ones do not."""
+    wrapper = _text_guided(adapter, options)
+    x = adapter.example_inputs(wrapper, batch_size=2, seed=seed)
+    image = x["image"][:1].expand(2, -1, -1, -1)
+    assert not torch.equal(x["text"][0], x["text"][1])
+    masks = {}
+    for policy in ("cross_modal", "local"):
+        tmodel = _trim(wrapper, token_policy=policy)
+        _randomize_weights(tmodel, seed)
+        seen = []  # what the first token trimmer receives as its context
+        first = next(v.token for v in tmodel.trimmers.values())
+        first.register_forward_hook(lambda mod, args, out: seen.append(args[2]))
+        with torch.no_grad(), tmodel.mode("hard"):
+            tmodel(image=image, text=x["text"])
+            text_features = wrapper.text(x["text"])
+        torch.testing.assert_close(seen[0], text_features, atol=0, rtol=0)  # the pair's (B, E) text embedding
+        masks[policy] = _token_masks(tmodel)
+        assert any(not bool(m.all()) for m in masks[policy].values()), f"{policy}: nothing was dropped"
+    assert any(not torch.equal(m[0], m[1]) for m in masks["cross_modal"].values())
+    assert all(torch.equal(m[0], m[1]) for m in masks["local"].values())
