@@ -89,7 +89,8 @@ class TrimmedModel(nn.Module):
         head_factory = registry.head_policies.get(config.head_policy)
         self.final_targets: dict[str, float] = {}
 
-        def make(lspec: LayerSpec, key: str, dim: int | None, ctx_dim: int | None) -> LayerTrimmers:
+        def make(lspec: LayerSpec, key: str, dim: int | None, ctx_dim: int | None,
+                 attn_ctx_dims: list[int | None]) -> LayerTrimmers:
             if lspec.path not in index:  # trimmable=False: rewritten so masks reach it, no trimmers
                 return LayerTrimmers(None, {})
             st, si, i = index[lspec.path]
@@ -102,7 +103,7 @@ class TrimmedModel(nn.Module):
             heads = {}
             if lspec.path in head_layers:
                 for j, a in enumerate(lspec.attentions):
-                    heads[str(j)] = head_factory(dim, ctx_dim if a.kind == "cross" else None, a.num_heads, config)
+                    heads[str(j)] = head_factory(dim, attn_ctx_dims[j] if a.kind == "cross" else None, a.num_heads, config)
                     self.final_targets[f"{key}.{j}"] = resolve_target(config.head_target, selector_keys(st, si, i, a.kind))
             return LayerTrimmers(token, heads)
 

@@ -4,8 +4,8 @@ Two levels of graphs:
 
 1. The model is traced with every described layer (and the adapter's other leaves) kept as one
    call. Each layer call is replaced by a call of :class:`TrimmedLayer`, which also receives the
-   :class:`~trimkit.ops.TokenState` of the stream's hidden states and of the context stream's, and
-   returns ``(output, new_state)``. A hidden state's token state is found through the data flow:
+   :class:`~trimkit.ops.TokenState` of the stream's hidden states and of the context stream's (and of
+   each cross-attention's own context, for layers with several), and returns ``(output, new_state)``. A hidden state's token state is found through the data flow:
    it is the state returned by the latest layer of that stream among the node's ancestors (so
    METER's parallel update, where the text layer reads the vision states of the *previous*
    layer, gets the matching state).
@@ -139,6 +139,9 @@ class TrimmedLayer(nn.Module):
         self.signature = inspect.signature(layer.forward)
         self.hidden_name = _arg_name(spec.hidden, self.names, spec.path)
         self.context_name = _arg_name(spec.context, self.names, spec.path) if spec.context is not None else None
+        # per attention: the argument holding its own context (AttentionSpec.context), None: the layer's
+        self.attn_context_names = [_arg_name(a.context, self.names, spec.path) if a.context is not None else None
+                                   for a in spec.attentions]
         self.hidden_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.hidden_token_args.items()}
         self.context_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.context_token_args.items()}
         self.token_dim = 1 if spec.batch_first else 0
@@ -199,20 +202,22 @@ class TrimmedLayer(nn.Module):
         return gm
 
     def forward(self, *args: Any, trimkit_hidden_state: TokenState | None = None, trimkit_context_state: TokenState | None = None,
-                trimkit_context: torch.Tensor | None = None, trimkit_last: bool = False,
-                **kwargs: Any) -> tuple[Any, TokenState | None]:
+                trimkit_context: torch.Tensor | None = None, trimkit_attn_states: list[TokenState | None] | None = None,
+                trimkit_last: bool = False, **kwargs: Any) -> tuple[Any, TokenState | None]:
         rt = self.runtime
         if rt.mode == "off":
             return self.layer(*args, **kwargs), trimkit_hidden_state
         a = self.signature.bind_partial(*args, **kwargs).arguments
         hidden = a[self.hidden_name]
         context = a[self.context_name] if self.context_name is not None else trimkit_context
+        astates = list(trimkit_attn_states) if trimkit_attn_states is not None else [None] * len(self.spec.attentions)
         if rt.mode in ("packed", "padded"):
-            out, state = self._packed(a, hidden, context, trimkit_hidden_state, trimkit_context_state, trimkit_last)
+            out, state = self._packed(a, hidden, context, trimkit_hidden_state, trimkit_context_state, trimkit_last,
+                                      astates)
         elif rt.mode == "remove":
             out, state = self._remove(a, hidden, context, trimkit_hidden_state, trimkit_context_state)
         else:
-            out, state = self._masked(a, hidden, context, trimkit_hidden_state, trimkit_context_state)
+            out, state = self._masked(a, hidden, context, trimkit_hidden_state, trimkit_context_state, astates)
         rt.streams[self.spec.stream] = state  # what TrimmedModel.kept_mask reports
         return out, state
 
@@ -223,9 +228,13 @@ class TrimmedLayer(nn.Module):
         # a context source may give hidden states (its [CLS] is used) or one vector per instance
         return None if context is None else context if context.dim() == 2 else self._first(context)
 
-    def _head_logits(self, cls_self: torch.Tensor, cls_ctx: torch.Tensor | None) -> list[torch.Tensor | None]:
+    def _attn_cls(self, a: dict[str, Any], cls_ctx: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Per attention, the [CLS] its head trimmer reads: its own context's, else the layer context's."""
+        return [self._cls_context(a.get(name)) if name is not None else cls_ctx for name in self.attn_context_names]
+
+    def _head_logits(self, cls_self: torch.Tensor, cls_ctxs: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         heads = self.trimmers.heads
-        return [heads[str(i)](cls_self, cls_ctx if att.kind == "cross" else None) if str(i) in heads else None
+        return [heads[str(i)](cls_self, cls_ctxs[i] if att.kind == "cross" else None) if str(i) in heads else None
                 for i, att in enumerate(self.spec.attentions)]
 
     def _align_side(self, a: dict[str, Any], hstate: TokenState | None, cstate: TokenState | None) -> None:
@@ -239,11 +248,12 @@ class TrimmedLayer(nn.Module):
     def _run(self, a: dict[str, Any], trims: list[AttnTrim]) -> Any:
         return self.inner(**{k: v for k, v in a.items() if k in self.inner_inputs}, trimkit_attn=trims)
 
-    def _masked(self, a, hidden, context, hstate, cstate):
+    def _masked(self, a, hidden, context, hstate, cstate, astates):
         """Modes sample/hard: masks multiply, nothing is removed."""
         rt, spec = self.runtime, self.spec
         tokens = self.trimmers.token
         cls_ctx = self._cls_context(context)
+        cls_attn = self._attn_cls(a, cls_ctx)
         if tokens is not None:
             seq = hidden if spec.batch_first else hidden.transpose(0, 1)
             logits = tokens(seq, self._first(hidden), cls_ctx)
@@ -252,8 +262,9 @@ class TrimmedLayer(nn.Module):
         self._align_side(a, hstate, cstate)
         cls_self = self._first(hidden)
         trims: list[AttnTrim] = []
-        for i, (att, logits) in enumerate(zip(spec.attentions, self._head_logits(cls_self, cls_ctx))):
-            key_state = hstate if att.kind == "self" else cstate
+        for i, (att, logits) in enumerate(zip(spec.attentions, self._head_logits(cls_self, cls_attn))):
+            own = self.attn_context_names[i] is not None
+            key_state = hstate if att.kind == "self" else astates[i] if own else cstate
             key_mask = key_state.mask if key_state is not None else None
             trim = rt.head_step(f"{self.key}.{i}", logits) if logits is not None else AttnTrim()
             trim.key_mask = key_mask
@@ -269,13 +280,46 @@ class TrimmedLayer(nn.Module):
         logits = None
         if tokens is not None:
             logits = tokens(hidden if spec.batch_first else hidden.transpose(0, 1), cls_self, cls_ctx)
-        hstate, hidden, trims = rt.remove_step(self.key, logits, self._head_logits(cls_self, cls_ctx), hidden, hstate,
-                                               self.token_dim)
+        # the contexts (the layer's, each attention's own) arrive with their dropped tokens already removed
+        head_logits = self._head_logits(cls_self, self._attn_cls(a, cls_ctx))
+        hstate, hidden, trims = rt.remove_step(self.key, logits, head_logits, hidden, hstate, self.token_dim)
         a[self.hidden_name] = hidden
         self._align_side(a, hstate, cstate)
         return self._run(a, [t if t is not None else AttnTrim() for t in trims]), hstate
 
-    def _packed(self, a, hidden, context, hstate, cstate, last):
+    def _packed_context(self, context: torch.Tensor | None, cstate: TokenState | None, stream: str, cross: bool
+                        ) -> tuple[torch.Tensor | None, P.Packing | None, torch.Tensor | None]:
+        """Modes packed/padded: a context the layer reads -> (its [CLS] for the trimmers, its packing and
+        the tensor to hand the layer in place of it, when a cross-attention reads its tokens)."""
+        rt, bf = self.runtime, self.spec.batch_first
+        padded = rt.mode == "padded"
+        if context is None:
+            return None, None, None
+        if context.dim() == 2:
+            return context, None, None
+        cp = cstate.packing if cstate is not None else None
+        if cp is not None and not cp.padded:  # packed rows already
+            crows = _rows(context, bf, cp.total, "context")
+            cpack, cls_ctx = cp, crows.index_select(0, cp.starts)
+        else:
+            cb = context if bf else context.transpose(0, 1)
+            cls_ctx = cb[:, 0]
+            if not cross:
+                return cls_ctx, None, None
+            if cp is None:
+                cpack = rt.context_packing(stream, cb)
+                crows = cb.reshape(-1, *cb.shape[2:]).index_select(0, cpack.flat)
+            elif padded:  # the padded engine's own layout: as it is
+                return cls_ctx, cp, context
+            else:
+                cpack, crows = cp.as_padded(False), P.repack(cb, cp)
+        if padded:
+            cpack = cpack.as_padded()
+            ctx_in = P.unpack(crows, cpack)
+            return cls_ctx, cpack, ctx_in if bf else ctx_in.transpose(0, 1)
+        return cls_ctx, cpack, crows.unsqueeze(0) if bf else crows.unsqueeze(1)
+
+    def _packed(self, a, hidden, context, hstate, cstate, last, astates):
         """Modes packed/padded: the batch's kept tokens of this stream are one row matrix (see
         :mod:`trimkit.engine.packed`). The stream is packed at its first described layer and unpacked
         after its last one (``last``, marked by the rewriter). One host sync per layer at most.
@@ -301,28 +345,25 @@ class TrimmedLayer(nn.Module):
             rows = P.repack(hidden if bf else hidden.transpose(0, 1), hp) if padded else _rows(
                 hidden, bf, hp.total, "hidden states")
             cls_self = rows.index_select(0, hp.starts)
-        # the context stream: [CLS] for the trimmers, rows for cross-attention
-        cls_ctx, cpack, crows, ctx_in = None, None, None, None
-        cross = any(att.kind == "cross" for att in spec.attentions)
-        if context is not None and context.dim() == 2:
-            cls_ctx = context
-        elif context is not None:
-            cp = cstate.packing if cstate is not None else None
-            if cp is None or cp.padded:
-                cb = context if bf else context.transpose(0, 1)
-                cls_ctx = cb[:, 0]
-                if cross and cp is None:
-                    cpack = rt.context_packing(spec.context_stream or "", cb)
-                    crows = cb.reshape(-1, *cb.shape[2:]).index_select(0, cpack.flat)
-                elif cross and padded:  # the padded engine's own layout: as it is
-                    cpack, ctx_in = cp, context
-                elif cross:
-                    cpack, crows = cp.as_padded(False), P.repack(cb, cp)
-            else:
-                cpack, crows = cp, _rows(context, bf, cp.total, "context")
-                cls_ctx = crows.index_select(0, cp.starts)
+        # the contexts (the layer's, each attention's own): [CLS] for the trimmers, rows for cross-attention
+        layer_cross = any(att.kind == "cross" and n is None for att, n in zip(spec.attentions, self.attn_context_names))
+        cls_ctx, cpack, ctx_in = self._packed_context(context, cstate, spec.context_stream or "", layer_cross)
+        if ctx_in is not None and self.context_name is not None:
+            a[self.context_name] = ctx_in
+        own: dict[str, tuple] = {}  # argument name -> (cls, packing); each argument packed once
+        for att, name, st in zip(spec.attentions, self.attn_context_names, astates):
+            if name is not None and name not in own:
+                if name == self.context_name:
+                    own[name] = (cls_ctx, cpack)
+                    continue
+                c_cls, c_pack, c_in = self._packed_context(a.get(name), st, att.context_stream or spec.context_stream
+                                                           or "", True)
+                if c_in is not None:
+                    a[name] = c_in
+                own[name] = (c_cls, c_pack)
+        cls_attn = [own[n][0] if n is not None else cls_ctx for n in self.attn_context_names]
         # decisions
-        head_logits = self._head_logits(cls_self, cls_ctx)
+        head_logits = self._head_logits(cls_self, cls_attn)
         if hp is None:
             keep = real_mask.clone() if real_mask is not None else torch.ones(B, N, dtype=torch.bool, device=hb.device)
             if tokens is not None:
@@ -357,19 +398,12 @@ class TrimmedLayer(nn.Module):
             pack = pack.as_padded()
             h = P.unpack(rows, pack)
             a[self.hidden_name] = h if bf else h.transpose(0, 1)
-        if crows is not None and padded:
-            cpack = cpack.as_padded()
-            ctx_in = P.unpack(crows, cpack)
-            ctx_in = ctx_in if bf else ctx_in.transpose(0, 1)
-        elif crows is not None:
-            ctx_in = crows.unsqueeze(0) if bf else crows.unsqueeze(1)
-        if ctx_in is not None and self.context_name is not None:
-            a[self.context_name] = ctx_in
         hstate = TokenState(packing=pack)
         self._align_side(a, hstate, TokenState(packing=cpack) if cpack is not None else cstate)
         trims = []
         for i, (att, logits) in enumerate(zip(spec.attentions, head_logits)):
-            kpack = pack if att.kind == "self" else cpack
+            name = self.attn_context_names[i]
+            kpack = pack if att.kind == "self" else own[name][1] if name is not None else cpack
             if kpack is None:
                 raise RuntimeError(f"layer {spec.path!r}: cross-attention {att.path!r} has no packed context")
             mask = rt.packed_head_mask(f"{self.key}.{i}", logits) if logits is not None else None
@@ -440,12 +474,14 @@ def rewrite(
     spec: ModelSpec,
     example_inputs: dict[str, Any],
     runtime: Runtime,
-    make_trimmers: Callable[[LayerSpec, str, int, int | None], LayerTrimmers],
+    make_trimmers: Callable[[LayerSpec, str, int, int | None, list[int | None]], LayerTrimmers],
 ) -> tuple[Rewritten, dict[str, LayerTrimmers]]:
     """Trace ``model`` and return the rewritten graph module and the trimmers built for it.
 
-    ``make_trimmers(layer_spec, key, dim, context_dim)`` builds each layer's trimmers (from the
-    config and the plugin registries); dims come from shape propagation on ``example_inputs``.
+    ``make_trimmers(layer_spec, key, dim, context_dim, attention_context_dims)`` builds each layer's
+    trimmers (from the config and the plugin registries); ``attention_context_dims`` gives, per
+    attention, the width of the context it reads (its own or the layer's). Dims come from shape
+    propagation on ``example_inputs``.
     """
     spec.validate()
     by_path = {l.path: l for l in spec.layers}
@@ -531,10 +567,15 @@ def rewrite(
                 source_nodes[lspec.context_source] = src[0]
             context_node = source_nodes[lspec.context_source]
             _move_before(graph, context_node, node)
+        # cross-attentions with their own context argument (AttentionSpec.context): its node, per attention
+        attn_nodes = [call_args.get(_arg_name(a.context, names, lspec.path)) if a.context is not None else None
+                      for a in lspec.attentions]
         key = lspec.path
         if key not in wrappers:
             symbolic = {n for n, v in call_args.items() if _contains_node(v)}
-            trimmers[key] = make_trimmers(lspec, key, dims.get(call_args[hidden_name]), dims.get(context_node))
+            attn_dims = [dims.get(n) if a.context is not None else dims.get(context_node)
+                         for a, n in zip(lspec.attentions, attn_nodes)]
+            trimmers[key] = make_trimmers(lspec, key, dims.get(call_args[hidden_name]), dims.get(context_node), attn_dims)
             wrapper = TrimmedLayer(key, layer, lspec, symbolic, runtime, trimmers[key], spec.autowrap_functions)
             name = "trimkit_layer_" + key.replace(".", "_")
             gm.add_submodule(name, wrapper)
@@ -546,6 +587,10 @@ def rewrite(
         }
         if lspec.context is None and context_node is not None:
             extra["trimkit_context"] = context_node
+        if any(n is not None for n in attn_nodes):
+            extra["trimkit_attn_states"] = [
+                state_of(n, a.context_stream or lspec.context_stream) if n is not None else None
+                for a, n in zip(lspec.attentions, attn_nodes)]
         with graph.inserting_before(node):
             new = graph.call_module(name, node.args, {**node.kwargs, **extra})
             out = graph.call_function(operator.getitem, (new, 0))

@@ -56,6 +56,14 @@ class AttentionSpec:
     output: maps trimkit's result (B, Nq, D) back to what the module's caller expects.
     batch_first: whether the module's tensors are (B, N, D) (else (N, B, D)).
     scale: softmax scale; ``None`` means ``head_dim ** -0.5``.
+    context / context_stream: for a cross-attention whose keys are *not* the layer's ``context``:
+    the layer argument holding its keys/values and their stream (default: the layer's
+    ``context_stream``). This is how a layer with several cross-attentions, one per context, is
+    described (BLIP's NLVR2 text layers attend to each of two images). The argument's token state
+    is found as the layer context's is (the state of the latest layer of that stream in the
+    argument's data flow), so the attention sees exactly its own context's kept tokens; its head
+    trimmer reads that context's [CLS]. The layer's token trimmer and ``context_token_args`` use
+    the layer's ``context`` only.
     """
 
     path: str
@@ -71,10 +79,14 @@ class AttentionSpec:
     output: Callable[[torch.Tensor], Any] = lambda y: y
     batch_first: bool = True
     scale: float | None = None
+    context: ArgRef | None = None
+    context_stream: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("self", "cross"):
             raise ValueError(f"AttentionSpec({self.path!r}).kind must be 'self' or 'cross', got {self.kind!r}")
+        if self.kind == "self" and (self.context is not None or self.context_stream is not None):
+            raise ValueError(f"AttentionSpec({self.path!r}): a self-attention takes no context")
         if self.num_heads < 1:
             raise ValueError(f"AttentionSpec({self.path!r}).num_heads must be >= 1, got {self.num_heads}")
 
@@ -116,7 +128,8 @@ def multihead_attention(path: str, module: torch.nn.MultiheadAttention, kind: st
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """A layer (a module called once per forward) whose input tokens may be trimmed.
+    """A layer whose input tokens may be trimmed. It may be called several times per forward (e.g.
+    a vision layer once per image): each call's token states follow its own data flow.
 
     path: module path in the model, e.g. ``"cross_image_layers.3"``.
     stream: the token stream this layer updates (``"vision"``, ``"text"``...).
@@ -129,7 +142,8 @@ class LayerSpec:
     hidden_token_args / context_token_args: other arguments with a token dimension (attention
     masks...), mapped to that dimension; they are created at the stream's *original* length and
     are gathered to the kept tokens in eval mode.
-    attentions: the attention modules inside the layer.
+    attentions: the attention modules inside the layer (a cross-attention reads ``context`` unless
+    its :class:`AttentionSpec` names its own).
     batch_first: whether the layer's hidden states are (B, N, D) (else (N, B, D)).
     trimmable: ``False`` for a layer that must be rewritten (its attention must see the masks of
     the streams it reads) but never gets trimmers, e.g. BLIP's answer decoder; config selectors
@@ -221,8 +235,16 @@ class ModelSpec:
                 raise ValueError(f"layer {layer.path!r}: unknown context_stream {layer.context_stream!r}")
             if (layer.context is not None or layer.context_source) and layer.context_stream is None:
                 raise ValueError(f"layer {layer.path!r}: context given without context_stream")
-            if any(a.kind == "cross" for a in layer.attentions) and layer.context is None:
-                raise ValueError(f"layer {layer.path!r}: cross-attention needs the layer's `context` argument")
+            for a in layer.attentions:
+                if a.kind == "cross" and a.context is None and layer.context is None:
+                    raise ValueError(f"layer {layer.path!r}: cross-attention {a.path!r} needs the layer's `context` "
+                                     "argument or its own AttentionSpec.context")
+                stream = a.context_stream or layer.context_stream
+                if a.context is not None and stream is None:
+                    raise ValueError(f"layer {layer.path!r}: attention {a.path!r} has a context without a context_stream")
+                if a.context_stream is not None and a.context_stream not in names:
+                    raise ValueError(f"layer {layer.path!r}: attention {a.path!r}: unknown context_stream "
+                                     f"{a.context_stream!r}")
             if layer.path in seen:
                 raise ValueError(f"layer {layer.path!r} declared twice")
             seen.add(layer.path)
