@@ -1,4 +1,4 @@
-"""trimkit adapter ``blip``: transformers' BLIP (v1) for VQA and image-text matching.
+"""trimkit adapter ``blip``: transformers' BLIP (v1) for VQA, image-text matching, captioning and NLVR2.
 
 Wrap the model first (transformers' own forwards cannot be traced by torch.fx)::
 
@@ -17,11 +17,20 @@ scores of K candidate answers per question; K = 1 gives the training log-likelih
 ``BlipForImageTextRetrieval`` with its ITM head (:class:`BlipITMForTrimming`), and
 ``BlipForConditionalGeneration`` (captioning, :class:`BlipCaptionForTrimming`: teacher-forced
 logits). Captions and free-form VQA answers are generated with :func:`generate`: the trimmed
-encoder runs once, the decoder generates from the kept tokens only. Not supported: the retrieval
-model's contrastive (``use_itm_head=False``) path, NLVR2 (two images). With masks (modes ``hard`` and
-``sample``) a VQA batch of B > 1 questions must use K = 1: the core applies a question's token
-mask to B rows, not to its K decoder rows. Ranking K > 1 candidates works at batch 1 (mode
-``remove``) and with the trimmers off.
+encoder runs once, the decoder generates from the kept tokens only.
+
+NLVR2 (``build(task="nlvr2")``): transformers has no BLIP NLVR2 model, so the adapter builds
+Salesforce BLIP's, :class:`BlipNLVRForTrimming` (``forward(pixel_values, pixel_values_2, input_ids,
+attention_mask) -> (B, 2)``), from transformers' BLIP blocks: the two images go through the ViT one
+after the other and into one text encoder whose layers cross-attend to each image with their own
+attention (paper, Appendix B). Each image is trimmed by its own decisions (same trimmers), and
+each cross-attention sees only its image's kept tokens in every mode (masked, removed, packed).
+:meth:`BlipNLVRForTrimming.from_blip` starts it from a pretrained BLIP image-text model.
+
+Not supported: the retrieval model's contrastive (``use_itm_head=False``) path. With masks (modes
+``hard`` and ``sample``) a VQA batch of B > 1 questions must use K = 1: the core applies a
+question's token mask to B rows, not to its K decoder rows. Ranking K > 1 candidates works at
+batch 1 (mode ``remove``) and with the trimmers off.
 """
 
 from __future__ import annotations
@@ -30,12 +39,12 @@ from trimkit.plugins import hookimpl
 
 from .adapter import TINY, BlipAdapter, wrap
 
-__all__ = ["BlipAdapter", "BlipCaptionForTrimming", "BlipITMForTrimming", "BlipVQAForTrimming", "QuestionSummary",
-           "TINY", "describe_blip", "encoder_states", "generate", "wrap"]
+__all__ = ["BlipAdapter", "BlipCaptionForTrimming", "BlipITMForTrimming", "BlipNLVRForTrimming", "BlipVQAForTrimming",
+           "QuestionSummary", "TINY", "describe_blip", "encoder_states", "generate", "wrap"]
 
 _LAZY = {"BlipITMForTrimming": "modeling", "BlipVQAForTrimming": "modeling", "BlipCaptionForTrimming": "modeling",
-         "QuestionSummary": "modeling", "describe_blip": "spec", "generate": "generation",
-         "encoder_states": "generation"}
+         "BlipNLVRForTrimming": "modeling", "QuestionSummary": "modeling", "describe_blip": "spec",
+         "generate": "generation", "encoder_states": "generation"}
 
 
 def __getattr__(name: str):  # transformers' BLIP is imported on first use, not with the plugin

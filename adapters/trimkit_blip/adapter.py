@@ -28,9 +28,9 @@ def wrap(model: nn.Module, interpolate_pos_encoding: bool = False) -> nn.Module:
     ``interpolate_pos_encoding`` runs it at an image size other than its config's."""
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
-    from .modeling import BlipCaptionForTrimming, BlipITMForTrimming, BlipVQAForTrimming
+    from .modeling import BlipCaptionForTrimming, BlipITMForTrimming, BlipNLVRForTrimming, BlipVQAForTrimming
 
-    if isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming, BlipCaptionForTrimming)):
+    if isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming, BlipCaptionForTrimming, BlipNLVRForTrimming)):
         return model
     if isinstance(model, BlipForQuestionAnswering):
         return BlipVQAForTrimming(model, interpolate_pos_encoding)
@@ -50,9 +50,9 @@ class BlipAdapter:
             return False
         from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
-        from .modeling import BlipCaptionForTrimming, BlipITMForTrimming, BlipVQAForTrimming
+        from .modeling import BlipCaptionForTrimming, BlipITMForTrimming, BlipNLVRForTrimming, BlipVQAForTrimming
 
-        return isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming, BlipCaptionForTrimming,
+        return isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming, BlipCaptionForTrimming, BlipNLVRForTrimming,
                                   BlipForQuestionAnswering, BlipForImageTextRetrieval, BlipForConditionalGeneration))
 
     def describe(self, model: nn.Module):
@@ -69,8 +69,8 @@ class BlipAdapter:
                        text_len: int = 8, answer_len: int = 4) -> dict[str, Any]:
         """Random inputs; rows after the first are padded. VQA adds ``num_answers`` candidate answers
         per question (``(batch_size * num_answers, answer_len)``, BOS first); captioning gives
-        BOS-first caption ids."""
-        from .modeling import BlipCaptionForTrimming, BlipVQAForTrimming
+        BOS-first caption ids; NLVR2 adds the second image ``pixel_values_2``."""
+        from .modeling import BlipCaptionForTrimming, BlipNLVRForTrimming, BlipVQAForTrimming
 
         gen = torch.Generator().manual_seed(seed)
         text = model.config.text_config
@@ -89,6 +89,8 @@ class BlipAdapter:
         input_ids, attention_mask = ids(batch_size, text_len, text.bos_token_id if caption else low)
         inputs = {"pixel_values": torch.randn(batch_size, 3, size, size, generator=gen),
                   "input_ids": input_ids, "attention_mask": attention_mask}
+        if isinstance(model, BlipNLVRForTrimming):
+            inputs["pixel_values_2"] = torch.randn(batch_size, 3, size, size, generator=gen)
         if isinstance(model, BlipVQAForTrimming):
             inputs["answer_ids"], inputs["answer_attention_mask"] = ids(batch_size * num_answers, answer_len,
                                                                         text.bos_token_id)
@@ -96,16 +98,19 @@ class BlipAdapter:
 
     def build(self, size: str = "tiny", seed: int = 0, task: str = "vqa", image_size: int | None = None,
               **options: Any) -> nn.Module:
-        """A randomly initialised wrapped model: ``task`` ``"vqa"``, ``"itm"`` or ``"caption"``; ``size``
+        """A randomly initialised wrapped model: ``task`` ``"vqa"``, ``"itm"``, ``"caption"`` or ``"nlvr2"``
+        (:class:`~trimkit_blip.modeling.BlipNLVRForTrimming`; option ``merge_from``); ``size``
         ``"tiny"`` or ``"base"`` (transformers' default ``BlipConfig``: BLIP base, 384px); ``image_size``
         overrides."""
         from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
                                   BlipForQuestionAnswering)
 
+        from .modeling import BlipNLVRForTrimming
+
         if size not in ("tiny", "base"):
             raise ValueError(f"trimkit_blip.build: size must be 'tiny' or 'base', got {size!r}")
         classes = {"vqa": BlipForQuestionAnswering, "itm": BlipForImageTextRetrieval,
-                   "caption": BlipForConditionalGeneration}
+                   "caption": BlipForConditionalGeneration, "nlvr2": BlipNLVRForTrimming}
         if task not in classes:
             raise ValueError(f"trimkit_blip.build: task must be one of {sorted(classes)}, got {task!r}")
         kwargs = {k: dict(v) for k, v in TINY.items()} if size == "tiny" else {"vision_config": {}, "text_config": {}}
@@ -115,4 +120,7 @@ class BlipAdapter:
         # random models: every image token would be the same); random models here use BERT's 0.02
         kwargs["vision_config"].setdefault("initializer_range", 0.02)
         torch.manual_seed(seed)
+        if task == "nlvr2":
+            merge_from = options.pop("merge_from", None)
+            return BlipNLVRForTrimming(BlipConfig(**kwargs, **options), merge_from=merge_from).eval()
         return wrap(classes[task](BlipConfig(**kwargs, **options)).eval())

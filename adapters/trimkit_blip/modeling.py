@@ -5,11 +5,14 @@ VQA) need decoder inputs, so torch.fx cannot trace them as they are. Each wrappe
 model's own submodules *under the same names* (``vision_model``, ``text_encoder``...), so module
 paths and ``state_dict`` keys are those of the BLIP model, and its forward names its inputs.
 
-Both wrappers also compute :class:`QuestionSummary`: the masked mean of the question's word
+The VQA and ITM wrappers (and the NLVR2 model) also compute :class:`QuestionSummary`: the masked mean of the question's word
 embeddings (``text_encoder.embeddings``: embedding lookups and one LayerNorm, no matrix product,
 far below 2 % of the MACs). The vision layers run before the text encoder, so this summary is the
 cross-modal signal their token trimmers get in place of a text [CLS] (the embedding of the first
 token is the same for every question and carries nothing).
+
+transformers has no BLIP NLVR2 model; :class:`BlipNLVRForTrimming` is Salesforce BLIP's
+(``models/blip_nlvr.py``, ``models/nlvr_encoder.py``) built from transformers' BLIP building blocks.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
+from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
+                          BlipForQuestionAnswering, BlipVisionModel)
+from transformers.models.blip.modeling_blip_text import (BlipTextAttention, BlipTextEmbeddings, BlipTextIntermediate,
+                                                         BlipTextOutput, BlipTextSelfAttention)
 
 __all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipITMForTrimming", "BlipCaptionForTrimming",
-           "padding_bias", "causal_bias"]
+           "BlipNLVRForTrimming", "BlipTwinCrossAttention", "BlipNLVRTextLayer", "padding_bias", "causal_bias"]
 
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(B, N)`` 1/0 padding mask -> additive ``(B, 1, 1, N)`` bias: what transformers' eager
@@ -147,3 +153,163 @@ class BlipCaptionForTrimming(nn.Module):
         image = self.image_states(image)
         return self.text_decoder(input_ids=input_ids, attention_mask=causal_bias(attention_mask, image.dtype),
                                  encoder_hidden_states=image, use_cache=False, return_logits=True)
+
+
+# --- NLVR2: two images into one text encoder (Salesforce BLIP's NLVR2 model) -------------------------------
+
+
+class BlipTwinSelfOutput(nn.Module):
+    """Merges the two cross-attentions' per-head contexts: each goes through its own projection
+    (``dense0`` / ``dense1``); the two are averaged, or, with ``merge``, concatenated and projected by
+    ``merge_layer``; then dropout, the residual and ``LayerNorm``, as in a BERT self-output."""
+
+    def __init__(self, config, merge: bool) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.dense0 = nn.Linear(h, h)
+        self.dense1 = nn.Linear(h, h)
+        self.merge_layer = nn.Linear(2 * h, h) if merge else None
+        self.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, context_0: torch.Tensor, context_1: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        h0, h1 = self.dense0(context_0), self.dense1(context_1)
+        h = self.merge_layer(torch.cat([h0, h1], dim=-1)) if self.merge_layer is not None else (h0 + h1) / 2
+        return self.LayerNorm(self.dropout(h) + input_tensor)
+
+
+class BlipTwinCrossAttention(nn.Module):
+    """Two cross-attentions from the same text queries, ``self0`` to the first image's tokens and
+    ``self1`` to the second's (transformers' ``BlipTextSelfAttention`` each), merged by
+    :class:`BlipTwinSelfOutput`. Takes no image masks: every image token is real (trimkit adds its
+    own key masks)."""
+
+    def __init__(self, config, merge: bool) -> None:
+        super().__init__()
+        self.self0 = BlipTextSelfAttention(config, is_cross_attention=True)
+        self.self1 = BlipTextSelfAttention(config, is_cross_attention=True)
+        self.output = BlipTwinSelfOutput(config, merge)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_hidden_states_2: torch.Tensor) -> torch.Tensor:
+        context_0, _ = self.self0(hidden_states, encoder_hidden_states=encoder_hidden_states)
+        context_1, _ = self.self1(hidden_states, encoder_hidden_states=encoder_hidden_states_2)
+        return self.output(context_0, context_1, hidden_states)
+
+
+class BlipNLVRTextLayer(nn.Module):
+    """A BLIP text-encoder layer with a twin cross-attention: self-attention (transformers'
+    ``BlipTextAttention``), :class:`BlipTwinCrossAttention` to both images, feed-forward
+    (``BlipTextIntermediate`` + ``BlipTextOutput``). ``attention_mask`` is the additive padding bias."""
+
+    def __init__(self, config, layer_num: int, merge: bool) -> None:
+        super().__init__()
+        self.attention = BlipTextAttention(config, layer_idx=layer_num)
+        self.crossattention = BlipTwinCrossAttention(config, merge)
+        self.intermediate = BlipTextIntermediate(config)
+        self.output = BlipTextOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_hidden_states_2: torch.Tensor) -> torch.Tensor:
+        attention_output, _ = self.attention(hidden_states, attention_mask=attention_mask)
+        attention_output = self.crossattention(attention_output, encoder_hidden_states, encoder_hidden_states_2)
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class BlipNLVRTextEncoder(nn.Module):
+    """``embeddings`` and ``encoder.layer.N``: the module paths of transformers' ``BlipTextModel``."""
+
+    def __init__(self, config, merge_from: int) -> None:
+        super().__init__()
+        self.embeddings = BlipTextEmbeddings(config)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList([BlipNLVRTextLayer(config, i, merge=i >= merge_from)
+                                            for i in range(config.num_hidden_layers)])
+
+
+def _bert_init(module: nn.Module, std: float) -> None:
+    """BERT's initialisation (what transformers gives BLIP's text modules)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class BlipNLVRForTrimming(nn.Module):
+    """BLIP for NLVR2: ``forward(pixel_values, pixel_values_2, input_ids, attention_mask) -> (B, 2)``
+    logits (is the statement true of the image pair?).
+
+    Salesforce BLIP's NLVR2 model, as the SmartTrim paper uses it (Appendix B: "we directly feed the
+    two images and the text to the encoder"): the ViT (``vision_model``, transformers'
+    ``BlipVisionModel``) encodes each image; the text encoder's layers (:class:`BlipNLVRTextLayer`)
+    cross-attend to each image with their own attention (``crossattention.self0`` / ``self1``) and
+    merge the two: averaged in the first ``merge_from`` layers, concatenated and projected
+    (``merge_layer``) from then on (Salesforce: 6 of 12, the default ``num_hidden_layers // 2``);
+    ``cls_head`` (Linear-ReLU-Linear) classifies the text [CLS]. Salesforce sets the text's first
+    token to its ``[ENC]`` token; here the first input id is used as given (pass the tokenizer's
+    ``[ENC]`` id there). Module paths follow transformers' BLIP (``text_encoder.encoder.layer.N``...)
+    and Salesforce's names inside a layer (``self0``, ``dense0``, ``merge_layer``), so a Salesforce
+    checkpoint maps by renaming its vision keys as transformers' BLIP conversion does.
+
+    Randomly initialised from a :class:`~transformers.BlipConfig`; :meth:`from_blip` starts from a
+    pretrained BLIP as Salesforce does. The vision trimmers' cross-modal signal is the statement's
+    :class:`QuestionSummary`.
+    """
+
+    def __init__(self, config: BlipConfig, merge_from: int | None = None, interpolate_pos_encoding: bool = False) -> None:
+        super().__init__()
+        text = config.text_config
+        self.config = config
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+        self.merge_from = text.num_hidden_layers // 2 if merge_from is None else merge_from
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_encoder = BlipNLVRTextEncoder(text, self.merge_from)
+        h = text.hidden_size
+        self.cls_head = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2))
+        self.question_summary = QuestionSummary()
+        _bert_init(self.text_encoder, text.initializer_range)
+        _bert_init(self.cls_head, text.initializer_range)
+
+    @classmethod
+    def from_blip(cls, model: BlipForImageTextRetrieval | BlipITMForTrimming, merge_from: int | None = None,
+                  interpolate_pos_encoding: bool = False) -> "BlipNLVRForTrimming":
+        """Start from a pretrained BLIP image-text model, as Salesforce's NLVR2 fine-tuning does: its
+        vision tower and text encoder are copied, each layer's cross-attention into both ``self0``
+        and ``self1`` and its output projection into both ``dense0`` and ``dense1``; ``merge_layer``
+        and ``cls_head`` start random."""
+        nlvr = cls(model.config, merge_from, interpolate_pos_encoding)
+        nlvr.vision_model.load_state_dict(model.vision_model.state_dict())
+        enc = model.text_encoder
+        nlvr.text_encoder.embeddings.load_state_dict(enc.embeddings.state_dict())
+        for theirs, ours in zip(enc.encoder.layer, nlvr.text_encoder.encoder.layer):
+            for name in ("attention", "intermediate", "output"):
+                getattr(ours, name).load_state_dict(getattr(theirs, name).state_dict())
+            cross = theirs.crossattention
+            for twin in (ours.crossattention.self0, ours.crossattention.self1):
+                twin.load_state_dict(cross.self.state_dict())
+            out = ours.crossattention.output
+            for dense in (out.dense0, out.dense1):
+                dense.load_state_dict(cross.output.dense.state_dict())
+            out.LayerNorm.load_state_dict(cross.output.LayerNorm.state_dict())
+        return nlvr.train(model.training)
+
+    def _image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_model(pixel_values=pixel_values,
+                                 interpolate_pos_encoding=self.interpolate_pos_encoding).last_hidden_state
+
+    def forward(self, pixel_values: torch.Tensor, pixel_values_2: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder.embeddings(input_ids=input_ids)
+        self.question_summary(hidden, attention_mask)  # traced once; the vision trimmers read it (context_source)
+        image, image_2 = self._image(pixel_values), self._image(pixel_values_2)  # each vision layer runs twice
+        bias = padding_bias(attention_mask, hidden.dtype)
+        for layer in self.text_encoder.encoder.layer:
+            hidden = layer(hidden, bias, image, image_2)
+        return self.cls_head(hidden[:, 0])

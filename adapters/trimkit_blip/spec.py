@@ -16,6 +16,16 @@ Streams and trimmed layers, in forward order:
   like ``answer`` so that their cross-attention reads only the kept image tokens; the vision
   trimmers have no cross-modal input (the prompt is fixed).
 
+NLVR2 (:class:`~trimkit_blip.modeling.BlipNLVRForTrimming`): each ``vision`` layer is called twice
+per forward, once per image; trimkit follows each call's data flow, so each image is trimmed by its
+own decisions (same trimmers, two token states). The ``text`` layers have three attentions:
+``attention.self``, ``crossattention.self0`` to the first image (the layer's ``context``,
+``encoder_hidden_states``) and ``crossattention.self1`` to the second (its own
+``AttentionSpec.context``, ``encoder_hidden_states_2``): each cross-attention sees only its own
+image's kept tokens, and its head trimmer reads its own image's [CLS]. The text *token* trimmers
+read the first image's [CLS] (a layer has one context for them). Every mode works, packed batches
+included.
+
 transformers' BLIP v1 attention does not go through ``AttentionInterface``. The wrappers give the
 text encoder a ``(B, 1, 1, N)`` padding bias, declared as a token argument on its last
 dimension; a ``(B, 1, N, N)`` bias (what transformers builds itself: identical rows) is cut to its
@@ -29,7 +39,8 @@ from torch import nn
 
 from trimkit.spec import AttentionSpec, AttnCall, LayerSpec, ModelSpec, StreamSpec
 
-from .modeling import BlipCaptionForTrimming, BlipITMForTrimming, BlipVQAForTrimming, causal_bias, padding_bias
+from .modeling import (BlipCaptionForTrimming, BlipITMForTrimming, BlipNLVRForTrimming, BlipVQAForTrimming, causal_bias,
+                       padding_bias)
 
 __all__ = ["describe_blip"]
 
@@ -86,8 +97,25 @@ def _text_layers(stack: nn.ModuleList, prefix: str, stream: str, site: str, self
     return layers
 
 
-def describe_blip(model: BlipVQAForTrimming | BlipITMForTrimming | BlipCaptionForTrimming) -> ModelSpec:
-    """The :class:`~trimkit.spec.ModelSpec` of a BLIP wrapper (VQA ranking, ITM or captioning)."""
+def _nlvr_text_layers(model: BlipNLVRForTrimming) -> list[LayerSpec]:
+    layers = []
+    for i, layer in enumerate(model.text_encoder.encoder.layer):
+        heads = layer.attention.self.num_attention_heads
+        attentions = [
+            AttentionSpec("attention.self", "self", heads, inputs=_encoder_self_inputs, output=_pair),
+            AttentionSpec("crossattention.self0", "cross", heads, inputs=_cross_inputs, output=_pair),
+            AttentionSpec("crossattention.self1", "cross", heads, inputs=_cross_inputs, output=_pair,
+                          context="encoder_hidden_states_2"),
+        ]
+        layers.append(LayerSpec(f"text_encoder.encoder.layer.{i}", "text", "cross", hidden=0,
+                                context="encoder_hidden_states", context_stream="vision",
+                                hidden_token_args={"attention_mask": -1}, attentions=attentions))
+    return layers
+
+
+def describe_blip(model: BlipVQAForTrimming | BlipITMForTrimming | BlipCaptionForTrimming | BlipNLVRForTrimming
+                  ) -> ModelSpec:
+    """The :class:`~trimkit.spec.ModelSpec` of a BLIP wrapper (VQA ranking, ITM, captioning or NLVR2)."""
     caption = isinstance(model, BlipCaptionForTrimming)
     vision = []
     for i, layer in enumerate(model.vision_model.encoder.layers):
@@ -98,7 +126,12 @@ def describe_blip(model: BlipVQAForTrimming | BlipITMForTrimming | BlipCaptionFo
                                 context_stream=None if caption else "text", attentions=[attn]))
     inputs = ["pixel_values", "input_ids", "attention_mask"]
     leaves = ["vision_model.embeddings"]
-    if caption:  # the caption decoder is declared (not trimmed) so that it reads only the kept image tokens
+    if isinstance(model, BlipNLVRForTrimming):
+        layers = vision + _nlvr_text_layers(model)
+        streams = [StreamSpec("vision"), StreamSpec("text", padding_input="attention_mask")]
+        inputs = ["pixel_values", "pixel_values_2", "input_ids", "attention_mask"]
+        leaves += ["text_encoder.embeddings", "question_summary"]
+    elif caption:  # the caption decoder is declared (not trimmed) so that it reads only the kept image tokens
         layers = vision + _text_layers(model.text_decoder.bert.encoder.layer, "text_decoder.bert.encoder.layer",
                                        "caption", "decoder", _decoder_self_inputs, "vision", trimmable=False)
         streams = [StreamSpec("vision"), StreamSpec("caption")]
