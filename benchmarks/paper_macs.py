@@ -10,7 +10,7 @@ illustrative setting, not a trained SmartTrim model.
 
 Rows: METER base 288px, VQA and NLVR2; BLIP base VQA (answer ranking), ITM and captioning
 (teacher-forced forward with the "a picture of" prompt, and beam-search generation with BLIP's COCO
-settings), and BLIP NLVR2 listed as not measured (no adapter support); BridgeTower base; timm
+settings), BLIP NLVR2 (two images into one text encoder); BridgeTower base; timm
 ViT-B/16 224px; open_clip ViT-B-16 image tower 224px. The reference column quotes the paper
 (Tables 1-3) or a library's published count; every other number is measured here.
 
@@ -220,11 +220,11 @@ def groups(args) -> list[Group]:
                  notes="BLIP's own inference (configs/vqa.yaml: inference rank, k_test 128): 128 candidates "
                        "of 3 tokens through the answer decoder"),
         ], resolution=blip_res, notes="question tokens include [ENC] and [SEP]"),
-        Group("blip_nlvr2", BLIP, "blip", {}, [
-            Case("NLVR2 (two images into one encoder)", "-", reference=T2_NLVR2, notes=""),
-        ], resolution=lambda m: 288,
-            unsupported="NOT MEASURED: trimkit_blip supports VQA, ITM and captioning, not BLIP's NLVR2 "
-                        "model (two images; transformers has no BLIP NLVR2 class)"),
+        Group("blip_nlvr2", BLIP, "blip", {"size": "base", "task": "nlvr2", "image_size": 288}, [
+            Case("NLVR2 (two images into one encoder)", "20", blip_inputs(20), reference=T2_NLVR2,
+                 notes="trimkit_blip.BlipNLVRForTrimming: the ViT on both images, text layers with twin "
+                       "cross-attention (Salesforce BLIP's NLVR2 encoder); statement incl. [ENC] and [SEP]"),
+        ], resolution=blip_res),
         *[Group(f"blip_itm_{res}", BLIP, "blip", {"size": "base", "task": "itm", "image_size": res}, [
             Case("ITM (image-text matching head)", str(n), blip_inputs(n),
                  notes="text incl. [ENC] and [SEP]; the paper reports no BLIP retrieval MACs")
