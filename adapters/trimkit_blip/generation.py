@@ -127,8 +127,9 @@ def generate(tmodel: Any, pixel_values: torch.Tensor, input_ids: torch.Tensor | 
     Captioning: ``input_ids`` is the prompt (BOS first, no trailing [SEP]; default BOS alone), and
     the result starts with it. VQA: ``input_ids``/``attention_mask`` are the question and the
     result is the answer, starting with BOS. ``generate_kwargs`` go to transformers' ``generate``
-    (``max_new_tokens``, ``num_beams``, ``do_sample``...). Runs in eval mode: batch 1 with the kept
-    tokens removed; set ``tmodel.inference = "packed"`` to pack batches."""
+    (``max_new_tokens``, ``num_beams``, ``do_sample``...). Runs in eval mode: batch 1 with the dropped
+    tokens removed, larger batches masked (``tmodel.inference = "packed"`` is not available for BLIP's
+    decoders yet: the packed engine has no causal self-attention)."""
     from .modeling import BlipCaptionForTrimming
 
     wrapper = tmodel.model
