@@ -87,7 +87,7 @@ FULL = DemoPreset(
     finetune={"steps": 300, "batch_size": 32, "lr": 1e-4, "trimmer_lr": 1e-2, "warmup_fraction": 0.0},
     trim={"curriculum_fraction": 0.5},
 )
-"""The default: about 15 minutes on 2 CPU cores."""
+"""The default: 530 s on 2 CPU cores (benchmarks/results/demo/)."""
 
 QUICK = DemoPreset(
     data={"variant": "vqa", "grid": 4, "cell": 16, "digits_per_image": [2, 4]},
