@@ -19,6 +19,29 @@ def _register_toy():
     return registry
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (threads only add contention there);
+    use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize_trimmers(tmodel, seed: int) -> None:
+    """Random trimmer weights (std 1), zero biases: decisions then depend on each token (about
+    half kept per instance, different across instances) instead of one shared bias keeping all or
+    none. Import it as ``from conftest import randomize_trimmers``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tmodel.trimmers.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=1.0, generator=gen)
+            else:
+                torch.nn.init.zeros_(p)
+
+
 @pytest.fixture
 def toy_registry():
     return _register_toy()

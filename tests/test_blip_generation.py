@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import trimkit
+from conftest import randomize_trimmers
 from trimkit import TrimConfig
 from trimkit.macs import count_macs
 from trimkit.plugins import get_registry
@@ -21,12 +22,7 @@ transformers = pytest.importorskip("transformers")
 STEPS = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 
 @pytest.fixture(scope="module")
@@ -34,22 +30,10 @@ def adapter():
     return get_registry().adapters.get("blip")
 
 
-def _randomize(tmodel: trimkit.TrimmedModel, seed: int) -> None:
-    """Random trimmer weights, zero biases: decisions then depend on each token (about half kept
-    per instance, different across instances) instead of one shared bias keeping all or none."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in tmodel.trimmers.parameters():
-            if p.dim() > 1:
-                torch.nn.init.normal_(p, std=1.0, generator=gen)
-            else:
-                torch.nn.init.zeros_(p)
-
-
 def _trimmed(adapter, task: str, seed: int = 3) -> trimkit.TrimmedModel:
     model = adapter.build("tiny", task=task)
     tmodel = trimkit.trim(model, TrimConfig()).eval()
-    _randomize(tmodel, seed)
+    randomize_trimmers(tmodel, seed)
     return tmodel
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import trimkit
+from conftest import randomize_trimmers
 from trimkit import TrimConfig
 from trimkit.macs import count_macs
 from trimkit.plugins import get_registry
@@ -27,12 +28,7 @@ VISION = "vision_model.encoder.layers"
 TEXT = "text_encoder.encoder.layer"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +53,6 @@ def model(adapter):
         b = model(**{**x, "pixel_values_2": x["pixel_values"]})
     assert (a - b).abs().max() > 1e-2, "the model barely reads image 2"
     return model
-
-
-def _randomize(tmodel: trimkit.TrimmedModel, seed: int) -> None:
-    """Random trimmer weights, zero biases: per-token decisions (see tests/test_blip_generation.py)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in tmodel.trimmers.parameters():
-            if p.dim() > 1:
-                torch.nn.init.normal_(p, std=1.0, generator=gen)
-            else:
-                torch.nn.init.zeros_(p)
 
 
 def _token_records(tmodel: trimkit.TrimmedModel) -> dict[str, list]:
@@ -142,7 +127,7 @@ def test_masked_equals_removed_at_batch_1(adapter, model):
     dropped = {"image1": 0, "image2": 0, "text": 0, "head": 0}
     differ = 0
     for trial in range(4):
-        _randomize(tmodel, seed=10 + trial)
+        randomize_trimmers(tmodel, seed=10 + trial)
         x = adapter.example_inputs(model, batch_size=1, seed=20 + trial)
         with torch.no_grad():
             with tmodel.mode("hard"):
@@ -162,7 +147,7 @@ def test_masked_equals_removed_at_batch_1(adapter, model):
 def test_batch_masks_and_packed_equal_per_instance_removal(adapter, model):
     """Batch 3, padded statements: masked (mode hard) and packed == each instance with tokens removed."""
     tmodel = trimkit.trim(model, TrimConfig()).eval()
-    _randomize(tmodel, seed=5)
+    randomize_trimmers(tmodel, seed=5)
     x = adapter.example_inputs(model, batch_size=3, seed=6)
     with torch.no_grad():
         masked = tmodel(**x)  # batch 3 in eval: mode hard
@@ -193,7 +178,7 @@ def test_each_cross_attention_reads_its_own_image(adapter, model):
     """Every text layer's cross-attention to image k gets image k's kept tokens: its key mask (mode
     hard) or its packing (mode packed), never the other image's."""
     tmodel = trimkit.trim(model, TrimConfig()).eval()
-    _randomize(tmodel, seed=5)
+    randomize_trimmers(tmodel, seed=5)
     x = adapter.example_inputs(model, batch_size=3, seed=6)
     for layer in range(model.config.text_config.num_hidden_layers):
         seen, handles = _capture_cross_attention(tmodel, layer)
@@ -245,7 +230,7 @@ def test_removed_equals_hand_assembled_reference(adapter, model):
     tmodel = trimkit.trim(model, TrimConfig(token_layers=["vision"], trim_heads=False)).eval()
     checked = 0
     for trial in range(4):
-        _randomize(tmodel, seed=30 + trial)
+        randomize_trimmers(tmodel, seed=30 + trial)
         x = adapter.example_inputs(model, batch_size=1, seed=40 + trial)
         with torch.no_grad():
             with tmodel.mode("remove"):
@@ -291,7 +276,7 @@ def test_macs_fall(adapter, model):
     x = adapter.example_inputs(model, batch_size=1, seed=7)
     with tmodel.full():
         full = count_macs(tmodel, **x).total
-    _randomize(tmodel, seed=8)
+    randomize_trimmers(tmodel, seed=8)
     with tmodel.mode("remove"):
         trimmed = count_macs(tmodel, **x).total
     parts = _token_records(tmodel)
