@@ -141,13 +141,10 @@ def cross_kv_per_step(decoder, on: bool) -> Iterator[None]:
         kwargs["past_key_values"] = None  # cross-attention only: the self-attention cache is untouched
         return args, kwargs
 
-    handles = [layer.crossattention.self.register_forward_pre_hook(hook, with_kwargs=True)
-               for layer in decoder.bert.encoder.layer if hasattr(layer, "crossattention")]
-    try:
+    from trimkit_blip.generation import cross_attention_pre_hook
+
+    with cross_attention_pre_hook(decoder, hook):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def caption_generate(blip_cache: bool) -> Callable[[Any], Callable[[], Any]]:

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["generate", "encoder_states"]
+__all__ = ["generate", "encoder_states", "cross_attention_mask", "cross_attention_pre_hook"]
 
 
 @contextlib.contextmanager
@@ -58,6 +58,14 @@ def cross_attention_mask(decoder: nn.Module, keep: torch.Tensor | None) -> Itera
         kwargs["encoder_attention_mask"] = bias.repeat_interleave(rows // bias.shape[0], 0)
         return args, kwargs
 
+    with cross_attention_pre_hook(decoder, hook):
+        yield
+
+
+@contextlib.contextmanager
+def cross_attention_pre_hook(decoder: nn.Module, hook: Any) -> Iterator[None]:
+    """Install ``hook`` (a kwargs forward pre-hook) on every cross-attention module
+    (``crossattention.self``) of a BLIP text decoder for the duration of the block."""
     handles = [layer.crossattention.self.register_forward_pre_hook(hook, with_kwargs=True)
                for layer in decoder.bert.encoder.layer if hasattr(layer, "crossattention")]
     try:
