@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from trimkit_smarttrim import (ConstantTargets, LinearCurriculum, SmartTrimObjective, cost_loss, gumbel_sigmoid,
-                               hard_straight_through, self_distillation)
+                               hard_straight_through, self_distillation, sharpened)
 
 from trimkit.ops import Record
 
@@ -79,3 +79,30 @@ def test_linear_curriculum():
     assert sched.targets(50, 100, final)["a"] == pytest.approx(0.4)
     assert sched.targets(90, 100, final)["a"] == pytest.approx(0.4)
     assert ConstantTargets().targets(0, 100, final)["a"] == pytest.approx(0.4)
+
+
+def test_sharpened_sampler_tends_to_the_inference_decision():
+    torch.manual_seed(0)
+    logits = torch.tensor([-2.0, -0.3, 0.3, 2.0]).repeat(50_000)
+    hard = (logits > 0).float()  # what inference keeps
+    # at tau = 1 it is the Gumbel-sigmoid: a token of logit 0.3 is kept about sigmoid(0.3) of the time
+    m1 = sharpened(logits, 1.0)
+    assert float((m1[2::4] > 0.5).float().mean()) == pytest.approx(torch.sigmoid(torch.tensor(0.3)).item(), abs=0.01)
+    # the plain Gumbel-sigmoid stays that far from the decision at any temperature; sharpened converges
+    assert float((gumbel_sigmoid(logits, 0.01) - hard).abs().mean()) > 0.2
+    assert float((sharpened(logits, 0.01) - hard).abs().max()) < 1e-3
+    x = logits[:4].clone().requires_grad_(True)
+    sharpened(x, 0.5).sum().backward()
+    assert float(x.grad.abs().sum()) > 0
+
+
+def test_temperature_schedule_decays_geometrically_to_its_final_value():
+    fixed = LinearCurriculum(temperature=0.7)
+    assert fixed.temperature_at(0, 100) == fixed.temperature_at(99, 100) == 0.7
+    # held while the curriculum moves the targets (first 40 of 101 steps), then decayed to the end
+    sched = LinearCurriculum(fraction=40 / 101, temperature=1.0, final_temperature=0.01)
+    assert [sched.temperature_at(s, 101) for s in (0, 20, 40)] == pytest.approx([1.0, 1.0, 1.0])
+    assert sched.temperature_at(70, 101) == pytest.approx(0.1)
+    assert sched.temperature_at(100, 101) == pytest.approx(0.01)
+    constant = ConstantTargets(temperature=1.0, final_temperature=0.25)  # no curriculum: decays from step 0
+    assert [constant.temperature_at(s, 5) for s in range(5)] == pytest.approx([1.0, 0.7071, 0.5, 0.3536, 0.25], rel=1e-3)

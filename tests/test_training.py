@@ -76,6 +76,18 @@ def test_smarttrim_steps_log_every_term(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["accuracy"] == evals[-1]["accuracy"]
 
 
+def test_temperature_schedule_reaches_the_sampler(tmp_path):
+    cfg = _config(tmp_path, steps=5)
+    cfg.trim = cfg.trim.model_copy(update={"sampler": "sharpen", "temperature": 1.0, "final_temperature": 0.0625,
+                                           "curriculum_fraction": 0.0})
+    trainer = Trainer(cfg)
+    trainer.fit()
+    steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    temps = [r["temperature"] for r in steps if r["type"] == "train"]
+    assert temps == pytest.approx([1.0, 0.5, 0.25, 0.125, 0.0625])
+    assert trainer.tmodel.runtime.sampler is get_registry().samplers.get("sharpen")
+
+
 def test_smarttrim_few_steps_reduce_the_loss(tmp_path):
     cfg = _config(tmp_path, steps=25, lr=3e-3, warmup_fraction=0.0, macs_instances=0)
     trainer = Trainer(cfg)

@@ -49,6 +49,8 @@ class TrimConfig(BaseModel):
     trimmer_dim: int | None = Field(None, ge=4, description="D' of the token trimmer; None = max(16, D // 8)")
     init_logit: float = Field(5.0, gt=0, description="stable initialisation: every token and head starts kept")
     temperature: float = Field(1.0, gt=0, description="Gumbel-sigmoid temperature (Eq. 8)")
+    final_temperature: float | None = Field(
+        None, gt=0, description="temperature at the last step (geometric decay from `temperature`); None = fixed")
     lambda_cost: float = Field(20.0, ge=0, description="weight of the cost loss (Eq. 12)")
     lambda_sd: float = Field(1.0, ge=0, description="weight of self-distillation (Eq. 12)")
     curriculum_fraction: float = Field(0.5, ge=0, le=1, description="fraction of training over which targets go from 1.0 to their value")

@@ -1,7 +1,7 @@
 """SmartTrim's method parts as a trimkit plugin (registered through the ``trimkit`` entry point).
 
 Policies ``cross_modal`` (Eq. 3-7), ``local`` and ``random`` (the §6.1 baselines); samplers
-``gumbel`` (Eq. 8) and ``hard_st``; objective ``smarttrim`` (Eq. 9-12); schedulers ``linear``
+``gumbel`` (Eq. 8), ``hard_st`` and ``sharpen`` (noise shrinking with the temperature); objective ``smarttrim`` (Eq. 9-12); schedulers ``linear``
 (the curriculum) and ``constant``. A third-party plugin registers its own parts the same way.
 """
 
@@ -11,12 +11,12 @@ from trimkit.plugins import hookimpl
 
 from .objectives import SmartTrimObjective, cost_loss, self_distillation
 from .policies import CrossModalHeadPolicy, CrossModalTokenPolicy, LocalTokenPolicy, RandomTokenPolicy
-from .samplers import gumbel_sigmoid, hard_straight_through
+from .samplers import gumbel_sigmoid, hard_straight_through, sharpened
 from .schedulers import ConstantTargets, LinearCurriculum
 
 __all__ = [
     "SmartTrimObjective", "cost_loss", "self_distillation", "CrossModalHeadPolicy", "CrossModalTokenPolicy",
-    "LocalTokenPolicy", "RandomTokenPolicy", "gumbel_sigmoid", "hard_straight_through", "ConstantTargets",
+    "LocalTokenPolicy", "RandomTokenPolicy", "gumbel_sigmoid", "hard_straight_through", "sharpened", "ConstantTargets",
     "LinearCurriculum",
 ]
 
@@ -37,6 +37,7 @@ def trimkit_register_head_policies(registry):
 def trimkit_register_samplers(registry):
     registry.samplers.register("gumbel", gumbel_sigmoid)
     registry.samplers.register("hard_st", hard_straight_through)
+    registry.samplers.register("sharpen", sharpened)
 
 
 @hookimpl
@@ -46,5 +47,7 @@ def trimkit_register_objectives(registry):
 
 @hookimpl
 def trimkit_register_schedulers(registry):
-    registry.schedulers.register("linear", lambda config: LinearCurriculum(config.curriculum_fraction, config.temperature))
-    registry.schedulers.register("constant", lambda config: ConstantTargets(0.0, config.temperature))
+    registry.schedulers.register("linear", lambda config: LinearCurriculum(config.curriculum_fraction, config.temperature,
+                                                                         config.final_temperature))
+    registry.schedulers.register("constant", lambda config: ConstantTargets(0.0, config.temperature,
+                                                                          config.final_temperature))
