@@ -142,8 +142,56 @@ def test_checkpoint_resume_continues_the_step_count(tmp_path):
     assert [r["step"] for r in lines if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     # the resumed optimizer state came along (AdamW's step counters continue from 3)
     assert all(int(s["step"]) == 6 for s in resumed.optimizer.state_dict()["state"].values())
-    # Known gap: a resumed run does not yet reproduce the uninterrupted run's weights bit for bit
-    # (RNG/data-order restoration is incomplete); tracked on the issue, not asserted here.
+    # bit-exactness against an uninterrupted run: test_resume_is_bit_exact
+
+
+def _log(path):
+    """log.jsonl records without the wall-clock ``time``."""
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("token_policy", ["cross_modal", "random"])
+def test_resume_is_bit_exact(tmp_path, token_policy):
+    """8 steps straight == 4 steps, checkpoint, a new Trainer resumed to 8: every parameter and every
+    log record (loss terms, keep ratios, lrs, targets, temperature, evaluations) identical.
+
+    Exercises what a resume must carry: Gumbel noise (and the random policy's) from the global torch
+    RNG, an evaluation mid-run (eval_every=3: before the checkpoint, and after it at step 6), an epoch
+    boundary after the resume (6 batches per epoch), the temperature decay and curriculum, AdamW
+    state of the trimmer and backbone groups, and the LR schedule.
+    """
+
+    def config(run):
+        cfg = _config(tmp_path / run, steps=8, eval_every=3, eval_instances=8, macs_instances=1)
+        cfg.data.train_size = 48  # 6 batches per epoch: the resumed run crosses an epoch boundary
+        cfg.trim = cfg.trim.model_copy(update={"sampler": "gumbel", "token_policy": token_policy,
+                                               "final_temperature": 0.25})
+        return cfg
+
+    straight = Trainer(config("straight"))
+    straight.fit()
+
+    Trainer(config("resumed")).fit(stop_after=4)
+    log = tmp_path / "resumed" / "run" / "log.jsonl"
+    # an interrupted run may have logged past its last checkpoint (and cut a line short): dropped on resume
+    with open(log, "a") as f:
+        f.write(json.dumps({"type": "train", "step": 5, "loss": 0.0}) + "\n" + '{"type": "tr')
+    resumed = Trainer(config("resumed"))  # a new Trainer, as a new process would build
+    resumed.fit(resume=True)
+    assert resumed.step == straight.step == 8
+
+    a, b = dict(straight.tmodel.named_parameters()), dict(resumed.tmodel.named_parameters())
+    assert a.keys() == b.keys() and any(k.startswith("trimmers.") for k in a)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)}/{len(a)} parameters differ, e.g. {differ[:3]}"
+
+    want, got = _log(tmp_path / "straight" / "run" / "log.jsonl"), _log(log)
+    assert [(r["type"], r["step"]) for r in got] == [(r["type"], r["step"]) for r in want]
+    assert [r["step"] for r in want if r["type"] == "eval"] == [3, 6, 8]
+    late = [r for r in want if r["step"] >= 5]
+    assert late and all("task" in r and "cost" in r and "sd" in r for r in late if r["type"] == "train")
+    assert got == want  # exact float equality of every term, not approx
 
 
 def test_load_checkpoint_and_eval_command(tmp_path, capsys):

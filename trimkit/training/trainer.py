@@ -536,8 +536,20 @@ class Trainer:
         train_dataset / eval_dataset: prebuilt datasets (else built from ``config.data``).
         out_dir: overrides ``config.train.out_dir``.
 
-    ``fit(resume=True)`` continues from ``out_dir/checkpoint`` (weights, optimizer, schedule, step,
-    RNG states; the data order is a function of seed and step, so it continues too).
+    ``fit(resume=True)`` continues from ``out_dir/checkpoint`` and is bit-exact: N steps straight and
+    k steps, checkpoint, then a new Trainer resumed to N give identical weights (backbone and
+    trimmers) and identical log records (but ``time``). The checkpoint holds weights, optimizer
+    (every param group, trimmers included), LR schedule, step, the fp16 loss scaler, and the global
+    RNG states (torch CPU and CUDA, Python ``random``, NumPy) as they are after that step's
+    evaluation, so the Gumbel / random-policy noise continues where it stopped; targets and
+    temperature are functions of the step; the data order is a function of seed and step, and each
+    epoch's DataLoader takes its own generator (seeded by seed and epoch), not a draw from the
+    global RNG. Log records after the checkpoint's step (written by an interrupted run after its last
+    save) are dropped from ``log.jsonl`` before training continues.
+
+    Not covered: with ``num_workers > 0`` a dataset that draws random numbers in ``__getitem__``
+    (workers' own RNGs) restarts those streams at the resumed batch; on GPUs, kernels that are not
+    deterministic (``torch.use_deterministic_algorithms``) differ between any two runs, resumed or not.
     """
 
     def __init__(self, config: ExperimentConfig, *, model: nn.Module | None = None, train_dataset: Any = None,
@@ -620,8 +632,10 @@ class Trainer:
             perm = torch.randperm(len(self.train_dataset), generator=g).tolist()
             batches = [perm[i * bs:(i + 1) * bs] for i in range(bpe)][offset:]
             batches = batches[acc.process_index::acc.num_processes]
+            # generator=g: without one, every DataLoader iterator draws its base seed from the *global*
+            # torch RNG, so a resumed run (a new iterator mid-epoch) shifted the Gumbel/random-policy noise
             loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=collate_of(self.train_dataset),
-                                num_workers=tc.num_workers)
+                                num_workers=tc.num_workers, generator=g)
             for batch in loader:
                 yield _to(batch, acc.device)
             epoch, offset = epoch + 1, 0
@@ -694,6 +708,8 @@ class Trainer:
             if not (ckpt / STATE_FILE).exists():
                 raise FileNotFoundError(f"--resume: no {ckpt / STATE_FILE} to resume from")
             self.load_state(ckpt)
+            if acc.is_main_process:
+                _truncate_log(self.out_dir / LOG_FILE, self.step)
         elif acc.is_main_process:
             self.config.save(self.out_dir / CONFIG_FILE)
         log_path = self.out_dir / LOG_FILE
@@ -760,9 +776,10 @@ class Trainer:
             "total_steps": self.total_steps,
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": _rng_state(),
         }
+        if acc.scaler is not None:  # fp16 loss scale: it decides which steps are skipped
+            state["scaler"] = acc.scaler.state_dict()
         torch.save(state, tmp / STATE_FILE)
         old = directory.with_name(directory.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -783,11 +800,45 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step = int(state["step"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng.get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (the checkpoint's): an interrupted run may have logged
+    steps after its last save, which the resumed run is about to log again."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the interruption
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line + "\n")
+    path.write_text("".join(keep))
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every global RNG a step may draw from: torch (CPU: Gumbel noise, the random token policy,
+    dropout), CUDA, Python's ``random`` and NumPy's legacy global state (datasets/plugins)."""
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng.get("numpy") is not None:  # checkpoints written before it was saved lack it
+        np.random.set_state(rng["numpy"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _eval_line(ev: dict[str, Any]) -> str:
