@@ -42,6 +42,27 @@ class MeterAdapter:
         torch.manual_seed(seed)
         return build_meter(size, **options)
 
+    def dataset_overrides(self, facts) -> dict[str, Any]:
+        """Build options that fit a dataset (:class:`trimkit.adapter.DatasetFacts`): image and patch
+        size, the tokenizer's vocabulary and special ids, ``num_labels``, ``task`` from the
+        dataset's variant, and text lengths that hold its longest question."""
+        out: dict[str, Any] = {}
+        if facts.image_size is not None:
+            out["image_size"] = facts.image_size
+        if facts.patch_size is not None:
+            out["patch_size"] = facts.patch_size
+        tok = facts.tokenizer
+        if tok is not None:
+            out.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id,
+                       eos_token_id=tok.sep_token_id)
+        if facts.num_labels is not None:
+            out["num_labels"] = facts.num_labels
+        if facts.variant is not None:
+            out["task"] = facts.variant
+        if facts.longest_text is not None:
+            out.update(max_text_len=max(16, facts.longest_text), text_max_positions=max(32, facts.longest_text + 2))
+        return out
+
 
 @hookimpl
 def trimkit_register_adapters(registry):

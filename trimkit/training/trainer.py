@@ -207,7 +207,9 @@ class ExperimentConfig(BaseModel):
 @dataclass
 class DatasetEntry:
     """A registered dataset: ``factory(split, size=, seed=, **options)`` and, optionally,
-    ``model_defaults(adapter_name, dataset) -> dict`` of build options the data implies."""
+    ``model_defaults(adapter_name, dataset) -> dict`` of build options the data implies for a
+    named adapter. Most datasets need none: the adapter maps the dataset's generic facts
+    (:class:`trimkit.adapter.DatasetFacts`) to its own options (``dataset_overrides``)."""
 
     factory: Callable[..., Any]
     model_defaults: Callable[[str, Any], dict[str, Any]] | None = None
@@ -230,18 +232,7 @@ def _digit_grid(split: str, size: int | None = None, seed: int = 0, **options: A
     return DigitGridDataset(split, size=size or 1000, seed=seed, **options)
 
 
-def _digit_grid_defaults(adapter: str, ds: Any) -> dict[str, Any]:
-    if adapter != "meter":
-        return {}
-    longest = max(len(ids) for ids in ds.input_ids)
-    tok = ds.tokenizer
-    return {"image_size": ds.image_size, "patch_size": ds.patch_size, "vocab_size": tok.vocab_size,
-            "num_labels": ds.num_labels, "task": ds.variant, "pad_token_id": tok.pad_token_id,
-            "cls_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id,
-            "max_text_len": max(16, longest), "text_max_positions": max(32, longest + 2)}
-
-
-register_dataset("digit_grid", _digit_grid, _digit_grid_defaults)
+register_dataset("digit_grid", _digit_grid)
 
 
 def _entry(name: str) -> DatasetEntry:
@@ -277,14 +268,25 @@ def collate_of(dataset: Any) -> Callable:
 # Models and weights
 # ------------------------------------------------------------------------------------------------
 def build_model(model: ModelConfig, data: DataConfig | None = None, dataset: Any = None) -> nn.Module:
-    """``adapter.build(size, seed, **(dataset defaults | overrides))``, then ``init`` weights if given."""
+    """``adapter.build(size, seed, **options)``, then ``init`` weights if given.
+
+    ``options``, later ones winning (dict-valued options merged key by key): what the adapter makes
+    of the dataset's facts (its optional ``dataset_overrides(DatasetFacts)``), the dataset entry's
+    ``model_defaults(adapter_name, dataset)`` if it has one, then ``model.overrides``."""
+    from ..adapter import DatasetFacts
+
     adapter = get_registry().adapters.get(model.adapter)
     options: dict[str, Any] = {}
     if data is not None:
         entry = _entry(data.name)
-        if entry.model_defaults is not None:
-            options.update(entry.model_defaults(model.adapter, dataset if dataset is not None else build_dataset(data, "eval")))
-    options.update(model.overrides)
+        hook = getattr(adapter, "dataset_overrides", None)
+        if hook is not None or entry.model_defaults is not None:
+            ds = dataset if dataset is not None else build_dataset(data, "eval")
+            if hook is not None:
+                options = _merge(options, hook(DatasetFacts.of(ds)))
+            if entry.model_defaults is not None:
+                options = _merge(options, entry.model_defaults(model.adapter, ds))
+    options = _merge(options, model.overrides)
     try:
         net = adapter.build(size=model.size, seed=model.seed, **options)
     except (TypeError, ValueError) as err:
@@ -293,6 +295,15 @@ def build_model(model: ModelConfig, data: DataConfig | None = None, dataset: Any
     if model.init:
         load_backbone(net, model.init)
     return net
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base | update``, except that dicts under the same key are merged recursively (so that
+    ``overrides: {text_config: {hidden_size: 64}}`` keeps a vocabulary size the dataset implied)."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
