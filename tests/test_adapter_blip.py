@@ -14,7 +14,7 @@ from trimkit.plugins import get_registry, select_adapter
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-5
-TASKS = ["vqa", "itm"]
+TASKS = ["vqa", "itm", "vqa_classifier"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention

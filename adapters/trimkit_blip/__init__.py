@@ -19,6 +19,12 @@ scores of K candidate answers per question; K = 1 gives the training log-likelih
 logits). Captions and free-form VQA answers are generated with :func:`generate`: the trimmed
 encoder runs once, the decoder generates from the kept tokens only.
 
+VQA as classification (``build(task="vqa_classifier", num_labels=N)``,
+:class:`BlipVQAClassifierForTrimming`): the VQA model's encoders with a linear head on the question
+[CLS], for datasets with a fixed answer list such as digit-grid (the trainer's ``(B, num_labels)``
+contract); the adapter's ``dataset_overrides`` picks it for ``vqa`` datasets. It stands in for the
+answer decoder, which is how the paper (and :class:`BlipVQAForTrimming`) answers.
+
 NLVR2 (``build(task="nlvr2")``): transformers has no BLIP NLVR2 model, so the adapter builds
 Salesforce BLIP's, :class:`BlipNLVRForTrimming` (``forward(pixel_values, pixel_values_2, input_ids,
 attention_mask) -> (B, 2)``), from transformers' BLIP blocks: the two images go through the ViT one
@@ -39,10 +45,11 @@ from trimkit.plugins import hookimpl
 
 from .adapter import TINY, BlipAdapter, wrap
 
-__all__ = ["BlipAdapter", "BlipCaptionForTrimming", "BlipITMForTrimming", "BlipNLVRForTrimming", "BlipVQAForTrimming",
+__all__ = ["BlipAdapter", "BlipCaptionForTrimming", "BlipITMForTrimming", "BlipNLVRForTrimming",
+           "BlipVQAClassifierForTrimming", "BlipVQAForTrimming",
            "QuestionSummary", "TINY", "describe_blip", "encoder_states", "generate", "wrap"]
 
-_LAZY = {"BlipITMForTrimming": "modeling", "BlipVQAForTrimming": "modeling", "BlipCaptionForTrimming": "modeling",
+_LAZY = {"BlipITMForTrimming": "modeling", "BlipVQAForTrimming": "modeling", "BlipVQAClassifierForTrimming": "modeling", "BlipCaptionForTrimming": "modeling",
          "BlipNLVRForTrimming": "modeling", "QuestionSummary": "modeling", "describe_blip": "spec",
          "generate": "generation", "encoder_states": "generation"}
 

@@ -28,9 +28,10 @@ def wrap(model: nn.Module, interpolate_pos_encoding: bool = False) -> nn.Module:
     ``interpolate_pos_encoding`` runs it at an image size other than its config's."""
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
-    from .modeling import BlipCaptionForTrimming, BlipITMForTrimming, BlipNLVRForTrimming, BlipVQAForTrimming
+    from .modeling import (_BlipEncoders, BlipCaptionForTrimming, BlipITMForTrimming, BlipNLVRForTrimming,
+                           BlipVQAForTrimming)
 
-    if isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming, BlipCaptionForTrimming, BlipNLVRForTrimming)):
+    if isinstance(model, (_BlipEncoders, BlipCaptionForTrimming, BlipNLVRForTrimming)):
         return model
     if isinstance(model, BlipForQuestionAnswering):
         return BlipVQAForTrimming(model, interpolate_pos_encoding)
@@ -50,9 +51,9 @@ class BlipAdapter:
             return False
         from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
-        from .modeling import BlipCaptionForTrimming, BlipITMForTrimming, BlipNLVRForTrimming, BlipVQAForTrimming
+        from .modeling import _BlipEncoders, BlipCaptionForTrimming, BlipNLVRForTrimming
 
-        return isinstance(model, (BlipVQAForTrimming, BlipITMForTrimming, BlipCaptionForTrimming, BlipNLVRForTrimming,
+        return isinstance(model, (_BlipEncoders, BlipCaptionForTrimming, BlipNLVRForTrimming,
                                   BlipForQuestionAnswering, BlipForImageTextRetrieval, BlipForConditionalGeneration))
 
     def describe(self, model: nn.Module):
@@ -98,22 +99,32 @@ class BlipAdapter:
 
     def build(self, size: str = "tiny", seed: int = 0, task: str = "vqa", image_size: int | None = None,
               **options: Any) -> nn.Module:
-        """A randomly initialised wrapped model: ``task`` ``"vqa"``, ``"itm"``, ``"caption"`` or ``"nlvr2"``
-        (:class:`~trimkit_blip.modeling.BlipNLVRForTrimming`; option ``merge_from``); ``size``
-        ``"tiny"`` or ``"base"`` (transformers' default ``BlipConfig``: BLIP base, 384px); ``image_size``
-        overrides."""
+        """A randomly initialised wrapped model: ``task`` ``"vqa"``, ``"itm"``, ``"caption"``, ``"nlvr2"``
+        (:class:`~trimkit_blip.modeling.BlipNLVRForTrimming`; option ``merge_from``) or
+        ``"vqa_classifier"`` (:class:`~trimkit_blip.modeling.BlipVQAClassifierForTrimming`, the VQA
+        encoders with a linear answer head; option ``num_labels``, default 2); ``size`` ``"tiny"`` or
+        ``"base"`` (transformers' default ``BlipConfig``: BLIP base, 384px); ``image_size``
+        overrides. Other options are ``BlipConfig`` arguments; ``vision_config`` / ``text_config``
+        dicts are merged into the preset's (``text_config={"hidden_size": 64}`` keeps the rest; a
+        vision ``hidden_size`` is also the text's ``encoder_hidden_size`` unless that is given)."""
         from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
                                   BlipForQuestionAnswering)
 
-        from .modeling import BlipNLVRForTrimming
+        from .modeling import BlipNLVRForTrimming, BlipVQAClassifierForTrimming
 
         if size not in ("tiny", "base"):
             raise ValueError(f"trimkit_blip.build: size must be 'tiny' or 'base', got {size!r}")
         classes = {"vqa": BlipForQuestionAnswering, "itm": BlipForImageTextRetrieval,
-                   "caption": BlipForConditionalGeneration, "nlvr2": BlipNLVRForTrimming}
+                   "caption": BlipForConditionalGeneration, "nlvr2": BlipNLVRForTrimming,
+                   "vqa_classifier": BlipVQAClassifierForTrimming}
         if task not in classes:
             raise ValueError(f"trimkit_blip.build: task must be one of {sorted(classes)}, got {task!r}")
         kwargs = {k: dict(v) for k, v in TINY.items()} if size == "tiny" else {"vision_config": {}, "text_config": {}}
+        given = {part: dict(options.pop(part, None) or {}) for part in ("vision_config", "text_config")}
+        if "hidden_size" in given["vision_config"]:  # the text layers' cross-attention reads the image tokens
+            given["text_config"].setdefault("encoder_hidden_size", given["vision_config"]["hidden_size"])
+        for part, values in given.items():
+            kwargs[part].update(values)
         if image_size is not None:
             kwargs["vision_config"]["image_size"] = image_size
         # transformers' BlipVisionConfig initialises with std 1e-10 (fine for checkpoints, degenerate for
@@ -123,4 +134,42 @@ class BlipAdapter:
         if task == "nlvr2":
             merge_from = options.pop("merge_from", None)
             return BlipNLVRForTrimming(BlipConfig(**kwargs, **options), merge_from=merge_from).eval()
+        if task == "vqa_classifier":
+            num_labels = options.pop("num_labels", 2)
+            return BlipVQAClassifierForTrimming(BlipConfig(**kwargs, **options), num_labels).eval()
         return wrap(classes[task](BlipConfig(**kwargs, **options)).eval())
+
+    def dataset_overrides(self, facts) -> dict[str, Any]:
+        """Build options that fit a dataset (:class:`trimkit.adapter.DatasetFacts`). A ``"vqa"``
+        dataset with answer classes (digit-grid) gets ``task="vqa_classifier"`` (BLIP's encoders and
+        a linear head over its answers, the trainer-compatible stand-in for the answer decoder)
+        with ``num_labels``; ``"nlvr2"`` gets ``task="nlvr2"`` (two classes). Image size, patch size
+        (digit-grid: one patch per cell), the tokenizer's vocabulary and special ids (pad; its
+        first token, [CLS], as BLIP's BOS; [SEP]) and enough text positions for the longest text
+        go into ``vision_config`` / ``text_config``."""
+        out: dict[str, Any] = {}
+        vision: dict[str, Any] = {}
+        text: dict[str, Any] = {}
+        if facts.variant == "nlvr2":
+            if facts.num_labels not in (None, 2):
+                raise ValueError(f"trimkit_blip: BLIP's NLVR2 head has 2 classes, the dataset {facts.num_labels}")
+            out["task"] = "nlvr2"
+        elif facts.variant == "vqa" or facts.num_labels is not None:
+            out["task"] = "vqa_classifier"
+            if facts.num_labels is not None:
+                out["num_labels"] = facts.num_labels
+        if facts.image_size is not None:
+            out["image_size"] = facts.image_size
+        if facts.patch_size is not None:
+            vision["patch_size"] = facts.patch_size
+        tok = facts.tokenizer
+        if tok is not None:
+            text.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                        sep_token_id=tok.sep_token_id)
+        if facts.longest_text is not None:
+            text["max_position_embeddings"] = max(32, facts.longest_text + 2)
+        if vision:
+            out["vision_config"] = vision
+        if text:
+            out["text_config"] = text
+        return out

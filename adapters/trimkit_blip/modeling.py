@@ -21,11 +21,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
-                          BlipForQuestionAnswering, BlipVisionModel)
+                          BlipForQuestionAnswering, BlipTextModel, BlipVisionModel)
 from transformers.models.blip.modeling_blip_text import (BlipTextAttention, BlipTextEmbeddings, BlipTextIntermediate,
                                                          BlipTextOutput, BlipTextSelfAttention)
 
-__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipITMForTrimming", "BlipCaptionForTrimming",
+__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipVQAClassifierForTrimming", "BlipITMForTrimming", "BlipCaptionForTrimming",
            "BlipNLVRForTrimming", "BlipTwinCrossAttention", "BlipNLVRTextLayer", "padding_bias", "causal_bias"]
 
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,6 +106,49 @@ class BlipVQAForTrimming(_BlipEncoders):
                                    encoder_hidden_states=question.repeat_interleave(k, 0))
         logp = logits.log_softmax(-1).gather(-1, answer_ids[:, 1:, None]).squeeze(-1)
         return (logp * answer_attention_mask[:, 1:].to(logp.dtype)).sum(-1).view(-1, k)
+
+
+class BlipVQAClassifierForTrimming(_BlipEncoders):
+    """BLIP's VQA encoders with a linear answer classifier: ``forward(pixel_values, input_ids,
+    attention_mask) -> (B, num_labels)`` logits over a fixed answer list.
+
+    The image encoder (``vision_model``, transformers' ``BlipVisionModel``) and the question encoder
+    (``text_encoder``, ``BlipTextModel`` without pooler; its layers cross-attend to every image
+    token) are :class:`BlipVQAForTrimming`'s, under the same names; ``classifier`` (one linear
+    layer) reads the question encoder's [CLS]. This is the **digit-grid stand-in for BLIP's answer
+    decoder**: the paper answers VQA by ranking candidate answers with the decoder
+    (:class:`BlipVQAForTrimming`, ``build(task="vqa")``), which the trainer's contract
+    (``model(**inputs) -> (B, num_labels)``, cross-entropy on ``labels``) does not fit. The encoders,
+    and so the trimming (vision tokens with the :class:`QuestionSummary` as cross-modal signal,
+    question tokens, heads), are exactly those of the VQA model; only the answer head differs.
+    ``build(task="vqa_classifier", num_labels=...)``; :meth:`from_blip` copies the encoders of a
+    (pretrained) BLIP VQA model.
+    """
+
+    def __init__(self, config: BlipConfig, num_labels: int, interpolate_pos_encoding: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.num_labels = num_labels
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_encoder = BlipTextModel(config.text_config, add_pooling_layer=False)
+        self.classifier = nn.Linear(config.text_config.hidden_size, num_labels)
+        self.question_summary = QuestionSummary()
+        _bert_init(self.classifier, config.text_config.initializer_range)
+
+    @classmethod
+    def from_blip(cls, model: BlipForQuestionAnswering | BlipVQAForTrimming, num_labels: int,
+                  interpolate_pos_encoding: bool = False) -> "BlipVQAClassifierForTrimming":
+        """The encoders of a BLIP VQA model (copied), a new random ``classifier``."""
+        clf = cls(model.config, num_labels, interpolate_pos_encoding)
+        clf.vision_model.load_state_dict(model.vision_model.state_dict())
+        clf.text_encoder.load_state_dict(model.text_encoder.state_dict())
+        return clf.train(model.training)
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> torch.Tensor:
+        self._summary(input_ids, attention_mask)  # traced once; the vision trimmers read it (context_source)
+        return self.classifier(self._encode(pixel_values, input_ids, attention_mask)[:, 0, :])
 
 
 class BlipITMForTrimming(_BlipEncoders):

@@ -5,7 +5,7 @@ Streams and trimmed layers, in forward order:
 * ``vision``: ``vision_model.encoder.layers.N`` (``BlipEncoderLayer``), self-attention
   ``self_attn`` (``BlipAttention``: one fused ``qkv`` linear, own ``projection``). Their trimmers'
   cross-modal input is ``question_summary`` (``context_source``; see :mod:`trimkit_blip.modeling`).
-* ``text`` (padding from ``attention_mask``), site ``"cross"``: ``text_encoder.encoder.layer.N``
+* ``text`` (padding from ``attention_mask``; every model but captioning), site ``"cross"``: ``text_encoder.encoder.layer.N``
   (``BlipTextLayer``), self-attention ``attention.self`` and cross-attention
   ``crossattention.self`` to the image tokens (``encoder_hidden_states``); both return per-head
   contexts, the layer applies ``output.dense``.
@@ -15,6 +15,9 @@ Streams and trimmed layers, in forward order:
 * ``caption`` (captioning only, in place of ``text``): the caption decoder's layers, declared
   like ``answer`` so that their cross-attention reads only the kept image tokens; the vision
   trimmers have no cross-modal input (the prompt is fixed).
+
+The VQA classifier (:class:`~trimkit_blip.modeling.BlipVQAClassifierForTrimming`, the digit-grid
+stand-in for answer ranking) has the VQA model's ``vision`` and ``text`` streams and no ``answer``.
 
 NLVR2 (:class:`~trimkit_blip.modeling.BlipNLVRForTrimming`): each ``vision`` layer is called twice
 per forward, once per image; trimkit follows each call's data flow, so each image is trimmed by its
@@ -113,9 +116,9 @@ def _nlvr_text_layers(model: BlipNLVRForTrimming) -> list[LayerSpec]:
     return layers
 
 
-def describe_blip(model: BlipVQAForTrimming | BlipITMForTrimming | BlipCaptionForTrimming | BlipNLVRForTrimming
-                  ) -> ModelSpec:
-    """The :class:`~trimkit.spec.ModelSpec` of a BLIP wrapper (VQA ranking, ITM, captioning or NLVR2)."""
+def describe_blip(model: nn.Module) -> ModelSpec:
+    """The :class:`~trimkit.spec.ModelSpec` of a BLIP wrapper (VQA ranking, VQA classifier, ITM,
+    captioning or NLVR2)."""
     caption = isinstance(model, BlipCaptionForTrimming)
     vision = []
     for i, layer in enumerate(model.vision_model.encoder.layers):
