@@ -38,7 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from trimkit.demo import pretrain_cells, reinit_normal
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digit_grid_analysis import asked_cell_kept, digit_cells_kept, per_type_accuracy, question_sensitivity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,158 +81,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # BLIP versions of trimkit.demo's METER helpers
 # ------------------------------------------------------------------------------------------------
 def pretrain_vision(model, dataset, steps: int, lr: float = 1e-3, batch_size: int = 32, seed: int = 0) -> float:
-    """Pretrain BLIP's vision tower on digit-grid cells: every patch token (after the tower's final
-    LayerNorm) predicts its cell's content (digit or empty) and position with two linear heads,
-    thrown away after. Needs one patch per cell. Returns the last batch's cell accuracy."""
+    """:func:`trimkit.demo.pretrain_cells` for BLIP's vision tower (patch tokens after its final
+    LayerNorm). Needs one patch per cell. Returns the last batch's cell accuracy."""
     vision = model.vision_model
-    width, grid = model.config.vision_config.hidden_size, dataset.grid
     if dataset.cell != model.config.vision_config.patch_size:
         raise ValueError("pretrain_vision: one patch per cell needed")
-    cells = grid * grid
-    content, position = torch.nn.Linear(width, 11), torch.nn.Linear(width, cells)
-    params = list(vision.parameters()) + list(content.parameters()) + list(position.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
-    labels = torch.from_numpy(dataset.grids[:, 0].reshape(len(dataset), cells).astype("int64"))
-    labels[labels < 0] = 10
-    where = torch.arange(cells)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    acc = 0.0
-    for _ in range(steps):
-        idx = torch.randint(0, len(dataset), (batch_size,), generator=gen)
-        v = vision(pixel_values=torch.stack([dataset.render(int(i)) for i in idx])).last_hidden_state[:, 1:]
-        pred = content(v)
-        loss = F.cross_entropy(pred.reshape(-1, 11), labels[idx].reshape(-1)) + \
-            F.cross_entropy(position(v).reshape(-1, cells), where.repeat(batch_size))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        acc = float((pred.argmax(-1) == labels[idx]).float().mean())
-    return acc
+    return pretrain_cells(vision, lambda pixels: vision(pixel_values=pixels).last_hidden_state[:, 1:],
+                          model.config.vision_config.hidden_size, dataset, steps, lr, batch_size, seed)
 
 
 def reinit_for_scratch(model) -> None:
     """Re-initialise the question encoder and the classifier with std 1/sqrt(text width) (BLIP's
     BERT init, N(0, 0.02), suits fine-tuning pretrained weights; from scratch at these widths the
     METER demo found it collapses to the answer prior: see ``trimkit.demo.reinit_for_scratch``)."""
-    std = model.config.text_config.hidden_size ** -0.5
-    for child in (model.text_encoder, model.classifier):
-        for m in child.modules():
-            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
-                torch.nn.init.normal_(m.weight, 0.0, std)
-                if getattr(m, "bias", None) is not None:
-                    torch.nn.init.zeros_(m.bias)
-                if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None:
-                    with torch.no_grad():
-                        m.weight[m.padding_idx].zero_()
+    reinit_normal([model.text_encoder, model.classifier], model.config.text_config.hidden_size ** -0.5)
 
 
 # ------------------------------------------------------------------------------------------------
 # Measurements
 # ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def per_type_accuracy(model, dataset, batch_size: int = 250) -> dict[str, float]:
-    from trimkit.training import model_inputs
-
-    model.eval()
-    correct: dict[str, int] = {}
-    total: dict[str, int] = {}
-    for start in range(0, len(dataset), batch_size):
-        idx = list(range(start, min(len(dataset), start + batch_size)))
-        batch = dataset.collate_fn([dataset[i] for i in idx])
-        pred = model(**model_inputs(model, batch)).argmax(-1)
-        for i, ok in zip(idx, (pred == batch["labels"]).tolist()):
-            t = dataset.qtypes[i]
-            correct[t] = correct.get(t, 0) + int(ok)
-            total[t] = total.get(t, 0) + 1
-    return {t: correct[t] / total[t] for t in sorted(total)}
-
-
-@torch.no_grad()
-def question_sensitivity(tmodel, dataset, pairs: int) -> dict[str, Any]:
-    """Examples 2k and 2k+1 of the test split, both asked about the image of 2k: per vision layer, the
-    fraction of token decisions (hard masks, [CLS] included) that differ between the two questions."""
-    from trimkit.training import model_inputs
-
-    vision = [l.path for l in tmodel.spec.layers if l.stream == "vision"]
-    diff = dict.fromkeys(vision, 0)
-    tot = dict.fromkeys(vision, 0)
-    used = 0
-    tmodel.eval()
-    for k in range(pairs):
-        a, b = dataset[2 * k], dataset[2 * k + 1]
-        if dataset.questions[2 * k] == dataset.questions[2 * k + 1]:
-            continue
-        used += 1
-        x = dataset.collate_fn([a, dict(b, pixel_values=a["pixel_values"])])
-        with tmodel.mode("hard"):
-            tmodel(**model_inputs(tmodel, x))
-        for r in tmodel.records:
-            if r.kind == "token" and r.key in diff:
-                diff[r.key] += int((r.mask[0] != r.mask[1]).sum())
-                tot[r.key] += r.mask.shape[1]
-    per_layer = {k: diff[k] / tot[k] for k in vision if tot[k]}
-    return {"pairs": used, "first_layer": per_layer.get(vision[0], float("nan")), "per_layer": per_layer}
-
-
-@torch.no_grad()
-def asked_cell_kept(tmodel, dataset, limit: int = 1000) -> dict[str, float]:
-    """Position questions: how often the asked cell's patch is still kept after the last vision
-    layer's trimmer (hard masks), split by whether that cell holds a digit."""
-    from trimkit.training import model_inputs
-
-    last = [l.path for l in tmodel.spec.layers if l.stream == "vision"][-1]
-    idx = [i for i in range(min(limit, len(dataset))) if dataset.qtypes[i] == "position"]
-    kept = {"digit": [0, 0], "empty": [0, 0]}
-    tmodel.eval()
-    for start in range(0, len(idx), 250):
-        chunk = idx[start:start + 250]
-        with tmodel.mode("hard"):
-            tmodel(**model_inputs(tmodel, dataset.collate_fn([dataset[i] for i in chunk])))
-        mask = next(r.mask for r in tmodel.records if r.kind == "token" and r.key == last)
-        for row, i in enumerate(chunk):
-            d = dataset.describe(i)
-            patch = d["relevant_patches"][0] + 1  # + [CLS]
-            which = "empty" if d["answer"] == "none" else "digit"
-            kept[which][0] += int(mask[row, patch] > 0.5)
-            kept[which][1] += 1
-    return {k: v[0] / v[1] if v[1] else float("nan") for k, v in kept.items()} | {
-        f"n_{k}": v[1] for k, v in kept.items()}
-
-
-@torch.no_grad()
-def digit_cells_kept(tmodel, dataset, limit: int = 1000) -> dict[str, dict[str, float]]:
-    """Per question type: the fraction of digit cells still kept after the last vision layer's
-    trimmer (hard masks), and, for existence and count questions, of the cells holding the asked digit."""
-    from trimkit.training import model_inputs
-
-    last = [l.path for l in tmodel.spec.layers if l.stream == "vision"][-1]
-    n = min(limit, len(dataset))
-    kept: dict[str, list[int]] = {}
-    asked: dict[str, list[int]] = {}
-    tmodel.eval()
-    for start in range(0, n, 250):
-        idx = list(range(start, min(n, start + 250)))
-        with tmodel.mode("hard"):
-            tmodel(**model_inputs(tmodel, dataset.collate_fn([dataset[i] for i in idx])))
-        mask = next(r.mask for r in tmodel.records if r.kind == "token" and r.key == last)
-        for row, i in enumerate(idx):
-            d = dataset.describe(i)
-            cells = [j for j, v in enumerate(d["grid"].reshape(-1)) if v >= 0]
-            k = kept.setdefault(d["qtype"], [0, 0])
-            k[0] += sum(int(mask[row, j + 1] > 0.5) for j in cells)  # + [CLS]
-            k[1] += len(cells)
-            if d["qtype"] != "position" and d["relevant_patches"]:
-                a = asked.setdefault(d["qtype"], [0, 0])
-                a[0] += sum(int(mask[row, j + 1] > 0.5) for j in d["relevant_patches"])
-                a[1] += len(d["relevant_patches"])
-    return {"digit_cells": {t: v[0] / v[1] for t, v in sorted(kept.items())},
-            "asked_digit_cells": {t: v[0] / v[1] for t, v in sorted(asked.items())}}
-
-
 def summary_macs_share(model, dataset) -> dict[str, float]:
     """MACs of the QuestionSummary path (word embeddings + masked mean) vs the whole model, one instance."""
     from trimkit.macs import count_macs

@@ -15,13 +15,14 @@ ROW_FIELDS = ("method", "target", "accuracy", "gmacs", "macs_ratio", "latency_ra
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--finetune-steps", "6"]) == 0
     printed = capsys.readouterr().out
     for name in ("results.json", "results.md", "pareto.png"):
         assert (out / name).exists() and (out / name).stat().st_size > 0, name
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     result = json.loads((out / "results.json").read_text())
+    assert result["preset"]["finetune"]["steps"] == 6  # --finetune-steps reached every fine-tune
     rows = result["rows"]
     methods = [r["method"] for r in rows]
     assert methods[0] == "METER (full)"

@@ -48,12 +48,12 @@ from .training import (
     build_model,
     evaluate,
     interleaved_latency,
-    load_backbone,
     model_inputs,
 )
 from .training.trainer import collate_of
 
-__all__ = ["DemoPreset", "FULL", "QUICK", "calibrate", "run_demo", "targets_for"]
+__all__ = ["DemoPreset", "FULL", "QUICK", "calibrate", "pretrain_cells", "pretrain_vision", "reinit_for_scratch",
+           "reinit_normal", "run_demo", "targets_for"]
 
 
 @dataclass(frozen=True)
@@ -118,39 +118,34 @@ QUICK = DemoPreset(
 # ------------------------------------------------------------------------------------------------
 # Stage 0: what pretraining gives a real backbone's vision tower
 # ------------------------------------------------------------------------------------------------
-def pretrain_vision(model: torch.nn.Module, dataset: Any, steps: int, lr: float = 1e-3, batch_size: int = 32,
-                    seed: int = 0) -> float:
-    """Pretrain a METER model's vision tower on digit-grid cells: every patch token predicts its
-    cell's content (digit or empty) and its cell's position (two linear heads, thrown away after).
+def pretrain_cells(tower: torch.nn.Module, encode: Callable[[torch.Tensor], torch.Tensor], width: int, dataset: Any,
+                   steps: int, lr: float = 1e-3, batch_size: int = 32, seed: int = 0) -> float:
+    """Pretrain a vision tower on digit-grid cells, as CLIP pretraining would have taught it to see.
 
-    A real METER starts from a pretrained CLIP tower; trained from scratch, the VQA loss alone does
-    not teach the tower to recognise digits (the model settles on the answer prior). Needs cells of
-    one patch (``dataset.cell == model patch size``). Returns the last batch's cell accuracy.
+    ``encode(pixels) -> (B, cells, width)`` runs ``tower`` and returns its patch tokens (one patch
+    per cell, no [CLS]); each predicts its cell's content (digit or empty) and its cell's position
+    with two linear heads, thrown away after. Only ``tower``'s parameters (and the heads) are
+    trained. Returns the last batch's cell accuracy.
     """
-    vit = model.vit_model
-    grid, width = dataset.grid, model.config.vision_width
-    if dataset.cell != model.config.patch_size:
-        raise ValueError(f"pretrain_vision: cells of {dataset.cell} px need patches of the same size "
-                         f"(model patch_size {model.config.patch_size})")
+    grid = dataset.grid
     cells = grid * grid
     content, position = torch.nn.Linear(width, 11), torch.nn.Linear(width, cells)
-    params = list(vit.parameters()) + list(content.parameters()) + list(position.parameters())
+    params = list(tower.parameters()) + list(content.parameters()) + list(position.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
     labels = torch.from_numpy(dataset.grids[:, 0].reshape(len(dataset), cells).astype("int64"))
     labels[labels < 0] = 10  # empty
     where = torch.arange(cells)
     gen = torch.Generator().manual_seed(seed)
-    was = model.training
-    model.train()
+    was = tower.training
+    tower.train()
     acc = 0.0
     for _ in range(steps):
         idx = torch.randint(0, len(dataset), (batch_size,), generator=gen)
-        pixels = torch.stack([dataset.render(int(i)) for i in idx])
-        v = model.embed_image(pixels)
-        for block in vit.transformer.resblocks:
-            v = block(v)
-        v = vit.ln_post(v)[:, 1:]
+        v = encode(torch.stack([dataset.render(int(i)) for i in idx]))
+        if v.shape[1] != cells:
+            raise ValueError(f"pretrain_cells: the tower gave {v.shape[1]} patch tokens for {cells} cells "
+                             f"(one patch per cell of {dataset.cell} px is needed)")
         pred = content(v)
         loss = F.cross_entropy(pred.reshape(-1, 11), labels[idx].reshape(-1)) + \
             F.cross_entropy(position(v).reshape(-1, cells), where.repeat(batch_size))
@@ -160,8 +155,42 @@ def pretrain_vision(model: torch.nn.Module, dataset: Any, steps: int, lr: float 
         opt.step()
         sched.step()
         acc = float((pred.argmax(-1) == labels[idx]).float().mean())
-    model.train(was)
+    tower.train(was)
     return acc
+
+
+def pretrain_vision(model: torch.nn.Module, dataset: Any, steps: int, lr: float = 1e-3, batch_size: int = 32,
+                    seed: int = 0) -> float:
+    """:func:`pretrain_cells` for a METER model's vision tower (``vit_model``).
+
+    A real METER starts from a pretrained CLIP tower; trained from scratch, the VQA loss alone does
+    not teach the tower to recognise digits (the model settles on the answer prior).
+    """
+    vit = model.vit_model
+    if dataset.cell != model.config.patch_size:
+        raise ValueError(f"pretrain_vision: cells of {dataset.cell} px need patches of the same size "
+                         f"(model patch_size {model.config.patch_size})")
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        v = model.embed_image(pixels)
+        for block in vit.transformer.resblocks:
+            v = block(v)
+        return vit.ln_post(v)[:, 1:]
+
+    return pretrain_cells(vit, encode, model.config.vision_width, dataset, steps, lr, batch_size, seed)
+
+
+def reinit_normal(modules: Any, std: float) -> None:
+    """Every Linear and Embedding weight in ``modules`` ~ N(0, std), biases 0, padding rows 0."""
+    for child in modules:
+        for m in child.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    torch.nn.init.zeros_(m.bias)
+                if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None:
+                    with torch.no_grad():
+                        m.weight[m.padding_idx].zero_()
 
 
 def reinit_for_scratch(model: torch.nn.Module) -> None:
@@ -172,20 +201,11 @@ def reinit_for_scratch(model: torch.nn.Module) -> None:
     and AdamW collapses the image-dependent part of the features within a few dozen steps (measured:
     the share of input-dependent variance at the head fell from 0.03 to 3e-6). Wider weights avoid it.
     """
-    std_text = model.config.text_hidden ** -0.5
-    std_cross = model.config.hidden_size ** -0.5
     for name, child in model.named_children():
         if name == "vit_model":
             continue
-        std = std_text if name == "text_transformer" else std_cross
-        for m in child.modules():
-            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
-                torch.nn.init.normal_(m.weight, 0.0, std)
-                if getattr(m, "bias", None) is not None:
-                    torch.nn.init.zeros_(m.bias)
-                if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None:
-                    with torch.no_grad():
-                        m.weight[m.padding_idx].zero_()
+        width = model.config.text_hidden if name == "text_transformer" else model.config.hidden_size
+        reinit_normal([child], width ** -0.5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,9 +341,16 @@ def _experiment(preset: DemoPreset, train: dict[str, Any], out_dir: Path, trim_c
 
 
 def run_demo(out_dir: str | Path = "trimkit-demo", quick: bool = False, progress: bool | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole demo; returns ``{"rows": [...], "wall_s": ..., ...}`` (also in results.json)."""
+             log: Callable[[str], None] = print, finetune_steps: int | None = None) -> dict[str, Any]:
+    """Run the whole demo; returns ``{"rows": [...], "wall_s": ..., ...}`` (also in results.json).
+
+    ``finetune_steps`` overrides the preset's steps of every SmartTrim fine-tune (all methods alike).
+    """
     preset = QUICK if quick else FULL
+    if finetune_steps is not None:
+        if finetune_steps < 1:
+            raise ValueError(f"run_demo: finetune_steps must be >= 1, got {finetune_steps}")
+        preset = replace(preset, finetune={**preset.finetune, "steps": int(finetune_steps)})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
