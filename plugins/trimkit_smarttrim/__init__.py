@@ -1,8 +1,9 @@
 """SmartTrim's method parts as a trimkit plugin (registered through the ``trimkit`` entry point).
 
 Policies ``cross_modal`` (Eq. 3-7), ``local`` and ``random`` (the §6.1 baselines); samplers
-``gumbel`` (Eq. 8), ``hard_st`` and ``sharpen`` (noise shrinking with the temperature); objective ``smarttrim`` (Eq. 9-12); schedulers ``linear``
-(the curriculum) and ``constant``. A third-party plugin registers its own parts the same way.
+``gumbel`` (Eq. 8), ``hard_st`` and ``sharpen`` (noise shrinking with the temperature); objective
+``smarttrim`` (Eq. 9-12); schedulers ``linear`` (the curriculum) and ``constant``. A third-party
+plugin registers its own parts the same way.
 """
 
 from __future__ import annotations
