@@ -92,7 +92,7 @@ def test_sharpened_sampler_tends_to_the_inference_decision():
     assert float((m1[2::4] > 0.5).float().mean()) == pytest.approx(torch.sigmoid(torch.tensor(0.3)).item(), abs=0.01)
     # the plain Gumbel-sigmoid stays that far from the decision at any temperature; sharpened converges
     assert float((gumbel_sigmoid(logits, 0.01) - hard).abs().mean()) > 0.2
-    assert float((sharpened(logits, 0.01) - hard).abs().max()) < 1e-3
+    assert float((sharpened(logits, 0.01) - hard).abs().max()) < 1e-5  # |pi|/tau = 30 vs noise within +-16
     x = logits[:4].clone().requires_grad_(True)
     sharpened(x, 0.5).sum().backward()
     assert float(x.grad.abs().sum()) > 0
