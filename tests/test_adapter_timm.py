@@ -43,7 +43,11 @@ def test_selected_from_the_model(adapter):
     assert set(adapter.example_inputs(model, batch_size=3)) == {"x"}
 
 
-@pytest.mark.parametrize("options", [{}, {"reg_tokens": 2, "init_values": 0.1}, {"no_embed_class": True, "pre_norm": True}])
+KERNEL_OPTIONS = [{"qk_norm": True}, {"scale_attn_norm": True}]  # run at the kernel (via="kernel")
+
+
+@pytest.mark.parametrize("options", [{}, {"reg_tokens": 2, "init_values": 0.1}, {"no_embed_class": True, "pre_norm": True},
+                                     *KERNEL_OPTIONS])
 def test_fresh_trimmers_keep_the_model_exact(adapter, options):
     model = adapter.build("tiny", **options)
     params = dict(model.named_parameters())
@@ -58,9 +62,11 @@ def test_fresh_trimmers_keep_the_model_exact(adapter, options):
         assert tmodel.records and all(float(r.keep.min()) == 1.0 for r in tmodel.records)
 
 
-@pytest.mark.parametrize("policy,seed", [("cross_modal", 0), ("cross_modal", 1), ("local", 2)])
-def test_hard_masks_equal_removal(adapter, policy, seed):
-    model = adapter.build("tiny", depth=3)
+@pytest.mark.parametrize("policy,seed,options", [("cross_modal", 0, {}), ("cross_modal", 1, {}), ("local", 2, {}),
+                                                 ("cross_modal", 3, KERNEL_OPTIONS[0]),
+                                                 ("local", 4, KERNEL_OPTIONS[1])])
+def test_hard_masks_equal_removal(adapter, policy, seed, options):
+    model = adapter.build("tiny", depth=3, **options)
     tmodel = _trim(model, token_policy=policy)
     _randomize(tmodel, seed)
     x = adapter.example_inputs(model, batch_size=1, seed=seed)
@@ -107,13 +113,37 @@ def test_training_mode_samples_masks_with_gradients(adapter):
     ({"class_token": False, "global_pool": "avg"}, "class_token"),
     ({"global_pool": "avg"}, "global_pool"),
     ({"global_pool": "map"}, "global_pool"),
-    ({"qk_norm": True}, "qk_norm"),
-    ({"scale_attn_norm": True}, "scale_attn_norm"),
     ({"dynamic_img_size": True}, "dynamic_img_size"),
 ])
 def test_unsupported_options_are_refused_by_name(adapter, options, needle):
     model = adapter.build("tiny", **options)
     with pytest.raises(ValueError, match=needle):
+        trimkit.trim(model, TrimConfig())
+
+
+def test_qk_norm_runs_at_the_kernel_and_packs(adapter):
+    """qk-norm changes q and k after the projection: recomputing attention from qkv would be wrong,
+    so the adapter describes it at the kernel; packed batches agree with masked ones."""
+    model = adapter.build("tiny", depth=3, qk_norm=True)
+    tmodel = _trim(model)
+    kernels = [m for m in tmodel._graph.modules() if type(m).__name__ == "KernelAttention"]
+    assert len(kernels) == 3 and {k.route for k in kernels} == {"fx"}
+    _randomize(tmodel, 5)
+    x = adapter.example_inputs(model, batch_size=4, seed=5)
+    with torch.no_grad():
+        with tmodel.mode("hard"):
+            hard = tmodel(**x)
+        with tmodel.mode("packed"):
+            packed = tmodel(**x)
+    assert any(r.counts and len(set(r.counts)) > 1 for r in tmodel.records)  # per-instance counts differ
+    torch.testing.assert_close(packed, hard, atol=ATOL, rtol=0)
+
+
+def test_unfused_qk_norm_is_refused(adapter):
+    model = adapter.build("tiny", qk_norm=True)
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    with pytest.raises(ValueError, match="fused_attn"):
         trimkit.trim(model, TrimConfig())
 
 

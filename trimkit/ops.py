@@ -256,7 +256,11 @@ class Runtime:
 
 
 def align(tensor: Any, state: TokenState | None, dim: int) -> Any:
-    """Gather a tensor made at the stream's original length to the tokens still present."""
+    """Gather a tensor made at the stream's original length to the tokens still present.
+
+    A tuple or list (e.g. rotary ``(cos, sin)``) is gathered element by element."""
+    if isinstance(tensor, (tuple, list)):
+        return type(tensor)(align(t, state, dim) for t in tensor)
     if state is None or not isinstance(tensor, torch.Tensor):
         return tensor
     if state.packing is not None:

@@ -29,44 +29,10 @@ from torch.utils._pytree import tree_map
 
 from .engine import packed as P
 from .engine.packed import PackedCall
+from .kernels import KernelAttention
 from .ops import AttnTrim, Runtime, TokenState, TrimAttention, _rows, align
-from .spec import LayerSpec, ModelSpec
-
-
-class TraceError(RuntimeError):
-    """Tracing failed; the message names the module and the adapter hook that can fix it."""
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: set[str], autowrap_functions: Sequence[Callable] = ()) -> None:
-        super().__init__(autowrap_functions=tuple(autowrap_functions))
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # Childless modules (Linear, LayerNorm, Dropout, timm's DropPath...) stay calls, so their
-        # train/eval behaviour is decided when they run, not frozen at trace time.
-        return qualname in self.leaves or super().is_leaf_module(m, qualname) or next(m.children(), None) is None
-
-
-def _trace(root: nn.Module, leaves: set[str], concrete_args: dict[str, Any], autowrap: Sequence[Callable], what: str, hook: str) -> fx.Graph:
-    tracer = _Tracer(leaves, autowrap)
-    try:
-        return tracer.trace(root, concrete_args=concrete_args or None)
-    except Exception as err:
-        where = ""
-        stack = getattr(tracer, "module_stack", None)
-        if stack:
-            where = f" inside module {list(stack.keys())[-1]!r}"
-        raise TraceError(
-            f"torch.fx could not trace {what}{where}: {type(err).__name__}: {err}. "
-            f"The adapter can fix this through {hook} (make the offending module a leaf, autowrap the "
-            "function, or fix an input with concrete_args)."
-        ) from err
-
-
-def _param_names(module: nn.Module) -> list[str]:
-    return [p.name for p in inspect.signature(module.forward).parameters.values()
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+from .spec import AttentionSpec, LayerSpec, ModelSpec
+from .trace import TraceError, fixed_args, param_names, plain_codegen, trace
 
 
 def _arg_name(ref: int | str, names: list[str], layer: str) -> str:
@@ -91,37 +57,12 @@ def _contains_node(value: Any) -> bool:
     return found
 
 
-class _Unflatten(nn.Module):
-    """Rebuilds a layer's structured output from fx's flat output list."""
-
-    def __init__(self, spec: Any) -> None:
-        super().__init__()
-        self.spec = spec
-
-    def forward(self, flat: list) -> Any:
-        return pytree.tree_unflatten(flat, self.spec)
-
-
-def _plain_codegen(gm_or_graph: Any, spec: Any = None) -> Any:
-    """Give a layer traced with concrete_args a plain keyword signature.
-
-    fx then generates pytree flattening code whose signature cannot hold inputs with defaults (the
-    concrete ones) next to extra placeholders. Call once on the graph (returns the output spec), then
-    on the graph module with that spec to unflatten the output explicitly.
-    """
-    if spec is None:
-        info = getattr(gm_or_graph._codegen, "pytree_info", None)
-        if info is None:
-            return None
-        gm_or_graph._codegen = fx.graph.CodeGen()
-        return info.out_spec
-    gm = gm_or_graph
-    gm.add_submodule("trimkit_unflatten", _Unflatten(spec))
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    with gm.graph.inserting_before(out):
-        value = gm.graph.call_module("trimkit_unflatten", (out.args[0],))
-    out.args = (value,)
-    return None
+def _call_arguments(node: fx.Node, module: nn.Module) -> tuple[dict[str, Any], set[str]]:
+    """A module call node's arguments by parameter name: (the constant ones, the names of the
+    ones that carry graph values)."""
+    call = dict(zip(param_names(module), node.args)) | dict(node.kwargs)
+    symbolic = {k for k, v in call.items() if _contains_node(v)}
+    return {k: v for k, v in call.items() if k not in symbolic}, symbolic
 
 
 class TrimmedLayer(nn.Module):
@@ -135,7 +76,7 @@ class TrimmedLayer(nn.Module):
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "trimmers", trimmers)
         object.__setattr__(self, "runtime", runtime)
-        self.names = _param_names(layer)
+        self.names = param_names(layer)
         self.signature = inspect.signature(layer.forward)
         self.hidden_name = _arg_name(spec.hidden, self.names, spec.path)
         self.context_name = _arg_name(spec.context, self.names, spec.path) if spec.context is not None else None
@@ -148,58 +89,59 @@ class TrimmedLayer(nn.Module):
         self.inner = self._trace_inner(layer, symbolic, autowrap)
 
     def _trace_inner(self, layer: nn.Module, symbolic: set[str], autowrap: Sequence[Callable]) -> fx.GraphModule:
+        """Trace the layer with its attention modules as calls and replace the call each
+        :class:`AttentionSpec` describes (its ``call``-th call of its module, or every call) by trimkit's
+        attention (projections recomputed, or the module itself with its kernel intercepted), which
+        takes that call's :class:`~trimkit.ops.AttnTrim` from the list in the ``trimkit_attn`` input."""
         spec = self.spec
         for a in spec.attentions:
             try:
                 layer.get_submodule(a.path)
             except AttributeError:
                 raise ValueError(f"layer {spec.path!r}: attention module {a.path!r} does not exist") from None
-        params = inspect.signature(layer.forward).parameters
-        concrete = {n: params[n].default for n in self.names if n not in symbolic and params[n].default is not inspect.Parameter.empty}
-        for p in params.values():  # HF layers take **kwargs: fix them empty so fx can trace the layer
-            if p.kind == p.VAR_KEYWORD:
-                concrete[f"**{p.name}"] = {}
-            elif p.kind == p.VAR_POSITIONAL:
-                concrete[f"*{p.name}"] = ()
-        root = layer
-        forward = type(layer).forward
-        if inspect.unwrap(forward) is not forward:
-            # A decorated forward (transformers wraps layers' forward as f(*args, **kwargs)) hides the
-            # parameters from fx: trace a view of the layer whose class has the undecorated forward.
-            # The view shares the layer's __dict__ (modules, parameters); the layer is not touched.
-            view_cls = type(f"{type(layer).__name__}TraceView", (type(layer),), {})
-            view_cls.forward = inspect.unwrap(forward)  # after creation: __init_subclass__ may re-wrap it
-            root = object.__new__(view_cls)
-            root.__dict__ = layer.__dict__
-        graph = _trace(root, {a.path for a in spec.attentions}, concrete, autowrap, f"layer {spec.path!r}",
-                       "LayerSpec.attentions (attention paths) or ModelSpec.autowrap_functions")
-        out_spec = _plain_codegen(graph)
-        gm = fx.GraphModule(root, graph)
-        if out_spec is not None:
-            _plain_codegen(gm, out_spec)
+        graph = trace(layer, {a.path for a in spec.attentions}, fixed_args(layer, symbolic), autowrap,
+                      f"layer {spec.path!r}", "LayerSpec.attentions (attention paths) or ModelSpec.autowrap_functions")
+        finish = plain_codegen(graph)
+        gm = fx.GraphModule(layer, graph)
+        finish(gm)
         placeholders = [n for n in graph.nodes if n.op == "placeholder" and not str(n.target).startswith("*")]
         with graph.inserting_after(placeholders[-1]):
             trims = graph.placeholder("trimkit_attn", default_value=None)
-        found = set()
+        seen: dict[str, int] = {}  # module path -> calls so far
+        found: set[int] = set()
         for node in list(graph.nodes):
-            if node.op != "call_module":
+            if node.op != "call_module" or node.target not in {a.path for a in spec.attentions}:
                 continue
-            for i, a in enumerate(spec.attentions):
-                if node.target == a.path:
-                    name = f"trimkit_attn_{i}"
-                    if not hasattr(gm, name):
-                        gm.add_submodule(name, TrimAttention(layer.get_submodule(a.path), a))
-                    with graph.inserting_before(node):
-                        trim = graph.call_function(operator.getitem, (trims, i))
-                    node.target = name
-                    node.kwargs = {**node.kwargs, "trimkit_trim": trim}
-                    found.add(i)
-        missing = [spec.attentions[i].path for i in range(len(spec.attentions)) if i not in found]
+            nth = seen.get(node.target, 0)
+            seen[node.target] = nth + 1
+            hits = [i for i, a in enumerate(spec.attentions) if a.path == node.target and a.call in (None, nth)]
+            if not hits:
+                continue  # a call of the module no spec describes: it runs untouched
+            i = hits[0]
+            name = f"trimkit_attn_{i}"
+            if not hasattr(gm, name):
+                gm.add_submodule(name, self._attention(layer.get_submodule(node.target), spec.attentions[i], node))
+            with graph.inserting_before(node):
+                trim = graph.call_function(operator.getitem, (trims, i))
+                # a new node, not a retargeted one: the old node's name may be a Python keyword or
+                # ``self`` (an attention child named ``self`` directly under the layer)
+                new = graph.call_module(name, node.args, {**node.kwargs, "trimkit_trim": trim})
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            found.add(i)
+        missing = [f"{a.path}" + ("" if a.call is None else f" (call {a.call})")
+                   for i, a in enumerate(spec.attentions) if i not in found]
         if missing:
-            raise TraceError(f"layer {spec.path!r}: attention modules {missing} are never called in its traced forward")
+            raise TraceError(f"layer {spec.path!r}: attention calls {missing} do not occur in its traced forward "
+                             f"(calls seen: {seen or 'none'})")
         gm.recompile()
         self.inner_inputs = {n.target for n in graph.nodes if n.op == "placeholder"} - {"trimkit_attn"}
         return gm
+
+    def _attention(self, module: nn.Module, a: AttentionSpec, node: fx.Node) -> nn.Module:
+        if a.via == "kernel":
+            return KernelAttention(module, f"{self.spec.path}.{a.path}", *_call_arguments(node, module))
+        return TrimAttention(module, a)
 
     def forward(self, *args: Any, trimkit_hidden_state: TokenState | None = None, trimkit_context_state: TokenState | None = None,
                 trimkit_context: torch.Tensor | None = None, trimkit_attn_states: list[TokenState | None] | None = None,
@@ -491,14 +433,14 @@ def rewrite(
         except AttributeError:
             raise ValueError(f"the adapter describes layer {path!r}, but the model has no such module") from None
     leaves = set(by_path) | set(spec.leaf_modules) | {t.module for t in spec.token_args}
-    graph = _trace(model, leaves, dict(spec.concrete_args), spec.autowrap_functions, f"model {type(model).__name__}",
+    graph = trace(model, leaves, fixed_args(model, None, dict(spec.concrete_args)), spec.autowrap_functions, f"model {type(model).__name__}",
                    "ModelSpec.leaf_modules / autowrap_functions / concrete_args")
     gm = fx.GraphModule(model, graph)
     # placeholders follow the forward's parameters, inputs fixed by concrete_args included
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     input_names = [p.name for p in params]
-    if len(input_names) != sum(n.op == "placeholder" for n in graph.nodes):
+    if len(input_names) != sum(n.op == "placeholder" and not str(n.target).startswith("*") for n in graph.nodes):
         raise TraceError(f"{type(model).__name__}.forward: cannot match its parameters {input_names} to the trace's inputs")
     args = []
     for p in params:
@@ -549,7 +491,7 @@ def rewrite(
             continue
         lspec = by_path[node.target]
         layer = model.get_submodule(node.target)
-        names = _param_names(layer)
+        names = param_names(layer)
         call_args = dict(zip(names, node.args))
         call_args.update(node.kwargs)
         hidden_name = _arg_name(lspec.hidden, names, lspec.path)
@@ -610,7 +552,7 @@ def rewrite(
         consumers = [n for n in graph.nodes if n.op == "call_module" and n.target == targ.module]
         if not consumers:
             raise TraceError(f"ModelSpec.token_args: module {targ.module!r} is not called as one module in the trace")
-        names = _param_names(model.get_submodule(targ.module))
+        names = param_names(model.get_submodule(targ.module))
         name = _arg_name(targ.arg, names, targ.module)
         for node in consumers:
             pos = names.index(name)

@@ -56,6 +56,16 @@ class AttentionSpec:
     output: maps trimkit's result (B, Nq, D) back to what the module's caller expects.
     batch_first: whether the module's tensors are (B, N, D) (else (N, B, D)).
     scale: softmax scale; ``None`` means ``head_dim ** -0.5``.
+    via: how trimkit runs the attention. ``"projections"`` (default): recomputed from the declared
+    projections (``q``/``k``/``v``, ``qkv`` or ``in_proj``, and ``out``), so dropped heads' projections
+    are removed too; only for modules that are exactly "project, attend, project" (no RoPE, qk-norm,
+    GQA...). ``"kernel"``: the module runs itself and only its ``softmax(QK^T)V`` call is intercepted
+    (:mod:`trimkit.kernels`: ``F.scaled_dot_product_attention`` in its traced code, or transformers'
+    ``AttentionInterface``), so whatever it does to q/k/v keeps working; the projection fields are
+    then unused and dropped heads save their attention but not their projections.
+    call: which call of the module this describes, counted from 0 in the layer's forward, for a
+    module the layer calls more than once in different roles (one cross-attention module used for
+    text-to-image and image-to-text); ``None``: every call, all in this role.
     context / context_stream: for a cross-attention whose keys are *not* the layer's ``context``:
     the layer argument holding its keys/values and their stream (default: the layer's
     ``context_stream``). This is how a layer with several cross-attentions, one per context, is
@@ -81,8 +91,14 @@ class AttentionSpec:
     scale: float | None = None
     context: ArgRef | None = None
     context_stream: str | None = None
+    via: str = "projections"
+    call: int | None = None
 
     def __post_init__(self) -> None:
+        if self.via not in ("projections", "kernel"):
+            raise ValueError(f"AttentionSpec({self.path!r}).via must be 'projections' or 'kernel', got {self.via!r}")
+        if self.call is not None and (not isinstance(self.call, int) or self.call < 0):
+            raise ValueError(f"AttentionSpec({self.path!r}).call must be a call index >= 0 or None, got {self.call!r}")
         if self.kind not in ("self", "cross"):
             raise ValueError(f"AttentionSpec({self.path!r}).kind must be 'self' or 'cross', got {self.kind!r}")
         if self.kind == "self" and (self.context is not None or self.context_stream is not None):
@@ -245,6 +261,13 @@ class ModelSpec:
                 if a.context_stream is not None and a.context_stream not in names:
                     raise ValueError(f"layer {layer.path!r}: attention {a.path!r}: unknown context_stream "
                                      f"{a.context_stream!r}")
+            calls: dict[str, set] = {}
+            for a in layer.attentions:
+                taken = calls.setdefault(a.path, set())
+                if a.call in taken or (a.call is None and taken) or None in taken:
+                    raise ValueError(f"layer {layer.path!r}: attention {a.path!r} is described twice for the same call; "
+                                     "give each description its own AttentionSpec.call index")
+                taken.add(a.call)
             if layer.path in seen:
                 raise ValueError(f"layer {layer.path!r} declared twice")
             seen.add(layer.path)

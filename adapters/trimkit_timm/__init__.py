@@ -10,9 +10,11 @@ recomputed by :class:`trimkit.ops.TrimAttention` with its own weights. The trace
 Supported: ``global_pool="token"`` with a class token (ViT, DeiT, DeiT-3, register tokens, layer
 scale, pre-norm). Refused with a ``ValueError`` naming the option: no class token, any other
 pooling (average / attention pooling reads every patch token, so masked and removed tokens would
-give different outputs), distillation token (``VisionTransformerDistilled``), ``dynamic_img_size``,
-and attention with ``qk_norm``, ``scale_attn_norm`` or a gate. Register tokens (after [CLS]) are
-trimmable like patch tokens: only index 0 is protected by the core.
+give different outputs), distillation token (``VisionTransformerDistilled``), ``dynamic_img_size``.
+Attention with ``qk_norm``, ``scale_attn_norm`` or a gate runs as timm wrote it, with trimkit at its
+``F.scaled_dot_product_attention`` call (``AttentionSpec(via="kernel")``; needs ``fused_attn``);
+plain attention is recomputed from ``qkv``/``proj`` so dropped heads skip their projections too.
+Register tokens (after [CLS]) are trimmable like patch tokens: only index 0 is protected by the core.
 
 Known limits (both need core support): timm's ``attn_drop`` is not applied by the recomputed
 attention, and ``DropPath`` inside a block is traced in eval mode, so stochastic depth is off
@@ -88,12 +90,17 @@ def _check(model: nn.Module) -> None:
         if type(attn) is not Attention:
             refuse(f"blocks.{i} ({type(block).__name__}) has attention {type(attn).__name__}; only "
                    "timm.layers.Attention as `attn` is supported")
-        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
-            refuse(f"blocks.{i}.attn uses qk_norm=True (per-head q/k norms after the projection)")
-        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-            refuse(f"blocks.{i}.attn uses scale_attn_norm=True (a norm before the output projection)")
-        if getattr(attn, "gate", None) is not None:
-            refuse(f"blocks.{i}.attn is gated (an elementwise gate before the output projection)")
+        if _needs_kernel(attn) and not getattr(attn, "fused_attn", False):
+            refuse(f"blocks.{i}.attn has qk_norm/scale_attn_norm/a gate and fused_attn=False; trimkit runs such "
+                   "attention at its F.scaled_dot_product_attention call: enable timm's fused attention "
+                   "(TIMM_FUSED_ATTN=1 or attn.fused_attn = True)")
+
+
+def _needs_kernel(attn: nn.Module) -> bool:
+    """Whether the attention does more than project, attend and project (qk-norm, a norm before the
+    output projection, a gate), so trimkit must run it as it is and intercept its kernel."""
+    return (not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity)
+            or not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity) or getattr(attn, "gate", None) is not None)
 
 
 def describe_timm_vit(model: nn.Module) -> ModelSpec:
@@ -105,8 +112,11 @@ def describe_timm_vit(model: nn.Module) -> ModelSpec:
     layers = []
     for i, block in enumerate(model.blocks):
         attn = block.attn
-        spec = AttentionSpec("attn", kind="self", num_heads=attn.num_heads, qkv="qkv", out="proj",
-                             inputs=_attn_inputs, output=attn.proj_drop, scale=attn.scale)
+        if _needs_kernel(attn):  # the module runs itself; heads masked at the kernel
+            spec = AttentionSpec("attn", kind="self", num_heads=attn.num_heads, via="kernel")
+        else:  # plain attention: recomputed from qkv/proj, so dropped heads skip their projections too
+            spec = AttentionSpec("attn", kind="self", num_heads=attn.num_heads, qkv="qkv", out="proj",
+                                 inputs=_attn_inputs, output=attn.proj_drop, scale=attn.scale)
         layers.append(LayerSpec(f"blocks.{i}", stream="vision", site="uni", hidden="x", attentions=[spec]))
     spec = ModelSpec(
         streams=[StreamSpec("vision")],

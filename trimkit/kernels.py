@@ -1,0 +1,255 @@
+"""Attention handled at the kernel: the model's attention module runs itself, and only the call that
+computes ``softmax(Q K^T) V`` is intercepted (``AttentionSpec(via="kernel")``).
+
+Whatever the module does to its queries and keys before that call (rotary or ALiBi position
+encodings, qk-norm, grouped-query heads, LoRA or quantised projections, hooks) keeps working,
+because trimkit never recomputes the module. Two interception routes, picked per module:
+
+* **fx** (``F.scaled_dot_product_attention`` in the module's code, e.g. timm ``Attention``): the
+  module is traced once and each ``scaled_dot_product_attention`` call node is replaced by
+  :func:`sdpa`, which takes trimkit's per-call :class:`~trimkit.ops.AttnTrim` as an extra argument.
+* **attention interface** (transformers modules that call ``ALL_ATTENTION_FUNCTIONS``: Llama,
+  Qwen2-VL, CLIP, SigLIP, BridgeTower...): trimkit registers its implementation under the name
+  :data:`INTERFACE_NAME` with ``transformers.AttentionInterface.register`` and selects it on the
+  module's config for the duration of the call only; the trim travels in the call's ``**kwargs``,
+  which those modules forward to the attention function.
+
+What the kernel does with a trim, per mode:
+
+* masked (``sample``/``hard``): dropped keys get ``log(mask)`` added to the scores (-inf when 0);
+  each query head's output is scaled by its head mask.
+* ``remove`` (batch 1): the dropped tokens are already gone from q/k/v; only the kept query heads
+  are attended (their outputs scattered into zeros), since the projections already ran.
+* ``packed``: q/k/v arrive as one row matrix ``(1, H, R, d)``; attention runs per instance by
+  cumulative lengths (:func:`trimkit.engine.packed.varlen_attention`), heads masked per instance.
+
+Cost: head trimming on this route saves the attention of the dropped heads but not their
+projections (the module computed them); declared projections (``via="projections"``) remove those
+too, for modules trimkit can recompute exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .engine import packed as P
+from .ops import AttnTrim, key_bias
+from .trace import TraceError, Tracer, fixed_args, param_names, plain_codegen, traceable_view
+
+__all__ = ["INTERFACE_NAME", "KernelAttention", "sdpa", "attend"]
+
+INTERFACE_NAME = "trimkit"
+"""The name trimkit's attention function is registered under in ``transformers.AttentionInterface``."""
+
+_NO_TRIM = AttnTrim()
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """An sdpa-style mask (bool: True = may attend, or additive float) as an additive float mask."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def _causal(nq: int, nk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Bottom-right aligned causal additive mask (Nq, Nk), as sdpa's ``is_causal`` for Nq == Nk."""
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=device).tril(nk - nq)
+    return torch.zeros(nq, nk, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+
+
+def _repeat_heads(k: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """Grouped-query k/v with fewer heads -> one per query head (each KV head serves H/Hkv queries)."""
+    hk = k.shape[dim]
+    if hk == heads:
+        return k
+    if heads % hk:
+        raise RuntimeError(f"trimkit: {heads} query heads cannot share {hk} key/value heads")
+    return k.repeat_interleave(heads // hk, dim=dim)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+           trim: AttnTrim | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` under a trim: q (B, H, Nq, d), k/v (B, Hkv, Nk, d) with
+    Hkv dividing H (grouped-query attention); returns (B, H, Nq, dv) like
+    ``F.scaled_dot_product_attention``. Without a trim this *is* sdpa."""
+    trim = trim or _NO_TRIM
+    if trim.packed is not None:
+        return _attend_packed(q, k, v, mask, is_causal, scale, trim)
+    heads = q.shape[1]
+    if k.shape[1] != heads:
+        k, v = _repeat_heads(k, heads, 1), _repeat_heads(v, heads, 1)
+    extra = None if trim.key_mask is None else key_bias(trim.key_mask, q.dtype)
+    if extra is not None or (is_causal and mask is not None):
+        mask = _additive(mask, q.dtype)
+        if is_causal:
+            causal = _causal(q.shape[2], k.shape[2], q.dtype, q.device)
+            mask = causal if mask is None else mask + causal
+            is_causal = False
+        if extra is not None:
+            mask = extra if mask is None else mask + extra
+    runs = trim.head_runs
+    if runs is None and trim.head_index is not None:
+        runs = [(int(i), int(i) + 1) for i in trim.head_index.tolist()]
+    if runs is not None:  # mode remove: attend only the kept query heads
+        y = q.new_zeros(*q.shape[:3], v.shape[-1])
+        keep = torch.cat([torch.arange(a, e, device=q.device) for a, e in runs]) if runs else None
+        if keep is not None:
+            sel_mask = mask
+            if mask is not None and mask.dim() == 4 and mask.shape[1] == heads:
+                sel_mask = mask.index_select(1, keep)
+            y[:, keep] = F.scaled_dot_product_attention(
+                q.index_select(1, keep), k.index_select(1, keep), v.index_select(1, keep), attn_mask=sel_mask,
+                dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        return y
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                       scale=scale)
+    if trim.head_mask is not None:
+        y = y * trim.head_mask.to(y.dtype)[:, :, None, None]
+    return y
+
+
+def _attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   is_causal: bool, scale: float | None, trim: AttnTrim) -> torch.Tensor:
+    """Mode packed: (1, H, R, d) rows of a batch; attention per instance by cumulative lengths."""
+    pc = trim.packed
+    if is_causal:
+        raise NotImplementedError("trimkit packed mode: causal attention is not supported at the kernel yet; "
+                                  "use tmodel.inference = 'remove' (masked batches) for this model")
+    if pc.q.padded:  # the padded baseline: (B, max kept) layout with key-padding masks
+        mask = _additive(mask, q.dtype)
+        flag = P.key_bias_flag(mask, pc.k)
+        if flag is not None:
+            pc.checks.append(flag)
+        pad = P.key_padding_bias(pc.k, q.dtype)
+        return attend(q, k, v, pad if mask is None else pad + mask, scale=scale,
+                      trim=AttnTrim(head_mask=trim.head_mask))
+    if q.shape[0] != 1 or q.shape[2] != pc.q.total or k.shape[2] != pc.k.total:
+        raise RuntimeError(f"trimkit packed mode: attention got q {tuple(q.shape)} and k {tuple(k.shape)}, expected "
+                           f"packed rows (1, H, {pc.q.total}, d) and (1, Hkv, {pc.k.total}, d): the model changed the "
+                           "token layout between layers")
+    flag = P.key_bias_flag(_additive(mask, q.dtype), pc.k)
+    if flag is not None:
+        pc.checks.append(flag)
+    heads = q.shape[1]
+    qr = q[0].transpose(0, 1)  # (R, H, d)
+    kr = _repeat_heads(k[0], heads, 0).transpose(0, 1)
+    vr = _repeat_heads(v[0], heads, 0).transpose(0, 1)
+    y = P.varlen_attention(qr, kr, vr, pc.q, pc.k, scale)
+    if trim.head_mask is not None:
+        y = y * trim.head_mask.to(y.dtype).index_select(0, pc.q.bidx)[:, :, None]
+    return y.transpose(0, 1).unsqueeze(0)
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+         *, trimkit_trim: AttnTrim | None = None) -> torch.Tensor:
+    """Drop-in for ``F.scaled_dot_product_attention`` inside a traced attention module (fx route)."""
+    return attend(query, key, value, attn_mask, dropout_p, is_causal, scale, trimkit_trim)
+
+
+def interface_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        is_causal: bool | None = None, trimkit_trim: AttnTrim | None = None,
+                        **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """trimkit's ``transformers.AttentionInterface`` implementation: sdpa semantics (GQA, causal
+    when the module is causal and no mask is given, dropout as passed) plus the trim. Returns
+    ``(B, Nq, H, d)`` and no weights, as transformers' ``sdpa_attention_forward`` does."""
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise NotImplementedError(f"trimkit attention: {type(module).__name__} passes softcap/position_bias, "
+                                  "which trimkit's kernel does not implement")
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", False)) and attention_mask is None and query.shape[2] > 1
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :, : key.shape[2]]
+    y = attend(query, key, value, attention_mask, dropout if module.training else 0.0, is_causal, scaling,
+               trimkit_trim)
+    return y.transpose(1, 2).contiguous(), None
+
+
+_REGISTERED = False
+
+
+def _register_interface() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(INTERFACE_NAME, interface_attention)
+        _REGISTERED = True
+
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    cfg = getattr(module, "config", None)
+    if cfg is None or not hasattr(cfg, "_attn_implementation"):
+        return False
+    forward = getattr(type(module).forward, "__wrapped__", type(module).forward)
+    names = getattr(getattr(forward, "__code__", None), "co_names", ())
+    return "ALL_ATTENTION_FUNCTIONS" in names or "get_interface" in names
+
+
+class KernelAttention(nn.Module):
+    """An attention module run as it is, with its ``softmax(QK^T)V`` call under trimkit's control.
+
+    ``concrete``: the module's arguments that are constants at its call site, ``symbolic``: those
+    that are graph values; the fx trace fixes every other argument to its default. Holds the module by reference through its traced graph (fx route) or directly.
+    """
+
+    def __init__(self, module: nn.Module, path: str, concrete: dict[str, Any], symbolic: set[str]) -> None:
+        super().__init__()
+        self.path = path
+        if _uses_attention_interface(module):
+            _register_interface()
+            self.route = "attention_interface"
+            self.run = module
+            return
+        self.route = "fx"
+        self.run = self._trace(module, path, concrete, symbolic)
+        self.names = param_names(module)
+        # the traced forward's inputs: arguments that were constants at the call site are fixed in it
+        self.inputs = {n.target for n in self.run.graph.nodes if n.op == "placeholder"} - {"trimkit_trim"}
+
+    @staticmethod
+    def _trace(module: nn.Module, path: str, concrete: dict[str, Any], symbolic: set[str]) -> fx.GraphModule:
+        try:
+            graph = Tracer(root=module).trace(traceable_view(module),
+                                              concrete_args=fixed_args(module, symbolic, concrete) or None)
+        except Exception as err:
+            raise TraceError(
+                f"trimkit: cannot trace attention module {path!r} ({type(module).__name__}) to find its "
+                f"scaled_dot_product_attention call: {type(err).__name__}: {err}. Describe it with "
+                "AttentionSpec(via='projections') and its projection names instead") from err
+        hits = [n for n in graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
+        if not hits:
+            raise TraceError(
+                f"trimkit: attention module {path!r} ({type(module).__name__}) never calls "
+                "F.scaled_dot_product_attention (it computes softmax(QK^T)V with explicit matmuls, or its fused "
+                "path is off): describe it with AttentionSpec(via='projections') instead")
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        with graph.inserting_after(placeholders[-1]):
+            trim = graph.placeholder("trimkit_trim", default_value=None)
+        for node in hits:
+            node.target = sdpa
+            node.kwargs = {**node.kwargs, "trimkit_trim": trim}
+        finish = plain_codegen(graph)
+        gm = fx.GraphModule(module, graph)
+        finish(gm)
+        gm.recompile()
+        return gm
+
+    def forward(self, *args: Any, trimkit_trim: AttnTrim | None = None, **kwargs: Any) -> Any:
+        if self.route == "fx":
+            call = dict(zip(self.names, args)) | kwargs
+            return self.run(**{k: v for k, v in call.items() if k in self.inputs}, trimkit_trim=trimkit_trim)
+        cfg = self.run.config
+        prev = cfg._attn_implementation
+        cfg._attn_implementation = INTERFACE_NAME  # this call only: the rest of the model is untouched
+        try:
+            return self.run(*args, trimkit_trim=trimkit_trim or _NO_TRIM, **kwargs)
+        finally:
+            cfg._attn_implementation = prev
