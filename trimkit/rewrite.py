@@ -435,7 +435,9 @@ def rewrite(
     leaves = set(by_path) | set(spec.leaf_modules) | {t.module for t in spec.token_args}
     graph = trace(model, leaves, fixed_args(model, None, dict(spec.concrete_args)), spec.autowrap_functions, f"model {type(model).__name__}",
                    "ModelSpec.leaf_modules / autowrap_functions / concrete_args")
+    finish = plain_codegen(graph)  # called with its named inputs in order; *args/**kwargs fixed empty
     gm = fx.GraphModule(model, graph)
+    finish(gm)
     # placeholders follow the forward's parameters, inputs fixed by concrete_args included
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
