@@ -1,9 +1,18 @@
-"""Named registries of adapters and method parts, filled by plugins through hooks."""
+"""Named registries of adapters and method parts, filled by plugins through hooks.
+
+Each registry of a :class:`TrimkitRegistry` checks what is registered against its protocol
+(:mod:`trimkit.protocols`) and refuses a misfit with a :class:`RegistrationError`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Generic, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar
+
+from .protocols import validator_for
+
+if TYPE_CHECKING:
+    from .protocols import Adapter, HeadPolicyFactory, ObjectiveFactory, Sampler, SchedulerFactory, TokenPolicyFactory
 
 T = TypeVar("T")
 
@@ -15,6 +24,10 @@ class UnknownNameError(KeyError, ValueError):
         return str(self.args[0])
 
 
+class RegistrationError(TypeError):
+    """An object that does not satisfy its registry's protocol (see :mod:`trimkit.protocols`)."""
+
+
 @dataclass
 class Entry(Generic[T]):
     name: str
@@ -23,14 +36,20 @@ class Entry(Generic[T]):
 
 
 class Registry(Generic[T]):
-    """A name -> object table for one kind of item (``kind`` is used in error messages)."""
+    """A name -> object table for one kind of item (``kind`` is used in error messages).
 
-    def __init__(self, kind: str) -> None:
+    ``validator(obj)`` returns ``None`` for an acceptable object, else what is wrong with it
+    (:data:`trimkit.protocols.Validator`); :meth:`register` then raises :class:`RegistrationError`.
+    """
+
+    def __init__(self, kind: str, validator: Callable[[Any], str | None] | None = None) -> None:
         self.kind = kind
+        self.validator = validator
         self._items: dict[str, Entry[T]] = {}
         self._current_source = "<direct>"
 
     def register(self, name: str, obj: T, *, replace: bool = False) -> T:
+        """Add ``obj`` under ``name`` (``replace=True`` to override an existing entry); returns ``obj``."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
         if name in self._items and not replace:
@@ -39,6 +58,9 @@ class Registry(Generic[T]):
                 f"{self.kind} {name!r} is already registered by {prev.source}; "
                 f"pass replace=True to override it (attempted by {self._current_source})"
             )
+        problem = self.validator(obj) if self.validator is not None else None
+        if problem is not None:
+            raise RegistrationError(f"{self.kind} {name!r} registered by {self._current_source} is refused: {problem}")
         self._items[name] = Entry(name, obj, self._current_source)
         return obj
 
@@ -67,16 +89,21 @@ class Registry(Generic[T]):
         return len(self._items)
 
 
+def _checked(field_name: str, kind: str) -> Any:
+    """A dataclass field holding a :class:`Registry` checked by the protocol of ``field_name``."""
+    return field(default_factory=lambda: Registry(kind, validator_for(field_name)))
+
+
 @dataclass
 class TrimkitRegistry:
-    """All registries, handed to the ``trimkit_register_*`` hooks."""
+    """All registries, handed to the ``trimkit_register_*`` hooks (protocols: :mod:`trimkit.protocols`)."""
 
-    adapters: Registry[Any] = field(default_factory=lambda: Registry("adapter"))
-    token_policies: Registry[Any] = field(default_factory=lambda: Registry("token policy"))
-    head_policies: Registry[Any] = field(default_factory=lambda: Registry("head policy"))
-    samplers: Registry[Any] = field(default_factory=lambda: Registry("sampler"))
-    objectives: Registry[Any] = field(default_factory=lambda: Registry("objective"))
-    schedulers: Registry[Any] = field(default_factory=lambda: Registry("scheduler"))
+    adapters: Registry[Adapter] = _checked("adapters", "adapter")
+    token_policies: Registry[TokenPolicyFactory] = _checked("token_policies", "token policy")
+    head_policies: Registry[HeadPolicyFactory] = _checked("head_policies", "head policy")
+    samplers: Registry[Sampler] = _checked("samplers", "sampler")
+    objectives: Registry[ObjectiveFactory] = _checked("objectives", "objective")
+    schedulers: Registry[SchedulerFactory] = _checked("schedulers", "scheduler")
 
     def all(self) -> dict[str, Registry[Any]]:
         return {
@@ -91,3 +118,12 @@ class TrimkitRegistry:
     def _set_source(self, source: str) -> None:
         for reg in self.all().values():
             reg._current_source = source
+
+    def _snapshot(self) -> dict[str, dict[str, Entry[Any]]]:
+        """The current entries of every registry (for :meth:`_restore`)."""
+        return {name: dict(reg._items) for name, reg in self.all().items()}
+
+    def _restore(self, snapshot: dict[str, dict[str, Entry[Any]]]) -> None:
+        """Undo every registration (and replacement) made since ``snapshot`` was taken."""
+        for name, reg in self.all().items():
+            reg._items = dict(snapshot[name])

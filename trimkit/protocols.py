@@ -1,0 +1,195 @@
+"""The contracts of what plugins register, written as :class:`typing.Protocol` classes.
+
+Each ``trimkit_register_*`` hook (see :mod:`trimkit.hookspecs`) fills one registry; what goes in
+it must be callable exactly as the core calls it:
+
+===================  =====================================  ==========================================
+registry             registered object                      called by
+===================  =====================================  ==========================================
+``adapters``         :class:`Adapter` (an instance)         :func:`trimkit.trim`, ``trimkit check``...
+``token_policies``   :class:`TokenPolicyFactory`            ``factory(dim, context_dim, config)``
+``head_policies``    :class:`HeadPolicyFactory`             ``factory(dim, context_dim, num_heads, config)``
+``samplers``         :class:`Sampler`                       ``sampler(logits, temperature)``
+``objectives``       :class:`ObjectiveFactory`              ``factory(config)`` -> :class:`Objective`
+``schedulers``       :class:`SchedulerFactory`              ``factory(config)`` -> :class:`Scheduler`
+===================  =====================================  ==========================================
+
+``config`` is always the model's :class:`trimkit.TrimConfig`. All calls are positional.
+
+Registration checks what can be checked without calling anything (:func:`validator_for`): the
+object is callable and accepts that many positional arguments (by :func:`inspect.signature`;
+objects without a readable signature pass), and an adapter has ``matches``, ``describe``,
+``example_inputs`` and ``build``. What a factory *returns* is only checked when it is used.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from .adapter import Adapter
+
+if TYPE_CHECKING:
+    from .config import TrimConfig
+    from .ops import Record
+
+__all__ = [
+    "Adapter", "TokenPolicy", "TokenPolicyFactory", "HeadPolicy", "HeadPolicyFactory", "Sampler", "Objective",
+    "ObjectiveFactory", "Scheduler", "SchedulerFactory", "Validator", "validator_for",
+]
+
+
+@runtime_checkable
+class TokenPolicy(Protocol):
+    """A token trimmer (in practice an ``nn.Module``): per-token keep logits ``(B, N)``.
+
+    ``hidden`` is the layer's input ``(B, N, dim)``, ``cls_self`` its [CLS] vector ``(B, dim)``,
+    ``cls_context`` the other stream's [CLS] ``(B, context_dim)`` or ``None`` when the layer has no
+    other stream. A token's score may depend only on that token and the [CLS] vectors (dropping
+    tokens before scoring must not change the other tokens' scores).
+    """
+
+    def __call__(self, hidden: torch.Tensor, cls_self: torch.Tensor,
+                 cls_context: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class TokenPolicyFactory(Protocol):
+    """``factory(dim, context_dim, config) -> TokenPolicy``; ``context_dim`` is ``None`` without a context
+    stream. Usually the policy's class."""
+
+    def __call__(self, dim: int, context_dim: int | None, config: TrimConfig) -> TokenPolicy: ...
+
+
+@runtime_checkable
+class HeadPolicy(Protocol):
+    """A head trimmer: per-head keep logits ``(B, num_heads)`` from ``cls_self`` ``(B, dim)`` and, for
+    cross-attention, ``cls_context`` ``(B, context_dim)`` (``None`` for self-attention; paper Eq. 7)."""
+
+    def __call__(self, cls_self: torch.Tensor, cls_context: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class HeadPolicyFactory(Protocol):
+    """``factory(dim, context_dim, num_heads, config) -> HeadPolicy``; ``context_dim`` is ``None`` for
+    self-attention."""
+
+    def __call__(self, dim: int, context_dim: int | None, num_heads: int, config: TrimConfig) -> HeadPolicy: ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Training masks: ``sampler(logits, temperature) -> mask`` of ``logits``' shape, values in [0, 1],
+    differentiable with respect to ``logits`` (inference thresholds ``logits > 0`` instead)."""
+
+    def __call__(self, logits: torch.Tensor, temperature: float) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """The training loss: ``objective(logits, labels, records, full_logits=None) -> dict[str, Tensor]``.
+
+    ``records`` are the step's :class:`trimkit.ops.Record` (kept fraction and current target of each
+    trimmed module); the dict must hold ``"loss"`` (what is back-propagated), every other entry is
+    logged. Optional attribute ``needs_full_pass: bool`` (default ``False``, read with ``getattr``):
+    when true the trainer also runs the untrimmed model and passes its logits as ``full_logits``.
+    """
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, records: Sequence[Record],
+                 full_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class ObjectiveFactory(Protocol):
+    """``factory(config) -> Objective``, called once per training run with the model's ``TrimConfig``."""
+
+    def __call__(self, config: TrimConfig) -> Objective: ...
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """Targets and temperature over training (called before every step; ``final`` maps each trimmed
+    module's key to its configured keep ratio)."""
+
+    def targets(self, step: int, total: int, final: dict[str, float]) -> dict[str, float]: ...
+
+    def temperature_at(self, step: int, total: int) -> float: ...
+
+
+@runtime_checkable
+class SchedulerFactory(Protocol):
+    """``factory(config) -> Scheduler``, called once per training run with the model's ``TrimConfig``."""
+
+    def __call__(self, config: TrimConfig) -> Scheduler: ...
+
+
+Validator = Callable[[Any], "str | None"]
+"""Checks an object about to be registered: ``None`` if acceptable, else what is wrong with it."""
+
+
+def _call_problem(fn: Any, args: Sequence[str], what: str, kwargs: Sequence[str] = ()) -> str | None:
+    """Why ``fn(*args, **kwargs)`` cannot be called (``args`` positional, ``kwargs`` by keyword), or
+    ``None`` (also when ``fn`` has no readable signature)."""
+    call = f"{what}({', '.join([*args, *(f'{k}=...' for k in kwargs)])})"
+    if not callable(fn):
+        return f"{what} is not callable (got a {type(fn).__name__})"
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and the like: nothing to check
+        return None
+    try:
+        sig.bind(*args, **{k: None for k in kwargs})
+    except TypeError as err:
+        return f"{what} cannot be called as {call}: its signature is {sig} ({err})"
+    return None
+
+
+def _callable_validator(protocol: type, params: Sequence[str], returns: str) -> Validator:
+    expected = f"{protocol.__module__}.{protocol.__qualname__}, a callable f({', '.join(params)}) -> {returns}"
+
+    def check(obj: Any) -> str | None:
+        problem = _call_problem(obj, params, "f")
+        return None if problem is None else f"expected {expected}; {problem}"
+
+    return check
+
+
+# method -> (positional, keyword) arguments the core passes
+_ADAPTER_METHODS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "matches": (("model",), ()),
+    "describe": (("model",), ()),
+    "example_inputs": (("model",), ("batch_size", "seed")),
+    "build": ((), ("size", "seed")),
+}
+
+
+def _check_adapter(obj: Any) -> str | None:
+    expected = "an instance of a trimkit.adapter.Adapter (methods " + ", ".join(_ADAPTER_METHODS) + ")"
+    if isinstance(obj, type):
+        return f"expected {expected}; got the class {obj.__qualname__} itself: register an instance"
+    missing = [m for m in _ADAPTER_METHODS if not callable(getattr(obj, m, None))]
+    if missing:
+        return f"expected {expected}; got a {type(obj).__qualname__} without {', '.join(missing)}"
+    for method, (args, kwargs) in _ADAPTER_METHODS.items():
+        problem = _call_problem(getattr(obj, method), args, method, kwargs)
+        if problem is not None:
+            return f"expected {expected}; {problem}"
+    return None
+
+
+_VALIDATORS: dict[str, Validator] = {
+    "adapters": _check_adapter,
+    "token_policies": _callable_validator(TokenPolicyFactory, ("dim", "context_dim", "config"), "TokenPolicy"),
+    "head_policies": _callable_validator(HeadPolicyFactory, ("dim", "context_dim", "num_heads", "config"),
+                                         "HeadPolicy"),
+    "samplers": _callable_validator(Sampler, ("logits", "temperature"), "mask"),
+    "objectives": _callable_validator(ObjectiveFactory, ("config",), "Objective"),
+    "schedulers": _callable_validator(SchedulerFactory, ("config",), "Scheduler"),
+}
+
+
+def validator_for(registry_name: str) -> Validator:
+    """The registration check of one :class:`trimkit.registry.TrimkitRegistry` field (``"adapters"``...)."""
+    return _VALIDATORS[registry_name]
