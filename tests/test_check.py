@@ -80,14 +80,15 @@ def _builds(cls):
     return Adapter()
 
 
-def test_check_prints_the_plan_and_every_step(toy_registry, capsys, monkeypatch):
-    monkeypatch.setattr(TrimmedModel, "plan", property(lambda self: f"plan of {len(self.spec.layers)} layers\nline 2"),
-                        raising=False)
+def test_check_prints_the_plan_and_every_step(toy_registry, capsys):
     assert main(["check", "--adapter", "toy", "--trials", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("[PASS]") == 6 and out.rstrip().endswith("OK"), out
     lines = out.splitlines()
-    assert lines[1:4] == ["  plan:", "    plan of 7 layers", "    line 2"], out
+    assert lines[1] == "  plan:" and lines[2].startswith("    TrimPlan (adapter 'toy'; "), out
+    assert "    streams:" in lines and "      text: [CLS] at 0 (always kept), padding from input 'attention_mask'" in lines
+    assert "      cross_t.1: updates text (cross) reads vision; tokens keep 0.50" in lines, out
+    assert "        attention 1 cross: cross, queries text -> keys vision, projections, heads keep 0.50" in lines, out
     assert "[PASS] packed == masked (batch 3, padding, per-instance counts): max |packed - masked| = " in out
     assert "max |padded - masked|" in out and "padding in ['text']" in out and "kept per instance" in out
 

@@ -87,6 +87,7 @@ def test_hf_decoder_runs_at_the_attention_interface_and_is_exact(llama):
     root, tmodel = llama
     kernels = [m for m in tmodel._graph.modules() if type(m).__name__ == "KernelAttention"]
     assert [k.route for k in kernels] == ["attention_interface"] * 3
+    assert str(tmodel.plan).count("kernel/attention_interface") == 3
     x = LlamaAdapter().example_inputs(root, 2, seed=1)
     with torch.no_grad():
         reference = root.lm(input_ids=x["input_ids"], use_cache=False).last_hidden_state
@@ -197,6 +198,10 @@ def test_one_module_called_in_two_roles():
     name = _register("two_roles", TwoRolesAdapter())
     model = TwoRolesAdapter().build()
     tmodel = trim(model, TrimConfig(token_target=0.5, head_target=0.5), adapter=name).eval()
+    plan = str(tmodel.plan)
+    assert "attention 0 self call 0: self, queries vision -> keys vision, kernel/fx" in plan
+    assert "attention 1 self call 1: cross, queries vision -> keys text, kernel/fx" in plan
+    assert tmodel.plan.layer("layers.1").reads == ("text",)
     # one head trimmer per role: the cross-attention call's trimmer reads the text [CLS] too
     heads = tmodel.trimmers["layers_0"].heads if "layers_0" in tmodel.trimmers else None
     assert heads is not None and set(heads) == {"0", "1"}

@@ -22,6 +22,7 @@ from torch import nn
 from .config import TrimConfig, TrimConfigError, resolve_target, selector_keys
 from .engine.packed import fetch
 from .ops import MODES, Record, Runtime
+from .plan import AttentionPlan, LayerPlan, StreamPlan, TrimPlan
 from .plugins import get_registry, select_adapter
 from .rewrite import LayerTrimmers, rewrite
 from .spec import LayerSpec, ModelSpec
@@ -115,6 +116,13 @@ class TrimmedModel(nn.Module):
         self._signature = inspect.signature(model.forward)
         self._defaults = {n: spec.concrete_args.get(n, p.default) for n, p in self._signature.parameters.items()}
         self._get_attrs = [n.target for n in rewritten.gm.graph.nodes if n.op == "get_attr"]
+        self._plan = _make_plan(self, rewritten)
+
+    @property
+    def plan(self) -> TrimPlan:
+        """What the rewrite decided: streams, trimmed layers in forward order, their trimmers and
+        every intercepted attention call with its role and route. ``print(tmodel.plan)``."""
+        return self._plan
 
     # --- running ---------------------------------------------------------------------------
     @property
@@ -298,6 +306,33 @@ def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str
         raise ValueError(f"{source} does not match the model: shape mismatches {bad[:5]}, missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]} ({len(bad)}/{len(missing)}/{len(unexpected)} in all)")
     module.load_state_dict(state, strict=strict)
+
+
+def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:
+    """The printable :class:`~trimkit.plan.TrimPlan` of a rewrite (see ``print(tmodel.plan)``)."""
+    spec, targets = tmodel.spec, tmodel.final_targets
+    layers = []
+    for lspec in spec.layers:
+        wrapper = rewritten.layers[lspec.path]
+        ctx = lspec.context_stream
+        attentions = []
+        reads = [ctx] if ctx else []
+        for i, a in enumerate(lspec.attentions):
+            keys = lspec.stream if a.kind == "self" else (a.context_stream or ctx or "?")
+            if a.kind == "cross" and keys not in reads:
+                reads.append(keys)
+            impl = getattr(wrapper.inner, f"trimkit_attn_{i}", None)
+            route = f"kernel/{impl.route}" if a.via == "kernel" and impl is not None else a.via
+            attentions.append(AttentionPlan(i, a.path, a.call, a.kind, lspec.stream, keys, route,
+                                            targets.get(f"{lspec.path}.{i}")))
+        args = [f"{k} (dim {d})" for k, d in wrapper.hidden_side.items()]
+        args += [f"{k} (dim {d}, as {ctx})" for k, d in wrapper.context_side.items()]
+        layers.append(LayerPlan(lspec.path, lspec.stream, lspec.site, rewritten.calls.get(lspec.path, 0), tuple(reads),
+                                targets.get(lspec.path), tuple(str(a) for a in args), tuple(attentions),
+                                lspec.trimmable))
+    outside = tuple(f"{t.module}.{t.arg} ({t.stream}, dim {t.dim})" for t in spec.token_args)
+    return TrimPlan(tmodel.adapter_name, tmodel.config.token_policy, tmodel.config.head_policy,
+                    tuple(StreamPlan(s.name, s.cls_index, s.padding_input) for s in spec.streams), tuple(layers), outside)
 
 
 def _safe(key: str) -> str:

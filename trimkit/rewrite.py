@@ -405,10 +405,12 @@ def _move_before(graph: fx.Graph, target: fx.Node, anchor: fx.Node) -> None:
 class Rewritten:
     """Result of :func:`rewrite`: the graph module plus what was built for it."""
 
-    def __init__(self, gm: fx.GraphModule, layers: dict[str, TrimmedLayer], input_names: list[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, layers: dict[str, TrimmedLayer], input_names: list[str],
+                 calls: dict[str, int]) -> None:
         self.gm = gm
         self.layers = layers
         self.input_names = input_names
+        self.calls = calls  # layer path -> calls per forward
 
 
 def rewrite(
@@ -571,4 +573,4 @@ def rewrite(
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return Rewritten(gm, wrappers, input_names), trimmers
+    return Rewritten(gm, wrappers, input_names, {k: len(v) for k, v in calls.items()}), trimmers

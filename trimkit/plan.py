@@ -1,0 +1,91 @@
+"""The trim plan: what the rewrite decided, once, and what every forward will do.
+
+``print(tmodel.plan)`` shows the streams, each trimmed layer in forward order with the stream it
+updates and the streams it reads, its trimmers and their final targets, and every attention call
+it intercepts: its role (queries from which stream, keys/values from which) and how it runs
+(``projections``: recomputed from the declared weights, heads removable; ``kernel/fx`` or
+``kernel/attention_interface``: the module runs itself, trimkit at its softmax(QK^T)V call). It is
+plain data: the runtime reads the same description the plan is printed from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["AttentionPlan", "LayerPlan", "StreamPlan", "TrimPlan"]
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    name: str
+    cls_index: int
+    padding_input: str | None
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    index: int
+    path: str
+    call: int | None
+    kind: str  # "self" | "cross"
+    queries: str  # stream of the queries
+    keys: str  # stream of the keys/values
+    route: str  # "projections" | "kernel/fx" | "kernel/attention_interface"
+    head_target: float | None  # None: no head trimmer
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    path: str
+    stream: str
+    site: str
+    calls: int  # how many times the layer is called per forward
+    reads: tuple[str, ...]  # context streams the layer's trimmers or attentions read
+    token_target: float | None  # None: no token trimmer
+    token_args: tuple[str, ...]  # arguments gathered with the stream's (or context's) kept tokens
+    attentions: tuple[AttentionPlan, ...]
+    trimmable: bool = True
+
+
+@dataclass(frozen=True)
+class TrimPlan:
+    adapter: str
+    token_policy: str
+    head_policy: str
+    streams: tuple[StreamPlan, ...]
+    layers: tuple[LayerPlan, ...]
+    outside_token_args: tuple[str, ...] = field(default=())
+
+    def layer(self, path: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.path == path:
+                return layer
+        raise KeyError(f"no trimmed layer {path!r} in the plan; layers: {[l.path for l in self.layers]}")
+
+    def __str__(self) -> str:
+        def pct(t: float | None) -> str:
+            return "-" if t is None else f"keep {t:.2f}"
+
+        tokens = sum(l.token_target is not None for l in self.layers)
+        heads = sum(a.head_target is not None for l in self.layers for a in l.attentions)
+        lines = [f"TrimPlan (adapter {self.adapter!r}; token policy {self.token_policy!r}, head policy "
+                 f"{self.head_policy!r}; {len(self.layers)} layers, {tokens} token trimmers, {heads} head trimmers)"]
+        lines.append("streams:")
+        for s in self.streams:
+            pad = f", padding from input {s.padding_input!r}" if s.padding_input else ", no padding"
+            lines.append(f"  {s.name}: [CLS] at {s.cls_index} (always kept){pad}")
+        lines.append("layers, in forward order:")
+        for l in self.layers:
+            reads = f" reads {', '.join(l.reads)}" if l.reads else ""
+            times = f" x{l.calls}" if l.calls > 1 else ""
+            frozen = "" if l.trimmable else " [not trimmable: rewritten so masks reach it]"
+            lines.append(f"  {l.path}{times}: updates {l.stream} ({l.site}){reads}; tokens {pct(l.token_target)}{frozen}")
+            if l.token_args:
+                lines.append(f"    gathered with the kept tokens: {', '.join(l.token_args)}")
+            for a in l.attentions:
+                which = "" if a.call is None else f" call {a.call}"
+                lines.append(f"    attention {a.index} {a.path}{which}: {a.kind}, queries {a.queries} -> keys {a.keys}, "
+                             f"{a.route}, heads {pct(a.head_target)}")
+        if self.outside_token_args:
+            lines.append("outside the layers, gathered with the kept tokens: " + ", ".join(self.outside_token_args))
+        return "\n".join(lines)
