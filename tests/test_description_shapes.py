@@ -244,3 +244,82 @@ def test_a_described_call_that_never_happens_is_named():
     name = _register("two_roles_bad", Bad())
     with pytest.raises(TraceError, match=r"layers\.0.*\['self \(call 2\)'\].*calls seen: \{'self': 2\}"):
         trim(TwoRolesAdapter().build(), TrimConfig(), adapter=name)
+
+
+# --- call-site constants and per-call kernel traces ---------------------------------------------
+
+class ScaledLayer(nn.Module):
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.n = nn.LayerNorm(dim)
+        self.attn = Mix(dim, heads)
+
+    def forward(self, x, scale=1.0, bias=None):
+        y = x * scale + self.attn(self.n(x))  # first call: no bias
+        return y + self.attn(self.n(y), None, bias)  # second call: with the bias
+
+
+class ConstNet(nn.Module):
+    def __init__(self, scales=(3.0, 3.0)):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.layers = nn.ModuleList(ScaledLayer() for _ in scales)
+        self.scales = scales
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        # a real effect: keys equal to the last token are blocked, in the second call only
+        bias = (input_ids == input_ids[:, -1:]).to(x.dtype)[:, None, None, :] * -1e4
+        for layer, s in zip(self.layers, self.scales):
+            x = layer(x, s, bias)
+        return x[:, 0]
+
+
+class ConstAdapter(TwoRolesAdapter):
+    def matches(self, m):
+        return isinstance(m, ConstNet)
+
+    def describe(self, m):
+        attn = AttentionSpec("attn", "self", 4, via="kernel")  # every call, each traced at its own call site
+        return ModelSpec([StreamSpec("text")], [LayerSpec(f"layers.{i}", "text", hidden="x",
+                                                          hidden_token_args={"bias": -1}, attentions=[attn])
+                                                for i in range(len(m.layers))], ["input_ids"])
+
+    def example_inputs(self, m, batch_size=1, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(0, 30, (batch_size, 6), generator=g)}
+
+
+def test_call_site_constants_and_per_call_arguments_are_kept():
+    """A layer called with a non-default constant (scale=3.0) and a module whose second call passes an
+    argument the first does not: both were silently traced with the defaults of the first call."""
+    name = _register("const_toy", ConstAdapter())
+    torch.manual_seed(0)
+    model = ConstNet().eval()
+    tmodel = trim(model, TrimConfig(token_target=0.5), adapter=name).eval()
+    x = ConstAdapter().example_inputs(model, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(tmodel(**x), model(**x), atol=1e-5, rtol=0)
+
+
+def test_a_layer_called_with_different_constants_is_refused():
+    from trimkit.trace import TraceError
+
+    name = _register("const_toy", ConstAdapter())
+
+    class Shared(ConstNet):
+        def forward(self, input_ids):
+            x = self.emb(input_ids)
+            return self.layers[0](self.layers[0](x, 2.0), 3.0)[:, 0]
+
+    class SharedAdapter(ConstAdapter):
+        def matches(self, m):
+            return isinstance(m, Shared)
+
+        def describe(self, m):
+            spec = super().describe(m)
+            return ModelSpec(spec.streams, spec.layers[:1], spec.input_names)
+
+    name = _register("const_shared", SharedAdapter())
+    with pytest.raises(TraceError, match=r"layers\.0.*different constant arguments"):
+        trim(Shared(), TrimConfig(), adapter=name)

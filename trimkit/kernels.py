@@ -30,7 +30,7 @@ too, for modules trimkit can recompute exactly.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -200,7 +200,8 @@ class KernelAttention(nn.Module):
     that are graph values; the fx trace fixes every other argument to its default. Holds the module by reference through its traced graph (fx route) or directly.
     """
 
-    def __init__(self, module: nn.Module, path: str, concrete: dict[str, Any], symbolic: set[str]) -> None:
+    def __init__(self, module: nn.Module, path: str, concrete: dict[str, Any], symbolic: set[str],
+                 autowrap: Sequence[Callable] = ()) -> None:
         super().__init__()
         self.path = path
         if _uses_attention_interface(module):
@@ -209,15 +210,16 @@ class KernelAttention(nn.Module):
             self.run = module
             return
         self.route = "fx"
-        self.run = self._trace(module, path, concrete, symbolic)
+        self.run = self._trace(module, path, concrete, symbolic, autowrap)
         self.names = param_names(module)
         # the traced forward's inputs: arguments that were constants at the call site are fixed in it
         self.inputs = {n.target for n in self.run.graph.nodes if n.op == "placeholder"} - {"trimkit_trim"}
 
     @staticmethod
-    def _trace(module: nn.Module, path: str, concrete: dict[str, Any], symbolic: set[str]) -> fx.GraphModule:
+    def _trace(module: nn.Module, path: str, concrete: dict[str, Any], symbolic: set[str],
+               autowrap: Sequence[Callable]) -> fx.GraphModule:
         try:
-            graph = Tracer(root=module).trace(traceable_view(module),
+            graph = Tracer(autowrap_functions=autowrap, root=module).trace(traceable_view(module),
                                               concrete_args=fixed_args(module, symbolic, concrete) or None)
         except Exception as err:
             raise TraceError(

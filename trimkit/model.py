@@ -321,7 +321,8 @@ def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:
             keys = lspec.stream if a.kind == "self" else (a.context_stream or ctx or "?")
             if a.kind == "cross" and keys not in reads:
                 reads.append(keys)
-            impl = getattr(wrapper.inner, f"trimkit_attn_{i}", None)
+            impl = next((m for n, m in wrapper.inner.named_children()
+                         if n == f"trimkit_attn_{i}" or n.startswith(f"trimkit_attn_{i}_call")), None)
             route = f"kernel/{impl.route}" if a.via == "kernel" and impl is not None else a.via
             attentions.append(AttentionPlan(i, a.path, a.call, a.kind, lspec.stream, keys, route,
                                             targets.get(f"{lspec.path}.{i}")))

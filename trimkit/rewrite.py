@@ -69,7 +69,7 @@ class TrimmedLayer(nn.Module):
     """One described layer, trimmed. Holds references (not copies) to the layer and its trimmers."""
 
     def __init__(self, key: str, layer: nn.Module, spec: LayerSpec, symbolic: set[str], runtime: Runtime,
-                 trimmers: nn.Module, autowrap: Sequence[Callable]) -> None:
+                 trimmers: nn.Module, autowrap: Sequence[Callable], constants: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.key = key
         self.spec = spec
@@ -86,9 +86,10 @@ class TrimmedLayer(nn.Module):
         self.hidden_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.hidden_token_args.items()}
         self.context_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.context_token_args.items()}
         self.token_dim = 1 if spec.batch_first else 0
-        self.inner = self._trace_inner(layer, symbolic, autowrap)
+        self.inner = self._trace_inner(layer, symbolic, autowrap, constants or {})
 
-    def _trace_inner(self, layer: nn.Module, symbolic: set[str], autowrap: Sequence[Callable]) -> fx.GraphModule:
+    def _trace_inner(self, layer: nn.Module, symbolic: set[str], autowrap: Sequence[Callable],
+                     constants: dict[str, Any]) -> fx.GraphModule:
         """Trace the layer with its attention modules as calls and replace the call each
         :class:`AttentionSpec` describes (its ``call``-th call of its module, or every call) by trimkit's
         attention (projections recomputed, or the module itself with its kernel intercepted), which
@@ -99,7 +100,7 @@ class TrimmedLayer(nn.Module):
                 layer.get_submodule(a.path)
             except AttributeError:
                 raise ValueError(f"layer {spec.path!r}: attention module {a.path!r} does not exist") from None
-        graph = trace(layer, {a.path for a in spec.attentions}, fixed_args(layer, symbolic), autowrap,
+        graph = trace(layer, {a.path for a in spec.attentions}, fixed_args(layer, symbolic, constants), autowrap,
                       f"layer {spec.path!r}", "LayerSpec.attentions (attention paths) or ModelSpec.autowrap_functions")
         finish = plain_codegen(graph)
         gm = fx.GraphModule(layer, graph)
@@ -118,9 +119,12 @@ class TrimmedLayer(nn.Module):
             if not hits:
                 continue  # a call of the module no spec describes: it runs untouched
             i = hits[0]
-            name = f"trimkit_attn_{i}"
+            kernel = spec.attentions[i].via == "kernel"
+            # the kernel route traces the module per call (its constant arguments may differ per call)
+            name = f"trimkit_attn_{i}" + (f"_call{nth}" if kernel and nth else "")
             if not hasattr(gm, name):
-                gm.add_submodule(name, self._attention(layer.get_submodule(node.target), spec.attentions[i], node))
+                gm.add_submodule(name, self._attention(layer.get_submodule(node.target), spec.attentions[i], node,
+                                                       autowrap))
             with graph.inserting_before(node):
                 trim = graph.call_function(operator.getitem, (trims, i))
                 # a new node, not a retargeted one: the old node's name may be a Python keyword or
@@ -135,12 +139,18 @@ class TrimmedLayer(nn.Module):
             raise TraceError(f"layer {spec.path!r}: attention calls {missing} do not occur in its traced forward "
                              f"(calls seen: {seen or 'none'})")
         gm.recompile()
-        self.inner_inputs = {n.target for n in graph.nodes if n.op == "placeholder"} - {"trimkit_attn"}
+        # parameter name -> the placeholder it became (fx renames some, e.g. an argument fixed at the call site)
+        named = [n for n in graph.nodes if n.op == "placeholder" and not str(n.target).startswith("*")
+                 and n.target != "trimkit_attn"]
+        if len(named) != len(self.names):
+            raise TraceError(f"layer {spec.path!r}: cannot match its parameters {self.names} to the trace's inputs "
+                             f"{[n.target for n in named]}")
+        self.inner_inputs = {p: n.target for p, n in zip(self.names, named)}
         return gm
 
-    def _attention(self, module: nn.Module, a: AttentionSpec, node: fx.Node) -> nn.Module:
+    def _attention(self, module: nn.Module, a: AttentionSpec, node: fx.Node, autowrap: Sequence[Callable]) -> nn.Module:
         if a.via == "kernel":
-            return KernelAttention(module, f"{self.spec.path}.{a.path}", *_call_arguments(node, module))
+            return KernelAttention(module, f"{self.spec.path}.{a.path}", *_call_arguments(node, module), autowrap)
         return TrimAttention(module, a)
 
     def forward(self, *args: Any, trimkit_hidden_state: TokenState | None = None, trimkit_context_state: TokenState | None = None,
@@ -188,7 +198,8 @@ class TrimmedLayer(nn.Module):
                 a[name] = align(a[name], cstate, dim)
 
     def _run(self, a: dict[str, Any], trims: list[AttnTrim]) -> Any:
-        return self.inner(**{k: v for k, v in a.items() if k in self.inner_inputs}, trimkit_attn=trims)
+        names = self.inner_inputs
+        return self.inner(**{names[k]: v for k, v in a.items() if k in names}, trimkit_attn=trims)
 
     def _masked(self, a, hidden, context, hstate, cstate, astates):
         """Modes sample/hard: masks multiply, nothing is removed."""
@@ -517,12 +528,19 @@ def rewrite(
         attn_nodes = [call_args.get(_arg_name(a.context, names, lspec.path)) if a.context is not None else None
                       for a in lspec.attentions]
         key = lspec.path
+        constants = {n: v for n, v in call_args.items() if not _contains_node(v)}
+        if key in wrappers and constants != wrappers[key].constants:
+            raise TraceError(f"layer {lspec.path!r} is called with different constant arguments ({wrappers[key].constants} "
+                             f"and {constants}); trimkit traces a layer once: pass them as tensors or describe "
+                             "one layer per call")
         if key not in wrappers:
             symbolic = {n for n, v in call_args.items() if _contains_node(v)}
             attn_dims = [dims.get(n) if a.context is not None else dims.get(context_node)
                          for a, n in zip(lspec.attentions, attn_nodes)]
             trimmers[key] = make_trimmers(lspec, key, dims.get(call_args[hidden_name]), dims.get(context_node), attn_dims)
-            wrapper = TrimmedLayer(key, layer, lspec, symbolic, runtime, trimmers[key], spec.autowrap_functions)
+            wrapper = TrimmedLayer(key, layer, lspec, symbolic, runtime, trimmers[key], spec.autowrap_functions,
+                                   constants)
+            wrapper.constants = constants
             name = "trimkit_layer_" + key.replace(".", "_")
             gm.add_submodule(name, wrapper)
             wrappers[key] = wrapper
