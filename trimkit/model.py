@@ -25,6 +25,7 @@ from .ops import MODES, Record, Runtime
 from .plan import AttentionPlan, LayerPlan, StreamPlan, TrimPlan
 from .plugins import get_registry, select_adapter
 from .rewrite import LayerTrimmers, rewrite
+from .segments import SegmentTokenTrimmer
 from .spec import LayerSpec, ModelSpec
 
 
@@ -80,7 +81,16 @@ class TrimmedModel(nn.Module):
         index = {p: v for p, v in _layer_index(spec).items() if p in trimmable}
         token_layers = _selected(config.token_layers, "token_layers", index) if config.trim_tokens else set()
         head_layers = _selected(config.head_layers, "head_layers", index) if config.trim_heads else set()
+        segmented = {st.name: [g.name for g in st.segments] for st in spec.streams if st.segments}
+
+        def token_keys(st: str, si: str, i: int, segment: str | None = None) -> list[str]:
+            """Selector keys of a token trimmer; a segment's are its own, then its stream's."""
+            if segment is None:
+                return selector_keys(st, si, i)
+            return selector_keys(segment, si, i)[:-1] + selector_keys(st, si, i)
+
         all_keys = {k for p, (st, si, i) in index.items() for k in selector_keys(st, si, i)}
+        all_keys |= {k for p, (st, si, i) in index.items() for g in segmented.get(st, ()) for k in token_keys(st, si, i, g)}
         for p, (st, si, i) in index.items():
             for a in spec.layers[[l.path for l in spec.layers].index(p)].attentions:
                 all_keys |= set(selector_keys(st, si, i, a.kind))
@@ -98,13 +108,20 @@ class TrimmedModel(nn.Module):
             if dim is None:
                 raise TrimConfigError(f"layer {lspec.path!r}: could not infer the hidden size from example inputs")
             token = None
-            if lspec.path in token_layers:
+            segments = segmented.get(st)
+            if lspec.path in token_layers and segments:  # one policy per segment, reading the other segments
+                token = SegmentTokenTrimmer(segments, [token_factory(dim, dim, config) for _ in segments])
+                for g in segments:
+                    self.final_targets[f"{key}:{g}"] = resolve_target(config.token_target, token_keys(st, si, i, g))
+            elif lspec.path in token_layers:
                 token = token_factory(dim, ctx_dim, config)
                 self.final_targets[key] = resolve_target(config.token_target, selector_keys(st, si, i))
             heads = {}
             if lspec.path in head_layers:
                 for j, a in enumerate(lspec.attentions):
-                    heads[str(j)] = head_factory(dim, attn_ctx_dims[j] if a.kind == "cross" else None, a.num_heads, config)
+                    # a self-attention over a segmented stream reads the other segments' summaries too
+                    other = attn_ctx_dims[j] if a.kind == "cross" else dim if segments else None
+                    heads[str(j)] = head_factory(dim, other, a.num_heads, config)
                     self.final_targets[f"{key}.{j}"] = resolve_target(config.head_target, selector_keys(st, si, i, a.kind))
             return LayerTrimmers(token, heads)
 
@@ -161,6 +178,14 @@ class TrimmedModel(nn.Module):
         for s in self.spec.streams:
             if s.padding_input and isinstance(inputs.get(s.padding_input), torch.Tensor):
                 rt.padding[s.name] = inputs[s.padding_input]
+            for g in s.segments:
+                if isinstance(g.length, str):
+                    name, dim = g.length.split(":")
+                    value = inputs.get(name)
+                    if not isinstance(value, torch.Tensor):
+                        raise ValueError(f"stream {s.name!r}: segment {g.name!r} takes its length from input {name!r}, "
+                                         f"which this call does not pass as a tensor")
+                    rt.sizes[g.length] = int(value.shape[int(dim)])
         for name, value in self.spec.concrete_args.items():
             if name in inputs and inputs[name] is not value and inputs[name] != value:
                 raise ValueError(f"input {name!r} was fixed to {value!r} when the model was traced; trim a model "
@@ -328,12 +353,21 @@ def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:
                                             targets.get(f"{lspec.path}.{i}")))
         args = [f"{k} (dim {d})" for k, d in wrapper.hidden_side.items()]
         args += [f"{k} (dim {d}, as {ctx})" for k, d in wrapper.context_side.items()]
+        segments = [g.name for g in spec.stream(lspec.stream).segments]
+        token_target = targets.get(lspec.path)
+        if segments and f"{lspec.path}:{segments[0]}" in targets:
+            token_target = {g: targets[f"{lspec.path}:{g}"] for g in segments}
         layers.append(LayerPlan(lspec.path, lspec.stream, lspec.site, rewritten.calls.get(lspec.path, 0), tuple(reads),
-                                targets.get(lspec.path), tuple(str(a) for a in args), tuple(attentions),
-                                lspec.trimmable))
+                                token_target, tuple(str(a) for a in args), tuple(attentions), lspec.trimmable))
     outside = tuple(f"{t.module}.{t.arg} ({t.stream}, dim {t.dim})" for t in spec.token_args)
     return TrimPlan(tmodel.adapter_name, tmodel.config.token_policy, tmodel.config.head_policy,
-                    tuple(StreamPlan(s.name, s.cls_index, s.padding_input) for s in spec.streams), tuple(layers), outside)
+                    tuple(_stream_plan(s) for s in spec.streams), tuple(layers), outside)
+
+
+def _stream_plan(s: Any) -> StreamPlan:
+    padding = f"input {s.padding_input!r}" if s.padding_input else f"{s.padding_source!r}" if s.padding_source else None
+    rules = tuple((g.name, "rest" if g.length is None else str(g.length)) for g in s.segments)
+    return StreamPlan(s.name, s.cls_index, padding, rules)
 
 
 def _safe(key: str) -> str:

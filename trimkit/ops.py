@@ -110,6 +110,8 @@ class Runtime:
     checks: list[torch.Tensor] = field(default_factory=list)  # deferred device flags (mode packed)
     context_packings: dict[tuple, Packing] = field(default_factory=dict)  # packings of unpacked contexts
     streams: dict[str, TokenState | None] = field(default_factory=dict)  # stream -> state after its latest layer call
+    sizes: dict[str, int] = field(default_factory=dict)  # "INPUT:DIM" -> size, for segment lengths (per forward)
+    segment_real: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> (B, K) real tokens per segment
 
     def begin(self, mode: str) -> None:
         """Reset the per-forward state."""
@@ -120,6 +122,7 @@ class Runtime:
         self.checks = []
         self.context_packings = {}
         self.streams = {}
+        self.segment_real = {}
 
     def _binary(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits > 0).to(logits.dtype)
@@ -133,26 +136,41 @@ class Runtime:
 
     # --- masked modes (sample, hard) -------------------------------------------------------
     def token_step(
-        self, key: str, stream: str, logits: torch.Tensor, hidden: torch.Tensor, state: TokenState | None, token_dim: int
+        self, key: str, stream: str, logits: torch.Tensor, hidden: torch.Tensor, state: TokenState | None, token_dim: int,
+        protected: list[int] | None = None, segments: tuple[list[str], torch.Tensor] | None = None,
     ) -> tuple[TokenState, torch.Tensor]:
-        """Apply a token trimmer's logits (B, N_cur) to a stream; returns (new state, new hidden)."""
+        """Apply a token trimmer's logits (B, N_cur) to a stream; returns (new state, new hidden).
+
+        ``protected``: positions always kept (default: the [CLS] at 0). ``segments``: (names, (N,)
+        segment of each position) of a segmented stream: one record per segment, keyed
+        ``"{key}:{name}"``, with that segment's kept fraction."""
         if self.mode == "remove":  # one token trimmer alone (the layer path uses remove_step)
             state, hidden, _ = self.remove_step(key, logits, [], hidden, state, token_dim)
             return state, hidden
         logits = self.forced.get(key, logits)
-        target = self.targets.get(key, 1.0)
         m = self._mask(logits)
-        ones = torch.ones_like(m[:, :1])
-        m = torch.cat([ones, m[:, 1:]], dim=1)  # [CLS] always kept (no in-place write on a graph tensor)
+        if protected is None:
+            ones = torch.ones_like(m[:, :1])
+            m = torch.cat([ones, m[:, 1:]], dim=1)  # [CLS] always kept (no in-place write on a graph tensor)
+        else:
+            keep_always = torch.zeros(m.shape[1], dtype=torch.bool, device=m.device)
+            keep_always[protected] = True
+            m = torch.where(keep_always, torch.ones_like(m), m)
         prev = state.mask if state is not None and state.mask is not None else None
         mask = m if prev is None else prev * m
         pad = self.padding.get(stream)
-        if pad is not None and pad.shape == mask.shape:
-            pad = pad.to(mask.dtype)
+        pad = pad.to(mask.dtype) if pad is not None and pad.shape == mask.shape else torch.ones_like(mask)
+        if segments is None:
             keep = (mask * pad).sum(1) / pad.sum(1).clamp_min(1)
+            self.records.append(Record(key, "token", self.targets.get(key, 1.0), keep, mask=mask, total=mask.shape[1]))
         else:
-            keep = mask.mean(1)
-        self.records.append(Record(key, "token", target, keep, mask=mask, total=mask.shape[1]))
+            names, member = segments
+            for k, name in enumerate(names):
+                sel = pad * (member == k).to(mask.dtype)
+                keep = (mask * sel).sum(1) / sel.sum(1).clamp_min(1)
+                seg_key = f"{key}:{name}"
+                self.records.append(Record(seg_key, "token", self.targets.get(seg_key, 1.0), keep, mask=mask,
+                                           total=mask.shape[1]))
         return TokenState(mask=mask), hidden
 
     def head_step(self, key: str, logits: torch.Tensor) -> AttnTrim:
@@ -173,6 +191,7 @@ class Runtime:
     def remove_step(
         self, key: str, token_logits: torch.Tensor | None, head_logits: list[torch.Tensor | None],
         hidden: torch.Tensor, state: TokenState | None, token_dim: int,
+        protected: torch.Tensor | None = None, segments: tuple[list[str], torch.Tensor, list[int]] | None = None,
     ) -> tuple[TokenState | None, torch.Tensor, list[AttnTrim | None]]:
         """Mode remove (batch 1): a layer's token decision and all its head decisions, taken with one
         host synchronisation. Returns (new token state, hidden with the kept tokens gathered, per
@@ -184,8 +203,13 @@ class Runtime:
             if token_logits.shape[0] != 1:
                 raise RuntimeError("trimkit: physical token removal runs at batch 1 (use mode 'packed' for batches)")
             keep = token_logits[0] > 0
-            keep[0] = True  # [CLS] is always kept
+            if protected is None:
+                keep[0] = True  # [CLS] is always kept
+            else:
+                keep.index_fill_(0, protected, True)  # every segment's summary is always kept
             parts.append(keep)
+            if segments is not None:
+                parts.append(segments[1])  # each token's segment, fetched in the same synchronisation
         heads = []
         for i, h in enumerate(head_logits):
             if h is not None:
@@ -195,6 +219,7 @@ class Runtime:
         host = P.fetch(parts)  # the one host synchronisation of this layer
         if keep is not None:
             flags = host.pop(0)
+            seg_of = host.pop(0) if segments is not None else None
             n_cur, n_kept = len(flags), sum(flags)
             prev = state.index if state is not None and state.index is not None else None
             length = state.length if prev is not None else n_cur
@@ -204,8 +229,17 @@ class Runtime:
                 index = prev.index_select(0, local) if prev is not None else local
             else:
                 index = prev if prev is not None else torch.arange(n_cur, device=keep.device)
-            kept = torch.tensor([n_kept / length], dtype=torch.float32)
-            self.records.append(Record(key, "token", self.targets.get(key, 1.0), kept, index=index, total=length))
+            if segments is None:
+                kept = torch.tensor([n_kept / length], dtype=torch.float32)
+                self.records.append(Record(key, "token", self.targets.get(key, 1.0), kept, index=index, total=length))
+            else:
+                names, _, bounds = segments
+                for k, name in enumerate(names):
+                    n_k = sum(f for f, g in zip(flags, seg_of) if g == k)
+                    seg_key = f"{key}:{name}"
+                    self.records.append(Record(seg_key, "token", self.targets.get(seg_key, 1.0),
+                                               torch.tensor([n_k / (bounds[k + 1] - bounds[k])], dtype=torch.float32),
+                                               index=index, total=length))
             state = TokenState(index=index, length=length)
         trims: list[AttnTrim | None] = []
         for i, h in enumerate(heads):
@@ -246,6 +280,16 @@ class Runtime:
         keep = torch.tensor(pack.counts, dtype=torch.float32) / real
         self.records.append(Record(key, "token", self.targets.get(key, 1.0), keep, index=pack.pos,
                                    total=pack.length, counts=list(pack.counts)))
+
+    def packed_record_segments(self, key: str, stream: str, pack: Packing, names: list[str], member: torch.Tensor) -> None:
+        """Mode packed, segmented stream: one record per segment (kept / real tokens of the segment)."""
+        kept = torch.zeros(pack.batch, len(names), dtype=torch.float32, device=member.device)
+        kept.index_put_((pack.bidx, member), torch.ones_like(member, dtype=torch.float32), accumulate=True)
+        frac = kept / self.segment_real[stream].to(kept.device).clamp_min(1)
+        for k, name in enumerate(names):
+            seg_key = f"{key}:{name}"
+            self.records.append(Record(seg_key, "token", self.targets.get(seg_key, 1.0), frac[:, k], index=pack.pos,
+                                       total=pack.length, counts=list(pack.counts)))
 
     def packed_head_mask(self, key: str, logits: torch.Tensor) -> torch.Tensor:
         """A head trimmer's per-instance binary mask (B, H) in mode packed (no host sync)."""

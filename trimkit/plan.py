@@ -19,7 +19,8 @@ __all__ = ["AttentionPlan", "LayerPlan", "StreamPlan", "TrimPlan"]
 class StreamPlan:
     name: str
     cls_index: int
-    padding_input: str | None
+    padding: str | None  # "input 'NAME'" or the module output it is taken from
+    segments: tuple[tuple[str, str], ...] = ()  # (name, length rule)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class LayerPlan:
     site: str
     calls: int  # how many times the layer is called per forward
     reads: tuple[str, ...]  # context streams the layer's trimmers or attentions read
-    token_target: float | None  # None: no token trimmer
+    token_target: float | dict[str, float] | None  # None: no token trimmer; per segment for a segmented stream
     token_args: tuple[str, ...]  # arguments gathered with the stream's (or context's) kept tokens
     attentions: tuple[AttentionPlan, ...]
     trimmable: bool = True
@@ -72,14 +73,20 @@ class TrimPlan:
                  f"{self.head_policy!r}; {len(self.layers)} layers, {tokens} token trimmers, {heads} head trimmers)"]
         lines.append("streams:")
         for s in self.streams:
-            pad = f", padding from input {s.padding_input!r}" if s.padding_input else ", no padding"
-            lines.append(f"  {s.name}: [CLS] at {s.cls_index} (always kept){pad}")
+            pad = f", padding from {s.padding}" if s.padding else ", no padding"
+            if s.segments:
+                parts = ", ".join(f"{n} ({rule})" for n, rule in s.segments)
+                lines.append(f"  {s.name}: segments {parts}; each segment's first token always kept{pad}")
+            else:
+                lines.append(f"  {s.name}: [CLS] at {s.cls_index} (always kept){pad}")
         lines.append("layers, in forward order:")
         for l in self.layers:
             reads = f" reads {', '.join(l.reads)}" if l.reads else ""
             times = f" x{l.calls}" if l.calls > 1 else ""
             frozen = "" if l.trimmable else " [not trimmable: rewritten so masks reach it]"
-            lines.append(f"  {l.path}{times}: updates {l.stream} ({l.site}){reads}; tokens {pct(l.token_target)}{frozen}")
+            tokens = (", ".join(f"{g} {pct(t)}" for g, t in l.token_target.items()) if isinstance(l.token_target, dict)
+                      else pct(l.token_target))
+            lines.append(f"  {l.path}{times}: updates {l.stream} ({l.site}){reads}; tokens {tokens}{frozen}")
             if l.token_args:
                 lines.append(f"    gathered with the kept tokens: {', '.join(l.token_args)}")
             for a in l.attentions:

@@ -31,7 +31,8 @@ from .engine import packed as P
 from .engine.packed import PackedCall
 from .kernels import KernelAttention
 from .ops import AttnTrim, Runtime, TokenState, TrimAttention, _rows, align
-from .spec import AttentionSpec, LayerSpec, ModelSpec
+from .segments import SegmentTokenTrimmer, segment_bounds
+from .spec import AttentionSpec, LayerSpec, ModelSpec, StreamSpec
 from .trace import TraceError, fixed_args, param_names, plain_codegen, trace
 
 
@@ -69,8 +70,11 @@ class TrimmedLayer(nn.Module):
     """One described layer, trimmed. Holds references (not copies) to the layer and its trimmers."""
 
     def __init__(self, key: str, layer: nn.Module, spec: LayerSpec, symbolic: set[str], runtime: Runtime,
-                 trimmers: nn.Module, autowrap: Sequence[Callable], constants: dict[str, Any] | None = None) -> None:
+                 trimmers: nn.Module, autowrap: Sequence[Callable], constants: dict[str, Any] | None = None,
+                 stream: StreamSpec | None = None) -> None:
         super().__init__()
+        self.segments = list(stream.segments) if stream is not None else []
+        self.segment_names = [g.name for g in self.segments]
         self.key = key
         self.spec = spec
         object.__setattr__(self, "layer", layer)
@@ -184,10 +188,16 @@ class TrimmedLayer(nn.Module):
         """Per attention, the [CLS] its head trimmer reads: its own context's, else the layer context's."""
         return [self._cls_context(a.get(name)) if name is not None else cls_ctx for name in self.attn_context_names]
 
-    def _head_logits(self, cls_self: torch.Tensor, cls_ctxs: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    def _head_logits(self, cls_self: torch.Tensor, cls_ctxs: list[torch.Tensor | None],
+                     self_ctx: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """Per attention, its head trimmer's logits. ``self_ctx``: what a self-attention's trimmer reads
+        besides ``cls_self`` (the other segments' summaries, in a segmented stream)."""
         heads = self.trimmers.heads
-        return [heads[str(i)](cls_self, cls_ctxs[i] if att.kind == "cross" else None) if str(i) in heads else None
+        return [heads[str(i)](cls_self, cls_ctxs[i] if att.kind == "cross" else self_ctx) if str(i) in heads else None
                 for i, att in enumerate(self.spec.attentions)]
+
+    def _bounds(self, length: int) -> list[int]:
+        return segment_bounds(self.segments, self.runtime.sizes, length, self.spec.stream)
 
     def _align_side(self, a: dict[str, Any], hstate: TokenState | None, cstate: TokenState | None) -> None:
         for name, dim in self.hidden_side.items():
@@ -207,15 +217,27 @@ class TrimmedLayer(nn.Module):
         tokens = self.trimmers.token
         cls_ctx = self._cls_context(context)
         cls_attn = self._attn_cls(a, cls_ctx)
-        if tokens is not None:
+        self_ctx = None
+        if self.segments:  # the original layout: each segment's summary at its start
+            seq = hidden if spec.batch_first else hidden.transpose(0, 1)
+            bounds = self._bounds(seq.shape[1])
+            cls = seq[:, bounds[:-1]]
+            cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
+            if tokens is not None:
+                member = SegmentTokenTrimmer.member(torch.arange(seq.shape[1], device=seq.device), bounds)
+                logits = tokens.logits(seq, cls, member)
+                hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim,
+                                               protected=bounds[:-1], segments=(self.segment_names, member))
+        elif tokens is not None:
             seq = hidden if spec.batch_first else hidden.transpose(0, 1)
             logits = tokens(seq, self._first(hidden), cls_ctx)
             hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim)
             a[self.hidden_name] = hidden
         self._align_side(a, hstate, cstate)
-        cls_self = self._first(hidden)
+        if not self.segments:
+            cls_self = self._first(hidden)
         trims: list[AttnTrim] = []
-        for i, (att, logits) in enumerate(zip(spec.attentions, self._head_logits(cls_self, cls_attn))):
+        for i, (att, logits) in enumerate(zip(spec.attentions, self._head_logits(cls_self, cls_attn, self_ctx))):
             own = self.attn_context_names[i] is not None
             key_state = hstate if att.kind == "self" else astates[i] if own else cstate
             key_mask = key_state.mask if key_state is not None else None
@@ -230,12 +252,26 @@ class TrimmedLayer(nn.Module):
         tokens = self.trimmers.token
         cls_ctx = self._cls_context(context)
         cls_self = self._first(hidden)  # [CLS] is always kept: the same before and after trimming
-        logits = None
-        if tokens is not None:
-            logits = tokens(hidden if spec.batch_first else hidden.transpose(0, 1), cls_self, cls_ctx)
+        logits = self_ctx = protected = segments = None
+        seq = hidden if spec.batch_first else hidden.transpose(0, 1)
+        if self.segments:
+            prev = hstate.index if hstate is not None and hstate.index is not None else None
+            length = hstate.length if prev is not None else seq.shape[1]
+            pos = prev if prev is not None else torch.arange(seq.shape[1], device=seq.device)
+            bounds = self._bounds(length)
+            protected = SegmentTokenTrimmer.summary_rows(pos, 1, length, bounds)[0]  # current position of each summary
+            cls = seq.index_select(1, protected)
+            cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
+            member = SegmentTokenTrimmer.member(pos, bounds)
+            segments = (self.segment_names, member, bounds)
+            if tokens is not None:
+                logits = tokens.logits(seq, cls, member)
+        elif tokens is not None:
+            logits = tokens(seq, cls_self, cls_ctx)
         # the contexts (the layer's, each attention's own) arrive with their dropped tokens already removed
-        head_logits = self._head_logits(cls_self, self._attn_cls(a, cls_ctx))
-        hstate, hidden, trims = rt.remove_step(self.key, logits, head_logits, hidden, hstate, self.token_dim)
+        head_logits = self._head_logits(cls_self, self._attn_cls(a, cls_ctx), self_ctx)
+        hstate, hidden, trims = rt.remove_step(self.key, logits, head_logits, hidden, hstate, self.token_dim,
+                                               protected, segments)
         a[self.hidden_name] = hidden
         self._align_side(a, hstate, cstate)
         return self._run(a, [t if t is not None else AttnTrim() for t in trims]), hstate
@@ -289,15 +325,29 @@ class TrimmedLayer(nn.Module):
             raise RuntimeError(f"layer {spec.path!r}: its stream was unpacked after an earlier layer")
         tokens = self.trimmers.token
         fetch: list[torch.Tensor] = []
+        self_ctx = seg_cls = None
         if hp is None:  # the stream's first described layer: pack it here (padding dropped)
             hb = hidden if bf else hidden.transpose(0, 1)
             B, N = hb.shape[:2]
             cls_self = hb[:, 0]
             real_mask, real = rt.real_tokens(spec.stream, B, N, hb.device)
+            if self.segments:
+                bounds = self._bounds(N)
+                seg_cls = hb[:, bounds[:-1]]
+                member = SegmentTokenTrimmer.member(torch.arange(N, device=hb.device), bounds)
+                real_b = real_mask.float() if real_mask is not None else torch.ones(B, N, device=hb.device)
+                rt.segment_real[spec.stream] = torch.stack([real_b[:, s:e].sum(1) for s, e in zip(bounds, bounds[1:])], 1)
         else:
             rows = P.repack(hidden if bf else hidden.transpose(0, 1), hp) if padded else _rows(
                 hidden, bf, hp.total, "hidden states")
             cls_self = rows.index_select(0, hp.starts)
+            if self.segments:
+                bounds = self._bounds(hp.length)
+                summary = SegmentTokenTrimmer.summary_rows(hp.bidx * hp.length + hp.pos, hp.batch, hp.length, bounds)
+                seg_cls = rows[summary]  # (B, K, D)
+                member = SegmentTokenTrimmer.member(hp.pos, bounds)
+        if seg_cls is not None:
+            cls_self, self_ctx = seg_cls[:, 0], SegmentTokenTrimmer.contexts(seg_cls)[0]
         # the contexts (the layer's, each attention's own): [CLS] for the trimmers, rows for cross-attention
         layer_cross = any(att.kind == "cross" and n is None for att, n in zip(spec.attentions, self.attn_context_names))
         cls_ctx, cpack, ctx_in = self._packed_context(context, cstate, spec.context_stream or "", layer_cross)
@@ -316,23 +366,34 @@ class TrimmedLayer(nn.Module):
                 own[name] = (c_cls, c_pack)
         cls_attn = [own[n][0] if n is not None else cls_ctx for n in self.attn_context_names]
         # decisions
-        head_logits = self._head_logits(cls_self, cls_attn)
+        head_logits = self._head_logits(cls_self, cls_attn, self_ctx)
         if hp is None:
             keep = real_mask.clone() if real_mask is not None else torch.ones(B, N, dtype=torch.bool, device=hb.device)
             if tokens is not None:
-                logits = rt.forced.get(self.key, tokens(hb, cls_self, cls_ctx))
+                if self.key in rt.forced:
+                    logits = rt.forced[self.key]
+                elif self.segments:
+                    logits = tokens.logits(hb, seg_cls, member)
+                else:
+                    logits = tokens(hb, cls_self, cls_ctx)
                 keep &= logits > 0
-            keep[:, 0] = True  # [CLS] is always kept
+            if self.segments:
+                keep[:, bounds[:-1]] = True  # every segment's summary is always kept
+            else:
+                keep[:, 0] = True  # [CLS] is always kept
             counts_dev = keep.sum(1)
             if tokens is not None:
                 fetch.append(counts_dev)
         elif tokens is not None:
-            logits = P.token_logits(tokens, rows, hp, cls_self, cls_ctx)
             forced = rt.forced.get(self.key)
             if forced is not None:  # forced logits are given over the original tokens (B, N), as in mode hard
                 logits = forced.reshape(-1).to(rows.device).index_select(0, hp.flat)
+            elif self.segments:
+                logits = tokens.packed_logits(rows, hp, seg_cls, member)
+            else:
+                logits = P.token_logits(tokens, rows, hp, cls_self, cls_ctx)
             keep = logits > 0
-            keep.index_fill_(0, hp.starts, True)  # [CLS] is always kept
+            keep.index_fill_(0, summary.reshape(-1) if self.segments else hp.starts, True)  # summaries always kept
             counts_dev = torch.zeros(hp.batch, dtype=torch.long, device=keep.device).index_add_(0, hp.bidx, keep.long())
             fetch.append(counts_dev)
         host = P.fetch(fetch)  # the one host synchronisation of this layer (none without a token trimmer)
@@ -343,7 +404,10 @@ class TrimmedLayer(nn.Module):
             rows, pack = P.select_rows(rows, hp, keep, host[0], counts_dev)
         else:
             pack = hp
-        if tokens is not None:
+        if tokens is not None and self.segments:
+            rt.packed_record_segments(self.key, spec.stream, pack, self.segment_names,
+                                      SegmentTokenTrimmer.member(pack.pos, bounds))
+        elif tokens is not None:
             rt.packed_record_tokens(self.key, pack)
         if not padded:
             a[self.hidden_name] = rows.unsqueeze(0) if bf else rows.unsqueeze(1)
@@ -379,6 +443,35 @@ def _unpack_outputs(out: Any, pack: P.Packing, batch_first: bool) -> Any:
         return t
 
     return tree_map(one, out)
+
+
+def _padding_source(ref: str) -> tuple[str, int | None]:
+    """``"MODULE"`` or ``"MODULE[i]"`` -> (module path, output index or None)."""
+    if ref.endswith("]") and "[" in ref:
+        module, index = ref[:-1].split("[", 1)
+        if not index.isdigit():
+            raise ValueError(f"StreamSpec.padding_source {ref!r}: the index must be an output number, e.g. 'embeddings[1]'")
+        return module, int(index)
+    return ref, None
+
+
+class PaddingProbe(nn.Module):
+    """Records a stream's padding mask (B, N), 1 = real token, where the model makes it."""
+
+    def __init__(self, runtime: Runtime, stream: str, where: str) -> None:
+        super().__init__()
+        self.runtime, self.stream, self.where = runtime, stream, where
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        rt = self.runtime
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise RuntimeError(f"StreamSpec({self.stream!r}).padding_source {self.where!r} gave "
+                               f"{type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}, expected a (B, N) mask "
+                               "with 1 for real tokens")
+        rt.padding[self.stream] = mask
+        if rt.mode in ("packed", "padded"):  # real tokens per instance, one host sync where the mask is made
+            rt.real[self.stream] = P.fetch([(mask != 0).sum(-1)])[0]
+        return mask
 
 
 class LayerTrimmers(nn.Module):
@@ -445,7 +538,8 @@ def rewrite(
             model.get_submodule(path)
         except AttributeError:
             raise ValueError(f"the adapter describes layer {path!r}, but the model has no such module") from None
-    leaves = set(by_path) | set(spec.leaf_modules) | {t.module for t in spec.token_args}
+    sources = {st.name: _padding_source(st.padding_source) for st in spec.streams if st.padding_source}
+    leaves = set(by_path) | set(spec.leaf_modules) | {t.module for t in spec.token_args} | {m for m, _ in sources.values()}
     graph = trace(model, leaves, fixed_args(model, None, dict(spec.concrete_args)), spec.autowrap_functions, f"model {type(model).__name__}",
                    "ModelSpec.leaf_modules / autowrap_functions / concrete_args")
     finish = plain_codegen(graph)  # called with its named inputs in order; *args/**kwargs fixed empty
@@ -539,7 +633,7 @@ def rewrite(
                          for a, n in zip(lspec.attentions, attn_nodes)]
             trimmers[key] = make_trimmers(lspec, key, dims.get(call_args[hidden_name]), dims.get(context_node), attn_dims)
             wrapper = TrimmedLayer(key, layer, lspec, symbolic, runtime, trimmers[key], spec.autowrap_functions,
-                                   constants)
+                                   constants, spec.stream(lspec.stream))
             wrapper.constants = constants
             name = "trimkit_layer_" + key.replace(".", "_")
             gm.add_submodule(name, wrapper)
@@ -588,6 +682,17 @@ def rewrite(
                 node.args = node.args[:pos] + (aligned,) + node.args[pos + 1:]
             else:
                 node.kwargs = {**node.kwargs, name: aligned}
+    # padding masks the model builds itself (StreamSpec.padding_source): recorded where they are made
+    for stream, (module, index) in sources.items():
+        made = [n for n in graph.nodes if n.op == "call_module" and n.target == module]
+        if not made:
+            raise TraceError(f"StreamSpec({stream!r}).padding_source: module {module!r} is not called in the trace")
+        name = f"trimkit_padding_{stream}"
+        gm.add_submodule(name, PaddingProbe(runtime, stream, f"{module}" + ("" if index is None else f"[{index}]")))
+        with graph.inserting_after(made[0]):
+            value = made[0] if index is None else graph.call_function(operator.getitem, (made[0], index))
+        with graph.inserting_after(value):
+            graph.call_module(name, (value,))
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -196,16 +196,47 @@ class TokenArg:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One modality inside a stream that holds several in one sequence (single-stream models: ViLT's
+    text tokens then image tokens, each part with its own [CLS]).
+
+    name: the modality's name, used like a stream name for targets and records
+    (``token_target={"text": 0.8, "vision": 0.5}``). length: its token count, the same for every
+    instance: an int, ``"INPUT:DIM"`` (the size of dimension DIM of model input INPUT, e.g.
+    ``"input_ids:1"``), or ``None`` for the last segment (the rest of the sequence). Each segment's
+    first token is its summary ([CLS]): always kept, read by the other segments' trimmers.
+    """
+
+    name: str
+    length: int | str | None = None
+
+    def __post_init__(self) -> None:
+        ok = self.length is None or (isinstance(self.length, int) and self.length > 0) or (
+            isinstance(self.length, str) and self.length.count(":") == 1 and self.length.split(":")[1].lstrip("-").isdigit())
+        if not ok:
+            raise ValueError(f"Segment({self.name!r}).length must be a positive int, 'INPUT:DIM' or None (the rest), "
+                             f"got {self.length!r}")
+
+
+@dataclass(frozen=True)
 class StreamSpec:
-    """A token stream (one modality). ``cls_index`` is where its [CLS] token sits (always kept).
+    """A token stream. ``cls_index`` is where its [CLS] token sits (always kept).
 
     padding_input: name of a model input (B, N) with 1 for real tokens and 0 for padding, used so
-    padding never counts as kept in the cost loss; ``None`` when the stream has no padding.
+    padding never counts as kept in the cost loss and packed batches drop it; ``None`` when the
+    stream has no padding. padding_source: the same mask taken from a tensor inside the model
+    instead: ``"MODULE"`` (the output of that module's call) or ``"MODULE[i]"`` (its i-th output),
+    for masks the model builds itself (ViLT's embeddings return text and image masks concatenated).
+    segments: for a stream holding several modalities in one sequence, their layout in order
+    (:class:`Segment`); each segment gets its own token trimmer and target at every layer, reading
+    its own summary and the others'.
     """
 
     name: str
     cls_index: int = 0
     padding_input: str | None = None
+    padding_source: str | None = None
+    segments: Sequence[Segment] = ()
 
     def __post_init__(self) -> None:
         if self.cls_index != 0:
@@ -213,6 +244,15 @@ class StreamSpec:
                 f"StreamSpec({self.name!r}).cls_index={self.cls_index}: trimkit keeps [CLS] first; "
                 "put the [CLS] token at position 0 (a wrapper can reorder tokens)."
             )
+        if self.padding_input and self.padding_source:
+            raise ValueError(f"StreamSpec({self.name!r}): give padding_input or padding_source, not both")
+        if self.segments:
+            names = [g.name for g in self.segments]
+            if len(self.segments) < 2 or len(set(names)) != len(names):
+                raise ValueError(f"StreamSpec({self.name!r}).segments: give at least two segments with distinct "
+                                 f"names, got {names}")
+            if any(g.length is None for g in self.segments[:-1]):
+                raise ValueError(f"StreamSpec({self.name!r}).segments: only the last segment may have length None")
 
 
 @dataclass(frozen=True)
@@ -243,6 +283,10 @@ class ModelSpec:
 
     def validate(self) -> None:
         names = {s.name for s in self.streams}
+        segment_names = [g.name for s in self.streams for g in s.segments]
+        clash = sorted(set(segment_names) & names) or sorted({n for n in segment_names if segment_names.count(n) > 1})
+        if clash:
+            raise ValueError(f"segment names {clash} are used twice (as streams or segments); targets address them by name")
         seen: set[str] = set()
         for layer in self.layers:
             if layer.stream not in names:
