@@ -279,9 +279,12 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
         stream_of = {l.path: l.stream for l in spec.layers}
 
         def stream(key: str) -> str:
+            if ":" in key:  # a segment's record: "layer:segment"
+                return key.split(":", 1)[1]
             return stream_of.get(key) or next((s for p, s in stream_of.items() if key.startswith(p + ".")), key)
 
         padded_streams = {s.name: s.padding_input for s in spec.streams if s.padding_input}
+        sourced = [s.name for s in spec.streams if s.padding_source]  # masks the model makes: read after a forward
         engines = ("packed", "padded")
         worst = dict.fromkeys(engines, 0.0)
         varied, seen, padding_seen, moved = False, [], False, 0.0
@@ -299,6 +302,12 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
                     with tmodel.mode("hard"):
                         ref = tmodel(**x)
                     ref_records, ref_keep = list(tmodel.records), _kept_masks(tmodel)
+                    for name in sourced:
+                        made = tmodel.runtime.padding.get(name)
+                        if made is None:
+                            raise AssertionError(f"StreamSpec({name!r}).padding_source recorded no mask in a forward")
+                        real[name] = made.ne(0).sum(-1).tolist()
+                        padding_seen |= bool((made == 0).any())
                     with tmodel.full():  # how far trimming moves the outputs: the scale atol is read against
                         moved = max(moved, _leaf_scale(tmodel(**x), ref))
                     for engine in engines:
@@ -344,11 +353,12 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
         if not varied:
             raise AssertionError(f"the kept counts never differed across the {batch} instances while dropping tokens "
                                  f"in {trials} trials ({'; '.join(seen)}): the check would be vacuous")
-        if padded_streams and not padding_seen:
+        padded_names = sorted(set(padded_streams) | set(sourced))
+        if padded_names and not padding_seen:
             raise AssertionError(f"example_inputs(batch_size={batch}) never padded "
-                                 f"{sorted(padded_streams)} in {trials} trials: the padding path was not exercised "
+                                 f"{padded_names} in {trials} trials: the padding path was not exercised "
                                  "(rows after the first should be shorter)")
-        pad = (f"padding in {sorted(padded_streams)}" if padded_streams else "no stream declares padding")
+        pad = (f"padding in {padded_names}" if padded_names else "no stream declares padding")
         weak = ": weak, under 10x atol, a leak could pass" if moved < 10 * atol else ""
         return (f"max |packed - masked| = {worst['packed']:.1e}, max |padded - masked| = {worst['padded']:.1e} over "
                 f"{trials} trials at batch {batch} (trimming moves the outputs by up to {moved:.1e}{weak}), same "
