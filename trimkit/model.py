@@ -30,13 +30,15 @@ from .spec import LayerSpec, ModelSpec
 
 
 def _layer_index(spec: ModelSpec) -> dict[str, tuple[str, str, int]]:
-    """layer path -> (stream, site, index among the stream's layers at that site)."""
+    """trimmer key -> (stream, site, index among the stream's layers at that site). The key is the
+    layer path, and ``"path@stream"`` for the other stream a two-stream layer updates."""
     counts: dict[tuple[str, str], int] = {}
     out = {}
     for layer in spec.layers:
-        i = counts.get((layer.stream, layer.site), 0)
-        counts[(layer.stream, layer.site)] = i + 1
-        out[layer.path] = (layer.stream, layer.site, i)
+        for stream, key in [(layer.stream, layer.path)] + [(u.stream, f"{layer.path}@{u.stream}") for u in layer.updates]:
+            i = counts.get((stream, layer.site), 0)
+            counts[(stream, layer.site)] = i + 1
+            out[key] = (stream, layer.site, i)
     return out
 
 
@@ -45,7 +47,8 @@ def _selected(selectors: list[str] | None, field: str, index: dict[str, tuple[st
         return set(index)
     chosen: set[str] = set()
     for j, sel in enumerate(selectors):
-        hit = {p for p, (st, si, i) in index.items() if sel in (p, st, si, f"{st}.{si}", f"{st}.{si}.{i}")}
+        hit = {p for p, (st, si, i) in index.items()
+               if sel in (p, p.split("@")[0], st, si, f"{st}.{si}", f"{st}.{si}.{i}")}
         if not hit:
             known = sorted({st for st, _, _ in index.values()} | {f"{st}.{si}" for st, si, _ in index.values()})
             raise TrimConfigError(f"{field}[{j}]: {sel!r} selects no layer; use a layer path, 'stream', "
@@ -78,7 +81,7 @@ class TrimmedModel(nn.Module):
         self._forced_mode: str | None = None
         self._inference = "remove"
         trimmable = {l.path for l in spec.layers if l.trimmable}
-        index = {p: v for p, v in _layer_index(spec).items() if p in trimmable}
+        index = {p: v for p, v in _layer_index(spec).items() if p.split("@")[0] in trimmable}
         token_layers = _selected(config.token_layers, "token_layers", index) if config.trim_tokens else set()
         head_layers = _selected(config.head_layers, "head_layers", index) if config.trim_heads else set()
         segmented = {st.name: [g.name for g in st.segments] for st in spec.streams if st.segments}
@@ -92,6 +95,8 @@ class TrimmedModel(nn.Module):
         all_keys = {k for p, (st, si, i) in index.items() for k in selector_keys(st, si, i)}
         all_keys |= {k for p, (st, si, i) in index.items() for g in segmented.get(st, ()) for k in token_keys(st, si, i, g)}
         for p, (st, si, i) in index.items():
+            if "@" in p:
+                continue
             for a in spec.layers[[l.path for l in spec.layers].index(p)].attentions:
                 all_keys |= set(selector_keys(st, si, i, a.kind))
         _check_target_keys(config.token_target, "token_target", all_keys)
@@ -102,26 +107,29 @@ class TrimmedModel(nn.Module):
 
         def make(lspec: LayerSpec, key: str, dim: int | None, ctx_dim: int | None,
                  attn_ctx_dims: list[int | None]) -> LayerTrimmers:
-            if lspec.path not in index:  # trimmable=False: rewritten so masks reach it, no trimmers
+            if key not in index:  # trimmable=False: rewritten so masks reach it, no trimmers
                 return LayerTrimmers(None, {})
-            st, si, i = index[lspec.path]
+            st, si, i = index[key]
             if dim is None:
                 raise TrimConfigError(f"layer {lspec.path!r}: could not infer the hidden size from example inputs")
             token = None
             segments = segmented.get(st)
-            if lspec.path in token_layers and segments:  # one policy per segment, reading the other segments
+            if key in token_layers and segments:  # one policy per segment, reading the other segments
                 token = SegmentTokenTrimmer(segments, [token_factory(dim, dim, config) for _ in segments])
                 for g in segments:
                     self.final_targets[f"{key}:{g}"] = resolve_target(config.token_target, token_keys(st, si, i, g))
-            elif lspec.path in token_layers:
+            elif key in token_layers:
                 token = token_factory(dim, ctx_dim, config)
                 self.final_targets[key] = resolve_target(config.token_target, selector_keys(st, si, i))
             heads = {}
-            if lspec.path in head_layers:
-                for j, a in enumerate(lspec.attentions):
+            if key in head_layers:
+                for j, (a, (q, k)) in enumerate(zip(lspec.attentions, lspec.roles())):
                     # a self-attention over a segmented stream reads the other segments' summaries too
-                    other = attn_ctx_dims[j] if a.kind == "cross" else dim if segments else None
-                    heads[str(j)] = head_factory(dim, other, a.num_heads, config)
+                    if q == lspec.stream:
+                        q_dim, other = dim, attn_ctx_dims[j] if a.kind == "cross" else dim if segments else None
+                    else:  # the updated stream's queries in a two-stream layer
+                        q_dim, other = ctx_dim, dim if a.kind == "cross" else None
+                    heads[str(j)] = head_factory(q_dim, other, a.num_heads, config)
                     self.final_targets[f"{key}.{j}"] = resolve_target(config.head_target, selector_keys(st, si, i, a.kind))
             return LayerTrimmers(token, heads)
 
@@ -342,14 +350,14 @@ def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:
         ctx = lspec.context_stream
         attentions = []
         reads = [ctx] if ctx else []
-        for i, a in enumerate(lspec.attentions):
-            keys = lspec.stream if a.kind == "self" else (a.context_stream or ctx or "?")
-            if a.kind == "cross" and keys not in reads:
+        for i, (a, (queries, keys)) in enumerate(zip(lspec.attentions, lspec.roles())):
+            keys = keys or "?"
+            if keys != lspec.stream and keys not in reads:
                 reads.append(keys)
             impl = next((m for n, m in wrapper.inner.named_children()
                          if n == f"trimkit_attn_{i}" or n.startswith(f"trimkit_attn_{i}_call")), None)
             route = f"kernel/{impl.route}" if a.via == "kernel" and impl is not None else a.via
-            attentions.append(AttentionPlan(i, a.path, a.call, a.kind, lspec.stream, keys, route,
+            attentions.append(AttentionPlan(i, a.path, a.call, a.kind, queries, keys, route,
                                             targets.get(f"{lspec.path}.{i}")))
         args = [f"{k} (dim {d})" for k, d in wrapper.hidden_side.items()]
         args += [f"{k} (dim {d}, as {ctx})" for k, d in wrapper.context_side.items()]
@@ -358,7 +366,8 @@ def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:
         if segments and f"{lspec.path}:{segments[0]}" in targets:
             token_target = {g: targets[f"{lspec.path}:{g}"] for g in segments}
         layers.append(LayerPlan(lspec.path, lspec.stream, lspec.site, rewritten.calls.get(lspec.path, 0), tuple(reads),
-                                token_target, tuple(str(a) for a in args), tuple(attentions), lspec.trimmable))
+                                token_target, tuple(str(a) for a in args), tuple(attentions), lspec.trimmable,
+                                tuple((u.stream, targets.get(f"{lspec.path}@{u.stream}")) for u in lspec.updates)))
     outside = tuple(f"{t.module}.{t.arg} ({t.stream}, dim {t.dim})" for t in spec.token_args)
     return TrimPlan(tmodel.adapter_name, tmodel.config.token_policy, tmodel.config.head_policy,
                     tuple(_stream_plan(s) for s in spec.streams), tuple(layers), outside)

@@ -46,6 +46,7 @@ class LayerPlan:
     token_args: tuple[str, ...]  # arguments gathered with the stream's (or context's) kept tokens
     attentions: tuple[AttentionPlan, ...]
     trimmable: bool = True
+    updates: tuple[tuple[str, float | None], ...] = ()  # another stream updated in the same call, its target
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class TrimPlan:
             tokens = (", ".join(f"{g} {pct(t)}" for g, t in l.token_target.items()) if isinstance(l.token_target, dict)
                       else pct(l.token_target))
             lines.append(f"  {l.path}{times}: updates {l.stream} ({l.site}){reads}; tokens {tokens}{frozen}")
+            for stream, target in l.updates:
+                lines.append(f"    and updates {stream} in the same call; its tokens {pct(target)}")
             if l.token_args:
                 lines.append(f"    gathered with the kept tokens: {', '.join(l.token_args)}")
             for a in l.attentions:

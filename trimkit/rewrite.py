@@ -71,8 +71,11 @@ class TrimmedLayer(nn.Module):
 
     def __init__(self, key: str, layer: nn.Module, spec: LayerSpec, symbolic: set[str], runtime: Runtime,
                  trimmers: nn.Module, autowrap: Sequence[Callable], constants: dict[str, Any] | None = None,
-                 stream: StreamSpec | None = None) -> None:
+                 stream: StreamSpec | None = None, tokens_only: bool = False) -> None:
         super().__init__()
+        self.tokens_only = tokens_only  # a token decision only (the updated stream of a two-stream layer)
+        self.roles = spec.roles()  # per attention: (query stream, key stream)
+        self.update_output = spec.updates[0].output if spec.updates else None
         self.segments = list(stream.segments) if stream is not None else []
         self.segment_names = [g.name for g in self.segments]
         self.key = key
@@ -90,7 +93,7 @@ class TrimmedLayer(nn.Module):
         self.hidden_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.hidden_token_args.items()}
         self.context_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.context_token_args.items()}
         self.token_dim = 1 if spec.batch_first else 0
-        self.inner = self._trace_inner(layer, symbolic, autowrap, constants or {})
+        self.inner = None if tokens_only else self._trace_inner(layer, symbolic, autowrap, constants or {})
 
     def _trace_inner(self, layer: nn.Module, symbolic: set[str], autowrap: Sequence[Callable],
                      constants: dict[str, Any]) -> fx.GraphModule:
@@ -159,14 +162,19 @@ class TrimmedLayer(nn.Module):
 
     def forward(self, *args: Any, trimkit_hidden_state: TokenState | None = None, trimkit_context_state: TokenState | None = None,
                 trimkit_context: torch.Tensor | None = None, trimkit_attn_states: list[TokenState | None] | None = None,
-                trimkit_last: bool = False, **kwargs: Any) -> tuple[Any, TokenState | None]:
+                trimkit_last: bool = False, trimkit_last_update: bool = False, **kwargs: Any) -> tuple:
         rt = self.runtime
         if rt.mode == "off":
-            return self.layer(*args, **kwargs), trimkit_hidden_state
+            if self.tokens_only:
+                return self.signature.bind_partial(*args, **kwargs).arguments, trimkit_hidden_state
+            out = self.layer(*args, **kwargs)
+            return (out, trimkit_hidden_state) if self.update_output is None else (out, trimkit_hidden_state,
+                                                                                   trimkit_context_state)
         a = self.signature.bind_partial(*args, **kwargs).arguments
         hidden = a[self.hidden_name]
         context = a[self.context_name] if self.context_name is not None else trimkit_context
         astates = list(trimkit_attn_states) if trimkit_attn_states is not None else [None] * len(self.spec.attentions)
+        self._last_update = trimkit_last_update
         if rt.mode in ("packed", "padded"):
             out, state = self._packed(a, hidden, context, trimkit_hidden_state, trimkit_context_state, trimkit_last,
                                       astates)
@@ -175,6 +183,10 @@ class TrimmedLayer(nn.Module):
         else:
             out, state = self._masked(a, hidden, context, trimkit_hidden_state, trimkit_context_state, astates)
         rt.streams[self.spec.stream] = state  # what TrimmedModel.kept_mask reports
+        if self.update_output is not None:
+            out, ustate = out
+            rt.streams[self.spec.context_stream] = ustate
+            return out, state, ustate
         return out, state
 
     def _first(self, t: torch.Tensor) -> torch.Tensor:
@@ -190,11 +202,30 @@ class TrimmedLayer(nn.Module):
 
     def _head_logits(self, cls_self: torch.Tensor, cls_ctxs: list[torch.Tensor | None],
                      self_ctx: torch.Tensor | None = None) -> list[torch.Tensor | None]:
-        """Per attention, its head trimmer's logits. ``self_ctx``: what a self-attention's trimmer reads
-        besides ``cls_self`` (the other segments' summaries, in a segmented stream)."""
-        heads = self.trimmers.heads
-        return [heads[str(i)](cls_self, cls_ctxs[i] if att.kind == "cross" else self_ctx) if str(i) in heads else None
-                for i, att in enumerate(self.spec.attentions)]
+        """Per attention, its head trimmer's logits, from its query stream's [CLS] and, for a
+        cross-attention, its keys' [CLS]. ``self_ctx``: what a self-attention's trimmer reads besides
+        (the other segments' summaries, in a segmented stream)."""
+        heads, spec = self.trimmers.heads, self.spec
+        out = []
+        for i, (att, (q, k)) in enumerate(zip(spec.attentions, self.roles)):
+            if str(i) not in heads:
+                out.append(None)
+                continue
+            if q == spec.stream:
+                cls_q, other = cls_self, cls_ctxs[i] if att.kind == "cross" else self_ctx
+            else:  # the updated stream's queries (a two-stream layer): its [CLS] is the layer's context [CLS]
+                cls_q = self._ctx_cls
+                own = self.attn_context_names[i] is not None
+                other = (cls_ctxs[i] if own else cls_self) if att.kind == "cross" else None
+            out.append(heads[str(i)](cls_q, other))
+        return out
+
+    def _key_state(self, i: int, hstate: TokenState | None, cstate: TokenState | None,
+                   astates: list[TokenState | None]) -> TokenState | None:
+        """The token state of attention ``i``'s keys/values."""
+        if self.attn_context_names[i] is not None:
+            return astates[i]
+        return hstate if self.roles[i][1] == self.spec.stream else cstate
 
     def _bounds(self, length: int) -> list[int]:
         return segment_bounds(self.segments, self.runtime.sizes, length, self.spec.stream)
@@ -234,17 +265,20 @@ class TrimmedLayer(nn.Module):
             hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim)
             a[self.hidden_name] = hidden
         self._align_side(a, hstate, cstate)
+        if self.tokens_only:
+            return a, hstate
         if not self.segments:
             cls_self = self._first(hidden)
+        self._ctx_cls = cls_ctx
         trims: list[AttnTrim] = []
         for i, (att, logits) in enumerate(zip(spec.attentions, self._head_logits(cls_self, cls_attn, self_ctx))):
-            own = self.attn_context_names[i] is not None
-            key_state = hstate if att.kind == "self" else astates[i] if own else cstate
+            key_state = self._key_state(i, hstate, cstate, astates)
             key_mask = key_state.mask if key_state is not None else None
             trim = rt.head_step(f"{self.key}.{i}", logits) if logits is not None else AttnTrim()
             trim.key_mask = key_mask
             trims.append(trim)
-        return self._run(a, trims), hstate
+        out = self._run(a, trims)
+        return ((out, cstate), hstate) if self.update_output is not None else (out, hstate)
 
     def _remove(self, a, hidden, context, hstate, cstate):
         """Mode remove (batch 1): every decision of the layer first, one host sync, then gather."""
@@ -269,12 +303,16 @@ class TrimmedLayer(nn.Module):
         elif tokens is not None:
             logits = tokens(seq, cls_self, cls_ctx)
         # the contexts (the layer's, each attention's own) arrive with their dropped tokens already removed
+        self._ctx_cls = cls_ctx
         head_logits = self._head_logits(cls_self, self._attn_cls(a, cls_ctx), self_ctx)
         hstate, hidden, trims = rt.remove_step(self.key, logits, head_logits, hidden, hstate, self.token_dim,
                                                protected, segments)
         a[self.hidden_name] = hidden
         self._align_side(a, hstate, cstate)
-        return self._run(a, [t if t is not None else AttnTrim() for t in trims]), hstate
+        if self.tokens_only:
+            return a, hstate
+        out = self._run(a, [t if t is not None else AttnTrim() for t in trims])
+        return ((out, cstate), hstate) if self.update_output is not None else (out, hstate)
 
     def _packed_context(self, context: torch.Tensor | None, cstate: TokenState | None, stream: str, cross: bool
                         ) -> tuple[torch.Tensor | None, P.Packing | None, torch.Tensor | None]:
@@ -349,7 +387,9 @@ class TrimmedLayer(nn.Module):
         if seg_cls is not None:
             cls_self, self_ctx = seg_cls[:, 0], SegmentTokenTrimmer.contexts(seg_cls)[0]
         # the contexts (the layer's, each attention's own): [CLS] for the trimmers, rows for cross-attention
-        layer_cross = any(att.kind == "cross" and n is None for att, n in zip(spec.attentions, self.attn_context_names))
+        # (and for the updated stream of a two-stream layer, whose rows are queries or keys)
+        layer_cross = any((att.kind == "cross" or q != spec.stream) and n is None
+                          for att, n, (q, _) in zip(spec.attentions, self.attn_context_names, self.roles))
         cls_ctx, cpack, ctx_in = self._packed_context(context, cstate, spec.context_stream or "", layer_cross)
         if ctx_in is not None and self.context_name is not None:
             a[self.context_name] = ctx_in
@@ -366,6 +406,7 @@ class TrimmedLayer(nn.Module):
                 own[name] = (c_cls, c_pack)
         cls_attn = [own[n][0] if n is not None else cls_ctx for n in self.attn_context_names]
         # decisions
+        self._ctx_cls = cls_ctx
         head_logits = self._head_logits(cls_self, cls_attn, self_ctx)
         if hp is None:
             keep = real_mask.clone() if real_mask is not None else torch.ones(B, N, dtype=torch.bool, device=hb.device)
@@ -417,15 +458,32 @@ class TrimmedLayer(nn.Module):
             a[self.hidden_name] = h if bf else h.transpose(0, 1)
         hstate = TokenState(packing=pack)
         self._align_side(a, hstate, TokenState(packing=cpack) if cpack is not None else cstate)
+        if self.tokens_only:
+            return a, hstate
         trims = []
+        packs = {spec.stream: pack, spec.context_stream: cpack}
         for i, (att, logits) in enumerate(zip(spec.attentions, head_logits)):
             name = self.attn_context_names[i]
-            kpack = pack if att.kind == "self" else own[name][1] if name is not None else cpack
-            if kpack is None:
-                raise RuntimeError(f"layer {spec.path!r}: cross-attention {att.path!r} has no packed context")
+            q, k = self.roles[i]
+            kpack = own[name][1] if name is not None else packs.get(k)
+            if kpack is None or packs.get(q) is None:
+                raise RuntimeError(f"layer {spec.path!r}: attention {att.path!r} ({q} -> {k}) has no packed "
+                                   f"{'queries' if packs.get(q) is None else 'keys'}")
             mask = rt.packed_head_mask(f"{self.key}.{i}", logits) if logits is not None else None
-            trims.append(AttnTrim(head_mask=mask, packed=PackedCall(pack, kpack, rt.checks)))
+            trims.append(AttnTrim(head_mask=mask, packed=PackedCall(packs[q], kpack, rt.checks)))
         out = self._run(a, trims)
+        if self.update_output is not None:  # each stream's output unpacked with its own packing after its last layer
+            ustate = TokenState(packing=cpack) if cpack is not None else cstate
+            if not padded and (last or self._last_update):
+                out = list(out) if isinstance(out, tuple) else out
+                if last:
+                    out[spec.output] = _unpack_outputs(out[spec.output], pack, bf)
+                    hstate = TokenState(packing=pack.as_padded())
+                if self._last_update and cpack is not None:
+                    out[self.update_output] = _unpack_outputs(out[self.update_output], cpack, bf)
+                    ustate = TokenState(packing=cpack.as_padded())
+                out = tuple(out)
+            return (out, ustate), hstate
         if last and not padded:  # after the stream's last described layer: (B, max kept, D), [CLS] at 0
             out = _unpack_outputs(out, pack, bf)
             hstate = TokenState(packing=pack.as_padded())
@@ -581,7 +639,8 @@ def rewrite(
 
     wrappers: dict[str, TrimmedLayer] = {}
     trimmers: dict[str, LayerTrimmers] = {}
-    state_out: dict[fx.Node, tuple[str, fx.Node]] = {}  # wrapper node -> (stream, state node)
+    state_out: dict[fx.Node, list[tuple[str, fx.Node]]] = {}  # wrapper node -> [(stream, its state node)]
+    steps: set[fx.Node] = set()  # token steps of updated streams (two-stream layers): they consume states too
 
     def state_of(value: Any, stream: str) -> fx.Node | None:
         if not isinstance(value, fx.Node):
@@ -589,9 +648,9 @@ def rewrite(
         best = None
         order = {n: i for i, n in enumerate(graph.nodes)}
         for anc in _ancestors(value) | {value}:
-            hit = state_out.get(anc)
-            if hit is not None and hit[0] == stream and (best is None or order[anc] > order[best[0]]):
-                best = (anc, hit[1])
+            for hit_stream, hit_state in state_out.get(anc, ()):
+                if hit_stream == stream and (best is None or order[anc] > order[best[0]]):
+                    best = (anc, hit_state)
         return best[1] if best else None
 
     source_nodes: dict[str, fx.Node] = {}
@@ -643,6 +702,32 @@ def rewrite(
             "trimkit_hidden_state": state_of(call_args[hidden_name], lspec.stream),
             "trimkit_context_state": state_of(context_node, lspec.context_stream) if lspec.context_stream else None,
         }
+        call_node_args, call_node_kwargs = node.args, dict(node.kwargs)
+        if lspec.updates:  # the other stream's token decision first, as a step of its own; the layer reads its result
+            upd = lspec.updates[0]
+            step_key = f"{key}@{upd.stream}"
+            step_spec = LayerSpec(lspec.path, upd.stream, lspec.site, hidden=upd.hidden, context=lspec.hidden,
+                                  context_stream=lspec.stream, hidden_token_args=dict(upd.token_args),
+                                  batch_first=lspec.batch_first, trimmable=lspec.trimmable)
+            step_name = "trimkit_step_" + step_key.replace(".", "_").replace("@", "_at_")
+            if step_key not in wrappers:
+                trimmers[step_key] = make_trimmers(step_spec, step_key, dims.get(context_node),
+                                                   dims.get(call_args[hidden_name]), [])
+                step = TrimmedLayer(step_key, layer, step_spec, set(), runtime, trimmers[step_key], (), None,
+                                    spec.stream(upd.stream), tokens_only=True)
+                gm.add_submodule(step_name, step)
+                wrappers[step_key] = step
+            with graph.inserting_before(node):
+                pre = graph.call_module(step_name, node.args, {**node.kwargs, "trimkit_hidden_state": extra[
+                    "trimkit_context_state"], "trimkit_context_state": extra["trimkit_hidden_state"]})
+                pre_args = graph.call_function(operator.getitem, (pre, 0))
+                extra["trimkit_context_state"] = graph.call_function(operator.getitem, (pre, 1))
+                replaced = {n: graph.call_function(operator.getitem, (pre_args, n))
+                            for n in [_arg_name(upd.hidden, names, lspec.path)] + list(wrappers[step_key].hidden_side)
+                            if n in call_args}
+            steps.add(pre)
+            call_node_args = tuple(replaced.get(n, v) for n, v in zip(names, node.args))
+            call_node_kwargs = {k: replaced.get(k, v) for k, v in call_node_kwargs.items()}
         if lspec.context is None and context_node is not None:
             extra["trimkit_context"] = context_node
         if any(n is not None for n in attn_nodes):
@@ -650,18 +735,22 @@ def rewrite(
                 state_of(n, a.context_stream or lspec.context_stream) if n is not None else None
                 for a, n in zip(lspec.attentions, attn_nodes)]
         with graph.inserting_before(node):
-            new = graph.call_module(name, node.args, {**node.kwargs, **extra})
+            new = graph.call_module(name, call_node_args, {**call_node_kwargs, **extra})
             out = graph.call_function(operator.getitem, (new, 0))
             st = graph.call_function(operator.getitem, (new, 1))
+            produced = [(lspec.stream, st)]
+            if lspec.updates:
+                produced.append((lspec.updates[0].stream, graph.call_function(operator.getitem, (new, 2))))
         dims[out] = dims.get(node)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-        state_out[new] = (lspec.stream, st)
+        state_out[new] = produced
 
     # each stream's last layer call (its state feeds no later layer of the stream): mode packed unpacks there
-    for new, (_, st) in state_out.items():
-        if not any(u in state_out and u.kwargs.get("trimkit_hidden_state") is st for u in st.users):
-            new.kwargs = {**new.kwargs, "trimkit_last": True}
+    for new, produced in state_out.items():
+        for j, (_, st) in enumerate(produced):
+            if not any((u in state_out or u in steps) and u.kwargs.get("trimkit_hidden_state") is st for u in st.users):
+                new.kwargs = {**new.kwargs, ("trimkit_last" if j == 0 else "trimkit_last_update"): True}
 
     # token-carrying arguments of calls outside the layers: gather them like the layers' own
     for targ in spec.token_args:
@@ -696,4 +785,5 @@ def rewrite(
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return Rewritten(gm, wrappers, input_names, {k: len(v) for k, v in calls.items()}), trimmers
+    return Rewritten(gm, {k: w for k, w in wrappers.items() if not w.tokens_only}, input_names,
+                     {k: len(v) for k, v in calls.items()}), trimmers

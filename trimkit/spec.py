@@ -66,6 +66,10 @@ class AttentionSpec:
     call: which call of the module this describes, counted from 0 in the layer's forward, for a
     module the layer calls more than once in different roles (one cross-attention module used for
     text-to-image and image-to-text); ``None``: every call, all in this role.
+    query_stream: the stream of the queries, in a layer that updates several streams
+    (:attr:`LayerSpec.updates`); ``None``: the layer's own stream. Keys/values: the query stream
+    itself for ``kind="self"``; for ``"cross"`` the ``context_stream`` named here, else the other of
+    the layer's two streams.
     context / context_stream: for a cross-attention whose keys are *not* the layer's ``context``:
     the layer argument holding its keys/values and their stream (default: the layer's
     ``context_stream``). This is how a layer with several cross-attentions, one per context, is
@@ -93,6 +97,7 @@ class AttentionSpec:
     context_stream: str | None = None
     via: str = "projections"
     call: int | None = None
+    query_stream: str | None = None
 
     def __post_init__(self) -> None:
         if self.via not in ("projections", "kernel"):
@@ -143,6 +148,24 @@ def multihead_attention(path: str, module: torch.nn.MultiheadAttention, kind: st
 
 
 @dataclass(frozen=True)
+class StreamUpdate:
+    """Another stream a layer reads and returns updated in the same call (a co-attention layer
+    ``forward(v, t, ...) -> (v', t')``).
+
+    stream: its name. hidden: the argument holding its hidden states. output: the index of its new
+    states in the layer's output tuple. token_args: its other arguments with a token dimension
+    (its attention mask...), gathered with its kept tokens. At every call of the layer the stream gets
+    its own token trimmer (reading the layer stream's [CLS]) and its own target, under the
+    layer's site, like a layer of that stream.
+    """
+
+    stream: str
+    hidden: ArgRef
+    output: int
+    token_args: dict[ArgRef, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """A layer whose input tokens may be trimmed. It may be called several times per forward (e.g.
     a vision layer once per image): each call's token states follow its own data flow.
@@ -164,6 +187,12 @@ class LayerSpec:
     trimmable: ``False`` for a layer that must be rewritten (its attention must see the masks of
     the streams it reads) but never gets trimmers, e.g. BLIP's answer decoder; config selectors
     never match it.
+    updates: the other stream this layer updates in the same call (:class:`StreamUpdate`; one at
+    most); it is then the layer's context (``context``/``context_stream`` must be left unset), and
+    ``output`` says where the layer's own stream is in the output tuple. Each attention call names
+    its ``query_stream``.
+    output: index of the layer stream's new states in the layer's output tuple (needed with
+    ``updates``); ``None``: the output is the new states (or a structure holding them).
     """
 
     path: str
@@ -178,6 +207,36 @@ class LayerSpec:
     attentions: Sequence[AttentionSpec] = ()
     batch_first: bool = True
     trimmable: bool = True
+    updates: Sequence[StreamUpdate] = ()
+    output: int | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.updates) > 1:
+            raise ValueError(f"LayerSpec({self.path!r}).updates: one other stream at most (got {len(self.updates)})")
+        if self.updates:
+            u = self.updates[0]
+            if self.context not in (None, u.hidden) or self.context_stream not in (None, u.stream) or self.context_source:
+                raise ValueError(f"LayerSpec({self.path!r}): with updates, the updated stream {u.stream!r} is the "
+                                 "layer's context; leave context/context_stream/context_source unset")
+            if u.stream == self.stream:
+                raise ValueError(f"LayerSpec({self.path!r}).updates: {u.stream!r} is the layer's own stream")
+            if self.output is None or self.output == u.output:
+                raise ValueError(f"LayerSpec({self.path!r}): a layer that updates two streams needs distinct output "
+                                 f"indices for each (output={self.output}, updates[0].output={u.output})")
+            object.__setattr__(self, "context", u.hidden)  # the updated stream is what the layer reads as context
+            object.__setattr__(self, "context_stream", u.stream)
+
+    def roles(self) -> list[tuple[str, str]]:
+        """Per attention: (query stream, key/value stream)."""
+        out = []
+        for a in self.attentions:
+            q = a.query_stream or self.stream
+            if a.kind == "self":
+                k = q
+            else:
+                k = a.context_stream or (self.context_stream if q == self.stream else self.stream)
+            out.append((q, k))
+        return out
 
 
 @dataclass(frozen=True)
@@ -305,6 +364,16 @@ class ModelSpec:
                 if a.context_stream is not None and a.context_stream not in names:
                     raise ValueError(f"layer {layer.path!r}: attention {a.path!r}: unknown context_stream "
                                      f"{a.context_stream!r}")
+            streams_here = {layer.stream} | ({layer.updates[0].stream} if layer.updates else set())
+            for a, (q, k) in zip(layer.attentions, layer.roles()):
+                if q not in streams_here:
+                    raise ValueError(f"layer {layer.path!r}: attention {a.path!r} has query_stream {q!r}, but the layer "
+                                     f"updates {sorted(streams_here)}")
+                if k is not None and k not in names:
+                    raise ValueError(f"layer {layer.path!r}: attention {a.path!r} reads keys of unknown stream {k!r}")
+            for u in layer.updates:
+                if u.stream not in names:
+                    raise ValueError(f"layer {layer.path!r}: updates unknown stream {u.stream!r}")
             calls: dict[str, set] = {}
             for a in layer.attentions:
                 taken = calls.setdefault(a.path, set())
