@@ -1,14 +1,15 @@
-"""How an adapter *describes* a model to the core: streams, trimmed layers, attention modules.
+"""How an adapter *describes* a model to the core.
 
-The core never edits model source. It traces the model with torch.fx, finds the call of each
-layer named here, and rewrites the graph around it; inside each layer it replaces the calls of the
-attention modules named here by :class:`trimkit.ops.TrimAttention`, which reuses the module's own
-projection weights. Everything below is plain data plus two small callables per attention
-module that translate between the module's own call convention and trimkit's.
-
-A newcomer's map: a token is dropped in :meth:`trimkit.ops.Runtime.remove_step` (eval) or masked in
-:meth:`trimkit.ops.Runtime.token_step` and :class:`trimkit.ops.TrimAttention` (training); the
-packed batch engine is :mod:`trimkit.engine.packed`.
+The vocabulary: :class:`StreamSpec` (a token stream, or several modalities as segments (:class:`Segment`)
+of one sequence; its padding from an input or from a tensor inside the model), :class:`LayerSpec`
+(a layer whose input tokens may be trimmed; the stream it updates, the streams it reads, a second
+stream it updates in the same call as :class:`StreamUpdate`, and arguments carrying tokens),
+:class:`AttentionSpec` (one attention *call* inside a layer with its role, queries from one stream
+and keys/values from another, run from declared projections or at the module's own kernel), and
+:class:`TokenArg` (token-carrying arguments outside the layers). The core never edits model source:
+it traces the model with torch.fx (:mod:`trimkit.trace`), rewrites the graph around the layers
+(:mod:`trimkit.rewrite`) and runs them trimmed (:mod:`trimkit.layer`); ``print(tmodel.plan)`` shows
+what it decided.
 """
 
 from __future__ import annotations
