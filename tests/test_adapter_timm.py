@@ -121,6 +121,32 @@ def test_unsupported_options_are_refused_by_name(adapter, options, needle):
         trimkit.trim(model, TrimConfig())
 
 
+def test_register_tokens_are_never_dropped(adapter):
+    model = adapter.build("tiny", depth=3, reg_tokens=2)
+    tmodel = _trim(model, token_target=0.3)
+    assert tmodel.spec.streams[0].protected == 3
+    assert "vision: [CLS] at 0 (summary; the first 3 tokens always kept), no padding" in str(tmodel.plan)
+    _randomize(tmodel, 1)
+    with torch.no_grad():
+        x = adapter.example_inputs(model, batch_size=1, seed=1)
+        with tmodel.mode("hard"):
+            hard = tmodel(**x)
+            masks = [r.mask[0, :3] for r in tmodel.records if r.kind == "token"]
+        with tmodel.mode("remove"):
+            removed = tmodel(**x)
+            index = [r.index for r in tmodel.records if r.kind == "token"][-1]
+        batch = adapter.example_inputs(model, batch_size=3, seed=2)
+        with tmodel.mode("hard"):
+            hard_batch = tmodel(**batch)
+        with tmodel.mode("packed"):
+            packed = tmodel(**batch)
+            pos = [r.index for r in tmodel.records if r.kind == "token"][-1]
+    assert all(bool((m == 1).all()) for m in masks) and index[:3].tolist() == [0, 1, 2] and index.numel() < 20
+    assert int((pos < 3).sum()) == 9  # every instance kept its [CLS] and both registers
+    torch.testing.assert_close(removed, hard, atol=ATOL, rtol=0)
+    torch.testing.assert_close(packed, hard_batch, atol=ATOL, rtol=0)
+
+
 def test_qk_norm_runs_at_the_kernel_and_packs(adapter):
     """qk-norm changes q and k after the projection: recomputing attention from qkv would be wrong,
     so the adapter describes it at the kernel; packed batches agree with masked ones."""

@@ -80,6 +80,7 @@ class TrimmedLayer(nn.Module):
         self.roles = spec.roles()  # per attention: (query stream, key stream)
         self.update_output = spec.updates[0].output if spec.updates else None
         self.segments = list(stream.segments) if stream is not None else []
+        self.protected = stream.protected if stream is not None else 1  # leading tokens never dropped
         self.segment_names = [g.name for g in self.segments]
         self.key = key
         self.spec = spec
@@ -265,7 +266,8 @@ class TrimmedLayer(nn.Module):
         elif tokens is not None:
             seq = hidden if spec.batch_first else hidden.transpose(0, 1)
             logits = tokens(seq, self._first(hidden), cls_ctx)
-            hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim)
+            hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim,
+                                           protected=None if self.protected == 1 else list(range(self.protected)))
             a[self.hidden_name] = hidden
         self._align_side(a, hstate, cstate)
         if self.tokens_only:
@@ -305,6 +307,8 @@ class TrimmedLayer(nn.Module):
                 logits = tokens.logits(seq, cls, member)
         elif tokens is not None:
             logits = tokens(seq, cls_self, cls_ctx)
+            if self.protected != 1:  # always kept, so the stream's first tokens are the protected ones
+                protected = torch.arange(self.protected, device=seq.device)
         # the contexts (the layer's, each attention's own) arrive with their dropped tokens already removed
         self._ctx_cls = cls_ctx
         head_logits = self._head_logits(cls_self, self._attn_cls(a, cls_ctx), self_ctx)
@@ -424,7 +428,7 @@ class TrimmedLayer(nn.Module):
             if self.segments:
                 keep[:, bounds[:-1]] = True  # every segment's summary is always kept
             else:
-                keep[:, 0] = True  # [CLS] is always kept
+                keep[:, :self.protected] = True  # [CLS] (and the stream's other protected tokens) always kept
             counts_dev = keep.sum(1)
             if tokens is not None:
                 fetch.append(counts_dev)
@@ -438,6 +442,8 @@ class TrimmedLayer(nn.Module):
                 logits = P.token_logits(tokens, rows, hp, cls_self, cls_ctx)
             keep = logits > 0
             keep.index_fill_(0, summary.reshape(-1) if self.segments else hp.starts, True)  # summaries always kept
+            if self.protected > 1:
+                keep |= hp.pos < self.protected
             counts_dev = torch.zeros(hp.batch, dtype=torch.long, device=keep.device).index_add_(0, hp.bidx, keep.long())
             fetch.append(counts_dev)
         host = P.fetch(fetch)  # the one host synchronisation of this layer (none without a token trimmer)

@@ -21,6 +21,7 @@ class StreamPlan:
     cls_index: int
     padding: str | None  # "input 'NAME'" or the module output it is taken from
     segments: tuple[tuple[str, str], ...] = ()  # (name, length rule)
+    protected: int = 1  # leading tokens never dropped
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class TrimPlan:
                 parts = ", ".join(f"{n} ({rule})" for n, rule in s.segments)
                 lines.append(f"  {s.name}: segments {parts}; each segment's first token always kept{pad}")
             else:
-                lines.append(f"  {s.name}: [CLS] at {s.cls_index} (always kept){pad}")
+                kept = "always kept" if s.protected == 1 else f"summary; the first {s.protected} tokens always kept"
+                lines.append(f"  {s.name}: [CLS] at {s.cls_index} ({kept}){pad}")
         lines.append("layers, in forward order:")
         for l in self.layers:
             reads = f" reads {', '.join(l.reads)}" if l.reads else ""

@@ -290,6 +290,9 @@ class StreamSpec:
     segments: for a stream holding several modalities in one sequence, their layout in order
     (:class:`Segment`); each segment gets its own token trimmer and target at every layer, reading
     its own summary and the others'.
+    protected: how many leading tokens are never dropped: 1 (the [CLS], the default), more for
+    register or prefix tokens after it (timm's ``reg_tokens``). The [CLS] at 0 stays the summary
+    the trimmers read. (In a segmented stream each segment's first token is protected instead.)
     """
 
     name: str
@@ -297,6 +300,7 @@ class StreamSpec:
     padding_input: str | None = None
     padding_source: str | None = None
     segments: Sequence[Segment] = ()
+    protected: int = 1
 
     def __post_init__(self) -> None:
         if self.cls_index != 0:
@@ -304,6 +308,12 @@ class StreamSpec:
                 f"StreamSpec({self.name!r}).cls_index={self.cls_index}: trimkit keeps [CLS] first; "
                 "put the [CLS] token at position 0 (a wrapper can reorder tokens)."
             )
+        if not isinstance(self.protected, int) or self.protected < 1:
+            raise ValueError(f"StreamSpec({self.name!r}).protected must be an int >= 1 (the [CLS] is always kept), "
+                             f"got {self.protected!r}")
+        if self.segments and self.protected != 1:
+            raise ValueError(f"StreamSpec({self.name!r}): protected applies to unsegmented streams; a segmented "
+                             "stream protects each segment's first token")
         if self.padding_input and self.padding_source:
             raise ValueError(f"StreamSpec({self.name!r}): give padding_input or padding_source, not both")
         if self.segments:

@@ -14,7 +14,8 @@ give different outputs), distillation token (``VisionTransformerDistilled``), ``
 Attention with ``qk_norm``, ``scale_attn_norm`` or a gate runs as timm wrote it, with trimkit at its
 ``F.scaled_dot_product_attention`` call (``AttentionSpec(via="kernel")``; needs ``fused_attn``);
 plain attention is recomputed from ``qkv``/``proj`` so dropped heads skip their projections too.
-Register tokens (after [CLS]) are trimmable like patch tokens: only index 0 is protected by the core.
+Register tokens (after [CLS]) are never dropped (``StreamSpec.protected`` = timm's
+``num_prefix_tokens``); the [CLS] is the summary the trimmers read.
 
 Known limits (both need core support): timm's ``attn_drop`` is not applied by the recomputed
 attention, and ``DropPath`` inside a block is traced in eval mode, so stochastic depth is off
@@ -119,7 +120,7 @@ def describe_timm_vit(model: nn.Module) -> ModelSpec:
                                  inputs=_attn_inputs, output=attn.proj_drop, scale=attn.scale)
         layers.append(LayerSpec(f"blocks.{i}", stream="vision", site="uni", hidden="x", attentions=[spec]))
     spec = ModelSpec(
-        streams=[StreamSpec("vision")],
+        streams=[StreamSpec("vision", protected=getattr(model, "num_prefix_tokens", 1))],
         layers=layers,
         input_names=["x"],
         concrete_args={"attn_mask": None, "is_causal": False},
