@@ -101,6 +101,7 @@ def test_both_streams_get_trimmers_and_targets(bi):
     plan = str(tmodel.plan)
     assert "layers.0: updates vision (co) reads text; tokens keep 0.50" in plan
     assert "and updates text in the same call; its tokens keep 0.80" in plan
+    assert "gathered with the kept tokens: t_bias (dim -1, as text)" in plan and "6 token trimmers" in plan
     assert "attention 2 cross call 0: cross, queries text -> keys vision" in plan
     assert "attention 3 cross call 1: cross, queries vision -> keys text" in plan
     x = BiAdapter().example_inputs(tmodel.model, 1)
@@ -108,6 +109,13 @@ def test_both_streams_get_trimmers_and_targets(bi):
         tmodel(**x)
     assert [r.key for r in tmodel.records if r.kind == "token"] == [
         k for i in range(3) for k in (f"layers.{i}@text", f"layers.{i}")]
+
+
+def test_head_targets_follow_the_query_stream(bi):
+    model, _ = bi
+    tmodel = trim(model, TrimConfig(head_target={"text": 0.3, "vision": 0.7}), adapter="bi_toy")
+    # attentions: self_v (vision queries), self_t (text), cross call 0 (text), cross call 1 (vision)
+    assert [tmodel.final_targets[f"layers.0.{j}"] for j in range(4)] == [0.7, 0.3, 0.3, 0.7]
 
 
 def test_fresh_trimmers_are_the_model(bi):

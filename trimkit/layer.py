@@ -19,7 +19,6 @@ Tensors made at a stream's original length (masks, rotary tables) follow with
 
 from __future__ import annotations
 
-import inspect
 import operator
 from typing import Any, Callable, Sequence
 
@@ -88,7 +87,6 @@ class TrimmedLayer(nn.Module):
         object.__setattr__(self, "trimmers", trimmers)
         object.__setattr__(self, "runtime", runtime)
         self.names = param_names(layer)
-        self.signature = inspect.signature(layer.forward)
         self.hidden_name = _arg_name(spec.hidden, self.names, spec.path)
         self.context_name = _arg_name(spec.context, self.names, spec.path) if spec.context is not None else None
         # per attention: the argument holding its own context (AttentionSpec.context), None: the layer's
@@ -170,11 +168,11 @@ class TrimmedLayer(nn.Module):
         rt = self.runtime
         if rt.mode == "off":
             if self.tokens_only:
-                return self.signature.bind_partial(*args, **kwargs).arguments, trimkit_hidden_state
+                return self._arguments(args, kwargs), trimkit_hidden_state
             out = self.layer(*args, **kwargs)
             return (out, trimkit_hidden_state) if self.update_output is None else (out, trimkit_hidden_state,
                                                                                    trimkit_context_state)
-        a = self.signature.bind_partial(*args, **kwargs).arguments
+        a = self._arguments(args, kwargs)
         hidden = a[self.hidden_name]
         context = a[self.context_name] if self.context_name is not None else trimkit_context
         astates = list(trimkit_attn_states) if trimkit_attn_states is not None else [None] * len(self.spec.attentions)
@@ -192,6 +190,16 @@ class TrimmedLayer(nn.Module):
             rt.streams[self.spec.context_stream] = ustate
             return out, state, ustate
         return out, state
+
+    def _arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The call's arguments by parameter name (the rewritten graph always calls with the traced
+        signature, so no per-call ``inspect`` binding)."""
+        if len(args) > len(self.names):
+            raise TypeError(f"layer {self.spec.path!r} got {len(args)} positional arguments; its forward takes "
+                            f"{self.names}")
+        a = dict(zip(self.names, args))
+        a.update(kwargs)
+        return a
 
     def _first(self, t: torch.Tensor) -> torch.Tensor:
         return t[:, 0] if self.spec.batch_first else t[0]

@@ -95,10 +95,10 @@ class TrimmedModel(nn.Module):
         all_keys = {k for p, (st, si, i) in index.items() for k in selector_keys(st, si, i)}
         all_keys |= {k for p, (st, si, i) in index.items() for g in segmented.get(st, ()) for k in token_keys(st, si, i, g)}
         for p, (st, si, i) in index.items():
-            if "@" in p:
-                continue
-            for a in spec.layers[[l.path for l in spec.layers].index(p)].attentions:
-                all_keys |= set(selector_keys(st, si, i, a.kind))
+            layer = spec.layers[[l.path for l in spec.layers].index(p.split("@")[0])]
+            for a, (q, _) in zip(layer.attentions, layer.roles()):
+                if q == st:
+                    all_keys |= set(selector_keys(st, si, i, a.kind))
         _check_target_keys(config.token_target, "token_target", all_keys)
         _check_target_keys(config.head_target, "head_target", all_keys)
         token_factory = registry.token_policies.get(config.token_policy)
@@ -130,7 +130,10 @@ class TrimmedModel(nn.Module):
                     else:  # the updated stream's queries in a two-stream layer
                         q_dim, other = ctx_dim, dim if a.kind == "cross" else None
                     heads[str(j)] = head_factory(q_dim, other, a.num_heads, config)
-                    self.final_targets[f"{key}.{j}"] = resolve_target(config.head_target, selector_keys(st, si, i, a.kind))
+                    # selected like a module of its query stream (the other stream of a two-stream layer too)
+                    qst, qsi, qi = (st, si, i) if q == lspec.stream else index.get(f"{key}@{q}", (st, si, i))
+                    self.final_targets[f"{key}.{j}"] = resolve_target(config.head_target,
+                                                                      selector_keys(qst, qsi, qi, a.kind))
             return LayerTrimmers(token, heads)
 
         rewritten, trimmers = rewrite(model, spec, example_inputs, self.runtime, make)
@@ -236,7 +239,7 @@ class TrimmedModel(nn.Module):
         masked), ``remove`` returns only the kept tokens (all ``True``), ``packed`` returns each
         instance's kept tokens first, padded with zeros to the batch's maximum. Hand the states and
         this mask to whatever reads the stream afterwards (e.g. a decoder that generates from the
-        kept image tokens). Padding tokens (``StreamSpec.padding_input``) are ``False``. ``None``:
+        kept image tokens). Padding tokens (``StreamSpec.padding_input`` or ``padding_source``) are ``False``. ``None``:
         no layer of the stream ran trimmed in the last forward (mode ``off``), so it is unchanged.
         If the stream's layers are called more than once per forward, the latest call counts.
         """
@@ -361,6 +364,8 @@ def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:
                                             targets.get(f"{lspec.path}.{i}")))
         args = [f"{k} (dim {d})" for k, d in wrapper.hidden_side.items()]
         args += [f"{k} (dim {d}, as {ctx})" for k, d in wrapper.context_side.items()]
+        for u in lspec.updates:  # the other stream's own arguments, gathered by its token step
+            args += [f"{k} (dim {d}, as {u.stream})" for k, d in u.token_args.items()]
         segments = [g.name for g in spec.stream(lspec.stream).segments]
         token_target = targets.get(lspec.path)
         if segments and f"{lspec.path}:{segments[0]}" in targets:

@@ -69,7 +69,9 @@ class TrimPlan:
         def pct(t: float | None) -> str:
             return "-" if t is None else f"keep {t:.2f}"
 
-        tokens = sum(l.token_target is not None for l in self.layers)
+        tokens = sum(len(l.token_target) if isinstance(l.token_target, dict) else l.token_target is not None
+                     for l in self.layers)
+        tokens += sum(t is not None for l in self.layers for _, t in l.updates)
         heads = sum(a.head_target is not None for l in self.layers for a in l.attentions)
         lines = [f"TrimPlan (adapter {self.adapter!r}; token policy {self.token_policy!r}, head policy "
                  f"{self.head_policy!r}; {len(self.layers)} layers, {tokens} token trimmers, {heads} head trimmers)"]
