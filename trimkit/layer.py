@@ -432,6 +432,7 @@ class TrimmedLayer(nn.Module):
                     logits = tokens.logits(hb, seg_cls, member)
                 else:
                     logits = tokens(hb, cls_self, cls_ctx)
+                rt.watch(self.key, logits)
                 keep &= logits > 0
             if self.segments:
                 keep[:, bounds[:-1]] = True  # every segment's summary is always kept
@@ -448,6 +449,7 @@ class TrimmedLayer(nn.Module):
                 logits = tokens.packed_logits(rows, hp, seg_cls, member)
             else:
                 logits = P.token_logits(tokens, rows, hp, cls_self, cls_ctx)
+            rt.watch(self.key, logits)
             keep = logits > 0
             keep.index_fill_(0, summary.reshape(-1) if self.segments else hp.starts, True)  # summaries always kept
             if self.protected > 1:

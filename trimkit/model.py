@@ -205,6 +205,7 @@ class TrimmedModel(nn.Module):
             names = list(rt.padding)
             rt.real = dict(zip(names, fetch([(rt.padding[n] != 0).sum(-1) for n in names])))
         out = self._graph(*[inputs[n] if n in inputs else self._defaults[n] for n in self._input_names])
+        rt.check_finite()
         if rt.checks and bool(torch.stack(rt.checks).any()):
             raise NotImplementedError(
                 "trimkit packed mode assumes attention biases are padding-only (0 on every real token), but a bias "

@@ -44,6 +44,10 @@ padded: as packed, but each layer runs on (B, max kept, D) with key-padding mask
 packing is measured against)."""
 
 
+class NonFiniteError(ValueError):
+    """A trimmer's logits were NaN or inf: the input (or the trimmers) is not finite."""
+
+
 @dataclass
 class TokenState:
     """What has been trimmed from one stream so far.
@@ -112,6 +116,7 @@ class Runtime:
     streams: dict[str, TokenState | None] = field(default_factory=dict)  # stream -> state after its latest layer call
     sizes: dict[str, int] = field(default_factory=dict)  # "INPUT:DIM" -> size, for segment lengths (per forward)
     segment_real: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> (B, K) real tokens per segment
+    nonfinite: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (trimmer key, device flag), per forward
 
     def begin(self, mode: str) -> None:
         """Reset the per-forward state."""
@@ -123,6 +128,25 @@ class Runtime:
         self.context_packings = {}
         self.streams = {}
         self.segment_real = {}
+        self.nonfinite = []
+
+    def watch(self, key: str, logits: torch.Tensor) -> None:
+        """Note whether a trimmer's logits hold NaN/inf (checked once, after the forward: a NaN logit
+        would silently count as "drop" and the trimmed model would answer where the model gives NaN)."""
+        self.nonfinite.append((key, ~torch.isfinite(logits).all()))
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` if a trimmer saw non-finite logits in this forward (one sync)."""
+        if not self.nonfinite:
+            return
+        flags = torch.stack([f for _, f in self.nonfinite])
+        if not bool(flags.any()):
+            return
+        bad = [k for (k, _), f in zip(self.nonfinite, flags.tolist()) if f]
+        raise NonFiniteError(
+            f"trimkit: non-finite trimmer logits (NaN or inf) at {bad[:4]}{' ...' if len(bad) > 4 else ''}: the "
+            "input holds NaN/inf values (the untrimmed model gives NaN on it too) or the trimmers' weights "
+            "diverged; check the input (e.g. torch.isfinite(pixel_values).all()) or the checkpoint")
 
     def _binary(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits > 0).to(logits.dtype)
@@ -131,7 +155,9 @@ class Runtime:
         if self.mode == "sample":
             if self.sampler is None:
                 raise RuntimeError("trimkit: mode 'sample' needs a sampler")
-            return self.sampler(logits, self.temperature)
+            # non-finite logits are reported after the forward (watch/check_finite), with the trimmer's name,
+            # instead of inside the sampler's own argument validation
+            return self.sampler(torch.nan_to_num(logits), self.temperature)
         return self._binary(logits)
 
     # --- masked modes (sample, hard) -------------------------------------------------------
@@ -148,6 +174,7 @@ class Runtime:
             state, hidden, _ = self.remove_step(key, logits, [], hidden, state, token_dim)
             return state, hidden
         logits = self.forced.get(key, logits)
+        self.watch(key, logits)
         m = self._mask(logits)
         if protected is None:
             ones = torch.ones_like(m[:, :1])
@@ -176,6 +203,7 @@ class Runtime:
     def head_step(self, key: str, logits: torch.Tensor) -> AttnTrim:
         """Apply a head trimmer's logits (B, H) (masked modes; mode remove takes heads in remove_step)."""
         logits = self.forced.get(key, logits)
+        self.watch(key, logits)
         target = self.targets.get(key, 1.0)
         heads = logits.shape[1]
         if self.mode == "remove":
@@ -200,6 +228,7 @@ class Runtime:
         keep = None
         if token_logits is not None:
             token_logits = self.forced.get(key, token_logits)
+            self.watch(key, token_logits)
             if token_logits.shape[0] != 1:
                 raise RuntimeError("trimkit: physical token removal runs at batch 1 (use mode 'packed' for batches)")
             keep = token_logits[0] > 0
@@ -214,6 +243,7 @@ class Runtime:
         for i, h in enumerate(head_logits):
             if h is not None:
                 h = self.forced.get(f"{key}.{i}", h)
+                self.watch(f"{key}.{i}", h)
                 parts.append(h[0] > 0)
             heads.append(h)
         host = P.fetch(parts)  # the one host synchronisation of this layer
@@ -294,6 +324,7 @@ class Runtime:
     def packed_head_mask(self, key: str, logits: torch.Tensor) -> torch.Tensor:
         """A head trimmer's per-instance binary mask (B, H) in mode packed (no host sync)."""
         logits = self.forced.get(key, logits)
+        self.watch(key, logits)
         m = self._binary(logits)
         self.records.append(Record(key, "head", self.targets.get(key, 1.0), m.mean(1), mask=m, total=m.shape[1]))
         return m
