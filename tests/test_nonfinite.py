@@ -45,3 +45,23 @@ def test_finite_inputs_are_untouched(toy):
     with torch.no_grad(), tmodel.mode("packed"):
         out = tmodel(**x)
     assert torch.isfinite(out).all() and tmodel.runtime.nonfinite  # checked, and nothing found
+
+
+def test_an_eval_batch_that_runs_masked_says_so_once(toy_registry_module):
+    from trimkit.model import MaskedBatchWarning
+
+    model = ToyAdapter().build(seed=1).eval()
+    tmodel = trim(model, TrimConfig(token_target=0.5), adapter="toy").eval()
+    x = ToyAdapter().example_inputs(model, 2, seed=1)
+    with torch.no_grad():
+        with pytest.warns(MaskedBatchWarning, match=r"batch of 2 runs masked .*tmodel.inference = 'packed'"):
+            tmodel(**x)
+        assert tmodel.runtime.mode == "hard"
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MaskedBatchWarning)
+            tmodel(**x)  # said once per model
+            tmodel.inference = "packed"
+            tmodel(**x)
+        assert tmodel.runtime.mode == "packed"

@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -66,6 +67,10 @@ def _check_target_keys(target: Any, field: str, keys: set[str]) -> None:
                                       f"{sorted(keys)[:20]}")
 
 
+class MaskedBatchWarning(UserWarning):
+    """An eval-mode batch ran masked (no compute saved) under ``inference = "remove"``."""
+
+
 class TrimmedModel(nn.Module):
     """A model with trimmers inserted (see :func:`trim`). ``.model`` is the original model."""
 
@@ -80,6 +85,7 @@ class TrimmedModel(nn.Module):
         self.runtime = Runtime(sampler=registry.samplers.get(config.sampler), temperature=config.temperature)
         self._forced_mode: str | None = None
         self._inference = "remove"
+        self._warned_masked = False
         trimmable = {l.path for l in spec.layers if l.trimmable}
         index = {p: v for p, v in _layer_index(spec).items() if p.split("@")[0] in trimmable}
         token_layers = _selected(config.token_layers, "token_layers", index) if config.trim_tokens else set()
@@ -175,6 +181,12 @@ class TrimmedModel(nn.Module):
             return "sample"
         if batch == 1:
             return "remove" if self._inference in ("packed", "padded") else self._inference
+        if self._inference == "remove" and not self._warned_masked:
+            self._warned_masked = True
+            warnings.warn(
+                f"trimkit: an eval-mode batch of {batch} runs masked (mode 'hard': same outputs, no compute "
+                "saved) because tmodel.inference is 'remove' (batch 1 only); set tmodel.inference = 'packed' to "
+                "drop tokens in batches (said once per model)", MaskedBatchWarning, stacklevel=3)
         return self._inference if self._inference in ("packed", "padded") else "hard"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
