@@ -73,13 +73,16 @@ class TrimmedLayer(nn.Module):
 
     def __init__(self, key: str, layer: nn.Module, spec: LayerSpec, symbolic: set[str], runtime: Runtime,
                  trimmers: nn.Module, autowrap: Sequence[Callable], constants: dict[str, Any] | None = None,
-                 stream: StreamSpec | None = None, tokens_only: bool = False) -> None:
+                 stream: StreamSpec | None = None, tokens_only: bool = False,
+                 context_stream: StreamSpec | None = None) -> None:
         super().__init__()
         self.tokens_only = tokens_only  # a token decision only (the updated stream of a two-stream layer)
         self.roles = spec.roles()  # per attention: (query stream, key stream)
         self.update_output = spec.updates[0].output if spec.updates else None
         self.segments = list(stream.segments) if stream is not None else []
         self.protected = stream.protected if stream is not None else 1  # leading tokens never dropped
+        self.pooled = stream is not None and stream.summary == "mean"  # summary: mean of kept tokens, not token 0
+        self.ctx_pooled = bool(context_stream is not None and context_stream.summary == "mean")
         self.segment_names = [g.name for g in self.segments]
         self.key = key
         self.spec = spec
@@ -204,9 +207,35 @@ class TrimmedLayer(nn.Module):
     def _first(self, t: torch.Tensor) -> torch.Tensor:
         return t[:, 0] if self.spec.batch_first else t[0]
 
-    def _cls_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
-        # a context source may give hidden states (its [CLS] is used) or one vector per instance
-        return None if context is None else context if context.dim() == 2 else self._first(context)
+    def _cls_context(self, context: torch.Tensor | None, cstate: TokenState | None = None) -> torch.Tensor | None:
+        # a context source may give hidden states (its summary is used) or one vector per instance
+        if context is None or context.dim() == 2:
+            return context
+        if self.ctx_pooled:
+            return self._pooled(context if self.spec.batch_first else context.transpose(0, 1), cstate,
+                                self.spec.context_stream)
+        return self._first(context)
+
+    def _pooled(self, seq: torch.Tensor, state: TokenState | None, stream: str | None) -> torch.Tensor:
+        """Masked/remove layouts: the mean of a stream's kept real tokens (B, N, D) -> (B, D)."""
+        B, N = seq.shape[:2]
+        w = torch.ones(B, N, dtype=seq.dtype, device=seq.device)
+        pad = self.runtime.padding.get(stream) if stream else None
+        if state is not None and state.mask is not None:
+            w = w * state.mask.to(seq.dtype)
+        if pad is not None:
+            if state is not None and state.index is not None and pad.shape[-1] == state.length:
+                pad = pad.index_select(1, state.index.to(pad.device))
+            if pad.shape == (B, N):
+                w = w * pad.to(device=seq.device, dtype=seq.dtype)
+        return (seq * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+
+    @staticmethod
+    def _pooled_rows(rows: torch.Tensor, pack: P.Packing) -> torch.Tensor:
+        """Packed rows (R, D) -> the mean of each instance's rows (B, D)."""
+        total = rows.new_zeros(pack.batch, *rows.shape[1:]).index_add_(0, pack.bidx, rows)
+        counts = (pack.cu[1:] - pack.cu[:-1]).to(rows.dtype).clamp_min(1)
+        return total / counts.view(-1, *([1] * (rows.dim() - 1)))
 
     def _attn_cls(self, a: dict[str, Any], cls_ctx: torch.Tensor | None) -> list[torch.Tensor | None]:
         """Per attention, the [CLS] its head trimmer reads: its own context's, else the layer context's."""
@@ -258,9 +287,11 @@ class TrimmedLayer(nn.Module):
         """Modes sample/hard: masks multiply, nothing is removed."""
         rt, spec = self.runtime, self.spec
         tokens = self.trimmers.token
-        cls_ctx = self._cls_context(context)
+        cls_ctx = self._cls_context(context, cstate)
         cls_attn = self._attn_cls(a, cls_ctx)
         self_ctx = None
+        seq = hidden if spec.batch_first else hidden.transpose(0, 1)
+        cls_self = self._pooled(seq, hstate, spec.stream) if self.pooled else seq[:, 0]  # at the layer's input
         if self.segments:  # the original layout: each segment's summary at its start
             seq = hidden if spec.batch_first else hidden.transpose(0, 1)
             bounds = self._bounds(seq.shape[1])
@@ -273,15 +304,13 @@ class TrimmedLayer(nn.Module):
                                                protected=bounds[:-1], segments=(self.segment_names, member))
         elif tokens is not None:
             seq = hidden if spec.batch_first else hidden.transpose(0, 1)
-            logits = tokens(seq, self._first(hidden), cls_ctx)
+            logits = tokens(seq, cls_self, cls_ctx)
             hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim,
                                            protected=None if self.protected == 1 else list(range(self.protected)))
             a[self.hidden_name] = hidden
         self._align_side(a, hstate, cstate)
         if self.tokens_only:
             return a, hstate
-        if not self.segments:
-            cls_self = self._first(hidden)
         self._ctx_cls = cls_ctx
         trims: list[AttnTrim] = []
         for i, (att, logits) in enumerate(zip(spec.attentions, self._head_logits(cls_self, cls_attn, self_ctx))):
@@ -297,8 +326,10 @@ class TrimmedLayer(nn.Module):
         """Mode remove (batch 1): every decision of the layer first, one host sync, then gather."""
         rt, spec = self.runtime, self.spec
         tokens = self.trimmers.token
-        cls_ctx = self._cls_context(context)
-        cls_self = self._first(hidden)  # [CLS] is always kept: the same before and after trimming
+        cls_ctx = self._cls_context(context, cstate)
+        # [CLS] is always kept: the same before and after trimming; a pooled summary is taken at the input
+        cls_self = self._pooled(hidden if spec.batch_first else hidden.transpose(0, 1), hstate, spec.stream) \
+            if self.pooled else self._first(hidden)
         logits = self_ctx = protected = segments = None
         seq = hidden if spec.batch_first else hidden.transpose(0, 1)
         if self.segments:
@@ -342,10 +373,20 @@ class TrimmedLayer(nn.Module):
         cp = cstate.packing if cstate is not None else None
         if cp is not None and not cp.padded:  # packed rows already
             crows = _rows(context, bf, cp.total, "context")
-            cpack, cls_ctx = cp, crows.index_select(0, cp.starts)
+            cpack = cp
+            cls_ctx = self._pooled_rows(crows, cp) if self.ctx_pooled else crows.index_select(0, cp.starts)
         else:
             cb = context if bf else context.transpose(0, 1)
             cls_ctx = cb[:, 0]
+            if self.ctx_pooled:
+                if cp is not None:  # unpacked layout (B, max kept, D): each instance's first counts slots
+                    slots = torch.arange(cb.shape[1], device=cb.device)[None, :] < (cp.cu[1:] - cp.cu[:-1])[:, None]
+                    w = slots.to(cb.dtype)
+                else:
+                    real, _ = rt.real_tokens(stream, cb.shape[0], cb.shape[1], cb.device)
+                    w = real.to(cb.dtype) if real is not None else torch.ones(cb.shape[:2], dtype=cb.dtype,
+                                                                               device=cb.device)
+                cls_ctx = (cb * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
             if not cross:
                 return cls_ctx, None, None
             if cp is None:
@@ -382,8 +423,12 @@ class TrimmedLayer(nn.Module):
         if hp is None:  # the stream's first described layer: pack it here (padding dropped)
             hb = hidden if bf else hidden.transpose(0, 1)
             B, N = hb.shape[:2]
-            cls_self = hb[:, 0]
             real_mask, real = rt.real_tokens(spec.stream, B, N, hb.device)
+            cls_self = hb[:, 0]
+            if self.pooled:
+                w = real_mask.to(hb.dtype) if real_mask is not None else torch.ones(B, N, dtype=hb.dtype,
+                                                                                     device=hb.device)
+                cls_self = (hb * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
             if self.segments:
                 bounds = self._bounds(N)
                 seg_cls = hb[:, bounds[:-1]]
@@ -393,7 +438,7 @@ class TrimmedLayer(nn.Module):
         else:
             rows = P.repack(hidden if bf else hidden.transpose(0, 1), hp) if padded else _rows(
                 hidden, bf, hp.total, "hidden states")
-            cls_self = rows.index_select(0, hp.starts)
+            cls_self = self._pooled_rows(rows, hp) if self.pooled else rows.index_select(0, hp.starts)
             if self.segments:
                 bounds = self._bounds(hp.length)
                 summary = SegmentTokenTrimmer.summary_rows(hp.bidx * hp.length + hp.pos, hp.batch, hp.length, bounds)

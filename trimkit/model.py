@@ -394,7 +394,7 @@ def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:
 def _stream_plan(s: Any) -> StreamPlan:
     padding = f"input {s.padding_input!r}" if s.padding_input else f"{s.padding_source!r}" if s.padding_source else None
     rules = tuple((g.name, "rest" if g.length is None else str(g.length)) for g in s.segments)
-    return StreamPlan(s.name, s.cls_index, padding, rules, s.protected)
+    return StreamPlan(s.name, s.cls_index, padding, rules, s.protected, s.summary)
 
 
 def _safe(key: str) -> str:

@@ -22,6 +22,7 @@ class StreamPlan:
     padding: str | None  # "input 'NAME'" or the module output it is taken from
     segments: tuple[tuple[str, str], ...] = ()  # (name, length rule)
     protected: int = 1  # leading tokens never dropped
+    summary: str = "first"  # what the trimmers read: the first token, or the mean of the kept tokens
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,12 @@ class TrimPlan:
                 parts = ", ".join(f"{n} ({rule})" for n, rule in s.segments)
                 lines.append(f"  {s.name}: segments {parts}; each segment's first token always kept{pad}")
             else:
-                kept = "always kept" if s.protected == 1 else f"summary; the first {s.protected} tokens always kept"
-                lines.append(f"  {s.name}: [CLS] at {s.cls_index} ({kept}){pad}")
+                if s.summary == "mean":
+                    first = "first token" if s.protected == 1 else f"first {s.protected} tokens"
+                    lines.append(f"  {s.name}: summary = mean of its kept tokens ({first} always kept){pad}")
+                else:
+                    kept = "always kept" if s.protected == 1 else f"summary; the first {s.protected} tokens always kept"
+                    lines.append(f"  {s.name}: [CLS] at {s.cls_index} ({kept}){pad}")
         lines.append("layers, in forward order:")
         for l in self.layers:
             reads = f" reads {', '.join(l.reads)}" if l.reads else ""

@@ -196,7 +196,8 @@ def rewrite(
                          for a, n in zip(lspec.attentions, attn_nodes)]
             trimmers[key] = make_trimmers(lspec, key, dims.get(call_args[hidden_name]), dims.get(context_node), attn_dims)
             wrapper = TrimmedLayer(key, layer, lspec, symbolic, runtime, trimmers[key], spec.autowrap_functions,
-                                   constants, spec.stream(lspec.stream))
+                                   constants, spec.stream(lspec.stream),
+                                   context_stream=spec.stream(lspec.context_stream) if lspec.context_stream else None)
             wrapper.constants = constants
             name = "trimkit_layer_" + key.replace(".", "_")
             gm.add_submodule(name, wrapper)
@@ -218,7 +219,7 @@ def rewrite(
                 trimmers[step_key] = make_trimmers(step_spec, step_key, dims.get(context_node),
                                                    dims.get(call_args[hidden_name]), [])
                 step = TrimmedLayer(step_key, layer, step_spec, set(), runtime, trimmers[step_key], (), None,
-                                    spec.stream(upd.stream), tokens_only=True)
+                                    spec.stream(upd.stream), tokens_only=True, context_stream=spec.stream(lspec.stream))
                 gm.add_submodule(step_name, step)
                 wrappers[step_key] = step
             with graph.inserting_before(node):

@@ -291,8 +291,12 @@ class StreamSpec:
     (:class:`Segment`); each segment gets its own token trimmer and target at every layer, reading
     its own summary and the others'.
     protected: how many leading tokens are never dropped: 1 (the [CLS], the default), more for
-    register or prefix tokens after it (timm's ``reg_tokens``). The [CLS] at 0 stays the summary
-    the trimmers read. (In a segmented stream each segment's first token is protected instead.)
+    register or prefix tokens after it (timm's ``reg_tokens``). (In a segmented stream each
+    segment's first token is protected instead.)
+    summary: what the trimmers read as the stream's summary (its own trimmers' ``cls_self``, and
+    ``cls_context`` where another stream reads it): ``"first"`` (the [CLS] at 0, the default) or
+    ``"mean"`` (the mean of the stream's kept real tokens at the layer's input, for streams without a
+    [CLS], such as region features; the first token is still never dropped, so no instance is empty).
     """
 
     name: str
@@ -301,6 +305,7 @@ class StreamSpec:
     padding_source: str | None = None
     segments: Sequence[Segment] = ()
     protected: int = 1
+    summary: str = "first"
 
     def __post_init__(self) -> None:
         if self.cls_index != 0:
@@ -311,6 +316,10 @@ class StreamSpec:
         if not isinstance(self.protected, int) or self.protected < 1:
             raise ValueError(f"StreamSpec({self.name!r}).protected must be an int >= 1 (the [CLS] is always kept), "
                              f"got {self.protected!r}")
+        if self.summary not in ("first", "mean"):
+            raise ValueError(f"StreamSpec({self.name!r}).summary must be 'first' or 'mean', got {self.summary!r}")
+        if self.segments and self.summary != "first":
+            raise ValueError(f"StreamSpec({self.name!r}): a segmented stream's summaries are its segments' first tokens")
         if self.segments and self.protected != 1:
             raise ValueError(f"StreamSpec({self.name!r}): protected applies to unsegmented streams; a segmented "
                              "stream protects each segment's first token")
