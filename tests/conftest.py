@@ -50,3 +50,12 @@ def toy_registry():
 @pytest.fixture(scope="module")
 def toy_registry_module():
     return _register_toy()
+
+
+def shorter_rows(batch: int, length: int, step: int = 1) -> torch.Tensor:
+    """A (batch, length) padding mask (1 = real): row 0 full, row b shorter by ``b * step``, so a
+    batch has padding and different real lengths per instance. Import it from conftest."""
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(1, batch):
+        mask[b, max(1, length - b * step):] = 0
+    return mask

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_trimmers
+from conftest import randomize_trimmers, shorter_rows
 from torch import nn
 
 from trimkit import AttentionSpec, LayerSpec, ModelSpec, StreamSpec, TrimConfig, trim
@@ -136,9 +136,7 @@ class RopeAdapter:
     def example_inputs(self, model: RopeVLM, batch_size: int = 1, seed: int = 0) -> dict:
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, model.embed.num_embeddings, (batch_size, 7), generator=g)
-        mask = torch.ones_like(ids)
-        for b in range(1, batch_size):
-            mask[b, 7 - b:] = 0
+        mask = shorter_rows(batch_size, 7)
         return {"pixel_values": torch.randn(batch_size, 3, 32, 32, generator=g), "input_ids": ids,
                 "attention_mask": mask}
 

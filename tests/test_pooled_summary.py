@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_trimmers
+from conftest import randomize_trimmers, shorter_rows
 from toyvlm import Layer, _attn_inputs
 from torch import nn
 
@@ -55,11 +55,7 @@ class RegionAdapter:
 
     def example_inputs(self, m, batch_size=1, seed=0):
         g = torch.Generator().manual_seed(seed)
-        mask = torch.ones(batch_size, 10, dtype=torch.long)
-        tmask = torch.ones(batch_size, 6, dtype=torch.long)
-        for b in range(1, batch_size):
-            mask[b, 10 - 2 * b:] = 0
-            tmask[b, 6 - b:] = 0
+        mask, tmask = shorter_rows(batch_size, 10, step=2), shorter_rows(batch_size, 6)
         return {"regions": torch.randn(batch_size, 10, 12, generator=g), "region_mask": mask,
                 "input_ids": torch.randint(0, 40, (batch_size, 6), generator=g), "attention_mask": tmask}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_trimmers
+from conftest import randomize_trimmers, shorter_rows
 from toyvlm import Attention, _attn_inputs
 from torch import nn
 
@@ -85,9 +85,7 @@ class JointAdapter:
     def example_inputs(self, m, batch_size=1, seed=0):
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(1, 40, (batch_size, TEXT), generator=g)
-        mask = torch.ones_like(ids)
-        for b in range(1, batch_size):
-            mask[b, TEXT - b:] = 0
+        mask = shorter_rows(batch_size, TEXT)
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(batch_size, 3, 32, 32, generator=g)}
 
     def build(self, size="tiny", seed=0):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_trimmers
+from conftest import randomize_trimmers, shorter_rows
 from toyvlm import Attention, _attn_inputs
 from torch import nn
 
@@ -75,9 +75,7 @@ class BiAdapter:
     def example_inputs(self, m, batch_size=1, seed=0):
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(1, 40, (batch_size, 7), generator=g)
-        mask = torch.ones_like(ids)
-        for b in range(1, batch_size):
-            mask[b, 7 - b:] = 0
+        mask = shorter_rows(batch_size, 7)
         return {"pixel_values": torch.randn(batch_size, 3, 32, 32, generator=g), "input_ids": ids,
                 "attention_mask": mask}
 
