@@ -69,6 +69,9 @@ class JointVLM(nn.Module):
 
 
 class JointAdapter:
+    def __init__(self, vision_summary: str = "first") -> None:
+        self.vision_summary = vision_summary
+
     def matches(self, m):
         return isinstance(m, JointVLM)
 
@@ -77,7 +80,7 @@ class JointAdapter:
         attn = AttentionSpec("attn", "self", heads, out="out", inputs=_attn_inputs)
         return ModelSpec(
             streams=[StreamSpec("joint", padding_source="embed[1]",
-                                segments=[Segment("text", "input_ids:1"), Segment("vision")])],
+                                segments=[Segment("text", "input_ids:1"), Segment("vision", summary=self.vision_summary)])],
             layers=[LayerSpec(f"layers.{i}", "joint", hidden_token_args={"bias": -1}, attentions=[attn])
                     for i in range(len(m.layers))],
             input_names=["input_ids", "attention_mask", "pixel_values"])
@@ -209,3 +212,50 @@ def test_bad_segment_descriptions_are_refused():
     with pytest.raises(ValueError, match="used twice"):
         ModelSpec([StreamSpec("text"), StreamSpec("joint", segments=[Segment("text", 3), Segment("vision")])], [],
                   ["x"]).validate()
+
+
+def test_a_segment_without_cls_reads_the_mean_of_its_kept_tokens():
+    """Segment(summary="mean") (VisualBERT's visual embeddings, a decoder's image tokens): the text
+    trimmer's context and the vision trimmer's own summary are the mean of the vision tokens kept,
+    and masked, removed and packed still agree."""
+    get_registry().adapters.register("joint_mean", JointAdapter("mean"), replace=True)
+    model = JointAdapter().build(seed=1)
+    tmodel = trim(model, TrimConfig(token_target={"text": 0.8, "vision": 0.4}), adapter="joint_mean").eval()
+    seen = []
+    hooks = [p.register_forward_pre_hook(lambda mod, args: seen.append(args))
+             for p in tmodel.trimmers["layers_0"].token.policies]
+    x = JointAdapter().example_inputs(model, 2, seed=4)
+    try:
+        with torch.no_grad(), tmodel.mode("hard"):
+            tmodel(**x)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        h, _ = model.embed(**x)
+    vision_mean = h[:, TEXT:].mean(1)
+    (_, text_self, text_ctx), (_, vis_self, _) = seen
+    torch.testing.assert_close(vis_self, vision_mean), torch.testing.assert_close(text_ctx, vision_mean)
+    torch.testing.assert_close(text_self, h[:, 0])
+    saved = {k: v.clone() for k, v in tmodel.trimmers.state_dict().items()}
+    try:
+        for seed in range(2):
+            randomize_trimmers(tmodel, seed)
+            with torch.no_grad():
+                one = JointAdapter().example_inputs(model, 1, seed=30 + seed)
+                with tmodel.mode("hard"):
+                    hard, hard_keep = tmodel(**one), {r.key: float(r.keep) for r in tmodel.records}
+                with tmodel.mode("remove"):
+                    removed, removed_keep = tmodel(**one), {r.key: float(r.keep) for r in tmodel.records}
+                torch.testing.assert_close(removed, hard, atol=1e-4, rtol=0)
+                assert removed_keep == pytest.approx(hard_keep) and min(removed_keep.values()) < 1
+                batch = JointAdapter().example_inputs(model, 3, seed=40 + seed)
+                with tmodel.mode("hard"):
+                    hard, hard_keep = tmodel(**batch), {r.key: r.keep.tolist() for r in tmodel.records}
+                with tmodel.mode("packed"):
+                    packed, keep = tmodel(**batch), {r.key: r.keep.tolist() for r in tmodel.records}
+                torch.testing.assert_close(packed, hard, atol=1e-4, rtol=0)
+                for k in keep:
+                    assert keep[k] == pytest.approx(hard_keep[k], abs=1e-6), k
+    finally:
+        tmodel.trimmers.load_state_dict(saved)

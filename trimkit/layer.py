@@ -84,6 +84,7 @@ class TrimmedLayer(nn.Module):
         self.pooled = stream is not None and stream.summary == "mean"  # summary: mean of kept tokens, not token 0
         self.ctx_pooled = bool(context_stream is not None and context_stream.summary == "mean")
         self.segment_names = [g.name for g in self.segments]
+        self.pooled_segments = [k for k, g in enumerate(self.segments) if g.summary == "mean"]
         self.key = key
         self.spec = spec
         object.__setattr__(self, "layer", layer)
@@ -218,6 +219,11 @@ class TrimmedLayer(nn.Module):
 
     def _pooled(self, seq: torch.Tensor, state: TokenState | None, stream: str | None) -> torch.Tensor:
         """Masked/remove layouts: the mean of a stream's kept real tokens (B, N, D) -> (B, D)."""
+        w = self._weights(seq, state, stream)
+        return (seq * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+
+    def _weights(self, seq: torch.Tensor, state: TokenState | None, stream: str | None) -> torch.Tensor:
+        """Masked/remove layouts: (B, N) weight of each token present: its mask times its padding flag."""
         B, N = seq.shape[:2]
         w = torch.ones(B, N, dtype=seq.dtype, device=seq.device)
         pad = self.runtime.padding.get(stream) if stream else None
@@ -228,7 +234,26 @@ class TrimmedLayer(nn.Module):
                 pad = pad.index_select(1, state.index.to(pad.device))
             if pad.shape == (B, N):
                 w = w * pad.to(device=seq.device, dtype=seq.dtype)
-        return (seq * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+        return w
+
+    def _segment_means(self, cls: torch.Tensor, values: torch.Tensor, member: torch.Tensor,
+                       weights: torch.Tensor | None = None, pack: P.Packing | None = None) -> torch.Tensor:
+        """Replace the summary of each ``Segment(summary="mean")`` in ``cls`` (B, K, D) by the mean of
+        that segment's kept real tokens: ``values`` (B, N, D) with ``weights`` (B, N), or packed rows
+        (R, D) with their ``pack``."""
+        if not self.pooled_segments:
+            return cls
+        cls = cls.clone()
+        for k in self.pooled_segments:
+            if pack is None:
+                wk = weights * (member == k).to(weights.dtype)
+                cls[:, k] = (values * wk[..., None]).sum(1) / wk.sum(1, keepdim=True).clamp_min(1e-6)
+            else:
+                wk = (member == k).to(values.dtype)
+                total = values.new_zeros(pack.batch, values.shape[-1]).index_add_(0, pack.bidx, values * wk[:, None])
+                count = values.new_zeros(pack.batch).index_add_(0, pack.bidx, wk)
+                cls[:, k] = total / count.clamp_min(1e-6)[:, None]
+        return cls
 
     @staticmethod
     def _pooled_rows(rows: torch.Tensor, pack: P.Packing) -> torch.Tensor:
@@ -295,10 +320,10 @@ class TrimmedLayer(nn.Module):
         if self.segments:  # the original layout: each segment's summary at its start
             seq = hidden if spec.batch_first else hidden.transpose(0, 1)
             bounds = self._bounds(seq.shape[1])
-            cls = seq[:, bounds[:-1]]
+            member = SegmentTokenTrimmer.member(torch.arange(seq.shape[1], device=seq.device), bounds)
+            cls = self._segment_means(seq[:, bounds[:-1]], seq, member, self._weights(seq, hstate, spec.stream))
             cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
             if tokens is not None:
-                member = SegmentTokenTrimmer.member(torch.arange(seq.shape[1], device=seq.device), bounds)
                 logits = tokens.logits(seq, cls, member)
                 hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim,
                                                protected=bounds[:-1], segments=(self.segment_names, member))
@@ -338,9 +363,9 @@ class TrimmedLayer(nn.Module):
             pos = prev if prev is not None else torch.arange(seq.shape[1], device=seq.device)
             bounds = self._bounds(length)
             protected = SegmentTokenTrimmer.summary_rows(pos, 1, length, bounds)[0]  # current position of each summary
-            cls = seq.index_select(1, protected)
-            cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
             member = SegmentTokenTrimmer.member(pos, bounds)
+            cls = self._segment_means(seq.index_select(1, protected), seq, member, self._weights(seq, hstate, spec.stream))
+            cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
             segments = (self.segment_names, member, bounds)
             if tokens is not None:
                 logits = tokens.logits(seq, cls, member)
@@ -431,9 +456,9 @@ class TrimmedLayer(nn.Module):
                 cls_self = (hb * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
             if self.segments:
                 bounds = self._bounds(N)
-                seg_cls = hb[:, bounds[:-1]]
                 member = SegmentTokenTrimmer.member(torch.arange(N, device=hb.device), bounds)
                 real_b = real_mask.float() if real_mask is not None else torch.ones(B, N, device=hb.device)
+                seg_cls = self._segment_means(hb[:, bounds[:-1]], hb, member, real_b.to(hb.dtype))
                 rt.segment_real[spec.stream] = torch.stack([real_b[:, s:e].sum(1) for s, e in zip(bounds, bounds[1:])], 1)
         else:
             rows = P.repack(hidden if bf else hidden.transpose(0, 1), hp) if padded else _rows(
@@ -442,8 +467,8 @@ class TrimmedLayer(nn.Module):
             if self.segments:
                 bounds = self._bounds(hp.length)
                 summary = SegmentTokenTrimmer.summary_rows(hp.bidx * hp.length + hp.pos, hp.batch, hp.length, bounds)
-                seg_cls = rows[summary]  # (B, K, D)
                 member = SegmentTokenTrimmer.member(hp.pos, bounds)
+                seg_cls = self._segment_means(rows[summary], rows, member, pack=hp)  # (B, K, D)
         if seg_cls is not None:
             cls_self, self_ctx = seg_cls[:, 0], SegmentTokenTrimmer.contexts(seg_cls)[0]
         # the contexts (the layer's, each attention's own): [CLS] for the trimmers, rows for cross-attention

@@ -264,11 +264,14 @@ class Segment:
     (``token_target={"text": 0.8, "vision": 0.5}``). length: its token count, the same for every
     instance: an int, ``"INPUT:DIM"`` (the size of dimension DIM of model input INPUT, e.g.
     ``"input_ids:1"``), or ``None`` for the last segment (the rest of the sequence). Each segment's
-    first token is its summary ([CLS]): always kept, read by the other segments' trimmers.
+    first token is always kept. summary: what the trimmers read as the segment's summary: its first
+    token (``"first"``, its [CLS]) or the mean of its kept real tokens (``"mean"``, for a segment with
+    no [CLS], such as VisualBERT's visual embeddings or a decoder's image tokens).
     """
 
     name: str
     length: int | str | None = None
+    summary: str = "first"
 
     def __post_init__(self) -> None:
         ok = self.length is None or (isinstance(self.length, int) and self.length > 0) or (
@@ -276,6 +279,8 @@ class Segment:
         if not ok:
             raise ValueError(f"Segment({self.name!r}).length must be a positive int, 'INPUT:DIM' or None (the rest), "
                              f"got {self.length!r}")
+        if self.summary not in ("first", "mean"):
+            raise ValueError(f"Segment({self.name!r}).summary must be 'first' or 'mean', got {self.summary!r}")
 
 
 @dataclass(frozen=True)
@@ -319,7 +324,8 @@ class StreamSpec:
         if self.summary not in ("first", "mean"):
             raise ValueError(f"StreamSpec({self.name!r}).summary must be 'first' or 'mean', got {self.summary!r}")
         if self.segments and self.summary != "first":
-            raise ValueError(f"StreamSpec({self.name!r}): a segmented stream's summaries are its segments' first tokens")
+            raise ValueError(f"StreamSpec({self.name!r}): a segmented stream's summaries are its segments'; set "
+                             "Segment(summary=...) per segment")
         if self.segments and self.protected != 1:
             raise ValueError(f"StreamSpec({self.name!r}): protected applies to unsegmented streams; a segmented "
                              "stream protects each segment's first token")
