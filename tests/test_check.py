@@ -152,8 +152,10 @@ def test_help_describes_the_steps(capsys):
 
 
 def test_bad_arguments_are_reported(capsys):
-    assert main(["check", "--adapter", "toy", "--batch", "1"]) == 2
-    assert "--batch must be >= 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", "--adapter", "toy", "--batch", "1"])
+    assert exit_.value.code == 2
+    assert "argument --batch: expected an integer >= 2, got '1'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["check", "--adapter", "toy", "--build-option", "novalue"])
     assert "expected KEY=VALUE" in capsys.readouterr().err
@@ -161,7 +163,9 @@ def test_bad_arguments_are_reported(capsys):
 
 def test_check_unknown_adapter_is_reported(capsys):
     assert main(["check", "--adapter", "nope"]) == 1
-    assert "unknown adapter 'nope'" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.err.startswith("trimkit check: error: unknown adapter 'nope'; registered: [")
+    assert "Traceback" not in captured.err and captured.out == ""
 
 
 def test_report_format_marks_skips():

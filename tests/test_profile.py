@@ -51,9 +51,11 @@ def test_profile_with_checkpoint(tmp_path, capsys):
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     tmodel.save_pretrained(tmp_path)
     assert main(["profile", "--adapter", "meter", "--size", "tiny", "--checkpoint", str(tmp_path),
-                 "--repeats", "1", "--instances", "2", "--threads", "1"]) == 0
-    text = capsys.readouterr().out
+                 "--repeats", "1", "--instances", "2", "--threads", "1", "--reduction", "3"]) == 0
+    captured = capsys.readouterr()
+    text = captured.out
     assert f"trained checkpoint {tmp_path}" in text and "speed ratio" in text and "MACs per instance" in text
+    assert "note: --reduction 3 ignored: the keep decisions come from --checkpoint" in captured.err  # not silently
 
 
 def test_profile_cuda_unavailable_is_clear():

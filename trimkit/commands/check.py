@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from trimkit.commands._args import int_range, nonneg_int, positive_int
+
 DESCRIPTION = """\
 Check that an adapter keeps trimkit's mask contract, on a small randomly initialised model that
 the adapter builds. Steps, in order (each prints PASS, FAIL or SKIP with its numbers):
@@ -25,7 +27,8 @@ the adapter builds. Steps, in order (each prints PASS, FAIL or SKIP with its num
   MACs fall when trimming   MACs of the trimmed model (mode remove) < the full model's
 
 Every equivalence uses atol 1e-4; outputs are compared directly, or on the kept tokens (kept_mask)
-for per-token outputs. Exit status 0 when nothing failed, 1 otherwise."""
+for per-token outputs. Exit status 0 when nothing failed, 1 when a check failed or the adapter is
+not registered (one line on stderr), 2 for bad arguments."""
 
 
 def _build_option(text: str) -> tuple[str, object]:
@@ -44,10 +47,12 @@ def register(sub) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, help="registered adapter name (see `trimkit plugins`)")
     p.add_argument("--size", default="tiny", help="model size the adapter builds (default: tiny)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trials", type=int, default=5,
-                   help="random trimmer weights and inputs per equivalence check (default: 5)")
-    p.add_argument("--batch", type=int, default=3, help="batch size of the packed == masked check (>= 2, default: 3)")
+    p.add_argument("--seed", metavar="S", type=nonneg_int, default=0,
+                   help="seed of the build and the random inputs (>= 0, default: 0)")
+    p.add_argument("--trials", metavar="N", type=positive_int, default=5,
+                   help="random trimmer weights and inputs per equivalence check (>= 1, default: 5)")
+    p.add_argument("--batch", metavar="B", type=int_range(2), default=3,
+                   help="batch size of the packed == masked check (>= 2, default: 3)")
     p.add_argument("--build-option", dest="build_options", type=_build_option, action="append", default=[],
                    metavar="KEY=VALUE", help="keyword argument for the adapter's build, repeatable; VALUE is JSON "
                                              "or a string (e.g. task=nlvr2, token_outputs=true)")
@@ -56,10 +61,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from trimkit.check import run_check
+    from trimkit.plugins import get_registry
 
-    if args.batch < 2:
-        print(f"trimkit check: --batch must be >= 2 (packed batches), got {args.batch}")
-        return 2
+    get_registry().adapters.get(args.adapter)  # an unknown name is an error (listing the registered), not a check
     report = run_check(args.adapter, size=args.size, seed=args.seed, trials=args.trials, batch=args.batch,
                        build_options=dict(args.build_options))
     print(report.format())

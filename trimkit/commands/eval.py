@@ -1,47 +1,125 @@
-"""``trimkit eval --checkpoint DIR [--split test] [--json]``: accuracy, GMACs full vs trimmed, keep ratios."""
+"""``trimkit eval --checkpoint DIR [--split S] [--instances N] [--macs-instances M] [--batch-size B]
+[--inference remove|packed|padded|hard] [--json]``: accuracy, GMACs full vs trimmed, keep ratios (see
+:data:`DESCRIPTION`)."""
 
 from __future__ import annotations
 
 import json
+import sys
+import warnings
+
+from trimkit.commands._args import nonneg_int, positive_int
+
+INFERENCE = ("remove", "packed", "padded", "hard")
+
+DESCRIPTION = """\
+Evaluate a checkpoint: accuracy, mean GMACs per instance (full vs trimmed) and keep ratios.
+Accuracy runs in eval mode in batches of ``--batch-size`` (default: train.eval_batch_size of the
+run); how a trimmed model runs those batches is ``--inference`` (``TrimmedModel.inference``), and
+the output says which it used: ``remove`` (the default) removes tokens and heads at batch 1 but
+runs larger batches masked (the same decisions and, by the mask contract, the same outputs; no
+compute saved), ``packed``/``padded`` run them on the kept tokens only, ``hard`` always masks.
+GMACs are counted per instance at batch 1 with tokens and heads removed, whatever ``--inference``."""
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint: accuracy, mean GMACs per instance (full vs trimmed), keep ratios")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: accuracy, mean GMACs per instance (full vs trimmed), keep ratios",
+                       description=DESCRIPTION.replace("``", ""))
     p.add_argument("--checkpoint", required=True, help="a run directory or its checkpoint/ directory")
     p.add_argument("--split", default=None, help="dataset split to evaluate (default: data.eval_split of the run)")
-    p.add_argument("--instances", type=int, default=None, help="evaluate on the first N examples (default: all)")
-    p.add_argument("--macs-instances", type=int, default=None,
-                   help="instances whose MACs are counted at batch 1 (default: train.macs_instances of the run)")
+    p.add_argument("--instances", type=positive_int, default=None, metavar="N",
+                   help="evaluate on the first N >= 1 examples (default: all)")
+    p.add_argument("--macs-instances", type=nonneg_int, default=None, metavar="M",
+                   help="instances whose MACs are counted at batch 1, >= 0; 0: no MACs "
+                        "(default: train.macs_instances of the run)")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="B",
+                   help="evaluation batch size, >= 1 (default: train.eval_batch_size of the run)")
+    p.add_argument("--inference", choices=INFERENCE, default=None,
+                   help="how a trimmed model runs eval batches larger than 1 (default: remove, the model's "
+                        "default: such batches run masked, no compute saved; packed: kept tokens only)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=run)
 
 
-def run(args) -> int:
-    import sys
+def describe_inference(mode: str | None, batch_size: int, n: int) -> str:
+    """What ``mode`` (None: an untrimmed model) did with ``n`` examples in eval batches of
+    ``batch_size``, in words, for the output."""
+    if mode is None:
+        return "full model (no trimmers)"
+    if mode == "hard":
+        return "hard (every batch masked: nothing removed, no compute saved)"
+    if batch_size == 1 or n <= 1:
+        return f"{mode} (batch 1: tokens and heads removed)"
+    what = {
+        "remove": f"batches of {batch_size} run masked, as mode hard: the same outputs as removal, no compute "
+                  f"saved; --inference packed runs only the kept tokens",
+        "packed": f"batches of {batch_size} packed: only the kept tokens of the batch, in one row matrix",
+        "padded": f"batches of {batch_size} on the kept tokens, padded to the most kept in the batch",
+    }[mode]
+    if n % batch_size == 1:
+        what += "; the last batch, of 1, with tokens and heads removed"
+    return f"{mode} ({what})"
 
+
+def run(args) -> int:
+    from trimkit import TrimmedModel
     from trimkit.training import build_dataset, evaluate, load_checkpoint
 
     try:
-        model, config = load_checkpoint(args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"trimkit eval: {err}", file=sys.stderr)
-        return 2
+        from trimkit.model import MaskedBatchWarning
+    except ImportError:  # an older core without the warning
+        MaskedBatchWarning = None
+
+    model, config = load_checkpoint(args.checkpoint)
     data = config.data
     if args.split is not None:
         data = data.model_copy(update={"eval_split": args.split})
     dataset = build_dataset(data, "eval")
+    if len(dataset) == 0:  # else the accuracy would read 0.0
+        raise ValueError(f"split {data.eval_split!r} of {args.checkpoint} has no examples to evaluate")
+    trimmed = isinstance(model, TrimmedModel)
+    notes = []
+    if trimmed:
+        if args.inference is not None:
+            model.inference = args.inference
+        mode = model.inference
+    else:
+        mode = None
+        if args.inference is not None:
+            notes.append(f"--inference {args.inference} ignored: {args.checkpoint} holds a plain backbone "
+                         f"(no trimmers)")
+    batch_size = config.train.eval_batch_size if args.batch_size is None else args.batch_size
     macs_n = config.train.macs_instances if args.macs_instances is None else args.macs_instances
-    ev = evaluate(model, dataset, batch_size=config.train.eval_batch_size, instances=args.instances,
-                  macs_instances=macs_n)
-    ev.update(checkpoint=str(args.checkpoint), split=data.eval_split, trimmed=config.trim is not None)
+    if args.instances is not None and args.instances > len(dataset):
+        notes.append(f"--instances {args.instances}: split {data.eval_split!r} has {len(dataset)} examples; "
+                     f"evaluating all of them")
+    if macs_n and macs_n > len(dataset):
+        notes.append(f"--macs-instances {macs_n}: split {data.eval_split!r} has {len(dataset)} examples; "
+                     f"counting MACs on all of them")
+    with warnings.catch_warnings():
+        if MaskedBatchWarning is not None:  # the output below says how the batches ran, and names --inference
+            warnings.simplefilter("ignore", MaskedBatchWarning)
+        ev = evaluate(model, dataset, batch_size=batch_size, instances=args.instances, macs_instances=macs_n)
+    ev.update(checkpoint=str(args.checkpoint), split=data.eval_split, trimmed=config.trim is not None,
+              inference=mode, eval_batch_size=batch_size,
+              inference_note=describe_inference(mode, batch_size, ev["n"]))
+    for note in notes:
+        print(f"trimkit eval: note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(ev, indent=2))
         return 0
     print(f"checkpoint   {args.checkpoint}  (split {data.eval_split}, {ev['n']} examples)")
     print(f"accuracy     {ev['accuracy']:.4f}")
+    print(f"inference    {ev['inference_note']}")
     if "gmacs" in ev:
+        ratio = ev["macs_ratio"]
+        fewer = (f"{ratio:.2f}x fewer" if not ratio < 1 else  # nan stays "nan x fewer"
+                 f"{1 / ratio:.2f}x more: the trimmers cost more than they removed")
         print(f"GMACs/inst.  full {ev['gmacs_full']:.4f}  trimmed {ev['gmacs']:.4f}  "
-              f"({ev['macs_ratio']:.2f}x fewer, {ev['macs_instances']} instances at batch 1)")
+              f"({fewer}; {ev['macs_instances']} instances at batch 1, tokens and heads removed)")
+    else:
+        print("GMACs/inst.  not counted (--macs-instances 0)" if args.macs_instances == 0
+              else "GMACs/inst.  not counted (train.macs_instances of the run is 0; pass --macs-instances M)")
     if ev["keep"]:
         print(f"keep ratio   tokens {ev['keep_tokens']:.3f}  heads {ev['keep_heads']:.3f}")
         width = max(len(k) for k in ev["keep"])

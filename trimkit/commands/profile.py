@@ -17,26 +17,37 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import platform
 import statistics
 from datetime import datetime, timezone
 from typing import Any
+
+from trimkit.commands._args import nonneg_int, positive_int, reduction_float
 
 
 def register(sub) -> None:
     p = sub.add_parser("profile", help="MACs per instance and interleaved latency/throughput, full vs trimmed")
     p.add_argument("--adapter", required=True, help="registered adapter name (see `trimkit plugins`)")
     p.add_argument("--size", default="tiny", help="model size the adapter builds (default: tiny)")
-    p.add_argument("--batch", type=int, default=1, help="1: latency; > 1: throughput of packed batches")
+    p.add_argument("--batch", metavar="B", type=positive_int, default=1,
+                   help="1: latency; > 1: throughput of packed batches (>= 1, default: 1)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--reduction", type=float, default=2.0, help="MACs reduction to calibrate untrained trimmers to")
+    p.add_argument("--reduction", metavar="R", type=reduction_float, default=None,
+                   help="MACs reduction to calibrate untrained trimmers to (a finite number >= 1, default: 2; "
+                        "ignored with --checkpoint)")
     p.add_argument("--checkpoint", default=None, help="a trimkit checkpoint directory (save_pretrained output)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (each round times both models)")
-    p.add_argument("--instances", type=int, default=3, help="batch-1 instances for MACs and latency")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", metavar="N", type=positive_int, default=5,
+                   help="timed rounds, each timing both models (>= 1, default: 5)")
+    p.add_argument("--instances", metavar="K", type=positive_int, default=3,
+                   help="batch-1 instances for MACs and latency (>= 1, default: 3)")
+    p.add_argument("--threads", metavar="T", type=positive_int, default=None,
+                   help="torch CPU threads, >= 1 (default: torch's)")
+    p.add_argument("--seed", metavar="S", type=nonneg_int, default=0,
+                   help="seed of the build and the inputs (>= 0, default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
 
@@ -46,6 +57,22 @@ def _to(x: dict[str, Any], device: str, dtype) -> dict[str, Any]:
 
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
             for k, v in x.items()}
+
+
+def _check_arguments(**values: Any) -> None:
+    """``profile``'s numbers, checked as the CLI checks them (``ValueError`` naming the argument)."""
+    for name in ("batch", "repeats", "instances", "threads"):
+        v = values[name]
+        if v is None and name == "threads":
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"profile: {name} must be an integer >= 1, got {v!r}")
+    seed = values["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"profile: seed must be an integer >= 0, got {seed!r}")
+    r = values["reduction"]
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r < 1:
+        raise ValueError(f"profile: reduction must be a finite number >= 1, got {r!r}")
 
 
 def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu", reduction: float = 2.0,
@@ -61,7 +88,9 @@ def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu
     from trimkit.model import load_trimmed, trim
     from trimkit.plugins import get_registry
 
-    if threads:
+    _check_arguments(batch=batch, reduction=reduction, repeats=repeats, instances=instances, threads=threads,
+                     seed=seed)
+    if threads is not None:
         torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: CUDA is not available on this machine")
@@ -114,7 +143,7 @@ def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu
         with tmodel.mode(mode):
             tmodel(**runs[r % len(runs)])
 
-    t = interleaved({"full": full_fn, "trimmed": trim_fn}, repeats=max(repeats, 1) * len(runs), warmup=1, device=device)
+    t = interleaved({"full": full_fn, "trimmed": trim_fn}, repeats=repeats * len(runs), warmup=1, device=device)
     macs_full, macs_trimmed = statistics.mean(full), statistics.mean(trimmed)
     out: dict[str, Any] = {
         "adapter": adapter, "size": size, "batch": batch, "device": device, "dtype": str(dt).replace("torch.", ""),
@@ -147,7 +176,13 @@ def _fmt(n: float) -> str:
 
 
 def run(args) -> int:
-    out = profile(args.adapter, size=args.size, batch=args.batch, device=args.device, reduction=args.reduction,
+    import sys
+
+    reduction = 2.0 if args.reduction is None else args.reduction
+    if args.checkpoint and args.reduction is not None:
+        print(f"trimkit profile: note: --reduction {args.reduction:g} ignored: the keep decisions come from "
+              f"--checkpoint {args.checkpoint}", file=sys.stderr)
+    out = profile(args.adapter, size=args.size, batch=args.batch, device=args.device, reduction=reduction,
                   checkpoint=args.checkpoint, repeats=args.repeats, instances=args.instances, seed=args.seed,
                   dtype=args.dtype, threads=args.threads)
     if args.json:
