@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import re
 import warnings
 from pathlib import Path
@@ -305,47 +304,72 @@ class TrimmedModel(nn.Module):
 
     # --- persistence -----------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, include_backbone: bool = True) -> Path:
-        """Write ``trim_config.json``, ``trimmers.safetensors`` and (optionally) ``backbone.safetensors``."""
-        from safetensors.torch import save_file
+        """Write the checkpoint into ``directory`` (created if needed) and return it:
+        ``trimmers.safetensors``, ``backbone.safetensors`` (the model's own weights; only with
+        ``include_backbone``) and ``trim_config.json`` (the config, the adapter, the checkpoint
+        format, the trimkit version and which files were saved).
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = {"adapter": self.adapter_name, "config": self.config.model_dump(mode="json")}
-        (directory / "trim_config.json").write_text(json.dumps(meta, indent=2))
-        save_file({k: v.contiguous() for k, v in self.trimmers.state_dict().items()}, str(directory / "trimmers.safetensors"))
-        if include_backbone:
-            state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-            save_file(_dedupe(state), str(directory / "backbone.safetensors"))
-        return directory
+        Atomic (see :mod:`trimkit.checkpoint`): the files are written under temporary names and
+        fsynced, then renamed into place, the config last; a failure (e.g. a full disk raising
+        :class:`OSError`) leaves the directory's previous checkpoint intact and loadable, never a
+        mix. ``include_backbone=False`` removes a ``backbone.safetensors`` an earlier save left
+        in the directory; loading such a checkpoint uses the caller's model weights
+        (:func:`load_trimmed`). Other files in the directory are left alone."""
+        from .checkpoint import write_checkpoint
 
-    def load_trimmers(self, directory: str | Path, strict: bool = True) -> None:
-        """Load weights written by :meth:`save_pretrained` (backbone too when present)."""
-        from safetensors.torch import load_file
+        trimmers = _dedupe(self.trimmers.state_dict())
+        backbone = _dedupe(self.model.state_dict()) if include_backbone else None
+        return write_checkpoint(directory, adapter=self.adapter_name, config=self.config.model_dump(mode="json"),
+                                trimmers=trimmers, backbone=backbone)
 
-        directory = Path(directory)
-        path = directory / "trimmers.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: not a trimkit checkpoint (no trimmers.safetensors)")
-        _load_checked(self.trimmers, load_file(str(path)), str(path), strict)
-        backbone = directory / "backbone.safetensors"
-        if backbone.exists():
-            _load_checked(self.model, load_file(str(backbone)), str(backbone), strict)
+    def load_trimmers(self, directory: str | Path, strict: bool = True, *, require_backbone: bool = False) -> None:
+        """Load the weights of a :meth:`save_pretrained` checkpoint into this model: the trimmers,
+        and the backbone when the checkpoint saved one (else this model's own weights stay).
+
+        Everything is read and checked before anything is loaded, so on an error this model is
+        unchanged. Refused with a :class:`~trimkit.checkpoint.CheckpointError` naming the file (a
+        :class:`FileNotFoundError` too when a file is missing): a missing or broken
+        ``trim_config.json``, a checkpoint of a newer format or of another adapter, a corrupt
+        safetensors file, files of two different saves, a backbone the config lists that is
+        missing or one it does not list that is there, weights that do not fit the model (with
+        ``strict``, missing or unexpected keys too) and, with ``require_backbone``, a
+        checkpoint without a backbone (for callers whose model is freshly built, whose weights
+        mean nothing)."""
+        from .checkpoint import TRIMMERS_FILE, CheckpointError, check_backbone, read_meta, read_tensors
+
+        meta = read_meta(directory)
+        if meta.adapter != self.adapter_name:
+            raise CheckpointError(f"{meta.path}: field 'adapter' is {meta.adapter!r}, but this TrimmedModel was "
+                                  f"trimmed with adapter {self.adapter_name!r}: load the checkpoint onto a model of "
+                                  f"the kind it was saved from (load_trimmed(directory, model))")
+        trimmers_path = meta.directory / TRIMMERS_FILE
+        loads = [(self.trimmers, read_tensors(trimmers_path, meta), str(trimmers_path))]
+        backbone_path = check_backbone(meta, require=require_backbone)
+        if backbone_path is not None:
+            loads.append((self.model, read_tensors(backbone_path, meta), str(backbone_path)))
+        for module, state, source in loads:  # all checked before any is loaded
+            _check_fits(module, state, source, strict)
+        for module, state, source in loads:
+            module.load_state_dict(state, strict=strict)
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    seen: dict[int, str] = {}
+    """``state`` as safetensors takes it: detached, contiguous, no two tensors sharing storage
+    (a tied weight's later names get a copy; loading assigns the values to each name)."""
+    seen: set[int] = set()
     out = {}
     for k, v in state.items():
+        v = v.detach().contiguous()
         ptr = v.data_ptr()
-        if ptr in seen and v.numel() > 0:
-            out[k] = v.clone()  # safetensors refuses shared storage
-        else:
-            out[k] = v
-        seen[ptr] = k
+        out[k] = v.clone() if ptr in seen and v.numel() > 0 else v  # safetensors refuses shared storage
+        if v.numel() > 0:
+            seen.add(ptr)
     return out
 
 
-def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool) -> None:
+def _check_fits(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool) -> None:
+    """Raise a ValueError naming ``source`` unless ``state`` loads into ``module`` (shapes; with
+    ``strict``, the same keys)."""
     own = module.state_dict()
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
            if k in own and own[k].shape != v.shape]
@@ -353,7 +377,13 @@ def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str
     unexpected = sorted(set(state) - set(own))
     if bad or (strict and (missing or unexpected)):
         raise ValueError(f"{source} does not match the model: shape mismatches {bad[:5]}, missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]} ({len(bad)}/{len(missing)}/{len(unexpected)} in all)")
+                         f"unexpected {unexpected[:5]} ({len(bad)}/{len(missing)}/{len(unexpected)} in all); load "
+                         f"it onto a model built like the one it was saved from")
+
+
+def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool) -> None:
+    """Load ``state`` into ``module`` after :func:`_check_fits` (nothing is loaded on a mismatch)."""
+    _check_fits(module, state, source, strict)
     module.load_state_dict(state, strict=strict)
 
 
@@ -408,6 +438,9 @@ def trim(model: nn.Module, config: TrimConfig | None = None, *, adapter: str | N
     The adapter is ``adapter`` or ``config.adapter`` or picked by the plugins from the model.
     ``example_inputs`` (for shape inference) default to the adapter's random inputs.
     """
+    if isinstance(model, TrimmedModel):
+        raise TypeError("trim(): this model is already trimmed (TrimmedModel); trim its .model or load_trimmed "
+                        "(trimkit.load_trimmed(directory, model) with the untrimmed model) to restore saved trimmers")
     config = config or TrimConfig()
     registry = get_registry()
     name = adapter or config.adapter or select_adapter(model)
@@ -423,12 +456,42 @@ def trim(model: nn.Module, config: TrimConfig | None = None, *, adapter: str | N
 
 
 def load_trimmed(directory: str | Path, model: nn.Module) -> TrimmedModel:
-    """Rebuild a :class:`TrimmedModel` from :meth:`TrimmedModel.save_pretrained` output onto ``model``."""
-    directory = Path(directory)
-    meta_path = directory / "trim_config.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path}: not a trimkit checkpoint directory")
-    meta = json.loads(meta_path.read_text())
-    tmodel = trim(model, TrimConfig.model_validate(meta["config"]), adapter=meta["adapter"])
+    """Rebuild a :class:`TrimmedModel` from :meth:`TrimmedModel.save_pretrained` output onto
+    ``model`` (an untrimmed model of the kind the checkpoint was saved from).
+
+    The checkpoint's config and adapter trim ``model``, then its weights are loaded: the
+    trimmers and, when the checkpoint saved one, the backbone (``model``'s weights are replaced).
+    A checkpoint saved with ``include_backbone=False`` has no backbone: **the caller's model
+    weights are used**, so pass the model whose weights the trimmers were trained with.
+
+    Refused with a :class:`~trimkit.checkpoint.CheckpointError` naming the file and field or
+    value (see :meth:`TrimmedModel.load_trimmers`), also when the checkpoint's adapter is not
+    registered here or ``model`` is one another adapter recognises. On an error ``model``'s
+    weights are unchanged."""
+    from .checkpoint import CheckpointError, read_meta
+    from .registry import UnknownNameError
+
+    if isinstance(model, TrimmedModel):
+        raise TypeError(f"load_trimmed({str(directory)!r}, model): this model is already trimmed (TrimmedModel); pass "
+                        f"its .model (the untrimmed model) instead")
+    meta = read_meta(directory)
+    registry = get_registry()
+    try:
+        impl = registry.adapters.get(meta.adapter)
+    except UnknownNameError as e:
+        known = e.args[0] if e.args else e
+        raise CheckpointError(f"{meta.path}: field 'adapter' names {meta.adapter!r}, which is not registered here "
+                              f"({known}); install or register the plugin that provides it") from None
+    matches = getattr(impl, "matches", None)
+    if callable(matches) and not matches(model):
+        try:
+            other = select_adapter(model)
+        except LookupError:
+            other = None  # no adapter claims it: trim with the checkpoint's adapter, as the save did
+        if other is not None and other != meta.adapter:
+            raise CheckpointError(f"{meta.path}: the checkpoint was saved with adapter {meta.adapter!r}, but the model "
+                                  f"given ({type(model).__qualname__}) is one for adapter {other!r}: pass a model of "
+                                  f"the kind the checkpoint was saved from")
+    tmodel = trim(model, meta.config, adapter=meta.adapter)
     tmodel.load_trimmers(directory)
     return tmodel
