@@ -30,9 +30,12 @@ def _check_ratio(value: float, where: str) -> float:
 
 
 class TrimConfig(BaseModel):
-    """What to trim, how hard, and with which method parts (all names are plugin registry names)."""
+    """What to trim, how hard, and with which method parts (all names are plugin registry names).
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Every number must be finite: ``inf``/``nan`` (YAML ``.inf``/``.nan``) are rejected, naming the field
+    (``lambda_cost: .inf`` would otherwise train to an all-NaN model)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     adapter: str | None = Field(None, description="adapter name; None picks it from the model via plugins")
     token_target: Target = Field(1.0, description="keep ratio of tokens per trimmed layer")

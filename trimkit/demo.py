@@ -374,7 +374,7 @@ def run_demo(out_dir: str | Path = "trimkit-demo", quick: bool = False, progress
         reinit_for_scratch(net)
         net.vit_model.requires_grad_(False)  # the pretrained tower stays as it is while the rest learns VQA
     trainer = Trainer(cfg, model=net, train_dataset=train_ds, eval_dataset=test_ds)
-    trainer.fit()
+    trainer.fit(overwrite=True)  # the demo owns its output directory: a rerun replaces its runs
     net.vit_model.requires_grad_(True)
     backbone_dir = str(trainer.out_dir / "checkpoint")
     backbone = trainer.net
@@ -401,7 +401,7 @@ def run_demo(out_dir: str | Path = "trimkit-demo", quick: bool = False, progress
         net = build_model(cfg.model, cfg.data, test_ds)
         t0 = time.perf_counter()
         tr = Trainer(cfg, model=net, train_dataset=train_ds, eval_dataset=test_ds)
-        tr.fit()
+        tr.fit(overwrite=True)
         log(f"{stamp()}     {method} {ratio:g}x ({policy}) fine-tuned in {time.perf_counter() - t0:.0f}s")
         models[name] = tr.tmodel
 

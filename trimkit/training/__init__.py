@@ -9,8 +9,12 @@ from .trainer import (
     ConfigError,
     DataConfig,
     DatasetEntry,
+    DivergedError,
     ExperimentConfig,
     ModelConfig,
+    RESUMABLE_FIELDS,
+    ResumeConfigError,
+    RunExistsError,
     TrainConfig,
     Trainer,
     build_dataset,
@@ -26,7 +30,8 @@ from .trainer import (
 )
 
 __all__ = [
-    "CHECKPOINT_DIR", "ConfigError", "DataConfig", "DatasetEntry", "ExperimentConfig", "ModelConfig", "TrainConfig",
-    "Trainer", "build_dataset", "build_model", "evaluate", "interleaved_latency", "load_backbone", "load_checkpoint",
-    "mean_macs", "model_inputs", "register_dataset", "save_backbone",
+    "CHECKPOINT_DIR", "ConfigError", "DataConfig", "DatasetEntry", "DivergedError", "ExperimentConfig", "ModelConfig",
+    "RESUMABLE_FIELDS", "ResumeConfigError", "RunExistsError", "TrainConfig", "Trainer", "build_dataset",
+    "build_model", "evaluate", "interleaved_latency", "load_backbone", "load_checkpoint", "mean_macs", "model_inputs",
+    "register_dataset", "save_backbone",
 ]

@@ -15,6 +15,29 @@ Everything a run needs is one :class:`ExperimentConfig` (YAML: sections ``model`
 ``trainer_state.pt`` with optimizer, schedule, step and RNG states for ``--resume``) and
 ``metrics.json`` (the last evaluation).
 
+Nothing is lost, nothing is silent:
+
+* a directory that holds a run (any of ``log.jsonl``, ``experiment.yaml``, ``metrics.json``,
+  ``checkpoint/``) is never replaced by a new run: ``fit(resume=True)`` (``--resume``) continues it,
+  ``fit(overwrite=True)`` (``--overwrite``) deletes those entries first; otherwise
+  :class:`RunExistsError` names the directory and both flags;
+* a non-finite loss term, gradient norm or parameter stops the run with :class:`DivergedError`
+  (naming the step and the loss terms) *before* the optimizer applies that step, and no checkpoint
+  is written: the last good one stays as it was; the failing step is recorded in the log
+  (``{"type": "diverged", ...}``);
+* the log is flushed and fsynced before every checkpoint, so the log holds every step the
+  checkpoint does; checkpoints (and ``experiment.yaml``, ``metrics.json``, the log rewrite of a
+  resume) are written to a temporary name, fsynced and renamed into place: a kill at any moment
+  leaves the previous or the new checkpoint, complete (an interrupted swap is finished by the next
+  resume, save or load);
+* ``--resume`` compares the checkpoint's config with the given one and refuses any difference
+  outside :data:`RESUMABLE_FIELDS` (bookkeeping: progress bars, output and evaluation settings,
+  checkpoint frequency, data-loader workers) naming every differing field; ``train.steps`` and
+  ``train.epochs`` are refused too (the LR schedule and the curriculum are functions of the total
+  steps, so a lengthened run is not the run the new config describes).
+  ``fit(resume=True, allow_config_change=True)`` (``--allow-config-change``) continues on the new
+  config anyway, says so on stderr and records the changes in the log (``{"type": "config_change"}``).
+
 Evaluation (:func:`evaluate`) reports accuracy (batched, hard masks), the achieved keep ratio per
 module, and mean per-instance MACs counted at batch 1 in removal mode (what really runs) on a
 configurable number of instances, next to the untrimmed model's MACs on the same instances.
@@ -42,15 +65,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
+from .. import ops as _ops
 from ..config import TrimConfig
 from ..macs import count_macs
 from ..model import TrimmedModel, trim
 from ..plugins import get_registry
 
 __all__ = [
-    "CHECKPOINT_DIR", "ConfigError", "DataConfig", "DatasetEntry", "ExperimentConfig", "ModelConfig",
-    "TrainConfig", "Trainer", "build_dataset", "build_model", "evaluate", "interleaved_latency",
-    "load_backbone", "load_checkpoint", "mean_macs", "model_inputs", "register_dataset", "save_backbone",
+    "CHECKPOINT_DIR", "ConfigError", "DataConfig", "DatasetEntry", "DivergedError", "ExperimentConfig",
+    "ModelConfig", "RESUMABLE_FIELDS", "ResumeConfigError", "RunExistsError", "TrainConfig", "Trainer",
+    "build_dataset", "build_model", "evaluate", "interleaved_latency", "load_backbone", "load_checkpoint",
+    "mean_macs", "model_inputs", "register_dataset", "save_backbone",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
@@ -58,10 +83,36 @@ CONFIG_FILE = "experiment.yaml"
 STATE_FILE = "trainer_state.pt"
 BACKBONE_FILE = "backbone.safetensors"
 LOG_FILE = "log.jsonl"
+METRICS_FILE = "metrics.json"
+
+#: Config fields ``--resume`` lets change: bookkeeping that does not change the optimisation (what is
+#: shown, measured and written, and how often). With the ``random`` token policy an evaluation draws
+#: random numbers, so changing the evaluation settings shifts that run's later noise.
+RESUMABLE_FIELDS = frozenset({
+    "train.progress", "train.out_dir", "train.eval_every", "train.eval_instances", "train.eval_batch_size",
+    "train.macs_instances", "train.save_every", "train.num_workers",
+})
 
 
 class ConfigError(ValueError):
     """An experiment config that cannot be used; the message names the file, section and field."""
+
+
+class ResumeConfigError(ConfigError):
+    """``--resume`` with a config that differs from the checkpoint's in fields that change the run."""
+
+
+class RunExistsError(FileExistsError):
+    """The run directory already holds a run and neither ``resume`` nor ``overwrite`` was asked for."""
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss, gradient or parameter; the run stopped without a checkpoint."""
+
+    def __init__(self, message: str, step: int, terms: dict[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.terms = dict(terms or {})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,7 +127,7 @@ class ModelConfig(BaseModel):
     ``overrides`` names them.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     adapter: str = Field("meter", description="registered adapter name (see `trimkit plugins`)")
     size: str = Field("tiny", description="adapter preset, e.g. 'tiny' or 'base'")
@@ -101,7 +152,7 @@ class DataConfig(BaseModel):
     :func:`trimkit.data.collate`) turns into the batch contract of ``docs/datasets.md``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = "digit_grid"
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the dataset factory")
@@ -122,7 +173,7 @@ class DataConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Optimisation, evaluation and bookkeeping of one run."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int | None = Field(None, gt=0, description="optimizer steps; give this or epochs")
     epochs: float | None = Field(None, gt=0, description="passes over the training split; give this or steps")
@@ -160,7 +211,7 @@ class ExperimentConfig(BaseModel):
     ``trim: null`` (or absent) trains the plain, untrimmed backbone.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -192,12 +243,15 @@ class ExperimentConfig(BaseModel):
                 msg = e["msg"]
                 if e["type"] == "extra_forbidden":
                     msg = "unknown field (check the spelling; see docs/datasets.md and examples/digit_grid.yaml)"
+                elif e["type"] == "finite_number":
+                    msg = f"must be a finite number, got {e.get('input')!r} (inf and nan are not allowed)"
                 lines.append(f"  {where}: {msg}")
             raise ConfigError(f"{source}: invalid experiment config:\n" + "\n".join(lines)) from None
 
     def save(self, path: str | Path) -> Path:
+        """Write YAML (atomically: a temporary file renamed into place)."""
         path = Path(path)
-        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        _write_atomic(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
         return path
 
 
@@ -349,6 +403,10 @@ def _checkpoint_dir(directory: str | Path) -> Path:
     directory = Path(directory)
     if (directory / CHECKPOINT_DIR / CONFIG_FILE).exists():  # a run directory: its checkpoint/ holds the weights
         return directory / CHECKPOINT_DIR
+    for suffix in (".tmp", ".old"):  # a kill between the two renames of a checkpoint swap: both are complete
+        candidate = directory / (CHECKPOINT_DIR + suffix)
+        if not (directory / CHECKPOINT_DIR).exists() and (candidate / STATE_FILE).exists():
+            return candidate
     return directory
 
 
@@ -363,7 +421,7 @@ def load_checkpoint(directory: str | Path) -> tuple[nn.Module, ExperimentConfig]
     if config.trim is None:
         return load_backbone(net, directory), config
     tmodel = trim(net, config.trim, adapter=config.model.adapter)
-    tmodel.load_trimmers(directory)
+    tmodel.load_trimmers(directory, require_backbone=True)  # the rebuilt net is random: its weights must come from here
     return tmodel, config
 
 
@@ -601,6 +659,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.last_eval: dict[str, Any] | None = None
+        self._saved_step: int | None = None  # the step of out_dir/checkpoint, once this trainer wrote or loaded it
+        self._saved_total: int | None = None  # total steps of the checkpoint it resumed from
 
     # --- setup -------------------------------------------------------------------------------------
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -661,28 +721,40 @@ class Trainer:
         return targets
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """One optimizer step; returns the log record (loss terms, keep ratios, lrs, targets)."""
+        """One optimizer step; returns the log record (loss terms, keep ratios, lrs, targets).
+
+        Raises :class:`DivergedError` (before the optimizer applies anything) when a loss term or the
+        gradient norm is not finite, or the trimmed forward saw non-finite trimmer logits."""
         tc = self.config.train
         targets = self._schedule()
         self.model.train()
         inputs = model_inputs(self.net, batch)
-        logits = _logits(self.model(**inputs))
-        records = list(self.tmodel.records) if self.tmodel is not None else []
-        full_logits = None
-        if self.tmodel is not None and getattr(self.objective, "needs_full_pass", False):
-            with self.tmodel.full():  # the same model, untrimmed, with gradients (Eq. 11)
-                full_logits = _logits(self.model(**inputs))
+        step = self.step + 1
+        try:
+            logits = _logits(self.model(**inputs))
+            records = list(self.tmodel.records) if self.tmodel is not None else []
+            full_logits = None
+            if self.tmodel is not None and getattr(self.objective, "needs_full_pass", False):
+                with self.tmodel.full():  # the same model, untrimmed, with gradients (Eq. 11)
+                    full_logits = _logits(self.model(**inputs))
+        except _NONFINITE as err:  # NaN/inf trimmer logits: the weights (or this batch) are not finite
+            raise self._diverged(step, f"the forward pass saw non-finite values ({err})", {}) from None
         terms = self.objective(logits, batch["labels"], records, full_logits=full_logits)
+        values = {k: float(v.detach()) for k, v in terms.items()}
         self.accelerator.backward(terms["loss"])
         grad_norm = None
         if tc.grad_clip is not None:
             grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+        # fp16: the loss scaler expects overflowing gradients now and then and skips those steps itself
+        check_norm = grad_norm if grad_norm is not None or self.accelerator.scaler is not None \
+            else _grad_norm(self.model.parameters())
+        self._check_step(step, values, None if self.accelerator.scaler is not None else check_norm)
         self.optimizer.step()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         rec: dict[str, Any] = {"type": "train", "step": self.step, "epoch": self.step / self.batches_per_epoch}
-        rec.update({k: float(v.detach()) for k, v in terms.items()})
+        rec.update(values)
         rec["accuracy"] = float((logits.detach().argmax(-1) == batch["labels"]).float().mean())
         for g in self.optimizer.param_groups:
             rec[f"lr_{g.get('name', 'group')}"] = g["lr"]
@@ -703,58 +775,178 @@ class Trainer:
             rec["temperature"] = self.tmodel.runtime.temperature
         return rec
 
+    # --- divergence --------------------------------------------------------------------------------
+    def _check_step(self, step: int, values: dict[str, float], grad_norm: float | None) -> None:
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        bad_grad = grad_norm is not None and not math.isfinite(grad_norm)
+        failed = bool(bad) or bad_grad
+        acc = self.accelerator
+        if acc.num_processes > 1:  # every process stops together (a lone raise would hang the others)
+            flag = torch.tensor([float(failed)], device=acc.device)
+            failed_anywhere = bool(acc.reduce(flag, reduction="sum").item() > 0)
+        else:
+            failed_anywhere = failed
+        if not failed_anywhere:
+            return
+        if bad:
+            what = f"non-finite loss ({', '.join(bad)})"
+        elif bad_grad:
+            what = f"non-finite gradients (grad norm {grad_norm})"
+        else:
+            what = "a non-finite loss or gradient on another process"
+        raise self._diverged(step, what, values, grad_norm)
+
+    def _diverged(self, step: int, what: str, values: dict[str, float], grad_norm: float | None = None,
+                  applied: bool = False) -> DivergedError:
+        ckpt = self.out_dir / CHECKPOINT_DIR
+        terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items()) or "not computed"
+        if grad_norm is not None:
+            terms += f"; grad_norm={grad_norm:.6g}"
+        kept = (f"the last checkpoint, {ckpt} (step {self._saved_step}), is left as it was"
+                if self._saved_step is not None else "no checkpoint was written")
+        when = "no checkpoint was written for it" if applied else "the run stopped before applying this step"
+        msg = (f"training diverged at step {step}: {what} (loss terms: {terms}); {when}, {kept}. Lower train.lr / "
+               f"train.trimmer_lr, set train.grad_clip, or check the data for NaN/inf.")
+        return DivergedError(msg, step, values)
+
+    def _check_state(self) -> None:
+        """Raise :class:`DivergedError` if a parameter or an optimizer state tensor is not finite."""
+        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters()]
+        named += [(f"optimizer state {k} of parameter {i}", v) for i, s in enumerate(self.optimizer.state.values())
+                  for k, v in s.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if not named:
+            return
+        flags = torch.stack([~torch.isfinite(t.detach()).all() for _, t in named]).tolist()
+        bad = [n for (n, _), f in zip(named, flags) if f]
+        if bad:
+            last = self.history[-1] if self.history else {}
+            values = {k: v for k, v in last.items() if k in ("loss", "task", "cost", "sd")}
+            raise self._diverged(self.step, f"non-finite weights {bad[:3]}{' ...' if len(bad) > 3 else ''} "
+                                 f"({len(bad)} tensors)", values, applied=True)
+
     # --- the loop ----------------------------------------------------------------------------------
-    def fit(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    def fit(self, resume: bool = False, stop_after: int | None = None, *, overwrite: bool = False,
+            allow_config_change: bool = False) -> dict[str, Any]:
         """Train to ``total_steps`` (evaluating and checkpointing on the way); returns the last evaluation.
 
-        ``resume`` continues from ``out_dir/checkpoint``; ``stop_after`` stops (with a checkpoint) once
-        that step is reached, as an interrupted run would, without changing the schedules."""
+        ``resume`` continues from ``out_dir/checkpoint`` (refusing a config that differs from the
+        checkpoint's outside :data:`RESUMABLE_FIELDS` unless ``allow_config_change``); without it a
+        directory that already holds a run raises :class:`RunExistsError` unless ``overwrite``
+        (which deletes that run's files first). ``stop_after`` stops (with a checkpoint) once that
+        step is reached, as an interrupted run would, without changing the schedules. A diverging
+        run raises :class:`DivergedError` and writes no checkpoint."""
         from tqdm.auto import tqdm
 
         tc = self.config.train
         acc = self.accelerator
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            ckpt = self.out_dir / CHECKPOINT_DIR
-            if not (ckpt / STATE_FILE).exists():
-                raise FileNotFoundError(f"--resume: no {ckpt / STATE_FILE} to resume from")
-            self.load_state(ckpt)
-            if acc.is_main_process:
-                _truncate_log(self.out_dir / LOG_FILE, self.step)
-        elif acc.is_main_process:
-            self.config.save(self.out_dir / CONFIG_FILE)
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other (--resume continues the run in "
+                             f"{self.out_dir}, --overwrite replaces it)")
+        ckpt = self.out_dir / CHECKPOINT_DIR
         log_path = self.out_dir / LOG_FILE
+        first: list[dict[str, Any]] = []  # records that open this session's part of the log
+        if resume:
+            if acc.is_main_process:
+                _recover_checkpoint(ckpt)
+            acc.wait_for_everyone()
+            if not (ckpt / STATE_FILE).exists():
+                hint = (" (the run stopped before its first checkpoint: start it again with --overwrite)"
+                        if _run_entries(self.out_dir) else "")
+                raise FileNotFoundError(f"--resume: no {ckpt / STATE_FILE} to resume from{hint}")
+            changes = self._config_changes(ckpt, allow_config_change)
+            self.load_state(ckpt)
+            if self._saved_total is not None and self._saved_total != self.total_steps:
+                change = {"total steps": (self._saved_total, self.total_steps)}
+                if not allow_config_change:
+                    raise ResumeConfigError(_changes_message(ckpt / CONFIG_FILE, change))
+                changes.update(change)
+            if changes and acc.is_main_process:
+                print(f"trimkit train: --allow-config-change: resuming {self.out_dir} at step {self.step} on a "
+                      f"changed config:\n" + _format_changes(changes), file=sys.stderr)
+            if changes:
+                first.append({"type": "config_change", "step": self.step,
+                              "changes": {k: {"run": a, "given": b} for k, (a, b) in changes.items()}})
+            if acc.is_main_process:
+                _truncate_log(log_path, self.step)
+                top = self.out_dir / CONFIG_FILE  # the config the run continues on
+                if not top.exists() or ExperimentConfig.load(top) != self.config:
+                    self.config.save(top)
+        else:
+            present = _run_entries(self.out_dir)
+            if present and not overwrite:
+                raise RunExistsError(
+                    f"{self.out_dir} already holds a training run ({', '.join(present)}); pass --resume to continue "
+                    f"it, or --overwrite to delete it and start over (or choose another --out directory)")
+            if acc.is_main_process:
+                for name in present:
+                    path = self.out_dir / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self.config.save(self.out_dir / CONFIG_FILE)
+            acc.wait_for_everyone()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="smarttrim" if self.tmodel else "train",
                    disable=not self.progress or not acc.is_main_process, dynamic_ncols=True)
         t0 = time.perf_counter()
         with open(log_path, "a") as log:
-            batches = self._batches(self.step)
-            end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
-            while self.step < end:
-                rec = self.training_step(next(batches))
-                rec["time"] = time.perf_counter() - t0
-                self.history.append(rec)
+            def write(rec: dict[str, Any], sync: bool = False) -> None:
                 if acc.is_main_process:
                     log.write(json.dumps(rec) + "\n")
-                bar.update(1)
-                post = {"loss": f"{rec['loss']:.3f}"}
-                if "keep_tokens" in rec:
-                    post["keep_t"] = f"{rec['keep_tokens']:.2f}"
-                bar.set_postfix(post)
-                last = self.step == self.total_steps
-                if last or (tc.eval_every and self.step % tc.eval_every == 0):
-                    ev = self.evaluate()
-                    ev.update(type="eval", step=self.step, time=time.perf_counter() - t0)
-                    if acc.is_main_process:
-                        log.write(json.dumps(ev) + "\n")
-                        log.flush()
-                    bar.write(_eval_line(ev))
-                if last or self.step == end or (tc.save_every and self.step % tc.save_every == 0):
-                    self.save_checkpoint()
-        bar.close()
+                    if sync:
+                        _sync(log)
+
+            for rec in first:
+                write(rec, sync=True)
+            try:
+                batches = self._batches(self.step)
+                end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
+                while self.step < end:
+                    rec = self.training_step(next(batches))
+                    rec["time"] = time.perf_counter() - t0
+                    self.history.append(rec)
+                    write(rec)
+                    bar.update(1)
+                    post = {"loss": f"{rec['loss']:.3f}"}
+                    if "keep_tokens" in rec:
+                        post["keep_t"] = f"{rec['keep_tokens']:.2f}"
+                    bar.set_postfix(post)
+                    last = self.step == self.total_steps
+                    if last or (tc.eval_every and self.step % tc.eval_every == 0):
+                        ev = self.evaluate()
+                        ev.update(type="eval", step=self.step, time=time.perf_counter() - t0)
+                        write(ev)
+                        if acc.is_main_process:
+                            log.flush()
+                        bar.write(_eval_line(ev))
+                    if last or self.step == end or (tc.save_every and self.step % tc.save_every == 0):
+                        if acc.is_main_process:
+                            _sync(log)  # the log holds every step the checkpoint does
+                        self.save_checkpoint()
+            except DivergedError as err:
+                write({"type": "diverged", "step": err.step, "error": str(err),
+                       "terms": {k: v if math.isfinite(v) else str(v) for k, v in err.terms.items()}}, sync=True)
+                raise
+            finally:
+                bar.close()
         if acc.is_main_process and self.last_eval is not None:
-            (self.out_dir / "metrics.json").write_text(json.dumps(self.last_eval, indent=2))
+            _write_atomic(self.out_dir / METRICS_FILE, json.dumps(self.last_eval, indent=2))
         return self.last_eval or {}
+
+    def _config_changes(self, ckpt: Path, allow: bool) -> dict[str, tuple[Any, Any]]:
+        """Fields (dotted) where this trainer's config differs from the checkpoint's, outside
+        :data:`RESUMABLE_FIELDS`; raises :class:`ResumeConfigError` if there are any and not ``allow``."""
+        path = ckpt / CONFIG_FILE
+        try:
+            saved = ExperimentConfig.load(path)
+        except ConfigError as err:
+            if allow:
+                return {"(the checkpoint's config)": (f"unreadable: {err}", "the given config")}
+            raise ResumeConfigError(f"--resume: cannot compare with the run's config: {err}\n(pass "
+                                    f"--allow-config-change to resume on the given config anyway)") from None
+        diff = _config_diff(saved.model_dump(mode="json"), self.config.model_dump(mode="json"))
+        changes = {k: v for k, v in diff.items() if k not in RESUMABLE_FIELDS}
+        if changes and not allow:
+            raise ResumeConfigError(_changes_message(path, changes))
+        return changes
 
     def evaluate(self, dataset: Any = None, instances: int | None = None, macs_instances: int | None = None) -> dict[str, Any]:
         tc = self.config.train
@@ -767,14 +959,23 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, directory: str | Path | None = None) -> Path:
-        """Weights (safetensors), the config and ``trainer_state.pt``; written to a temporary
-        directory first and then moved into place, so an interrupted save leaves the old one."""
+        """Weights (safetensors), the config and ``trainer_state.pt``, atomically.
+
+        Everything is written (and fsynced) into ``checkpoint.tmp/``, ``trainer_state.pt`` last
+        (through a temporary name: its presence marks the directory complete); then the old
+        directory is renamed to ``checkpoint.old/``, the new one into place, and the old one
+        deleted. A kill at any point leaves the old or the new checkpoint complete; the next
+        resume, save or load finishes an interrupted swap (:func:`_recover_checkpoint`). Refuses
+        (:class:`DivergedError`) to write non-finite weights or optimizer state."""
         acc = self.accelerator
         directory = Path(directory) if directory is not None else self.out_dir / CHECKPOINT_DIR
         acc.wait_for_everyone()
+        self._check_state()
         if not acc.is_main_process:
             return directory
-        tmp = directory.with_name(directory.name + ".tmp")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _recover_checkpoint(directory)
+        tmp, old = _sibling(directory, ".tmp"), _sibling(directory, ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if self.tmodel is not None:
@@ -791,13 +992,19 @@ class Trainer:
         }
         if acc.scaler is not None:  # fp16 loss scale: it decides which steps are skipped
             state["scaler"] = acc.scaler.state_dict()
-        torch.save(state, tmp / STATE_FILE)
-        old = directory.with_name(directory.name + ".old")
+        part = tmp / (STATE_FILE + ".part")
+        torch.save(state, part)
+        _fsync_tree(tmp)
+        os.replace(part, tmp / STATE_FILE)
+        _fsync_dir(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if directory.exists():
             directory.rename(old)
         tmp.rename(directory)
+        _fsync_dir(directory.parent)
         shutil.rmtree(old, ignore_errors=True)
+        if directory == self.out_dir / CHECKPOINT_DIR:
+            self._saved_step = self.step
         return directory
 
     def load_state(self, directory: str | Path) -> None:
@@ -811,14 +1018,122 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step = int(state["step"])
+        self._saved_step = self.step
+        self._saved_total = int(state["total_steps"]) if state.get("total_steps") is not None else None
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
 
 
+# raised by a trimmed forward whose trimmer logits are NaN/inf (an empty tuple catches nothing)
+_NONFINITE: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(_ops, "NonFiniteError", None),) if e is not None)
+
+RUN_ENTRIES = (LOG_FILE, CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp", CHECKPOINT_DIR + ".old")
+
+
+def _run_entries(directory: Path) -> list[str]:
+    """The entries of ``directory`` that belong to a training run (empty: no run there)."""
+    if not directory.is_dir():
+        return []
+    return [name for name in RUN_ENTRIES if (directory / name).exists()]
+
+
+def _grad_norm(params: Iterable[nn.Parameter]) -> float:
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted field -> (a's value, b's value) where two config dumps differ (sections recursively)."""
+    absent = "<absent>"
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in list(a) + [k for k in b if k not in a]:
+        x, y = a.get(k, absent), b.get(k, absent)
+        key = f"{prefix}{k}"
+        if isinstance(x, dict) and isinstance(y, dict):
+            out.update(_config_diff(x, y, key + "."))
+        elif x != y:
+            out[key] = (x, y)
+    return out
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = value if value == "<absent>" else json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _format_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "\n".join(f"  {k}: {_short(a)} (run) -> {_short(b)} (given)" for k, (a, b) in changes.items())
+
+
+def _changes_message(path: Path, changes: dict[str, tuple[Any, Any]]) -> str:
+    return (f"--resume: the given config differs from the run's ({path}) in {len(changes)} field(s) that change the "
+            f"run:\n{_format_changes(changes)}\nResume with the run's config (--config {path}), start a new run (another "
+            f"--out, or --overwrite), or pass --allow-config-change to continue on the given config anyway. Fields "
+            f"that may change on resume: {', '.join(sorted(RESUMABLE_FIELDS))}.")
+
+
+# --- durable files -------------------------------------------------------------------------------
+def _sibling(directory: Path, suffix: str) -> Path:
+    return directory.with_name(directory.name + suffix)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames and new entries in ``path`` durable (where the platform lets one open a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _sync(f: Any) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory, fsynced and renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        _sync(f)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _recover_checkpoint(directory: Path) -> None:
+    """Finish a checkpoint swap that a kill interrupted: if ``checkpoint/`` is missing, the complete
+    ``checkpoint.tmp/`` (the newer) or ``checkpoint.old/`` takes its place; leftovers are deleted."""
+    tmp, old = _sibling(directory, ".tmp"), _sibling(directory, ".old")
+    if not directory.exists():
+        for candidate in (tmp, old):
+            if (candidate / STATE_FILE).exists():
+                candidate.rename(directory)
+                _fsync_dir(directory.parent)
+                break
+    for leftover in (tmp, old):
+        if leftover.exists() and (directory.exists() or not (leftover / STATE_FILE).exists()):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the records of steps <= ``step`` (the checkpoint's): an interrupted run may have logged
-    steps after its last save, which the resumed run is about to log again."""
+    steps after its last save, which the resumed run is about to log again. Rewritten atomically."""
     if not path.exists():
         return
     keep = []
@@ -829,7 +1144,7 @@ def _truncate_log(path: Path, step: int) -> None:
             continue
         if rec.get("step", 0) <= step:
             keep.append(line + "\n")
-    path.write_text("".join(keep))
+    _write_atomic(path, "".join(keep))
 
 
 def _rng_state() -> dict[str, Any]:
