@@ -323,3 +323,76 @@ def test_a_layer_called_with_different_constants_is_refused():
     name = _register("const_shared", SharedAdapter())
     with pytest.raises(TraceError, match=r"layers\.0.*different constant arguments"):
         trim(Shared(), TrimConfig(), adapter=name)
+
+
+# --- configs passed to autowrapped functions; trace errors name the function -------------------
+
+import dataclasses  # noqa: E402
+
+
+@dataclasses.dataclass
+class FlagConfig:
+    scale: float = 2.0
+
+    def __post_init__(self):
+        self._mode = "scaled"  # not a field: lost if fx rebuilds the config from its fields
+
+
+def scale_by_config(x, config):
+    return x * config.scale if getattr(config, "_mode", None) == "scaled" else x
+
+
+class ConfigNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = FlagConfig()
+        self.emb = nn.Embedding(30, 16)
+        self.layers = nn.ModuleList([ScaledLayer()])
+
+    def forward(self, input_ids):
+        x = scale_by_config(self.emb(input_ids), config=self.config)
+        return self.layers[0](x)[:, 0]
+
+
+class ConfigAdapter(ConstAdapter):
+    def matches(self, m):
+        return isinstance(m, ConfigNet)
+
+    def describe(self, m):
+        spec = super().describe(m)
+        return ModelSpec(spec.streams, spec.layers, spec.input_names, autowrap_functions=[scale_by_config])
+
+
+def test_a_config_reaches_autowrapped_functions_as_it_is():
+    """transformers' mask functions take config=self.config; fx rebuilt dataclass configs from their
+    fields, dropping _attn_implementation, so masks silently vanished (VisualBERT). The config now
+    travels by reference."""
+    name = _register("config_toy", ConfigAdapter())
+    torch.manual_seed(0)
+    model = ConfigNet().eval()
+    tmodel = trim(model, TrimConfig(), adapter=name).eval()
+    x = ConfigAdapter().example_inputs(model, 2, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(tmodel(**x), model(**x), atol=1e-6, rtol=0)
+    assert any(n.op == "get_attr" and n.target == "config" for n in tmodel._graph.graph.nodes)
+
+
+def test_a_trace_error_names_the_function_that_branched():
+    from trimkit.trace import TraceError
+
+    def gate(x):
+        if x.sum() > 0:  # data-dependent control flow
+            return x
+        return -x
+
+    class Branchy(ConfigNet):
+        def forward(self, input_ids):
+            return self.layers[0](gate(self.emb(input_ids)))[:, 0]
+
+    class BranchyAdapter(ConfigAdapter):
+        def matches(self, m):
+            return isinstance(m, Branchy)
+
+    name = _register("branchy_toy", BranchyAdapter())
+    with pytest.raises(TraceError, match=r"model Branchy \(at tests/test_description_shapes\.py:\d+ in gate\)"):
+        trim(Branchy(), TrimConfig(), adapter=name)

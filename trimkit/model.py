@@ -147,7 +147,8 @@ class TrimmedModel(nn.Module):
         self.trimmers = nn.ModuleDict({_safe(k): v for k, v in trimmers.items()})
         self.runtime.targets = dict(self.final_targets)
         self._signature = inspect.signature(model.forward)
-        self._defaults = {n: spec.concrete_args.get(n, p.default) for n, p in self._signature.parameters.items()}
+        self._fixed = dict(rewritten.fixed)  # concrete_args, and every input not in input_names at its default
+        self._defaults = {n: self._fixed.get(n, p.default) for n, p in self._signature.parameters.items()}
         self._get_attrs = [n.target for n in rewritten.gm.graph.nodes if n.op == "get_attr"]
         self._plan = _make_plan(self, rewritten)
 
@@ -208,10 +209,13 @@ class TrimmedModel(nn.Module):
                         raise ValueError(f"stream {s.name!r}: segment {g.name!r} takes its length from input {name!r}, "
                                          f"which this call does not pass as a tensor")
                     rt.sizes[g.length] = int(value.shape[int(dim)])
-        for name, value in self.spec.concrete_args.items():
-            if name in inputs and inputs[name] is not value and inputs[name] != value:
-                raise ValueError(f"input {name!r} was fixed to {value!r} when the model was traced; trim a model "
-                                 f"for this task (got {type(inputs[name]).__name__})")
+        for name, value in self._fixed.items():
+            if name in inputs and inputs[name] is not value and (
+                    isinstance(inputs[name], torch.Tensor) or isinstance(value, torch.Tensor) or inputs[name] != value):
+                why = ("ModelSpec.concrete_args" if name in self.spec.concrete_args else
+                       "its default: the adapter's ModelSpec.input_names does not list it")
+                raise ValueError(f"input {name!r} was fixed to {value!r} when the model was traced ({why}); "
+                                 f"got {type(inputs[name]).__name__}. Trim a model whose description keeps it an input")
         if rt.mode in ("packed", "padded") and rt.padding:  # real tokens per instance, once per forward (one host sync)
             names = list(rt.padding)
             rt.real = dict(zip(names, fetch([(rt.padding[n] != 0).sum(-1) for n in names])))
@@ -423,7 +427,8 @@ def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:
 
 def _stream_plan(s: Any) -> StreamPlan:
     padding = f"input {s.padding_input!r}" if s.padding_input else f"{s.padding_source!r}" if s.padding_source else None
-    rules = tuple((g.name, "rest" if g.length is None else str(g.length)) for g in s.segments)
+    rules = tuple((g.name, ("rest" if g.length is None else str(g.length))
+                   + (", summary = mean of its kept tokens" if g.summary == "mean" else "")) for g in s.segments)
     return StreamPlan(s.name, s.cls_index, padding, rules, s.protected, s.summary)
 
 

@@ -102,7 +102,9 @@ def rewrite(
             raise ValueError(f"the adapter describes layer {path!r}, but the model has no such module") from None
     sources = {st.name: _padding_source(st.padding_source) for st in spec.streams if st.padding_source}
     leaves = set(by_path) | set(spec.leaf_modules) | {t.module for t in spec.token_args} | {m for m, _ in sources.values()}
-    graph = trace(model, leaves, fixed_args(model, None, dict(spec.concrete_args)), spec.autowrap_functions, f"model {type(model).__name__}",
+    # inputs not in input_names are fixed to their defaults (a None left symbolic reads as "given")
+    fixed = fixed_args(model, set(spec.input_names), dict(spec.concrete_args))
+    graph = trace(model, leaves, fixed, spec.autowrap_functions, f"model {type(model).__name__}",
                    "ModelSpec.leaf_modules / autowrap_functions / concrete_args")
     finish = plain_codegen(graph)  # called with its named inputs in order; *args/**kwargs fixed empty
     gm = fx.GraphModule(model, graph)
@@ -290,5 +292,7 @@ def rewrite(
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return Rewritten(gm, {k: w for k, w in wrappers.items() if not w.tokens_only}, input_names,
-                     {k: len(v) for k, v in calls.items()}), trimmers
+    rewritten = Rewritten(gm, {k: w for k, w in wrappers.items() if not w.tokens_only}, input_names,
+                          {k: len(v) for k, v in calls.items()})
+    rewritten.fixed = {k: v for k, v in fixed.items() if not k.startswith("*")}
+    return rewritten, trimmers

@@ -7,6 +7,7 @@ description field that can fix it (docs/bring-your-own-vlm.md, "When tracing fai
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from typing import Any, Callable, Sequence
@@ -44,6 +45,29 @@ class Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return qualname in self.leaves or super().is_leaf_module(m, qualname) or next(m.children(), None) is None
+
+    def create_arg(self, a: Any) -> Any:
+        # A dataclass instance the model holds (transformers 5 configs are dataclasses) is passed by
+        # reference, as a get_attr of where it lives: fx would rebuild it from its fields and lose what
+        # is not a field (config._attn_implementation: HF mask functions then return no mask at all).
+        if dataclasses.is_dataclass(a) and not isinstance(a, type):
+            path = self._attribute_path(a)
+            if path is not None:
+                return self.create_node("get_attr", path, (), {})
+        return super().create_arg(a)
+
+    def _attribute_path(self, obj: Any) -> str | None:
+        cache = self.__dict__.setdefault("_trimkit_attr_paths", {})
+        if id(obj) not in cache:
+            cache[id(obj)] = None
+            for prefix, module in self.root.named_modules():
+                for name, value in vars(module).items():
+                    if value is obj and not name.startswith("_"):
+                        cache[id(obj)] = f"{prefix}.{name}" if prefix else name
+                        break
+                if cache[id(obj)] is not None:
+                    break
+        return cache[id(obj)]
 
 
 def traceable_view(module: nn.Module) -> nn.Module:
@@ -98,12 +122,28 @@ def trace(root: nn.Module, leaves: set[str], concrete_args: dict[str, Any], auto
         stack = getattr(tracer, "module_stack", None)
         if stack:
             where = f" inside module {list(stack.keys())[-1]!r}"
+        origin = _origin(err)
         raise TraceError(
-            f"torch.fx could not trace {what}{where}: {type(err).__name__}: {err}. "
+            f"torch.fx could not trace {what}{where}{origin}: {type(err).__name__}: {err}. "
             f"Fix it through {hook}: make the offending module a leaf, autowrap the function that "
             "branches on tensor values, or fix an input with concrete_args (docs/bring-your-own-vlm.md, "
             "'When tracing fails')."
         ) from err
+
+
+def _origin(err: BaseException) -> str:
+    """`` (at FILE:LINE in FUNCTION)``: the innermost frame of the failure outside torch and trimkit,
+    i.e. the model code that branched on a traced value or called what could not be traced."""
+    found = ""
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        path = code.co_filename.replace("\\", "/")
+        if "/torch/" not in path and "/trimkit/" not in path:
+            parts = path.split("/")
+            found = f" (at {'/'.join(parts[-2:])}:{tb.tb_lineno} in {code.co_name})"
+        tb = tb.tb_next
+    return found
 
 
 class Unflatten(nn.Module):
