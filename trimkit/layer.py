@@ -181,6 +181,8 @@ class TrimmedLayer(nn.Module):
         context = a[self.context_name] if self.context_name is not None else trimkit_context
         astates = list(trimkit_attn_states) if trimkit_attn_states is not None else [None] * len(self.spec.attentions)
         self._last_update = trimkit_last_update
+        if self.segments and trimkit_hidden_state is None and self.spec.stream in rt.segment_padding:
+            self._join_segment_padding(hidden)
         if rt.mode in ("packed", "padded"):
             out, state = self._packed(a, hidden, context, trimkit_hidden_state, trimkit_context_state, trimkit_last,
                                       astates)
@@ -292,6 +294,27 @@ class TrimmedLayer(nn.Module):
         if self.attn_context_names[i] is not None:
             return astates[i]
         return hstate if self.roles[i][1] == self.spec.stream else cstate
+
+    def _join_segment_padding(self, hidden: torch.Tensor) -> None:
+        """The stream's (B, N) padding mask from its segments' own masks (Segment.padding_input)."""
+        rt, stream = self.runtime, self.spec.stream
+        masks = rt.segment_padding.pop(stream)
+        seq = hidden if self.spec.batch_first else hidden.transpose(0, 1)
+        B, N = seq.shape[:2]
+        bounds = self._bounds(N)
+        parts = []
+        for g, m, s, e in zip(self.segments, masks, bounds, bounds[1:]):
+            if m is None:
+                parts.append(torch.ones(B, e - s, dtype=torch.long, device=seq.device))
+                continue
+            if not isinstance(m, torch.Tensor) or tuple(m.shape) != (B, e - s):
+                raise ValueError(f"stream {stream!r}: Segment({g.name!r}).padding_input {g.padding_input!r} has shape "
+                                 f"{tuple(getattr(m, 'shape', ()))}, but the segment holds {e - s} tokens per instance "
+                                 f"(batch {B}): it must be the segment's (B, {e - s}) mask")
+            parts.append(m.to(device=seq.device, dtype=torch.long))
+        rt.padding[stream] = torch.cat(parts, 1)
+        if rt.mode in ("packed", "padded"):  # real tokens per instance (one host sync, at the stream's first layer)
+            rt.real[stream] = P.fetch([rt.padding[stream].sum(-1)])[0]
 
     def _bounds(self, length: int) -> list[int]:
         return segment_bounds(self.segments, self.runtime.sizes, length, self.spec.stream)

@@ -201,6 +201,9 @@ class TrimmedModel(nn.Module):
         for s in self.spec.streams:
             if s.padding_input and isinstance(inputs.get(s.padding_input), torch.Tensor):
                 rt.padding[s.name] = inputs[s.padding_input]
+            if any(g.padding_input for g in s.segments):  # joined into the stream's mask at its first layer
+                rt.segment_padding[s.name] = [inputs.get(g.padding_input) if g.padding_input else None
+                                              for g in s.segments]
             for g in s.segments:
                 if isinstance(g.length, str):
                     name, dim = g.length.split(":")

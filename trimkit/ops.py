@@ -117,6 +117,7 @@ class Runtime:
     sizes: dict[str, int] = field(default_factory=dict)  # "INPUT:DIM" -> size, for segment lengths (per forward)
     segment_real: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> (B, K) real tokens per segment
     nonfinite: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (trimmer key, device flag), per forward
+    segment_padding: dict[str, list] = field(default_factory=dict)  # stream -> per segment (B, n_k) mask or None
 
     def begin(self, mode: str) -> None:
         """Reset the per-forward state."""
@@ -129,6 +130,7 @@ class Runtime:
         self.streams = {}
         self.segment_real = {}
         self.nonfinite = []
+        self.segment_padding = {}
 
     def watch(self, key: str, logits: torch.Tensor) -> None:
         """Note whether a trimmer's logits hold NaN/inf (checked once, after the forward: a NaN logit

@@ -267,11 +267,15 @@ class Segment:
     first token is always kept. summary: what the trimmers read as the segment's summary: its first
     token (``"first"``, its [CLS]) or the mean of its kept real tokens (``"mean"``, for a segment with
     no [CLS], such as VisualBERT's visual embeddings or a decoder's image tokens).
+    padding_input: a model input (B, length) with 1 for the segment's real tokens, when the model
+    concatenates the segments' masks itself (VisualBERT: ``attention_mask`` for the text,
+    ``visual_attention_mask`` for the regions); segments without one count as all real.
     """
 
     name: str
     length: int | str | None = None
     summary: str = "first"
+    padding_input: str | None = None
 
     def __post_init__(self) -> None:
         ok = self.length is None or (isinstance(self.length, int) and self.length > 0) or (
@@ -323,6 +327,9 @@ class StreamSpec:
                              f"got {self.protected!r}")
         if self.summary not in ("first", "mean"):
             raise ValueError(f"StreamSpec({self.name!r}).summary must be 'first' or 'mean', got {self.summary!r}")
+        if any(g.padding_input for g in self.segments) and (self.padding_input or self.padding_source):
+            raise ValueError(f"StreamSpec({self.name!r}): padding per segment (Segment.padding_input) or for the "
+                             "whole stream (padding_input/padding_source), not both")
         if self.segments and self.summary != "first":
             raise ValueError(f"StreamSpec({self.name!r}): a segmented stream's summaries are its segments'; set "
                              "Segment(summary=...) per segment")
