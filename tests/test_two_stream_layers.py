@@ -175,3 +175,27 @@ def test_each_role_sees_its_own_keys(bi):
     torch.testing.assert_close(removed, hard, atol=1e-4, rtol=0)
     with torch.no_grad():
         assert float((hard - model(**x)).abs().max()) > 1e-3
+
+
+def test_a_shared_module_described_once_gets_a_hint(bi):
+    """The mistake a new user made: the cross-attention used both ways described once (call=None).
+    The size mismatch that follows names the likely fix instead of only torch's shapes."""
+
+    class Once(BiAdapter):
+        def describe(self, m):
+            spec = BiAdapter.describe(self, m)
+            h = m.layers[0].cross.num_heads
+            attentions = [*spec.layers[0].attentions[:2],
+                          AttentionSpec("cross", "cross", h, out="out", inputs=_attn_inputs)]
+            return ModelSpec(spec.streams, [LayerSpec(l.path, l.stream, l.site, hidden=l.hidden, output=l.output,
+                                                      attentions=attentions, updates=l.updates) for l in spec.layers],
+                             spec.input_names)
+
+    get_registry().adapters.register("bi_once", Once(), replace=True)
+    model, _ = bi
+    tmodel = trim(model, TrimConfig(token_target=0.5), adapter="bi_once").eval()
+    randomize_trimmers(tmodel, 0)
+    x = BiAdapter().example_inputs(model, 1, seed=1)
+    with torch.no_grad(), tmodel.mode("hard"), pytest.raises(RuntimeError, match=r"layer 'layers\.0' failed after "
+                                                                                  r"trimming .*call index and query_stream"):
+        tmodel(**x)

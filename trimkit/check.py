@@ -19,6 +19,7 @@ A model the packed engine refuses outright (a causal or relative-position attent
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -176,7 +177,7 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
         raise ValueError(f"run_check: batch must be >= 2 (packed batches), got {batch}")
     from .config import TrimConfig
     from .macs import count_macs, format_macs
-    from .model import trim
+    from .model import MaskedBatchWarning, trim
     from .plugins import get_registry
 
     report = CheckReport(adapter, size, options=dict(build_options or {}))
@@ -209,10 +210,16 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
         tmodel.eval()
         state["tmodel"] = tmodel
         spec = tmodel.spec
-        streams = ", ".join(f"{s.name} ([CLS] at {s.cls_index})" for s in spec.streams)
+        def summary(s) -> str:
+            if s.segments:
+                return "segments " + "/".join(g.name for g in s.segments)
+            return "summary: mean of kept tokens" if s.summary == "mean" else f"[CLS] at {s.cls_index}"
+
+        streams = ", ".join(f"{s.name} ({summary(s)})" for s in spec.streams)
         per = {}
-        for layer in spec.layers:
-            per[layer.stream] = per.get(layer.stream, 0) + 1
+        for layer in spec.layers:  # a two-stream layer counts for both streams
+            for name in [layer.stream] + [u.stream for u in layer.updates]:
+                per[name] = per.get(name, 0) + 1
         heads = sum(len(v.heads) for v in tmodel.trimmers.values())
         return (f"streams {streams}; layers {per}; {heads} head trimmers; trimmers "
                 f"{tmodel.trimmer_parameters() / 1e3:.1f} K params vs backbone {tmodel.backbone_parameters() / 1e6:.2f} M")
@@ -234,7 +241,8 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
     def all_ones() -> str:
         tmodel, model = state["tmodel"], state["model"]
         worst = 0.0
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", MaskedBatchWarning)  # batch 2 runs masked on purpose here
             for batch in (1, 2):
                 x = inputs(batch, seed)
                 worst = max(worst, _max_diff(tmodel(**x), model(**x)))

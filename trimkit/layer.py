@@ -329,7 +329,18 @@ class TrimmedLayer(nn.Module):
 
     def _run(self, a: dict[str, Any], trims: list[AttnTrim]) -> Any:
         names = self.inner_inputs
-        return self.inner(**{names[k]: v for k, v in a.items() if k in names}, trimkit_attn=trims)
+        try:
+            return self.inner(**{names[k]: v for k, v in a.items() if k in names}, trimkit_attn=trims)
+        except RuntimeError as err:
+            msg = str(err)
+            if type(err) is not RuntimeError or "trimkit" in msg or ("size" not in msg and "shape" not in msg):
+                raise  # only torch's own shape errors get the hint
+            raise RuntimeError(
+                f"layer {self.spec.path!r} failed after trimming ({self.runtime.mode} mode): {err}. A size mismatch here "
+                "usually means a tensor with a token dimension the description does not declare (LayerSpec."
+                "hidden_token_args / context_token_args / StreamUpdate.token_args), or an attention module called "
+                "more than once in different roles but described once (give each call an AttentionSpec with its "
+                "call index and query_stream); print(tmodel.plan) shows what trimkit assumed") from err
 
     def _masked(self, a, hidden, context, hstate, cstate, astates):
         """Modes sample/hard: masks multiply, nothing is removed."""

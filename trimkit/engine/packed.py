@@ -218,7 +218,8 @@ def key_bias_flag(bias: torch.Tensor | None, k: Packing) -> torch.Tensor | None:
     if bias.dim() and shape[0] == k.batch and all(s == 1 for s in shape[1:-1]) and shape[-1] == k.length:
         raise RuntimeError(
             f"trimkit packed mode: an attention bias of shape {shape} is still at the keys' original length: "
-            "the adapter must declare it in LayerSpec.hidden_token_args/context_token_args so it is gathered")
+            "the adapter must declare it in LayerSpec.hidden_token_args/context_token_args (StreamUpdate.token_args for "
+            "the other stream of a two-stream layer) so it is gathered")
     raise NotImplementedError(
         f"trimkit packed mode supports only key-padding attention biases (broadcastable to (B, 1, 1, Nk), 0 on real "
         f"tokens); got shape {shape}. Causal, relative-position or per-head biases need masked batches: use "
