@@ -166,6 +166,12 @@ def test_masked_removed_and_packed_agree_and_keep_both_summaries(joint):
                     for key in got:
                         assert got[key] == pytest.approx(hard_keep[key], abs=1e-6), (mode, key)
                     counts_differ |= any(r.counts and len(set(r.counts)) > 1 for r in tmodel.records)
+                    if mode == "packed":  # each segment's record counts its own kept tokens
+                        for r in tmodel.records:
+                            if r.kind == "token":
+                                real = tmodel.runtime.segment_real["joint"][:, ["text", "vision"].index(r.key.split(":")[1])]
+                                assert [round(c / max(float(n), 1), 6) for c, n in zip(r.counts, real)] == \
+                                    pytest.approx(r.keep.tolist(), abs=1e-6)
     finally:
         tmodel.trimmers.load_state_dict(saved)
     assert dropped["text"] > 0 and dropped["vision"] > 0 and counts_differ

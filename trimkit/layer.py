@@ -560,6 +560,14 @@ class TrimmedLayer(nn.Module):
                 keep |= hp.pos < self.protected
             counts_dev = torch.zeros(hp.batch, dtype=torch.long, device=keep.device).index_add_(0, hp.bidx, keep.long())
             fetch.append(counts_dev)
+        if tokens is not None and self.segments:  # kept tokens per instance and segment, in the same sync
+            seg_keep = keep if hp is None else None
+            if seg_keep is None:
+                seg_kept = torch.zeros(hp.batch, len(self.segments), dtype=torch.long, device=keep.device)
+                seg_kept.index_put_((hp.bidx, member), keep.long(), accumulate=True)
+            else:
+                seg_kept = torch.stack([seg_keep[:, s:e].sum(1) for s, e in zip(bounds, bounds[1:])], 1)
+            fetch.append(seg_kept)
         host = P.fetch(fetch)  # the one host synchronisation of this layer (none without a token trimmer)
         if hp is None:
             counts = host[0] if host else list(real)
@@ -569,8 +577,10 @@ class TrimmedLayer(nn.Module):
         else:
             pack = hp
         if tokens is not None and self.segments:
+            K = len(self.segments)
+            per = [host[-1][k::K] for k in range(K)]  # host (B * K,) row-major -> per segment (B,)
             rt.packed_record_segments(self.key, spec.stream, pack, self.segment_names,
-                                      SegmentTokenTrimmer.member(pack.pos, bounds))
+                                      SegmentTokenTrimmer.member(pack.pos, bounds), per)
         elif tokens is not None:
             rt.packed_record_tokens(self.key, pack)
         if not padded:

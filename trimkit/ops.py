@@ -313,7 +313,8 @@ class Runtime:
         self.records.append(Record(key, "token", self.targets.get(key, 1.0), keep, index=pack.pos,
                                    total=pack.length, counts=list(pack.counts)))
 
-    def packed_record_segments(self, key: str, stream: str, pack: Packing, names: list[str], member: torch.Tensor) -> None:
+    def packed_record_segments(self, key: str, stream: str, pack: Packing, names: list[str], member: torch.Tensor,
+                               counts: list[list[int]] | None = None) -> None:
         """Mode packed, segmented stream: one record per segment (kept / real tokens of the segment)."""
         kept = torch.zeros(pack.batch, len(names), dtype=torch.float32, device=member.device)
         kept.index_put_((pack.bidx, member), torch.ones_like(member, dtype=torch.float32), accumulate=True)
@@ -321,7 +322,7 @@ class Runtime:
         for k, name in enumerate(names):
             seg_key = f"{key}:{name}"
             self.records.append(Record(seg_key, "token", self.targets.get(seg_key, 1.0), frac[:, k], index=pack.pos,
-                                       total=pack.length, counts=list(pack.counts)))
+                                       total=pack.length, counts=list(counts[k]) if counts else list(pack.counts)))
 
     def packed_head_mask(self, key: str, logits: torch.Tensor) -> torch.Tensor:
         """A head trimmer's per-instance binary mask (B, H) in mode packed (no host sync)."""
