@@ -444,3 +444,30 @@ def test_resume_before_the_first_checkpoint_says_what_to_do(tmp_path, capsys):
     assert "no " in err and "trainer_state.pt to resume from" in err and "--overwrite" in err
     assert _train("--config", str(cfg), "--out", str(run)) == 2 and "log.jsonl" in capsys.readouterr().err
     assert _snapshot(run) == before
+
+
+def test_unreadable_files_are_named(tmp_path):
+    """Binary config files and damaged trainer state name the file (were UnicodeDecodeError and
+    torch's unpickling error without a path)."""
+    from trimkit.config import TrimConfig, TrimConfigError
+    from trimkit.training.trainer import ConfigError, ExperimentConfig
+
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x81 binary")
+    with pytest.raises(ConfigError, match=r"config\.yaml: not a text file"):
+        ExperimentConfig.load(binary)
+    with pytest.raises(TrimConfigError, match=r"config\.yaml: not a text file"):
+        TrimConfig.load(binary)
+    with pytest.raises(ConfigError, match="is a directory"):
+        ExperimentConfig.load(tmp_path)
+
+
+def test_a_damaged_trainer_state_is_named_on_resume(tmp_path, capsys):
+    cfg = _write(tmp_path / "exp.yaml", _dict(steps=2))
+    run = tmp_path / "run"
+    assert _train("--config", str(cfg), "--out", str(run)) == 0
+    state = run / "checkpoint" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:40])  # truncated
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"trainer_state\.pt: the trainer state cannot be read"):
+        Trainer(ExperimentConfig.load(cfg), out_dir=run).fit(resume=True)

@@ -65,3 +65,12 @@ def test_an_eval_batch_that_runs_masked_says_so_once(toy_registry_module):
             tmodel.inference = "packed"
             tmodel(**x)
         assert tmodel.runtime.mode == "packed"
+
+
+def test_an_all_padding_row_in_a_packed_batch_is_named(toy):
+    model, tmodel = toy
+    x = ToyAdapter().example_inputs(model, 3, seed=1)
+    x["attention_mask"][2] = 0
+    with torch.no_grad(), tmodel.mode("packed"), pytest.raises(ValueError, match=r"instance\(s\) \[2\] .*no real token "
+                                                                                  r"in stream 'text'"):
+        tmodel(**x)

@@ -265,3 +265,22 @@ def test_a_segment_without_cls_reads_the_mean_of_its_kept_tokens():
                     assert keep[k] == pytest.approx(hard_keep[k], abs=1e-6), k
     finally:
         tmodel.trimmers.load_state_dict(saved)
+
+
+def test_a_padding_mask_of_the_wrong_length_is_refused():
+    """A new user declared the text mask as the padding of the joint sequence: it was accepted and
+    ignored. It is now an error naming the stream and the shapes."""
+
+    class Wrong(JointAdapter):
+        def describe(self, m):
+            spec = super().describe(m)
+            stream = StreamSpec("joint", padding_input="attention_mask", segments=spec.streams[0].segments)
+            return ModelSpec([stream], spec.layers, spec.input_names)
+
+    get_registry().adapters.register("joint_wrong", Wrong(), replace=True)
+    model = JointAdapter().build()
+    tmodel = trim(model, TrimConfig(token_target=0.5), adapter="joint_wrong").eval()
+    x = JointAdapter().example_inputs(model, 2, seed=1)
+    for mode in ("hard", "packed"):
+        with torch.no_grad(), tmodel.mode(mode), pytest.raises(ValueError, match=r"stream 'joint': its padding mask has"):
+            tmodel(**x)

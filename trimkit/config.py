@@ -100,6 +100,10 @@ class TrimConfig(BaseModel):
             data: Any = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"trim config file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise TrimConfigError(f"{path}: not a text file (a YAML or JSON TrimConfig was expected)") from None
+        except yaml.YAMLError as err:
+            raise TrimConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of TrimConfig fields, got {type(data).__name__}")
         return cls.model_validate(data)

@@ -188,7 +188,11 @@ class Runtime:
         prev = state.mask if state is not None and state.mask is not None else None
         mask = m if prev is None else prev * m
         pad = self.padding.get(stream)
-        pad = pad.to(mask.dtype) if pad is not None and pad.shape == mask.shape else torch.ones_like(mask)
+        if pad is not None and tuple(pad.shape) != tuple(mask.shape):
+            raise ValueError(f"stream {stream!r}: its padding mask has shape {tuple(pad.shape)} but the stream's tokens are "
+                             f"{tuple(mask.shape)} at {key!r}: the padding input (StreamSpec.padding_input / "
+                             "padding_source / Segment.padding_input) must be the stream's own (B, N) mask")
+        pad = pad.to(mask.dtype) if pad is not None else torch.ones_like(mask)
         if segments is None:
             keep = (mask * pad).sum(1) / pad.sum(1).clamp_min(1)
             self.records.append(Record(key, "token", self.targets.get(key, 1.0), keep, mask=mask, total=mask.shape[1]))
@@ -293,7 +297,16 @@ class Runtime:
         """Mode packed: the stream's real-token mask (B, N) (``None``: no padding) and real counts (host)."""
         pad = self.padding.get(stream)
         if pad is not None and tuple(pad.shape) == (batch, length) and stream in self.real:
+            empty = [b for b, n in enumerate(self.real[stream]) if n == 0]
+            if empty:
+                raise ValueError(f"trimkit packed mode: instance(s) {empty} of the batch have no real token in stream "
+                                 f"{stream!r} (their padding mask is all 0): every instance needs at least its [CLS]; "
+                                 "drop them from the batch, or run them masked (tmodel.inference = 'remove')")
             return pad.to(device=device).bool(), self.real[stream]
+        if pad is not None and pad.shape[-1] != length:
+            raise ValueError(f"stream {stream!r}: its padding mask has {pad.shape[-1]} positions but the stream has "
+                             f"{length} tokens: the padding input (StreamSpec.padding_input / padding_source) must be "
+                             "the stream's own (B, N) mask")
         return None, [length] * batch
 
     def context_packing(self, stream: str, context: torch.Tensor) -> Packing:

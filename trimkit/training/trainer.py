@@ -228,6 +228,10 @@ class ExperimentConfig(BaseModel):
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (a YAML or JSON experiment config was expected)") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory; pass the config file (e.g. its experiment.yaml)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping with sections model/data/train/trim, got {type(data).__name__}")
         return cls.from_dict(data, source=str(path))
@@ -388,7 +392,11 @@ def load_backbone(model: nn.Module, directory: str | Path) -> nn.Module:
     path = directory / BACKBONE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no backbone weights here (expected a trimkit run or checkpoint directory)")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # truncated or garbage file: name it
+        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); the checkpoint "
+                         "is damaged: restore it or retrain") from None
     own = model.state_dict()
     bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -1014,7 +1022,12 @@ class Trainer:
             self.tmodel.load_trimmers(directory)
         else:
             load_backbone(self.accelerator.unwrap_model(self.model), directory)
-        state = torch.load(directory / STATE_FILE, weights_only=False)
+        try:
+            state = torch.load(directory / STATE_FILE, weights_only=False)
+        except Exception as err:  # truncated or garbage file: name it
+            raise ValueError(f"{directory / STATE_FILE}: the trainer state cannot be read ({type(err).__name__}: "
+                             f"{err}); the checkpoint is damaged: resume from another run or start over with "
+                             "--overwrite") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step = int(state["step"])
