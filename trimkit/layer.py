@@ -1,15 +1,15 @@
 """The runtime of one trimmed layer: what happens at every forward (the graph pass that builds
 these is :mod:`trimkit.rewrite`).
 
-Where a token is dropped, per mode (one place each):
+Where a token is dropped, per mode (one executor each, :mod:`trimkit.executors`):
 
-* masked (``sample``/``hard``): :meth:`TrimmedLayer._masked` takes the layer's token logits and
+* masked (``sample``/``hard``): :class:`~trimkit.executors.MaskedExecutor` takes the layer's token logits and
   :meth:`trimkit.ops.Runtime.token_step` multiplies the new mask into the stream's; attention
   (:class:`~trimkit.ops.TrimAttention` or :func:`trimkit.kernels.attend`) adds ``log(mask)`` to
   the scores, so a masked token is neither key nor value.
-* ``remove`` (batch 1): :meth:`TrimmedLayer._remove` and :meth:`trimkit.ops.Runtime.remove_step`
+* ``remove`` (batch 1): :class:`~trimkit.executors.RemoveExecutor` and :meth:`trimkit.ops.Runtime.remove_step`
   (one host sync) gather the kept tokens; the layer runs on fewer tokens.
-* ``packed``/``padded`` (batches): :meth:`TrimmedLayer._packed` selects the kept rows of the
+* ``packed``/``padded`` (batches): :class:`~trimkit.executors.PackedExecutor` selects the kept rows of the
   batch's row matrix (:mod:`trimkit.engine.packed`); attention runs per instance.
 
 Tensors made at a stream's original length (masks, rotary tables) follow with
@@ -25,13 +25,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from .engine import packed as P
-from .engine.packed import PackedCall
 from .kernels import KernelAttention
-from .ops import AttnTrim, Runtime, TokenState, TrimAttention, _rows, align
-from .segments import SegmentTokenTrimmer, segment_bounds
+from .executors import EXECUTORS
+from .ops import AttnTrim, Runtime, TokenState, TrimAttention, align
+from .segments import segment_bounds
 from .spec import AttentionSpec, LayerSpec, StreamSpec
 from .trace import TraceError, fixed_args, param_names, plain_codegen, trace
 
@@ -183,13 +182,8 @@ class TrimmedLayer(nn.Module):
         self._last_update = trimkit_last_update
         if self.segments and trimkit_hidden_state is None and self.spec.stream in rt.segment_padding:
             self._join_segment_padding(hidden)
-        if rt.mode in ("packed", "padded"):
-            out, state = self._packed(a, hidden, context, trimkit_hidden_state, trimkit_context_state, trimkit_last,
-                                      astates)
-        elif rt.mode == "remove":
-            out, state = self._remove(a, hidden, context, trimkit_hidden_state, trimkit_context_state)
-        else:
-            out, state = self._masked(a, hidden, context, trimkit_hidden_state, trimkit_context_state, astates)
+        out, state = EXECUTORS[rt.mode].run(self, a, hidden, context, trimkit_hidden_state, trimkit_context_state,
+                                            astates, trimkit_last)
         rt.streams[self.spec.stream] = state  # what TrimmedModel.kept_mask reports
         if self.update_output is not None:
             out, ustate = out
@@ -269,10 +263,11 @@ class TrimmedLayer(nn.Module):
         return [self._cls_context(a.get(name)) if name is not None else cls_ctx for name in self.attn_context_names]
 
     def _head_logits(self, cls_self: torch.Tensor, cls_ctxs: list[torch.Tensor | None],
-                     self_ctx: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+                     self_ctx: torch.Tensor | None = None, ctx_cls: torch.Tensor | None = None) -> list[torch.Tensor | None]:
         """Per attention, its head trimmer's logits, from its query stream's [CLS] and, for a
         cross-attention, its keys' [CLS]. ``self_ctx``: what a self-attention's trimmer reads besides
-        (the other segments' summaries, in a segmented stream)."""
+        (the other segments' summaries, in a segmented stream). ``ctx_cls``: the layer context's [CLS], the
+        queries' summary for the other stream of a two-stream layer."""
         heads, spec = self.trimmers.heads, self.spec
         out = []
         for i, (att, (q, k)) in enumerate(zip(spec.attentions, self.roles)):
@@ -282,7 +277,7 @@ class TrimmedLayer(nn.Module):
             if q == spec.stream:
                 cls_q, other = cls_self, cls_ctxs[i] if att.kind == "cross" else self_ctx
             else:  # the updated stream's queries (a two-stream layer): its [CLS] is the layer's context [CLS]
-                cls_q = self._ctx_cls
+                cls_q = ctx_cls
                 own = self.attn_context_names[i] is not None
                 other = (cls_ctxs[i] if own else cls_self) if att.kind == "cross" else None
             out.append(heads[str(i)](cls_q, other))
@@ -341,301 +336,6 @@ class TrimmedLayer(nn.Module):
                 "hidden_token_args / context_token_args / StreamUpdate.token_args), or an attention module called "
                 "more than once in different roles but described once (give each call an AttentionSpec with its "
                 "call index and query_stream); print(tmodel.plan) shows what trimkit assumed") from err
-
-    def _masked(self, a, hidden, context, hstate, cstate, astates):
-        """Modes sample/hard: masks multiply, nothing is removed."""
-        rt, spec = self.runtime, self.spec
-        tokens = self.trimmers.token
-        cls_ctx = self._cls_context(context, cstate)
-        cls_attn = self._attn_cls(a, cls_ctx)
-        self_ctx = None
-        seq = hidden if spec.batch_first else hidden.transpose(0, 1)
-        cls_self = self._pooled(seq, hstate, spec.stream) if self.pooled else seq[:, 0]  # at the layer's input
-        if self.segments:  # the original layout: each segment's summary at its start
-            seq = hidden if spec.batch_first else hidden.transpose(0, 1)
-            bounds = self._bounds(seq.shape[1])
-            member = SegmentTokenTrimmer.member(torch.arange(seq.shape[1], device=seq.device), bounds)
-            cls = self._segment_means(seq[:, bounds[:-1]], seq, member, self._weights(seq, hstate, spec.stream))
-            cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
-            if tokens is not None:
-                logits = tokens.logits(seq, cls, member)
-                hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim,
-                                               protected=bounds[:-1], segments=(self.segment_names, member))
-        elif tokens is not None:
-            seq = hidden if spec.batch_first else hidden.transpose(0, 1)
-            logits = tokens(seq, cls_self, cls_ctx)
-            hstate, hidden = rt.token_step(self.key, spec.stream, logits, hidden, hstate, self.token_dim,
-                                           protected=None if self.protected == 1 else list(range(self.protected)))
-            a[self.hidden_name] = hidden
-        self._align_side(a, hstate, cstate)
-        if self.tokens_only:
-            return a, hstate
-        self._ctx_cls = cls_ctx
-        trims: list[AttnTrim] = []
-        for i, (att, logits) in enumerate(zip(spec.attentions, self._head_logits(cls_self, cls_attn, self_ctx))):
-            key_state = self._key_state(i, hstate, cstate, astates)
-            key_mask = key_state.mask if key_state is not None else None
-            trim = rt.head_step(f"{self.key}.{i}", logits) if logits is not None else AttnTrim()
-            trim.key_mask = key_mask
-            trims.append(trim)
-        out = self._run(a, trims)
-        return ((out, cstate), hstate) if self.update_output is not None else (out, hstate)
-
-    def _remove(self, a, hidden, context, hstate, cstate):
-        """Mode remove (batch 1): every decision of the layer first, one host sync, then gather."""
-        rt, spec = self.runtime, self.spec
-        tokens = self.trimmers.token
-        cls_ctx = self._cls_context(context, cstate)
-        # [CLS] is always kept: the same before and after trimming; a pooled summary is taken at the input
-        cls_self = self._pooled(hidden if spec.batch_first else hidden.transpose(0, 1), hstate, spec.stream) \
-            if self.pooled else self._first(hidden)
-        logits = self_ctx = protected = segments = None
-        seq = hidden if spec.batch_first else hidden.transpose(0, 1)
-        if self.segments:
-            prev = hstate.index if hstate is not None and hstate.index is not None else None
-            length = hstate.length if prev is not None else seq.shape[1]
-            pos = prev if prev is not None else torch.arange(seq.shape[1], device=seq.device)
-            bounds = self._bounds(length)
-            protected = SegmentTokenTrimmer.summary_rows(pos, 1, length, bounds)[0]  # current position of each summary
-            member = SegmentTokenTrimmer.member(pos, bounds)
-            cls = self._segment_means(seq.index_select(1, protected), seq, member, self._weights(seq, hstate, spec.stream))
-            cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
-            segments = (self.segment_names, member, bounds)
-            if tokens is not None:
-                logits = tokens.logits(seq, cls, member)
-        elif tokens is not None:
-            logits = tokens(seq, cls_self, cls_ctx)
-            if self.protected != 1:  # always kept, so the stream's first tokens are the protected ones
-                protected = torch.arange(self.protected, device=seq.device)
-        # the contexts (the layer's, each attention's own) arrive with their dropped tokens already removed
-        self._ctx_cls = cls_ctx
-        head_logits = self._head_logits(cls_self, self._attn_cls(a, cls_ctx), self_ctx)
-        hstate, hidden, trims = rt.remove_step(self.key, logits, head_logits, hidden, hstate, self.token_dim,
-                                               protected, segments)
-        a[self.hidden_name] = hidden
-        self._align_side(a, hstate, cstate)
-        if self.tokens_only:
-            return a, hstate
-        out = self._run(a, [t if t is not None else AttnTrim() for t in trims])
-        return ((out, cstate), hstate) if self.update_output is not None else (out, hstate)
-
-    def _packed_context(self, context: torch.Tensor | None, cstate: TokenState | None, stream: str, cross: bool
-                        ) -> tuple[torch.Tensor | None, P.Packing | None, torch.Tensor | None]:
-        """Modes packed/padded: a context the layer reads -> (its [CLS] for the trimmers, its packing and
-        the tensor to hand the layer in place of it, when a cross-attention reads its tokens)."""
-        rt, bf = self.runtime, self.spec.batch_first
-        padded = rt.mode == "padded"
-        if context is None:
-            return None, None, None
-        if context.dim() == 2:
-            return context, None, None
-        cp = cstate.packing if cstate is not None else None
-        if cp is not None and not cp.padded:  # packed rows already
-            crows = _rows(context, bf, cp.total, "context")
-            cpack = cp
-            cls_ctx = self._pooled_rows(crows, cp) if self.ctx_pooled else crows.index_select(0, cp.starts)
-        else:
-            cb = context if bf else context.transpose(0, 1)
-            cls_ctx = cb[:, 0]
-            if self.ctx_pooled:
-                if cp is not None:  # unpacked layout (B, max kept, D): each instance's first counts slots
-                    slots = torch.arange(cb.shape[1], device=cb.device)[None, :] < (cp.cu[1:] - cp.cu[:-1])[:, None]
-                    w = slots.to(cb.dtype)
-                else:
-                    real, _ = rt.real_tokens(stream, cb.shape[0], cb.shape[1], cb.device)
-                    w = real.to(cb.dtype) if real is not None else torch.ones(cb.shape[:2], dtype=cb.dtype,
-                                                                               device=cb.device)
-                cls_ctx = (cb * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
-            if not cross:
-                return cls_ctx, None, None
-            if cp is None:
-                cpack = rt.context_packing(stream, cb)
-                crows = cb.reshape(-1, *cb.shape[2:]).index_select(0, cpack.flat)
-            elif padded:  # the padded engine's own layout: as it is
-                return cls_ctx, cp, context
-            else:
-                cpack, crows = cp.as_padded(False), P.repack(cb, cp)
-        if padded:
-            cpack = cpack.as_padded()
-            ctx_in = P.unpack(crows, cpack)
-            return cls_ctx, cpack, ctx_in if bf else ctx_in.transpose(0, 1)
-        return cls_ctx, cpack, crows.unsqueeze(0) if bf else crows.unsqueeze(1)
-
-    def _packed(self, a, hidden, context, hstate, cstate, last, astates):
-        """Modes packed/padded: the batch's kept tokens of this stream are one row matrix (see
-        :mod:`trimkit.engine.packed`). The stream is packed at its first described layer and unpacked
-        after its last one (``last``, marked by the rewriter). One host sync per layer at most.
-
-        Mode padded (the baseline packing is measured against) takes the same decisions on rows but
-        hands the layer (B, max kept, D) tensors and runs attention with key-padding masks."""
-        rt, spec = self.runtime, self.spec
-        bf = spec.batch_first
-        padded = rt.mode == "padded"
-        hp = hstate.packing if hstate is not None else None
-        if hstate is not None and hp is None:
-            raise RuntimeError(f"layer {spec.path!r}: the stream's token state is not packed (mixed modes?)")
-        if hp is not None and hp.padded and not padded:
-            raise RuntimeError(f"layer {spec.path!r}: its stream was unpacked after an earlier layer")
-        tokens = self.trimmers.token
-        fetch: list[torch.Tensor] = []
-        self_ctx = seg_cls = None
-        if hp is None:  # the stream's first described layer: pack it here (padding dropped)
-            hb = hidden if bf else hidden.transpose(0, 1)
-            B, N = hb.shape[:2]
-            real_mask, real = rt.real_tokens(spec.stream, B, N, hb.device)
-            cls_self = hb[:, 0]
-            if self.pooled:
-                w = real_mask.to(hb.dtype) if real_mask is not None else torch.ones(B, N, dtype=hb.dtype,
-                                                                                     device=hb.device)
-                cls_self = (hb * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
-            if self.segments:
-                bounds = self._bounds(N)
-                member = SegmentTokenTrimmer.member(torch.arange(N, device=hb.device), bounds)
-                real_b = real_mask.float() if real_mask is not None else torch.ones(B, N, device=hb.device)
-                seg_cls = self._segment_means(hb[:, bounds[:-1]], hb, member, real_b.to(hb.dtype))
-                rt.segment_real[spec.stream] = torch.stack([real_b[:, s:e].sum(1) for s, e in zip(bounds, bounds[1:])], 1)
-        else:
-            rows = P.repack(hidden if bf else hidden.transpose(0, 1), hp) if padded else _rows(
-                hidden, bf, hp.total, "hidden states")
-            cls_self = self._pooled_rows(rows, hp) if self.pooled else rows.index_select(0, hp.starts)
-            if self.segments:
-                bounds = self._bounds(hp.length)
-                summary = SegmentTokenTrimmer.summary_rows(hp.bidx * hp.length + hp.pos, hp.batch, hp.length, bounds)
-                member = SegmentTokenTrimmer.member(hp.pos, bounds)
-                seg_cls = self._segment_means(rows[summary], rows, member, pack=hp)  # (B, K, D)
-        if seg_cls is not None:
-            cls_self, self_ctx = seg_cls[:, 0], SegmentTokenTrimmer.contexts(seg_cls)[0]
-        # the contexts (the layer's, each attention's own): [CLS] for the trimmers, rows for cross-attention
-        # (and for the updated stream of a two-stream layer, whose rows are queries or keys)
-        layer_cross = any((att.kind == "cross" or q != spec.stream) and n is None
-                          for att, n, (q, _) in zip(spec.attentions, self.attn_context_names, self.roles))
-        cls_ctx, cpack, ctx_in = self._packed_context(context, cstate, spec.context_stream or "", layer_cross)
-        if ctx_in is not None and self.context_name is not None:
-            a[self.context_name] = ctx_in
-        own: dict[str, tuple] = {}  # argument name -> (cls, packing); each argument packed once
-        for att, name, st in zip(spec.attentions, self.attn_context_names, astates):
-            if name is not None and name not in own:
-                if name == self.context_name:
-                    own[name] = (cls_ctx, cpack)
-                    continue
-                c_cls, c_pack, c_in = self._packed_context(a.get(name), st, att.context_stream or spec.context_stream
-                                                           or "", True)
-                if c_in is not None:
-                    a[name] = c_in
-                own[name] = (c_cls, c_pack)
-        cls_attn = [own[n][0] if n is not None else cls_ctx for n in self.attn_context_names]
-        # decisions
-        self._ctx_cls = cls_ctx
-        head_logits = self._head_logits(cls_self, cls_attn, self_ctx)
-        if hp is None:
-            keep = real_mask.clone() if real_mask is not None else torch.ones(B, N, dtype=torch.bool, device=hb.device)
-            if tokens is not None:
-                if self.key in rt.forced:
-                    logits = rt.forced[self.key]
-                elif self.segments:
-                    logits = tokens.logits(hb, seg_cls, member)
-                else:
-                    logits = tokens(hb, cls_self, cls_ctx)
-                rt.watch(self.key, logits)
-                keep &= logits > 0
-            if self.segments:
-                keep[:, bounds[:-1]] = True  # every segment's summary is always kept
-            else:
-                keep[:, :self.protected] = True  # [CLS] (and the stream's other protected tokens) always kept
-            counts_dev = keep.sum(1)
-            if tokens is not None:
-                fetch.append(counts_dev)
-        elif tokens is not None:
-            forced = rt.forced.get(self.key)
-            if forced is not None:  # forced logits are given over the original tokens (B, N), as in mode hard
-                logits = forced.reshape(-1).to(rows.device).index_select(0, hp.flat)
-            elif self.segments:
-                logits = tokens.packed_logits(rows, hp, seg_cls, member)
-            else:
-                logits = P.token_logits(tokens, rows, hp, cls_self, cls_ctx)
-            rt.watch(self.key, logits)
-            keep = logits > 0
-            keep.index_fill_(0, summary.reshape(-1) if self.segments else hp.starts, True)  # summaries always kept
-            if self.protected > 1:
-                keep |= hp.pos < self.protected
-            counts_dev = torch.zeros(hp.batch, dtype=torch.long, device=keep.device).index_add_(0, hp.bidx, keep.long())
-            fetch.append(counts_dev)
-        if tokens is not None and self.segments:  # kept tokens per instance and segment, in the same sync
-            seg_keep = keep if hp is None else None
-            if seg_keep is None:
-                seg_kept = torch.zeros(hp.batch, len(self.segments), dtype=torch.long, device=keep.device)
-                seg_kept.index_put_((hp.bidx, member), keep.long(), accumulate=True)
-            else:
-                seg_kept = torch.stack([seg_keep[:, s:e].sum(1) for s, e in zip(bounds, bounds[1:])], 1)
-            fetch.append(seg_kept)
-        host = P.fetch(fetch)  # the one host synchronisation of this layer (none without a token trimmer)
-        if hp is None:
-            counts = host[0] if host else list(real)
-            rows, pack = P.pack_tokens(hb, keep, counts, counts_dev, real)
-        elif tokens is not None and sum(host[0]) < hp.total:
-            rows, pack = P.select_rows(rows, hp, keep, host[0], counts_dev)
-        else:
-            pack = hp
-        if tokens is not None and self.segments:
-            K = len(self.segments)
-            per = [host[-1][k::K] for k in range(K)]  # host (B * K,) row-major -> per segment (B,)
-            rt.packed_record_segments(self.key, spec.stream, pack, self.segment_names,
-                                      SegmentTokenTrimmer.member(pack.pos, bounds), per)
-        elif tokens is not None:
-            rt.packed_record_tokens(self.key, pack)
-        if not padded:
-            a[self.hidden_name] = rows.unsqueeze(0) if bf else rows.unsqueeze(1)
-        elif pack is not hp:
-            pack = pack.as_padded()
-            h = P.unpack(rows, pack)
-            a[self.hidden_name] = h if bf else h.transpose(0, 1)
-        hstate = TokenState(packing=pack)
-        self._align_side(a, hstate, TokenState(packing=cpack) if cpack is not None else cstate)
-        if self.tokens_only:
-            return a, hstate
-        trims = []
-        packs = {spec.stream: pack, spec.context_stream: cpack}
-        for i, (att, logits) in enumerate(zip(spec.attentions, head_logits)):
-            name = self.attn_context_names[i]
-            q, k = self.roles[i]
-            kpack = own[name][1] if name is not None else packs.get(k)
-            if kpack is None or packs.get(q) is None:
-                raise RuntimeError(f"layer {spec.path!r}: attention {att.path!r} ({q} -> {k}) has no packed "
-                                   f"{'queries' if packs.get(q) is None else 'keys'}")
-            mask = rt.packed_head_mask(f"{self.key}.{i}", logits) if logits is not None else None
-            trims.append(AttnTrim(head_mask=mask, packed=PackedCall(packs[q], kpack, rt.checks)))
-        out = self._run(a, trims)
-        if self.update_output is not None:  # each stream's output unpacked with its own packing after its last layer
-            ustate = TokenState(packing=cpack) if cpack is not None else cstate
-            if not padded and (last or self._last_update):
-                out = list(out) if isinstance(out, tuple) else out
-                if last:
-                    out[spec.output] = _unpack_outputs(out[spec.output], pack, bf)
-                    hstate = TokenState(packing=pack.as_padded())
-                if self._last_update and cpack is not None:
-                    out[self.update_output] = _unpack_outputs(out[self.update_output], cpack, bf)
-                    ustate = TokenState(packing=cpack.as_padded())
-                out = tuple(out)
-            return (out, ustate), hstate
-        if last and not padded:  # after the stream's last described layer: (B, max kept, D), [CLS] at 0
-            out = _unpack_outputs(out, pack, bf)
-            hstate = TokenState(packing=pack.as_padded())
-        return out, hstate
-
-
-def _unpack_outputs(out: Any, pack: P.Packing, batch_first: bool) -> Any:
-    """Unpack every output tensor laid out as the layer's rows ((1, R, ...) or (R, 1, ...))."""
-    bdim, tdim = (0, 1) if batch_first else (1, 0)
-
-    def one(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[bdim] == 1 and t.shape[tdim] == pack.total:
-            padded = P.unpack(t.select(bdim, 0), pack)  # (B, max, ...)
-            return padded if batch_first else padded.transpose(0, 1)
-        return t
-
-    return tree_map(one, out)
-
-
 
 class PaddingProbe(nn.Module):
     """Records a stream's padding mask (B, N), 1 = real token, where the model makes it."""

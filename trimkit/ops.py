@@ -9,7 +9,7 @@ One rewritten graph serves every mode; only these operations change behaviour:
   head decisions with one host synchronisation; the kept tokens are gathered
   (``hidden.index_select``) and the state remembers their original positions.
 * Mode ``packed`` (batches): the kept tokens of the whole batch are one row matrix, see
-  :mod:`trimkit.engine.packed`; :meth:`trimkit.layer.TrimmedLayer._packed` takes a layer's
+  :mod:`trimkit.engine.packed`; :class:`trimkit.executors.PackedExecutor` takes a layer's
   decisions (one host synchronisation) and selects the kept rows.
 * :class:`TrimAttention` recomputes an attention module with its own weights: a masked token is
   neither key nor value (``log(mask)`` added to the scores), a masked head's output is scaled by its

@@ -1,0 +1,348 @@
+"""One executor per mode: what a trimmed layer does at a forward, in masked, removed or packed form.
+
+Every executor has the same interface, :meth:`Executor.run`, called by
+:meth:`trimkit.layer.TrimmedLayer.forward` with the layer's arguments and the token states of the
+streams it reads; it returns the layer's output and the stream's new state. The layer supplies the
+mode-independent parts (its description, trimmers, summaries, argument alignment, the rewritten
+inner graph); the token and head decisions of each mode are :class:`trimkit.ops.Runtime`'s.
+
+* :class:`MaskedExecutor` (``sample``, ``hard``): masks multiply, nothing is removed.
+* :class:`RemoveExecutor` (``remove``, batch 1): every decision first, one host sync, then gather.
+* :class:`PackedExecutor` (``packed``, ``padded``): the batch's kept tokens as one row matrix.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .engine import packed as P
+from .engine.packed import PackedCall
+from .ops import AttnTrim, TokenState, _rows
+from .segments import SegmentTokenTrimmer
+
+if TYPE_CHECKING:
+    from .layer import TrimmedLayer
+
+__all__ = ["EXECUTORS", "Executor", "MaskedExecutor", "PackedExecutor", "RemoveExecutor", "unpack_outputs"]
+
+
+class Executor(Protocol):
+    """Runs one call of a trimmed layer in one mode."""
+
+    def run(self, layer: "TrimmedLayer", a: dict[str, Any], hidden: torch.Tensor, context: torch.Tensor | None,
+            hstate: TokenState | None, cstate: TokenState | None, astates: list[TokenState | None],
+            last: bool) -> tuple[Any, TokenState | None]:
+        """``a``: the call's arguments by name (updated in place with the trimmed tensors); ``hidden``/``context``:
+        the stream's and the context's states; ``astates``: each attention's own context state; ``last``: the
+        stream's last trimmed layer. Returns (output, new state), or ((output, context state), new state) for a
+        layer that updates two streams."""
+
+
+class MaskedExecutor:
+    """Modes ``sample`` and ``hard``."""
+
+    def run(self, layer: "TrimmedLayer", a: dict, hidden, context, hstate, cstate, astates, last: bool):
+        """Modes sample/hard: masks multiply, nothing is removed."""
+        rt, spec = layer.runtime, layer.spec
+        tokens = layer.trimmers.token
+        cls_ctx = layer._cls_context(context, cstate)
+        cls_attn = layer._attn_cls(a, cls_ctx)
+        self_ctx = None
+        seq = hidden if spec.batch_first else hidden.transpose(0, 1)
+        cls_self = layer._pooled(seq, hstate, spec.stream) if layer.pooled else seq[:, 0]  # at the layer's input
+        if layer.segments:  # the original layout: each segment's summary at its start
+            bounds = layer._bounds(seq.shape[1])
+            member = SegmentTokenTrimmer.member(torch.arange(seq.shape[1], device=seq.device), bounds)
+            cls = layer._segment_means(seq[:, bounds[:-1]], seq, member, layer._weights(seq, hstate, spec.stream))
+            cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
+            if tokens is not None:
+                logits = tokens.logits(seq, cls, member)
+                hstate, hidden = rt.token_step(layer.key, spec.stream, logits, hidden, hstate, layer.token_dim,
+                                               protected=bounds[:-1], segments=(layer.segment_names, member))
+        elif tokens is not None:
+            seq = hidden if spec.batch_first else hidden.transpose(0, 1)
+            logits = tokens(seq, cls_self, cls_ctx)
+            hstate, hidden = rt.token_step(layer.key, spec.stream, logits, hidden, hstate, layer.token_dim,
+                                           protected=None if layer.protected == 1 else list(range(layer.protected)))
+            a[layer.hidden_name] = hidden
+        layer._align_side(a, hstate, cstate)
+        if layer.tokens_only:
+            return a, hstate
+        trims: list[AttnTrim] = []
+        for i, (att, logits) in enumerate(zip(spec.attentions, layer._head_logits(cls_self, cls_attn, self_ctx, cls_ctx))):
+            key_state = layer._key_state(i, hstate, cstate, astates)
+            key_mask = key_state.mask if key_state is not None else None
+            trim = rt.head_step(f"{layer.key}.{i}", logits) if logits is not None else AttnTrim()
+            trim.key_mask = key_mask
+            trims.append(trim)
+        out = layer._run(a, trims)
+        return ((out, cstate), hstate) if layer.update_output is not None else (out, hstate)
+
+
+class RemoveExecutor:
+    """Mode ``remove`` (batch 1)."""
+
+    def run(self, layer: "TrimmedLayer", a: dict, hidden, context, hstate, cstate, astates, last: bool):
+        """Mode remove (batch 1): every decision of the layer first, one host sync, then gather."""
+        rt, spec = layer.runtime, layer.spec
+        tokens = layer.trimmers.token
+        cls_ctx = layer._cls_context(context, cstate)
+        # [CLS] is always kept: the same before and after trimming; a pooled summary is taken at the input
+        cls_self = layer._pooled(hidden if spec.batch_first else hidden.transpose(0, 1), hstate, spec.stream) \
+            if layer.pooled else layer._first(hidden)
+        logits = self_ctx = protected = segments = None
+        seq = hidden if spec.batch_first else hidden.transpose(0, 1)
+        if layer.segments:
+            prev = hstate.index if hstate is not None and hstate.index is not None else None
+            length = hstate.length if prev is not None else seq.shape[1]
+            pos = prev if prev is not None else torch.arange(seq.shape[1], device=seq.device)
+            bounds = layer._bounds(length)
+            protected = SegmentTokenTrimmer.summary_rows(pos, 1, length, bounds)[0]  # current position of each summary
+            member = SegmentTokenTrimmer.member(pos, bounds)
+            cls = layer._segment_means(seq.index_select(1, protected), seq, member, layer._weights(seq, hstate, spec.stream))
+            cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
+            segments = (layer.segment_names, member, bounds)
+            if tokens is not None:
+                logits = tokens.logits(seq, cls, member)
+        elif tokens is not None:
+            logits = tokens(seq, cls_self, cls_ctx)
+            if layer.protected != 1:  # always kept, so the stream's first tokens are the protected ones
+                protected = torch.arange(layer.protected, device=seq.device)
+        # the contexts (the layer's, each attention's own) arrive with their dropped tokens already removed
+        head_logits = layer._head_logits(cls_self, layer._attn_cls(a, cls_ctx), self_ctx, cls_ctx)
+        hstate, hidden, trims = rt.remove_step(layer.key, logits, head_logits, hidden, hstate, layer.token_dim,
+                                               protected, segments)
+        a[layer.hidden_name] = hidden
+        layer._align_side(a, hstate, cstate)
+        if layer.tokens_only:
+            return a, hstate
+        out = layer._run(a, [t if t is not None else AttnTrim() for t in trims])
+        return ((out, cstate), hstate) if layer.update_output is not None else (out, hstate)
+
+
+class PackedExecutor:
+    """Modes ``packed`` and ``padded``."""
+
+    def context(self, layer: "TrimmedLayer", context: torch.Tensor | None, cstate: TokenState | None, stream: str,
+                cross: bool) -> tuple[torch.Tensor | None, P.Packing | None, torch.Tensor | None]:
+        """Modes packed/padded: a context the layer reads -> (its [CLS] for the trimmers, its packing and
+        the tensor to hand the layer in place of it, when a cross-attention reads its tokens)."""
+        rt, bf = layer.runtime, layer.spec.batch_first
+        padded = rt.mode == "padded"
+        if context is None:
+            return None, None, None
+        if context.dim() == 2:
+            return context, None, None
+        cp = cstate.packing if cstate is not None else None
+        if cp is not None and not cp.padded:  # packed rows already
+            crows = _rows(context, bf, cp.total, "context")
+            cpack = cp
+            cls_ctx = layer._pooled_rows(crows, cp) if layer.ctx_pooled else crows.index_select(0, cp.starts)
+        else:
+            cb = context if bf else context.transpose(0, 1)
+            cls_ctx = cb[:, 0]
+            if layer.ctx_pooled:
+                if cp is not None:  # unpacked layout (B, max kept, D): each instance's first counts slots
+                    slots = torch.arange(cb.shape[1], device=cb.device)[None, :] < (cp.cu[1:] - cp.cu[:-1])[:, None]
+                    w = slots.to(cb.dtype)
+                else:
+                    real, _ = rt.real_tokens(stream, cb.shape[0], cb.shape[1], cb.device)
+                    w = real.to(cb.dtype) if real is not None else torch.ones(cb.shape[:2], dtype=cb.dtype,
+                                                                               device=cb.device)
+                cls_ctx = (cb * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+            if not cross:
+                return cls_ctx, None, None
+            if cp is None:
+                cpack = rt.context_packing(stream, cb)
+                crows = cb.reshape(-1, *cb.shape[2:]).index_select(0, cpack.flat)
+            elif padded:  # the padded engine's own layout: as it is
+                return cls_ctx, cp, context
+            else:
+                cpack, crows = cp.as_padded(False), P.repack(cb, cp)
+        if padded:
+            cpack = cpack.as_padded()
+            ctx_in = P.unpack(crows, cpack)
+            return cls_ctx, cpack, ctx_in if bf else ctx_in.transpose(0, 1)
+        return cls_ctx, cpack, crows.unsqueeze(0) if bf else crows.unsqueeze(1)
+
+    def run(self, layer: "TrimmedLayer", a: dict, hidden, context, hstate, cstate, astates, last: bool):
+        """Modes packed/padded: the batch's kept tokens of this stream are one row matrix (see
+        :mod:`trimkit.engine.packed`). The stream is packed at its first described layer and unpacked
+        after its last one (``last``, marked by the rewriter). One host sync per layer at most.
+
+        Mode padded (the baseline packing is measured against) takes the same decisions on rows but
+        hands the layer (B, max kept, D) tensors and runs attention with key-padding masks."""
+        rt, spec = layer.runtime, layer.spec
+        bf = spec.batch_first
+        padded = rt.mode == "padded"
+        hp = hstate.packing if hstate is not None else None
+        if hstate is not None and hp is None:
+            raise RuntimeError(f"layer {spec.path!r}: the stream's token state is not packed (mixed modes?)")
+        if hp is not None and hp.padded and not padded:
+            raise RuntimeError(f"layer {spec.path!r}: its stream was unpacked after an earlier layer")
+        tokens = layer.trimmers.token
+        fetch: list[torch.Tensor] = []
+        self_ctx = seg_cls = None
+        if hp is None:  # the stream's first described layer: pack it here (padding dropped)
+            hb = hidden if bf else hidden.transpose(0, 1)
+            B, N = hb.shape[:2]
+            real_mask, real = rt.real_tokens(spec.stream, B, N, hb.device)
+            cls_self = hb[:, 0]
+            if layer.pooled:
+                w = real_mask.to(hb.dtype) if real_mask is not None else torch.ones(B, N, dtype=hb.dtype,
+                                                                                     device=hb.device)
+                cls_self = (hb * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+            if layer.segments:
+                bounds = layer._bounds(N)
+                member = SegmentTokenTrimmer.member(torch.arange(N, device=hb.device), bounds)
+                real_b = real_mask.float() if real_mask is not None else torch.ones(B, N, device=hb.device)
+                seg_cls = layer._segment_means(hb[:, bounds[:-1]], hb, member, real_b.to(hb.dtype))
+                rt.segment_real[spec.stream] = torch.stack([real_b[:, s:e].sum(1) for s, e in zip(bounds, bounds[1:])], 1)
+        else:
+            rows = P.repack(hidden if bf else hidden.transpose(0, 1), hp) if padded else _rows(
+                hidden, bf, hp.total, "hidden states")
+            cls_self = layer._pooled_rows(rows, hp) if layer.pooled else rows.index_select(0, hp.starts)
+            if layer.segments:
+                bounds = layer._bounds(hp.length)
+                summary = SegmentTokenTrimmer.summary_rows(hp.bidx * hp.length + hp.pos, hp.batch, hp.length, bounds)
+                member = SegmentTokenTrimmer.member(hp.pos, bounds)
+                seg_cls = layer._segment_means(rows[summary], rows, member, pack=hp)  # (B, K, D)
+        if seg_cls is not None:
+            cls_self, self_ctx = seg_cls[:, 0], SegmentTokenTrimmer.contexts(seg_cls)[0]
+        # the contexts (the layer's, each attention's own): [CLS] for the trimmers, rows for cross-attention
+        # (and for the updated stream of a two-stream layer, whose rows are queries or keys)
+        layer_cross = any((att.kind == "cross" or q != spec.stream) and n is None
+                          for att, n, (q, _) in zip(spec.attentions, layer.attn_context_names, layer.roles))
+        cls_ctx, cpack, ctx_in = self.context(layer, context, cstate, spec.context_stream or "", layer_cross)
+        if ctx_in is not None and layer.context_name is not None:
+            a[layer.context_name] = ctx_in
+        own: dict[str, tuple] = {}  # argument name -> (cls, packing); each argument packed once
+        for att, name, st in zip(spec.attentions, layer.attn_context_names, astates):
+            if name is not None and name not in own:
+                if name == layer.context_name:
+                    own[name] = (cls_ctx, cpack)
+                    continue
+                c_cls, c_pack, c_in = self.context(layer, a.get(name), st, att.context_stream or spec.context_stream
+                                                           or "", True)
+                if c_in is not None:
+                    a[name] = c_in
+                own[name] = (c_cls, c_pack)
+        cls_attn = [own[n][0] if n is not None else cls_ctx for n in layer.attn_context_names]
+        # decisions
+        head_logits = layer._head_logits(cls_self, cls_attn, self_ctx, cls_ctx)
+        if hp is None:
+            keep = real_mask.clone() if real_mask is not None else torch.ones(B, N, dtype=torch.bool, device=hb.device)
+            if tokens is not None:
+                if layer.key in rt.forced:
+                    logits = rt.forced[layer.key]
+                elif layer.segments:
+                    logits = tokens.logits(hb, seg_cls, member)
+                else:
+                    logits = tokens(hb, cls_self, cls_ctx)
+                rt.watch(layer.key, logits)
+                keep &= logits > 0
+            if layer.segments:
+                keep[:, bounds[:-1]] = True  # every segment's summary is always kept
+            else:
+                keep[:, :layer.protected] = True  # [CLS] (and the stream's other protected tokens) always kept
+            counts_dev = keep.sum(1)
+            if tokens is not None:
+                fetch.append(counts_dev)
+        elif tokens is not None:
+            forced = rt.forced.get(layer.key)
+            if forced is not None:  # forced logits are given over the original tokens (B, N), as in mode hard
+                logits = forced.reshape(-1).to(rows.device).index_select(0, hp.flat)
+            elif layer.segments:
+                logits = tokens.packed_logits(rows, hp, seg_cls, member)
+            else:
+                logits = P.token_logits(tokens, rows, hp, cls_self, cls_ctx)
+            rt.watch(layer.key, logits)
+            keep = logits > 0
+            keep.index_fill_(0, summary.reshape(-1) if layer.segments else hp.starts, True)  # summaries always kept
+            if layer.protected > 1:
+                keep |= hp.pos < layer.protected
+            counts_dev = torch.zeros(hp.batch, dtype=torch.long, device=keep.device).index_add_(0, hp.bidx, keep.long())
+            fetch.append(counts_dev)
+        if tokens is not None and layer.segments:  # kept tokens per instance and segment, in the same sync
+            seg_keep = keep if hp is None else None
+            if seg_keep is None:
+                seg_kept = torch.zeros(hp.batch, len(layer.segments), dtype=torch.long, device=keep.device)
+                seg_kept.index_put_((hp.bidx, member), keep.long(), accumulate=True)
+            else:
+                seg_kept = torch.stack([seg_keep[:, s:e].sum(1) for s, e in zip(bounds, bounds[1:])], 1)
+            fetch.append(seg_kept)
+        host = P.fetch(fetch)  # the one host synchronisation of this layer (none without a token trimmer)
+        if hp is None:
+            counts = host[0] if host else list(real)
+            rows, pack = P.pack_tokens(hb, keep, counts, counts_dev, real)
+        elif tokens is not None and sum(host[0]) < hp.total:
+            rows, pack = P.select_rows(rows, hp, keep, host[0], counts_dev)
+        else:
+            pack = hp
+        if tokens is not None and layer.segments:
+            K = len(layer.segments)
+            per = [host[-1][k::K] for k in range(K)]  # host (B * K,) row-major -> per segment (B,)
+            rt.packed_record_segments(layer.key, spec.stream, pack, layer.segment_names,
+                                      SegmentTokenTrimmer.member(pack.pos, bounds), per)
+        elif tokens is not None:
+            rt.packed_record_tokens(layer.key, pack)
+        if not padded:
+            a[layer.hidden_name] = rows.unsqueeze(0) if bf else rows.unsqueeze(1)
+        elif pack is not hp:
+            pack = pack.as_padded()
+            h = P.unpack(rows, pack)
+            a[layer.hidden_name] = h if bf else h.transpose(0, 1)
+        hstate = TokenState(packing=pack)
+        layer._align_side(a, hstate, TokenState(packing=cpack) if cpack is not None else cstate)
+        if layer.tokens_only:
+            return a, hstate
+        trims = []
+        packs = {spec.stream: pack, spec.context_stream: cpack}
+        for i, (att, logits) in enumerate(zip(spec.attentions, head_logits)):
+            name = layer.attn_context_names[i]
+            q, k = layer.roles[i]
+            kpack = own[name][1] if name is not None else packs.get(k)
+            if kpack is None or packs.get(q) is None:
+                raise RuntimeError(f"layer {spec.path!r}: attention {att.path!r} ({q} -> {k}) has no packed "
+                                   f"{'queries' if packs.get(q) is None else 'keys'}")
+            mask = rt.packed_head_mask(f"{layer.key}.{i}", logits) if logits is not None else None
+            trims.append(AttnTrim(head_mask=mask, packed=PackedCall(packs[q], kpack, rt.checks)))
+        out = layer._run(a, trims)
+        if layer.update_output is not None:  # each stream's output unpacked with its own packing after its last layer
+            ustate = TokenState(packing=cpack) if cpack is not None else cstate
+            if not padded and (last or layer._last_update):
+                out = list(out) if isinstance(out, tuple) else out
+                if last:
+                    out[spec.output] = unpack_outputs(out[spec.output], pack, bf)
+                    hstate = TokenState(packing=pack.as_padded())
+                if layer._last_update and cpack is not None:
+                    out[layer.update_output] = unpack_outputs(out[layer.update_output], cpack, bf)
+                    ustate = TokenState(packing=cpack.as_padded())
+                out = tuple(out)
+            return (out, ustate), hstate
+        if last and not padded:  # after the stream's last described layer: (B, max kept, D), [CLS] at 0
+            out = unpack_outputs(out, pack, bf)
+            hstate = TokenState(packing=pack.as_padded())
+        return out, hstate
+
+
+_PACKED = PackedExecutor()
+EXECUTORS: dict[str, Executor] = {"sample": MaskedExecutor(), "hard": MaskedExecutor(), "remove": RemoveExecutor(),
+                                  "packed": _PACKED, "padded": _PACKED}
+"""mode -> its executor."""
+
+
+def unpack_outputs(out: Any, pack: P.Packing, batch_first: bool) -> Any:
+    """Unpack every output tensor laid out as the layer's rows ((1, R, ...) or (R, 1, ...))."""
+    bdim, tdim = (0, 1) if batch_first else (1, 0)
+
+    def one(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[bdim] == 1 and t.shape[tdim] == pack.total:
+            padded = P.unpack(t.select(bdim, 0), pack)  # (B, max, ...)
+            return padded if batch_first else padded.transpose(0, 1)
+        return t
+
+    return tree_map(one, out)
