@@ -34,17 +34,19 @@ class Executor(Protocol):
 
     def run(self, layer: "TrimmedLayer", a: dict[str, Any], hidden: torch.Tensor, context: torch.Tensor | None,
             hstate: TokenState | None, cstate: TokenState | None, astates: list[TokenState | None],
-            last: bool) -> tuple[Any, TokenState | None]:
-        """``a``: the call's arguments by name (updated in place with the trimmed tensors); ``hidden``/``context``:
-        the stream's and the context's states; ``astates``: each attention's own context state; ``last``: the
-        stream's last trimmed layer. Returns (output, new state), or ((output, context state), new state) for a
-        layer that updates two streams."""
+            last: bool, last_update: bool = False) -> tuple[Any, TokenState | None]:
+        """``a``: the call's arguments by name (updated in place with the trimmed tensors); ``hidden``,
+        ``context``: the stream's hidden states and the context's; ``hstate``/``cstate``: their token
+        states; ``astates``: each attention's own context state; ``last``: this is the stream's last
+        trimmed layer (``last_update``: the other stream's, in a two-stream layer). Returns (output, new
+        state), or ((output, context state), new state) for a layer that updates two streams."""
 
 
 class MaskedExecutor:
     """Modes ``sample`` and ``hard``."""
 
-    def run(self, layer: "TrimmedLayer", a: dict, hidden, context, hstate, cstate, astates, last: bool):
+    def run(self, layer: "TrimmedLayer", a: dict, hidden, context, hstate, cstate, astates, last: bool,
+            last_update: bool = False):
         """Modes sample/hard: masks multiply, nothing is removed."""
         rt, spec = layer.runtime, layer.spec
         tokens = layer.trimmers.token
@@ -85,7 +87,8 @@ class MaskedExecutor:
 class RemoveExecutor:
     """Mode ``remove`` (batch 1)."""
 
-    def run(self, layer: "TrimmedLayer", a: dict, hidden, context, hstate, cstate, astates, last: bool):
+    def run(self, layer: "TrimmedLayer", a: dict, hidden, context, hstate, cstate, astates, last: bool,
+            last_update: bool = False):
         """Mode remove (batch 1): every decision of the layer first, one host sync, then gather."""
         rt, spec = layer.runtime, layer.spec
         tokens = layer.trimmers.token
@@ -168,7 +171,8 @@ class PackedExecutor:
             return cls_ctx, cpack, ctx_in if bf else ctx_in.transpose(0, 1)
         return cls_ctx, cpack, crows.unsqueeze(0) if bf else crows.unsqueeze(1)
 
-    def run(self, layer: "TrimmedLayer", a: dict, hidden, context, hstate, cstate, astates, last: bool):
+    def run(self, layer: "TrimmedLayer", a: dict, hidden, context, hstate, cstate, astates, last: bool,
+            last_update: bool = False):
         """Modes packed/padded: the batch's kept tokens of this stream are one row matrix (see
         :mod:`trimkit.engine.packed`). The stream is packed at its first described layer and unpacked
         after its last one (``last``, marked by the rewriter). One host sync per layer at most.
@@ -313,12 +317,12 @@ class PackedExecutor:
         out = layer._run(a, trims)
         if layer.update_output is not None:  # each stream's output unpacked with its own packing after its last layer
             ustate = TokenState(packing=cpack) if cpack is not None else cstate
-            if not padded and (last or layer._last_update):
+            if not padded and (last or last_update):
                 out = list(out) if isinstance(out, tuple) else out
                 if last:
                     out[spec.output] = unpack_outputs(out[spec.output], pack, bf)
                     hstate = TokenState(packing=pack.as_padded())
-                if layer._last_update and cpack is not None:
+                if last_update and cpack is not None:
                     out[layer.update_output] = unpack_outputs(out[layer.update_output], cpack, bf)
                     ustate = TokenState(packing=cpack.as_padded())
                 out = tuple(out)

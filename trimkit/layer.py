@@ -179,11 +179,10 @@ class TrimmedLayer(nn.Module):
         hidden = a[self.hidden_name]
         context = a[self.context_name] if self.context_name is not None else trimkit_context
         astates = list(trimkit_attn_states) if trimkit_attn_states is not None else [None] * len(self.spec.attentions)
-        self._last_update = trimkit_last_update
         if self.segments and trimkit_hidden_state is None and self.spec.stream in rt.segment_padding:
             self._join_segment_padding(hidden)
         out, state = EXECUTORS[rt.mode].run(self, a, hidden, context, trimkit_hidden_state, trimkit_context_state,
-                                            astates, trimkit_last)
+                                            astates, trimkit_last, trimkit_last_update)
         rt.streams[self.spec.stream] = state  # what TrimmedModel.kept_mask reports
         if self.update_output is not None:
             out, ustate = out
