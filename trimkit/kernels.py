@@ -30,6 +30,7 @@ too, for modules trimkit can recompute exactly.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -188,7 +189,7 @@ def _uses_attention_interface(module: nn.Module) -> bool:
     cfg = getattr(module, "config", None)
     if cfg is None or not hasattr(cfg, "_attn_implementation"):
         return False
-    forward = getattr(type(module).forward, "__wrapped__", type(module).forward)
+    forward = inspect.unwrap(type(module).forward)  # through every decorator (transformers stacks them)
     names = getattr(getattr(forward, "__code__", None), "co_names", ())
     return "ALL_ATTENTION_FUNCTIONS" in names or "get_interface" in names
 
