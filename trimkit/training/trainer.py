@@ -66,6 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from .. import ops as _ops
+from ..checkpoint import _fsync_dir, atomic_write_bytes
 from ..config import TrimConfig
 from ..macs import count_macs
 from ..model import TrimmedModel, trim
@@ -1092,20 +1093,6 @@ def _sibling(directory: Path, suffix: str) -> Path:
     return directory.with_name(directory.name + suffix)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make renames and new entries in ``path`` durable (where the platform lets one open a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(directory: Path) -> None:
     for path in directory.iterdir():
         if path.is_file():
@@ -1120,13 +1107,7 @@ def _sync(f: Any) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory, fsynced and renamed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        _sync(f)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, text.encode())
 
 
 def _recover_checkpoint(directory: Path) -> None:
