@@ -38,6 +38,19 @@ def test_the_wrapper_is_the_model(adapter, task):
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
 
 
+def test_processor_style_inputs_with_token_type_ids(adapter):
+    """ViltProcessor returns token_type_ids too: the trimmed model takes them like the model."""
+    model = adapter.build("tiny")
+    tmodel = trimkit.trim(model, TrimConfig(token_target=0.5)).eval()
+    x = adapter.example_inputs(model, batch_size=1, seed=3)
+    x["token_type_ids"] = torch.zeros_like(x["input_ids"])
+    with torch.no_grad():
+        torch.manual_seed(0)
+        ref = model(**x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(tmodel(**x), ref, atol=1e-5, rtol=0)
+
+
 def test_selected_and_unwrapped_models_are_refused_by_name(adapter):
     from transformers import ViltConfig, ViltForQuestionAnswering
 

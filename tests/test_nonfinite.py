@@ -74,3 +74,22 @@ def test_an_all_padding_row_in_a_packed_batch_is_named(toy):
     with torch.no_grad(), tmodel.mode("packed"), pytest.raises(ValueError, match=r"instance\(s\) \[2\] .*no real token "
                                                                                   r"in stream 'text'"):
         tmodel(**x)
+
+
+def test_padding_at_batch_1_counts_the_same_in_removed_and_masked_records(toy):
+    """Eval runs batch 1 in mode remove: its keep ratios must not count padding (masked ones don't)."""
+    from conftest import randomize_trimmers
+
+    model, _ = toy
+    tmodel = trim(model, TrimConfig(token_target=0.5), adapter="toy").eval()
+    randomize_trimmers(tmodel, 3)
+    x = ToyAdapter().example_inputs(model, 1, seed=4)
+    x["attention_mask"][0, 4:] = 0  # a padded question at batch 1
+    with torch.no_grad():
+        with tmodel.mode("remove"):
+            tmodel(**x)
+            removed = {r.key: float(r.keep) for r in tmodel.records if r.kind == "token"}
+        with tmodel.mode("hard"):
+            tmodel(**x)
+            hard = {r.key: float(r.keep) for r in tmodel.records if r.kind == "token"}
+    assert removed == pytest.approx(hard) and min(removed.values()) < 1

@@ -117,7 +117,7 @@ class RemoveExecutor:
         # the contexts (the layer's, each attention's own) arrive with their dropped tokens already removed
         head_logits = layer._head_logits(cls_self, layer._attn_cls(a, cls_ctx), self_ctx, cls_ctx)
         hstate, hidden, trims = rt.remove_step(layer.key, logits, head_logits, hidden, hstate, layer.token_dim,
-                                               protected, segments)
+                                               protected, segments, stream=spec.stream)
         a[layer.hidden_name] = hidden
         layer._align_side(a, hstate, cstate)
         if layer.tokens_only:

@@ -226,6 +226,7 @@ class Runtime:
         self, key: str, token_logits: torch.Tensor | None, head_logits: list[torch.Tensor | None],
         hidden: torch.Tensor, state: TokenState | None, token_dim: int,
         protected: torch.Tensor | None = None, segments: tuple[list[str], torch.Tensor, list[int]] | None = None,
+        stream: str | None = None,
     ) -> tuple[TokenState | None, torch.Tensor, list[AttnTrim | None]]:
         """Mode remove (batch 1): a layer's token decision and all its head decisions, taken with one
         host synchronisation. Returns (new token state, hidden with the kept tokens gathered, per
@@ -245,6 +246,15 @@ class Runtime:
             parts.append(keep)
             if segments is not None:
                 parts.append(segments[1])  # each token's segment, fetched in the same synchronisation
+            pad = self.padding.get(stream) if stream is not None else None
+            prev_index = state.index if state is not None and state.index is not None else None
+            length0 = state.length if prev_index is not None else keep.numel()
+            if pad is not None and tuple(pad.shape) == (1, length0):  # padding counts neither as kept nor as total
+                real0 = pad[0].to(keep.device) != 0
+                parts.append(real0.index_select(0, prev_index) if prev_index is not None else real0)
+                parts.append(real0)
+            else:
+                pad = None
         heads = []
         for i, h in enumerate(head_logits):
             if h is not None:
@@ -256,6 +266,8 @@ class Runtime:
         if keep is not None:
             flags = host.pop(0)
             seg_of = host.pop(0) if segments is not None else None
+            real_cur = host.pop(0) if pad is not None else [1] * len(flags)
+            real_all = host.pop(0) if pad is not None else None
             n_cur, n_kept = len(flags), sum(flags)
             prev = state.index if state is not None and state.index is not None else None
             length = state.length if prev is not None else n_cur
@@ -265,16 +277,20 @@ class Runtime:
                 index = prev.index_select(0, local) if prev is not None else local
             else:
                 index = prev if prev is not None else torch.arange(n_cur, device=keep.device)
+            n_real = sum(real_all) if real_all is not None else length
             if segments is None:
-                kept = torch.tensor([n_kept / length], dtype=torch.float32)
+                kept_real = sum(f * r for f, r in zip(flags, real_cur))
+                kept = torch.tensor([kept_real / max(n_real, 1)], dtype=torch.float32)
                 self.records.append(Record(key, "token", self.targets.get(key, 1.0), kept, index=index, total=length))
             else:
                 names, _, bounds = segments
                 for k, name in enumerate(names):
-                    n_k = sum(f for f, g in zip(flags, seg_of) if g == k)
+                    n_k = sum(f * r for f, g, r in zip(flags, seg_of, real_cur) if g == k)
+                    total_k = (sum(real_all[bounds[k]:bounds[k + 1]]) if real_all is not None
+                               else bounds[k + 1] - bounds[k])
                     seg_key = f"{key}:{name}"
                     self.records.append(Record(seg_key, "token", self.targets.get(seg_key, 1.0),
-                                               torch.tensor([n_k / (bounds[k + 1] - bounds[k])], dtype=torch.float32),
+                                               torch.tensor([n_k / max(total_k, 1)], dtype=torch.float32),
                                                index=index, total=length))
             state = TokenState(index=index, length=length)
         trims: list[AttnTrim | None] = []

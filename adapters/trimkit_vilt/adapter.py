@@ -65,8 +65,8 @@ def describe_vilt(model: nn.Module) -> ModelSpec:
         streams=[StreamSpec("joint", padding_source=f"{vilt}.embeddings[1]",
                             segments=[Segment("text", "input_ids:1"), Segment("vision")])],
         layers=layers,
-        input_names=["input_ids", "attention_mask", "pixel_values", "pixel_mask"],
-        concrete_args={"token_type_ids": None},
+        # token_type_ids stays an input: ViltProcessor returns it (None means zeros, as in ViLT)
+        input_names=["input_ids", "attention_mask", "pixel_values", "pixel_mask", "token_type_ids"],
         leaf_modules=[f"{vilt}.embeddings"],  # patch selection branches on values; one call
     )
     spec.validate()
