@@ -249,9 +249,12 @@ class PackedExecutor:
                 rt.watch(layer.key, logits)
                 keep &= logits > 0
             if layer.segments:
-                keep[:, bounds[:-1]] = True  # every segment's summary is always kept
+                forced = bounds[:-1]  # every segment's summary is always kept (if it is a real token)
+                keep[:, forced] = real_mask[:, forced] if real_mask is not None else True
             else:
-                keep[:, :layer.protected] = True  # [CLS] (and the stream's other protected tokens) always kept
+                # [CLS] (and the stream's other protected tokens) always kept, unless they are padding: the
+                # packed counts must equal the real tokens kept (an all-padding row is refused earlier)
+                keep[:, :layer.protected] = real_mask[:, :layer.protected] if real_mask is not None else True
             counts_dev = keep.sum(1)
             if tokens is not None:
                 fetch.append(counts_dev)

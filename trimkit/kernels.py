@@ -58,8 +58,9 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
 
 
 def _causal(nq: int, nk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Bottom-right aligned causal additive mask (Nq, Nk), as sdpa's ``is_causal`` for Nq == Nk."""
-    allowed = torch.ones(nq, nk, dtype=torch.bool, device=device).tril(nk - nq)
+    """Causal additive mask (Nq, Nk), top-left aligned exactly as sdpa's ``is_causal`` (which the unmasked
+    path uses), so masked and removed calls agree for any Nq, Nk."""
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=device).tril(0)
     return torch.zeros(nq, nk, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
 
 
