@@ -76,6 +76,7 @@ class TrimmedLayer(nn.Module):
                  context_stream: StreamSpec | None = None) -> None:
         super().__init__()
         self.tokens_only = tokens_only  # a token decision only (the updated stream of a two-stream layer)
+        self.constants = dict(constants or {})  # arguments fixed at the call site (the trace depends on them)
         self.roles = spec.roles()  # per attention: (query stream, key stream)
         self.update_output = spec.updates[0].output if spec.updates else None
         self.segments = list(stream.segments) if stream is not None else []

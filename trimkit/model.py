@@ -388,12 +388,6 @@ def _check_fits(module: nn.Module, state: dict[str, torch.Tensor], source: str, 
                          f"it onto a model built like the one it was saved from")
 
 
-def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool) -> None:
-    """Load ``state`` into ``module`` after :func:`_check_fits` (nothing is loaded on a mismatch)."""
-    _check_fits(module, state, source, strict)
-    module.load_state_dict(state, strict=strict)
-
-
 def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:
     """The printable :class:`~trimkit.plan.TrimPlan` of a rewrite (see ``print(tmodel.plan)``)."""
     spec, targets = tmodel.spec, tmodel.final_targets

@@ -200,7 +200,6 @@ def rewrite(
             wrapper = TrimmedLayer(key, layer, lspec, symbolic, runtime, trimmers[key], spec.autowrap_functions,
                                    constants, spec.stream(lspec.stream),
                                    context_stream=spec.stream(lspec.context_stream) if lspec.context_stream else None)
-            wrapper.constants = constants
             name = "trimkit_layer_" + key.replace(".", "_")
             gm.add_submodule(name, wrapper)
             wrappers[key] = wrapper
