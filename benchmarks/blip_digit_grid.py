@@ -7,18 +7,18 @@ digit-grid task, against the Local policy (no cross-modal input), same budget, s
 
 1. **Backbone.** ``BlipVQAClassifierForTrimming`` (BLIP's vision encoder + question encoder
    cross-attending to the image + a linear head over the 13 answers; what the ``blip`` adapter's
-   ``dataset_overrides`` builds for a VQA dataset) trained by :class:`trimkit.training.Trainer`.
+   ``dataset_overrides`` builds for a VQA dataset) trained by :class:`trimkit_train.Trainer`.
    As in ``trimkit demo`` (METER), the vision tower is first pretrained on the cells (every patch
    predicts its cell's digit and position: :func:`pretrain_vision`), the text part and head are
    re-initialised with std 1/sqrt(width) (:func:`reinit_for_scratch`), and the tower stays frozen
-   while the rest learns VQA. These are BLIP versions of ``trimkit.demo``'s METER helpers.
-2. **Targets** for ``--ratio`` fewer MACs, calibrated with :func:`trimkit.demo.calibrate` (forced
+   while the rest learns VQA. These are BLIP versions of ``trimkit_train.demo``'s METER helpers.
+2. **Targets** for ``--ratio`` fewer MACs, calibrated with :func:`trimkit_train.demo.calibrate` (forced
    keep ratios at batch 1, bisected on the MACs ratio).
 3. **SmartTrim fine-tunes**, one per token policy (``cross_modal``: QuestionSummary context;
    ``local``), same targets, steps, learning rates and seed; head trimmers ``cross_modal`` in both;
    ``sampler: sharpen`` with the temperature decaying to 0.05.
 4. **Measure**: accuracy on the test split (overall and per question type); achieved MACs ratio
-   (:func:`trimkit.training.evaluate`: batch 1, tokens and heads removed); question sensitivity (same
+   (:func:`trimkit_train.evaluate`: batch 1, tokens and heads removed); question sensitivity (same
    image, two different questions: fraction of the vision layers' token decisions that differ); how
    often the cell a position question asks about survives the vision encoder; the QuestionSummary's
    share of the MACs.
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from trimkit.demo import pretrain_cells, reinit_normal
+from trimkit_train.demo import pretrain_cells, reinit_normal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digit_grid_analysis import asked_cell_kept, digit_cells_kept, per_type_accuracy, question_sensitivity  # noqa: E402
@@ -78,10 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------
-# BLIP versions of trimkit.demo's METER helpers
+# BLIP versions of trimkit_train.demo's METER helpers
 # ------------------------------------------------------------------------------------------------
 def pretrain_vision(model, dataset, steps: int, lr: float = 1e-3, batch_size: int = 32, seed: int = 0) -> float:
-    """:func:`trimkit.demo.pretrain_cells` for BLIP's vision tower (patch tokens after its final
+    """:func:`trimkit_train.demo.pretrain_cells` for BLIP's vision tower (patch tokens after its final
     LayerNorm). Needs one patch per cell. Returns the last batch's cell accuracy."""
     vision = model.vision_model
     if dataset.cell != model.config.vision_config.patch_size:
@@ -93,7 +93,7 @@ def pretrain_vision(model, dataset, steps: int, lr: float = 1e-3, batch_size: in
 def reinit_for_scratch(model) -> None:
     """Re-initialise the question encoder and the classifier with std 1/sqrt(text width) (BLIP's
     BERT init, N(0, 0.02), suits fine-tuning pretrained weights; from scratch at these widths the
-    METER demo found it collapses to the answer prior: see ``trimkit.demo.reinit_for_scratch``)."""
+    METER demo found it collapses to the answer prior: see ``trimkit_train.demo.reinit_for_scratch``)."""
     reinit_normal([model.text_encoder, model.classifier], model.config.text_config.hidden_size ** -0.5)
 
 
@@ -103,7 +103,7 @@ def reinit_for_scratch(model) -> None:
 def summary_macs_share(model, dataset) -> dict[str, float]:
     """MACs of the QuestionSummary path (word embeddings + masked mean) vs the whole model, one instance."""
     from trimkit.macs import count_macs
-    from trimkit.training import model_inputs
+    from trimkit_train import model_inputs
 
     x = model_inputs(model, dataset.collate_fn([dataset[0]]))
     with torch.no_grad():
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from trimkit import TrimConfig, trim
-    from trimkit.demo import _selector_targets, calibrate
-    from trimkit.training import (DataConfig, ExperimentConfig, ModelConfig, TrainConfig, Trainer, build_dataset,
+    from trimkit_train.demo import _selector_targets, calibrate
+    from trimkit_train import (DataConfig, ExperimentConfig, ModelConfig, TrainConfig, Trainer, build_dataset,
                                   build_model, evaluate)
 
     t_start = time.perf_counter()

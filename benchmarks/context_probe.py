@@ -31,8 +31,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from trimkit.training import ExperimentConfig, build_dataset, build_model
-from trimkit.training.trainer import collate_of, model_inputs
+from trimkit_train import ExperimentConfig, build_dataset, build_model
+from trimkit_train.trainer import collate_of, model_inputs
 from trimkit_smarttrim.policies import CrossModalTokenPolicy, LocalTokenPolicy
 
 OUT = Path(__file__).resolve().parent / "results"

@@ -32,7 +32,7 @@ def _last_vision_mask(tmodel) -> torch.Tensor:
 @torch.no_grad()
 def kept_by_type(tmodel, dataset, batch_size: int = 250) -> dict[str, float]:
     """Per question type: mean fraction of vision tokens kept after the last vision trimmer (hard masks)."""
-    from trimkit.training import model_inputs
+    from trimkit_train import model_inputs
 
     kept: dict[str, list[float]] = {}
     tmodel.eval()
@@ -47,7 +47,7 @@ def kept_by_type(tmodel, dataset, batch_size: int = 250) -> dict[str, float]:
 
 @torch.no_grad()
 def per_type_accuracy(model, dataset, batch_size: int = 250) -> dict[str, float]:
-    from trimkit.training import model_inputs
+    from trimkit_train import model_inputs
 
     model.eval()
     correct: dict[str, int] = {}
@@ -67,7 +67,7 @@ def per_type_accuracy(model, dataset, batch_size: int = 250) -> dict[str, float]
 def question_sensitivity(tmodel, dataset, pairs: int) -> dict[str, Any]:
     """Examples 2k and 2k+1 of the test split, both asked about the image of 2k: per vision layer, the
     fraction of token decisions (hard masks, [CLS] included) that differ between the two questions."""
-    from trimkit.training import model_inputs
+    from trimkit_train import model_inputs
 
     vision = [l.path for l in tmodel.spec.layers if l.stream == "vision"]
     diff = dict.fromkeys(vision, 0)
@@ -94,7 +94,7 @@ def question_sensitivity(tmodel, dataset, pairs: int) -> dict[str, Any]:
 def asked_cell_kept(tmodel, dataset, limit: int = 1000) -> dict[str, float]:
     """Position questions: how often the asked cell's patch is still kept after the last vision
     layer's trimmer (hard masks), split by whether that cell holds a digit."""
-    from trimkit.training import model_inputs
+    from trimkit_train import model_inputs
 
     last = [l.path for l in tmodel.spec.layers if l.stream == "vision"][-1]
     idx = [i for i in range(min(limit, len(dataset))) if dataset.qtypes[i] == "position"]
@@ -119,7 +119,7 @@ def asked_cell_kept(tmodel, dataset, limit: int = 1000) -> dict[str, float]:
 def digit_cells_kept(tmodel, dataset, limit: int = 1000) -> dict[str, dict[str, float]]:
     """Per question type: the fraction of digit cells still kept after the last vision layer's
     trimmer (hard masks), and, for existence and count questions, of the cells holding the asked digit."""
-    from trimkit.training import model_inputs
+    from trimkit_train import model_inputs
 
     last = [l.path for l in tmodel.spec.layers if l.stream == "vision"][-1]
     n = min(limit, len(dataset))
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md (path without suffix)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from trimkit.training import build_dataset, load_checkpoint
+    from trimkit_train import build_dataset, load_checkpoint
 
     rows = []
     for run in args.runs:

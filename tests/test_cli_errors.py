@@ -265,7 +265,7 @@ def test_top_level_help(capsys):
 
 # --- eval: the inference mode, said and chosen -------------------------------------------------
 def _train_one_step(out, trim: bool):
-    from trimkit.training import ExperimentConfig, Trainer
+    from trimkit_train import ExperimentConfig, Trainer
 
     config = ExperimentConfig.from_dict({
         "model": {"adapter": "toy", "overrides": {"dim": 32, "heads": 4, "image": 32, "patch": 8, "vocab": 64,

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from trimkit.adapter import DatasetFacts
-from trimkit.data import DigitGridDataset
+from trimkit_train.data import DigitGridDataset
 from trimkit.plugins import get_registry
-from trimkit.training import ExperimentConfig, ModelConfig, Trainer, build_model
-from trimkit.training.trainer import model_inputs
+from trimkit_train import ExperimentConfig, ModelConfig, Trainer, build_model
+from trimkit_train.trainer import model_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

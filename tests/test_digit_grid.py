@@ -1,4 +1,4 @@
-"""Tests for the shipped digit-grid task (trimkit.data)."""
+"""Tests for the shipped digit-grid task (trimkit_train.data)."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from trimkit.data import (
+from trimkit_train.data import (
     NLVR2_ANSWERS,
     PATCH_SIZE,
     VQA_ANSWERS,
@@ -17,7 +17,7 @@ from trimkit.data import (
     collate,
     digit_pools,
 )
-from trimkit.data.digit_grid import _load_digits
+from trimkit_train.data.digit_grid import _load_digits
 
 
 @pytest.fixture(scope="module")

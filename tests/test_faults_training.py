@@ -26,8 +26,8 @@ import yaml
 
 from trimkit import TrimConfig
 from trimkit.cli import build_parser, main
-from trimkit.data import DigitGridDataset
-from trimkit.training import (
+from trimkit_train.data import DigitGridDataset
+from trimkit_train import (
     ConfigError,
     DivergedError,
     RESUMABLE_FIELDS,
@@ -38,7 +38,7 @@ from trimkit.training import (
     Trainer,
     load_checkpoint,
 )
-from trimkit.training import trainer as trainer_mod
+from trimkit_train import trainer as trainer_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread", "toy_registry_module")
 
@@ -450,7 +450,7 @@ def test_unreadable_files_are_named(tmp_path):
     """Binary config files and damaged trainer state name the file (were UnicodeDecodeError and
     torch's unpickling error without a path)."""
     from trimkit.config import TrimConfig, TrimConfigError
-    from trimkit.training.trainer import ConfigError, ExperimentConfig
+    from trimkit_train.trainer import ConfigError, ExperimentConfig
 
     binary = tmp_path / "config.yaml"
     binary.write_bytes(b"\xff\xfe\x00\x81 binary")

@@ -9,8 +9,8 @@ import torch
 
 import trimkit
 from trimkit import TrimConfig, TrimmedModel, get_registry, hookimpl
-from trimkit.training import ConfigError, ExperimentConfig, Trainer, evaluate, load_checkpoint
-from trimkit.training.trainer import model_inputs
+from trimkit_train import ConfigError, ExperimentConfig, Trainer, evaluate, load_checkpoint
+from trimkit_train.trainer import model_inputs
 
 from toyvlm import ToyAdapter
 

@@ -31,7 +31,18 @@ from trimkit.commands._args import finite_float, int_range, nonneg_int, positive
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main", "describe_error", "is_user_error",
            "finite_float", "int_range", "nonneg_int", "positive_int", "reduction_float"]
 
-COMMANDS = ("demo", "train", "eval", "check", "profile", "plugins")
+#: Built-in commands, in ``--help`` order: name -> module with ``register(subparsers)``. The
+#: training commands live in the ``trimkit_train`` package (optional dependencies: ``trimkit[train]``);
+#: other distributions add commands through the ``trimkit.commands`` entry-point group.
+BUILTIN_COMMANDS = {
+    "demo": "trimkit_train.commands.demo",
+    "train": "trimkit_train.commands.train",
+    "eval": "trimkit_train.commands.eval",
+    "check": "trimkit.commands.check",
+    "profile": "trimkit.commands.profile",
+    "plugins": "trimkit.commands.plugins",
+}
+COMMANDS = tuple(BUILTIN_COMMANDS)
 
 HINT = "(run with --debug for the traceback)"
 BUG_HINT = "(unexpected: probably a bug; run with --debug for the traceback)"
@@ -57,6 +68,17 @@ def _add_debug(parser: argparse.ArgumentParser, default: Any) -> None:
                         help="on an error, print the full traceback (also accepted before the command)")
 
 
+def _command_modules() -> dict[str, str]:
+    """The built-in commands, then those of the ``trimkit.commands`` entry points (a name already
+    taken is skipped)."""
+    from importlib.metadata import entry_points
+
+    modules = dict(BUILTIN_COMMANDS)
+    for ep in entry_points(group="trimkit.commands"):
+        modules.setdefault(ep.name, ep.value)
+    return modules
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trimkit",
@@ -66,13 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name, path in _command_modules().items():
         try:
-            module = importlib.import_module(f"trimkit.commands.{name}")
+            module = importlib.import_module(path)
         except ModuleNotFoundError as err:
-            if err.name != f"trimkit.commands.{name}":
+            if err.name is None or not path.startswith(err.name):
                 raise
-            continue  # not shipped in this build
+            continue  # not installed in this build
         module.register(sub)
     for name, p in sub.choices.items():
         if not any("--debug" in a.option_strings for a in p._actions):

@@ -48,6 +48,9 @@ _TOKEN_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 @lru_cache(maxsize=1)
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from .._extras import require_extras
+
+    require_extras("sklearn", feature="the digit-grid task (scikit-learn's bundled digits)")
     from sklearn.datasets import load_digits
 
     data = load_digits()

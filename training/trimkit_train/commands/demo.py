@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from trimkit.demo import run_demo
+    from trimkit_train.demo import run_demo
 
     run_demo(args.out, quick=args.quick, progress=False if args.no_progress else None, finetune_steps=args.finetune_steps)
     return 0

@@ -1,5 +1,5 @@
 """Datasets shipped with trimkit (small, offline tasks for tests, demos and tutorials)."""
-from trimkit.data.digit_grid import (
+from trimkit_train.data.digit_grid import (
     NLVR2_ANSWERS,
     NLVR2_TEMPLATES,
     PATCH_SIZE,

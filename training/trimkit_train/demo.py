@@ -35,10 +35,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .config import TrimConfig
-from .macs import count_macs
-from .model import TrimmedModel, trim
-from .training import (
+from trimkit.config import TrimConfig
+from trimkit.macs import count_macs
+from trimkit.model import TrimmedModel, trim
+from .trainer import (
     DataConfig,
     ExperimentConfig,
     ModelConfig,
@@ -50,7 +50,7 @@ from .training import (
     interleaved_latency,
     model_inputs,
 )
-from .training.trainer import collate_of
+from .trainer import collate_of
 
 __all__ = ["DemoPreset", "FULL", "QUICK", "calibrate", "pretrain_cells", "pretrain_vision", "reinit_for_scratch",
            "reinit_normal", "run_demo", "targets_for"]
@@ -466,6 +466,9 @@ def _report(table: str, result: dict[str, Any]) -> str:
 
 def plot_pareto(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Accuracy vs GMACs per instance (the paper's Fig. 3/4a in miniature)."""
+    from ._extras import require_extras
+
+    require_extras("matplotlib", feature="the demo's plot")
     import matplotlib
 
     matplotlib.use("Agg")

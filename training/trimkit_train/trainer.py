@@ -65,12 +65,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
-from .. import ops as _ops
-from ..checkpoint import _fsync_dir, atomic_write_bytes
-from ..config import TrimConfig
-from ..macs import count_macs
-from ..model import TrimmedModel, trim
-from ..plugins import get_registry
+from trimkit import ops as _ops
+from trimkit.checkpoint import _fsync_dir, atomic_write_bytes
+from trimkit.config import TrimConfig
+from trimkit.macs import count_macs
+from trimkit.model import TrimmedModel, trim
+from trimkit.plugins import get_registry
+
+from ._extras import require_extras
 
 __all__ = [
     "CHECKPOINT_DIR", "ConfigError", "DataConfig", "DatasetEntry", "DivergedError", "ExperimentConfig",
@@ -150,7 +152,7 @@ class DataConfig(BaseModel):
 
     A factory is called as ``factory(split, size=..., seed=..., **options)`` and returns a
     ``torch.utils.data.Dataset`` whose items a ``collate_fn`` attribute (or
-    :func:`trimkit.data.collate`) turns into the batch contract of ``docs/datasets.md``.
+    :func:`trimkit_train.data.collate`) turns into the batch contract of ``docs/datasets.md``.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -284,7 +286,7 @@ def register_dataset(name: str, factory: Callable[..., Any],
 
 
 def _digit_grid(split: str, size: int | None = None, seed: int = 0, **options: Any):
-    from ..data import DigitGridDataset
+    from .data import DigitGridDataset
 
     if "digits_per_image" in options:
         options["digits_per_image"] = tuple(options["digits_per_image"])
@@ -318,7 +320,7 @@ def build_dataset(data: DataConfig, split: Literal["train", "eval"]):
 
 
 def collate_of(dataset: Any) -> Callable:
-    from ..data import collate
+    from .data import collate
 
     return getattr(dataset, "collate_fn", None) or collate
 
@@ -332,7 +334,7 @@ def build_model(model: ModelConfig, data: DataConfig | None = None, dataset: Any
     ``options``, later ones winning (dict-valued options merged key by key): what the adapter makes
     of the dataset's facts (its optional ``dataset_overrides(DatasetFacts)``), the dataset entry's
     ``model_defaults(adapter_name, dataset)`` if it has one, then ``model.overrides``."""
-    from ..adapter import DatasetFacts
+    from trimkit.adapter import DatasetFacts
 
     adapter = get_registry().adapters.get(model.adapter)
     options: dict[str, Any] = {}
@@ -632,6 +634,7 @@ class Trainer:
 
     def __init__(self, config: ExperimentConfig, *, model: nn.Module | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, out_dir: str | Path | None = None) -> None:
+        require_extras("accelerate", feature="the Trainer")
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -988,7 +991,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if self.tmodel is not None:
-            self.tmodel.save_pretrained(tmp)
+            self.tmodel.save_pretrained(tmp, include_backbone=True)
         else:
             save_backbone(acc.unwrap_model(self.model), tmp)
         self.config.save(tmp / CONFIG_FILE)

@@ -36,7 +36,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import sys
 
-    from trimkit.training import ConfigError, DivergedError, ExperimentConfig, RunExistsError, Trainer
+    from trimkit_train import ConfigError, DivergedError, ExperimentConfig, RunExistsError, Trainer
 
     if args.allow_config_change and not args.resume:
         print("trimkit train: --allow-config-change only applies to --resume", file=sys.stderr)

@@ -63,7 +63,7 @@ def describe_inference(mode: str | None, batch_size: int, n: int) -> str:
 
 def run(args) -> int:
     from trimkit import TrimmedModel
-    from trimkit.training import build_dataset, evaluate, load_checkpoint
+    from trimkit_train import build_dataset, evaluate, load_checkpoint
 
     try:
         from trimkit.model import MaskedBatchWarning
