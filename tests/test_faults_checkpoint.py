@@ -29,6 +29,7 @@ from trimkit.checkpoint import (
     BACKBONE_FILE,
     CONFIG_FILE,
     FORMAT_VERSION,
+    MODEL_CARD_FILE,
     TRIMMERS_FILE,
     CheckpointError,
     CheckpointSaveError,
@@ -74,7 +75,7 @@ def _fresh() -> torch.nn.Module:
 def saved(tmp_path):
     """A checkpoint of a model with seed 0: (directory, the model, its trimmer and backbone weights)."""
     tmodel = _trimmed(0)
-    directory = tmodel.save_pretrained(tmp_path / "ckpt")
+    directory = tmodel.save_pretrained(tmp_path / "ckpt", include_backbone=True)
     return directory, tmodel, _state(tmodel.trimmers), _state(tmodel.model)
 
 
@@ -139,10 +140,12 @@ FAILURES = {
     "writing trimmers": lambda mp: _fail_safetensors_write(mp, 0),
     "writing backbone": lambda mp: _fail_safetensors_write(mp, 1),
     "fsync of trimmers": lambda mp: _fail_os_call(mp, "fsync", 0),
-    "fsync of the config": lambda mp: _fail_os_call(mp, "fsync", 2),
+    "fsync of the model card": lambda mp: _fail_os_call(mp, "fsync", 2),
+    "fsync of the config": lambda mp: _fail_os_call(mp, "fsync", 3),
     "renaming trimmers": lambda mp: _fail_os_call(mp, "replace", 0),
     "renaming backbone": lambda mp: _fail_os_call(mp, "replace", 1),  # trimmers already replaced: put back
-    "renaming the config": lambda mp: _fail_os_call(mp, "replace", 2),  # both weights replaced: put back
+    "renaming the model card": lambda mp: _fail_os_call(mp, "replace", 2),  # both weights replaced: put back
+    "renaming the config": lambda mp: _fail_os_call(mp, "replace", 3),  # weights and card replaced: put back
 }
 
 
@@ -154,7 +157,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(saved, monkeypa
     assert not _same(_state(newer.trimmers), trimmers0) and not _same(_state(newer.model), backbone0)
     FAILURES[failure](monkeypatch)
     with pytest.raises(OSError) as info:
-        newer.save_pretrained(directory)
+        newer.save_pretrained(directory, include_backbone=True)
     monkeypatch.undo()
     err = info.value
     assert isinstance(err, CheckpointSaveError) and err.errno == errno.ENOSPC
@@ -162,7 +165,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(saved, monkeypa
     assert _files(directory) == before  # byte-identical, and no temporary or backup file left
     _assert_loads_as(directory, trimmers0, backbone0)
     # and the save works once the disk has room again
-    newer.save_pretrained(directory)
+    newer.save_pretrained(directory, include_backbone=True)
     _assert_loads_as(directory, _state(newer.trimmers), _state(newer.model))
 
 
@@ -179,7 +182,7 @@ def test_a_failed_save_into_a_new_directory_leaves_nothing_loadable(tmp_path, mo
 def test_files_of_two_saves_are_refused(saved, tmp_path):
     """What a save killed between two renames leaves (or a file copied in): never loaded as one checkpoint."""
     directory, *_ = saved
-    other = _trimmed(1).save_pretrained(tmp_path / "other")
+    other = _trimmed(1).save_pretrained(tmp_path / "other", include_backbone=True)
     for name in (TRIMMERS_FILE, BACKBONE_FILE):
         mixed = tmp_path / f"mixed-{name}"
         shutil.copytree(directory, mixed)
@@ -193,9 +196,9 @@ def test_leftovers_of_a_killed_save_are_removed_by_the_next(saved):
     (directory / ".trimmers.safetensors.0123456789ab.tmp").write_bytes(b"half")
     (directory / ".backbone.safetensors.0123456789ab.bak").write_bytes(b"old")
     (directory / "notes.txt").write_text("mine")
-    tmodel.save_pretrained(directory)
+    tmodel.save_pretrained(directory, include_backbone=True)
     assert sorted(p.name for p in directory.iterdir()) == sorted([CONFIG_FILE, TRIMMERS_FILE, BACKBONE_FILE,
-                                                                  "notes.txt"])
+                                                                  MODEL_CARD_FILE, "notes.txt"])
     assert (directory / "notes.txt").read_text() == "mine"  # other files are left alone
 
 

@@ -61,9 +61,9 @@ def test_save_and_load_round_trip(tmp_path):
     x = meter_example_inputs(model, batch_size=1, seed=2)
     with torch.no_grad():
         ref = tmodel(**x)
-    tmodel.save_pretrained(tmp_path / "ckpt")
+    tmodel.save_pretrained(tmp_path / "ckpt", include_backbone=True)
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"trim_config.json", "trimmers.safetensors",
-                                                                "backbone.safetensors"}
+                                                                "backbone.safetensors", "README.md"}
     torch.manual_seed(1)
     restored = load_trimmed(tmp_path / "ckpt", build_meter("tiny")).eval()  # different random init
     with torch.no_grad():

@@ -1,17 +1,27 @@
 """The files of a trimkit checkpoint, written atomically and read with checks.
 
-:meth:`TrimmedModel.save_pretrained <trimkit.model.TrimmedModel.save_pretrained>` writes three
-files into a directory:
+A checkpoint is laid out like a Hugging Face PEFT adapter: the added weights only (by default),
+a config saying what they belong to, and a model card, so the directory can be pushed to the Hub
+as it is and loaded back with ``TrimmedModel.from_pretrained(base_model, "dir_or_repo")``.
+:meth:`TrimmedModel.save_pretrained <trimkit.model.TrimmedModel.save_pretrained>` writes:
 
 ``trimmers.safetensors``
     the trimmers' weights;
 ``backbone.safetensors``
     the model's own weights (only with ``include_backbone=True``; saving without it *removes* a
     backbone an earlier save left in the directory, so it can never be mistaken for this one's);
+``README.md``
+    a model card (YAML front matter ``library_name: trimkit``, ``base_model``, ``tags``, and how
+    to load it), marked as trimkit's by :data:`MODEL_CARD_MARKER`. A ``README.md`` without the
+    marker (the user's own) is left alone and no card is written;
 ``trim_config.json``
     what the weights are: the :class:`~trimkit.config.TrimConfig`, the adapter, the checkpoint
     ``format`` (:data:`FORMAT_VERSION`), the ``trimkit_version`` that wrote it, whether a backbone
-    was saved (``backbone``), the ``files`` saved and a ``save_id``.
+    was saved (``backbone``), the weight ``files`` saved, a ``save_id``, and the base model:
+    ``base_model`` (an id, e.g. a Hub repo id), ``base_revision``, ``build_options`` (the
+    adapter build options that made the backbone, as the caller gave them) and ``model_card``
+    (``"README.md"``, or ``null`` when the card was not written). The last four are optional when
+    reading (``null`` when absent): checkpoints written before they existed are the same format.
 
 **Nothing lost.** Every file is first written next to its final name under a temporary name and
 fsynced; only when all of them are complete are they renamed into place (``os.replace``), the
@@ -45,16 +55,24 @@ import torch
 
 __all__ = [
     "BACKBONE_FILE", "CONFIG_FILE", "CheckpointError", "CheckpointMeta", "CheckpointSaveError", "FORMAT_VERSION",
-    "MissingCheckpointFileError", "TRIMMERS_FILE", "atomic_write_bytes", "check_backbone", "read_meta",
-    "read_tensors", "write_checkpoint",
+    "MODEL_CARD_FILE", "MODEL_CARD_MARKER", "MissingCheckpointFileError", "TRIMMERS_FILE", "atomic_write_bytes",
+    "base_model_of", "check_backbone", "model_card", "read_meta", "read_tensors", "resolve_checkpoint",
+    "write_checkpoint",
 ]
 
 CONFIG_FILE = "trim_config.json"
 TRIMMERS_FILE = "trimmers.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
+MODEL_CARD_FILE = "README.md"
+
+#: The line that marks a ``README.md`` as the model card trimkit wrote (and may replace on the
+#: next save). A ``README.md`` without it is the user's and is never overwritten.
+MODEL_CARD_MARKER = "<!-- trimkit:model-card"
 
 #: The checkpoint format this trimkit writes; it reads every format up to this one (0: written
-#: before formats were recorded, no ``format`` field).
+#: before formats were recorded, no ``format`` field). The base-model fields and the model card
+#: did not change it: they are optional, and a trimkit that does not know them loads the weights
+#: just the same.
 FORMAT_VERSION = 1
 
 #: safetensors header metadata key holding the save id (the config's ``save_id``).
@@ -62,7 +80,7 @@ SAVE_ID_KEY = "trimkit_save_id"
 #: safetensors header metadata key holding which file of the checkpoint this is.
 ROLE_KEY = "trimkit_file"
 
-_FILES = (CONFIG_FILE, TRIMMERS_FILE, BACKBONE_FILE)
+_FILES = (CONFIG_FILE, TRIMMERS_FILE, BACKBONE_FILE, MODEL_CARD_FILE)
 # ".<file>.<12 hex>.tmp" (a file being written) and ".<file>.<12 hex>.bak" (the previous file, kept
 # until the save is complete); a save that was killed leaves them behind and the next one removes them
 _SCRATCH = re.compile(r"\.(" + "|".join(re.escape(f) for f in _FILES) + r")\.[0-9a-f]{12}\.(tmp|bak)")
@@ -90,7 +108,9 @@ class CheckpointMeta:
 
     ``backbone``: whether ``backbone.safetensors`` was saved (``None``: a format-0 checkpoint,
     which did not record it). ``save_id``: the id every weight file of the save carries (``None``
-    for format 0)."""
+    for format 0). ``base_model``, ``base_revision``, ``build_options``: what the trimmers were
+    trained on (``None`` when not recorded). ``model_card``: the card's file name, ``None`` when
+    trimkit did not write one."""
 
     path: Path
     format: int
@@ -100,6 +120,10 @@ class CheckpointMeta:
     save_id: str | None
     backbone: bool | None
     raw: dict
+    base_model: str | None = None
+    base_revision: str | None = None
+    build_options: dict | None = None
+    model_card: str | None = None
 
     @property
     def directory(self) -> Path:
@@ -162,11 +186,93 @@ def _remove_scratch(directory: Path) -> None:
                 entry.unlink()
 
 
+def _stage_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _writes_card(directory: Path) -> bool:
+    """Whether a save may write ``directory/README.md``: there is none, or it is the card an
+    earlier save wrote (it carries :data:`MODEL_CARD_MARKER`). The user's own README is kept."""
+    path = directory / MODEL_CARD_FILE
+    if not os.path.lexists(path):
+        return True
+    try:
+        return path.is_file() and MODEL_CARD_MARKER in path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9_][A-Za-z0-9_.-]{0,95})?")
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    """``name`` has the shape of a Hugging Face Hub repo id (``"name"`` or ``"owner/name"``)."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and "--" not in name and not name.endswith((".", "-"))
+
+
+def model_card(*, adapter: str, backbone: bool, base_model: str | None = None, base_revision: str | None = None,
+               build_options: Mapping[str, Any] | None = None) -> str:
+    """The ``README.md`` a save writes: Hub front matter (``library_name: trimkit``, ``base_model``
+    when it is a Hub repo id, ``tags``), :data:`MODEL_CARD_MARKER`, and how to load the checkpoint.
+    It names no directory (checkpoints are renamed, copied and pushed) and holds nothing that
+    changes from save to save of the same model (no save id, no time)."""
+    from . import __version__
+
+    front = ["---", "library_name: trimkit"]
+    if base_model and _looks_like_repo_id(base_model):  # the Hub validates it: a local path is named below only
+        front.append(f"base_model: {json.dumps(base_model)}")
+    front += ["tags:", "- trimkit", "- smarttrim", "---"]
+    base = f"`{base_model}`" + (f" (revision `{base_revision}`)" if base_revision else "") if base_model else None
+    holds = ("the trimmers and the backbone weights they were trained with (`backbone.safetensors`)" if backbone else
+             "the trimmers only: the base model's own weights are not in it")
+    if build_options is not None:
+        kwargs = dict(build_options)
+        args = (", ".join(f"{k}={v!r}" for k, v in kwargs.items()) if all(str(k).isidentifier() for k in kwargs)
+                else f"**{kwargs!r}")
+        make = f'base = get_registry().adapters.get({adapter!r}).build({args})'
+        imports = "from trimkit import TrimmedModel, get_registry"
+    else:
+        make = f"base = ...  # {'the base model ' + base_model if base_model else 'the base model'}, untrimmed"
+        imports = "from trimkit import TrimmedModel"
+    if not backbone:
+        make += "  # must hold the weights the trimmers were trained with"
+    body = [
+        f"{MODEL_CARD_MARKER}: written by trimkit save_pretrained and replaced by the next save into this "
+        f"directory; delete this line to keep the file as your own -->",
+        "",
+        f"# SmartTrim trimmers{' for ' + base if base else ''}",
+        "",
+        f"Learned token and head trimmers (SmartTrim) saved by trimkit {__version__}, adapter `{adapter}`. "
+        f"This checkpoint holds {holds}.",
+        "",
+        "## Load",
+        "",
+        "```python",
+        imports,
+        "",
+        make,
+        'tmodel = TrimmedModel.from_pretrained(base, "path/to/this/directory")  # or its Hub repo id',
+        "tmodel.eval()",
+        "```",
+        "",
+        f"`trim_config.json` records the `TrimConfig`, the adapter and the base model; "
+        f"`TrimmedModel.from_pretrained` trims `base` with them and loads the weights.",
+        "",
+    ]
+    return "\n".join(front + body)
+
+
 def write_checkpoint(directory: str | Path, *, adapter: str, config: Mapping[str, Any],
-                     trimmers: Mapping[str, torch.Tensor], backbone: Mapping[str, torch.Tensor] | None) -> Path:
+                     trimmers: Mapping[str, torch.Tensor], backbone: Mapping[str, torch.Tensor] | None,
+                     base_model: str | None = None, base_revision: str | None = None,
+                     build_options: Mapping[str, Any] | None = None) -> Path:
     """Write a checkpoint (see the module docstring): ``trimmers`` and, unless ``None``,
-    ``backbone`` (state dicts of contiguous tensors, no shared storage), and ``trim_config.json``
-    recording ``adapter`` and ``config`` (a JSON-ready TrimConfig dump).
+    ``backbone`` (state dicts of contiguous tensors, no shared storage), the model card, and
+    ``trim_config.json`` recording ``adapter``, ``config`` (a JSON-ready TrimConfig dump), the
+    base model (``base_model``, ``base_revision``) and ``build_options`` (JSON-ready).
 
     All or nothing: the files are staged under temporary names and fsynced, then renamed into
     place, the config last; an exception at any point leaves the directory's previous checkpoint
@@ -174,7 +280,8 @@ def write_checkpoint(directory: str | Path, *, adapter: str, config: Mapping[str
     :class:`CheckpointSaveError` (an OSError with the same errno) whose message names the
     directory and the step that failed and says the previous checkpoint is unchanged. ``backbone=None`` removes
     a ``backbone.safetensors`` an earlier save left there (it does not belong to this save).
-    Other files in the directory are left alone."""
+    A ``README.md`` trimkit did not write is kept (no card is written then, and the config's
+    ``model_card`` is ``null``). Other files in the directory are left alone."""
     import safetensors.torch as st
 
     from . import __version__
@@ -184,6 +291,10 @@ def write_checkpoint(directory: str | Path, *, adapter: str, config: Mapping[str
     _remove_scratch(directory)
     save_id = uuid.uuid4().hex
     token = save_id[:12]
+    card = None
+    if _writes_card(directory):
+        card = model_card(adapter=adapter, backbone=backbone is not None, base_model=base_model,
+                          base_revision=base_revision, build_options=build_options)
     meta = {
         "format": FORMAT_VERSION,
         "trimkit_version": __version__,
@@ -191,8 +302,13 @@ def write_checkpoint(directory: str | Path, *, adapter: str, config: Mapping[str
         "save_id": save_id,
         "backbone": backbone is not None,
         "files": [TRIMMERS_FILE] + ([BACKBONE_FILE] if backbone is not None else []),
+        "base_model": base_model,
+        "base_revision": base_revision,
+        "build_options": None if build_options is None else dict(build_options),
+        "model_card": MODEL_CARD_FILE if card is not None else None,
         "config": dict(config),
     }
+    text = json.dumps(meta, indent=2, allow_nan=False) + "\n"  # before anything is written: a bad value fails here
     weights = {TRIMMERS_FILE: trimmers, BACKBONE_FILE: backbone}
     staged: dict[str, Path | None] = {}
     step = ""
@@ -207,12 +323,13 @@ def write_checkpoint(directory: str | Path, *, adapter: str, config: Mapping[str
             st.save_file(dict(state), str(tmp), metadata={SAVE_ID_KEY: save_id, ROLE_KEY: name,
                                                           "trimkit_version": __version__})
             _fsync_file(tmp)
+        if card is not None:
+            step = f"writing {MODEL_CARD_FILE}"
+            tmp = staged[MODEL_CARD_FILE] = _scratch(directory, MODEL_CARD_FILE, token, "tmp")
+            _stage_text(tmp, card)
         step = f"writing {CONFIG_FILE}"
         tmp = staged[CONFIG_FILE] = _scratch(directory, CONFIG_FILE, token, "tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _stage_text(tmp, text)
         # 2. commit: rename into place, the config last; undone on failure
         step = "renaming the new files into place"
         _commit(directory, staged, token)
@@ -286,6 +403,19 @@ def _field(path: Path, data: dict, name: str, kind: type, what: str) -> Any:
     return value
 
 
+def _optional_field(path: Path, data: dict, name: str, kind: type, what: str) -> Any:
+    """``data[name]`` when present and not null (else ``None``), checked to be a ``kind`` (a
+    non-empty one for strings); else a CheckpointError naming the file and field."""
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value):
+        expected = {str: "a non-empty string", dict: "a JSON object"}.get(kind, kind.__name__)
+        raise CheckpointError(f"{path}: field {name!r} ({what}) must be {expected} or null, got "
+                              f"{type(value).__name__} {value!r:.80}: fix the field, or {_REDO}")
+    return value
+
+
 def read_meta(directory: str | Path) -> CheckpointMeta:
     """Read and check ``directory/trim_config.json``: valid UTF-8 JSON, the fields present with
     the right types, a format this trimkit reads, a valid TrimConfig. Raises
@@ -347,7 +477,73 @@ def read_meta(directory: str | Path) -> CheckpointMeta:
                   if "unknown" in err["msg"] else "")
         raise CheckpointError(f"{path}: field {loc!r}: {err['msg']}{got}{more}{plugin}. Fix the field, or "
                               f"{_REDO}") from None
-    return CheckpointMeta(path, fmt, adapter, config, version, save_id, backbone, data)
+    base_model = _optional_field(path, data, "base_model", str, "the id of the base model the trimmers were trained on")
+    base_revision = _optional_field(path, data, "base_revision", str, "the base model's revision")
+    build_options = _optional_field(path, data, "build_options", dict,
+                                    "the adapter build options that made the backbone")
+    model_card = _optional_field(path, data, "model_card", str, "the model card's file name")
+    return CheckpointMeta(path, fmt, adapter, config, version, save_id, backbone, data, base_model=base_model,
+                          base_revision=base_revision, build_options=build_options, model_card=model_card)
+
+
+def resolve_checkpoint(directory_or_repo: str | Path, revision: str | None = None) -> Path:
+    """The local directory of a checkpoint: ``directory_or_repo`` itself when it is a path (a
+    :class:`~pathlib.Path`, an existing path, or a string that cannot be a Hub repo id), else the
+    snapshot of the Hugging Face Hub repo ``directory_or_repo`` (at ``revision``) in the local HF
+    cache (``huggingface_hub.snapshot_download(..., local_files_only=True)``: nothing is
+    downloaded). Raises :class:`MissingCheckpointFileError` naming the repo id when it is not in
+    the cache, :class:`CheckpointError` when the cache cannot be read. ``revision`` is ignored
+    for a local directory."""
+    if revision is not None and not (isinstance(revision, str) and revision):
+        raise TypeError(f"revision must be a non-empty string or None, got {type(revision).__name__} {revision!r:.80}")
+    if isinstance(directory_or_repo, os.PathLike) or not isinstance(directory_or_repo, str):
+        return Path(directory_or_repo)
+    name = directory_or_repo
+    if os.path.exists(name) or not _looks_like_repo_id(name):
+        return Path(name)
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        raise MissingCheckpointFileError(
+            f"{name!r}: no such directory, and huggingface_hub (needed to look it up as a Hub repo id{at}) is not "
+            f"installed: pass the checkpoint directory, or pip install huggingface_hub") from None
+    from huggingface_hub import errors
+
+    incomplete = getattr(errors, "IncompleteSnapshotError", ())  # a LocalEntryNotFoundError, but there
+    try:
+        return Path(snapshot_download(name, revision=revision, local_files_only=True))
+    except incomplete as e:
+        raise CheckpointError(f"{name!r}: the Hugging Face Hub repo{at} is only partly in the local HF cache "
+                              f"({constants.HF_HUB_CACHE}): {e}") from None
+    except errors.LocalEntryNotFoundError:
+        raise MissingCheckpointFileError(
+            f"{name!r}: no such directory, and the Hugging Face Hub repo {name!r}{at} is not in the local HF cache "
+            f"({constants.HF_HUB_CACHE}); trimkit only reads the cache (local_files_only=True), it downloads "
+            f"nothing: download it first (huggingface-cli download {name}"
+            f"{' --revision ' + revision if revision else ''}) or pass the checkpoint directory") from None
+    except (OSError, ValueError) as e:  # an incomplete snapshot, a broken cache entry, an invalid revision
+        raise CheckpointError(f"{name!r}: the Hugging Face Hub repo{at} could not be read from the local HF cache "
+                              f"({constants.HF_HUB_CACHE}): {type(e).__name__}: {e}") from None
+
+
+def base_model_of(model: Any) -> tuple[str | None, str | None]:
+    """``(id, revision)`` of the base model ``model`` says it is, ``(None, None)`` when it says
+    nothing: its ``trimkit_base`` attribute (``{"model": str, "revision": str | None}``, set by
+    adapters' pretrained loaders), else a Hugging Face model's ``config._name_or_path`` or
+    ``name_or_path`` (non-empty; no revision). A malformed ``trimkit_base`` is a ValueError."""
+    base = getattr(model, "trimkit_base", None)
+    if base is not None:
+        ok = (isinstance(base, Mapping) and isinstance(base.get("model"), str) and base["model"]
+              and (base.get("revision") is None or isinstance(base.get("revision"), str)))
+        if not ok:
+            raise ValueError(f"{type(model).__qualname__}.trimkit_base must be a dict {{'model': non-empty str, "
+                             f"'revision': str or None}} naming the base model, got {base!r:.120}")
+        return base["model"], base.get("revision") or None
+    for value in (getattr(getattr(model, "config", None), "_name_or_path", None), getattr(model, "name_or_path", None)):
+        if isinstance(value, str) and value:
+            return value, None
+    return None, None
 
 
 def read_tensors(path: str | Path, meta: CheckpointMeta | None = None) -> dict[str, torch.Tensor]:

@@ -310,24 +310,127 @@ class TrimmedModel(nn.Module):
         return sum(p.numel() for p in self.model.parameters())
 
     # --- persistence -----------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, include_backbone: bool = True) -> Path:
-        """Write the checkpoint into ``directory`` (created if needed) and return it:
-        ``trimmers.safetensors``, ``backbone.safetensors`` (the model's own weights; only with
-        ``include_backbone``) and ``trim_config.json`` (the config, the adapter, the checkpoint
-        format, the trimkit version and which files were saved).
+    def save_pretrained(self, directory: str | Path, *, include_backbone: bool = False, base_model: str | None = None,
+                        base_revision: str | None = None, build_options: dict[str, Any] | None = None) -> Path:
+        """Write the checkpoint into ``directory`` (created if needed) and return it, laid out
+        like a PEFT adapter (see :mod:`trimkit.checkpoint`): ``trimmers.safetensors``,
+        ``backbone.safetensors`` (the model's own weights; only with ``include_backbone``),
+        ``README.md`` (a model card with Hub front matter) and ``trim_config.json`` (the config,
+        the adapter, the base model, the checkpoint format, the trimkit version and which files
+        were saved). Load it with :meth:`from_pretrained`.
+
+        By default only the trimmers are saved: loading then uses the weights of the base model
+        the caller passes, so pass ``include_backbone=True`` when those weights are not kept
+        elsewhere (a fine-tuned or randomly initialised backbone).
+
+        ``base_model`` / ``base_revision``: the id (e.g. a Hub repo id) and revision of the base
+        model, recorded in the config and the card; by default what the model says it is: its
+        ``trimkit_base`` attribute (``{"model": id, "revision": rev}``, set by adapters'
+        pretrained loaders), else a Hugging Face model's ``config._name_or_path`` /
+        ``name_or_path``. ``build_options``: the adapter build options that made the backbone
+        (a JSON-able dict, e.g. ``{"size": "tiny", "seed": 0}``), stored as given.
 
         Atomic (see :mod:`trimkit.checkpoint`): the files are written under temporary names and
         fsynced, then renamed into place, the config last; a failure (e.g. a full disk raising
         :class:`OSError`) leaves the directory's previous checkpoint intact and loadable, never a
         mix. ``include_backbone=False`` removes a ``backbone.safetensors`` an earlier save left
-        in the directory; loading such a checkpoint uses the caller's model weights
-        (:func:`load_trimmed`). Other files in the directory are left alone."""
-        from .checkpoint import write_checkpoint
+        in the directory. A ``README.md`` trimkit did not write is left as it is (no card is
+        written). Other files in the directory are left alone."""
+        import json
 
+        from .checkpoint import base_model_of, write_checkpoint
+
+        for name, value in (("base_model", base_model), ("base_revision", base_revision)):
+            if value is not None and not (isinstance(value, str) and value):
+                raise TypeError(f"save_pretrained({name}=...): must be a non-empty string or None, got "
+                                f"{type(value).__name__} {value!r:.80}")
+        if build_options is not None:
+            if not isinstance(build_options, dict) or not all(isinstance(k, str) for k in build_options):
+                raise TypeError(f"save_pretrained(build_options=...): must be a dict with string keys (the adapter "
+                                f"build options), got {type(build_options).__name__} {build_options!r:.80}")
+            try:
+                json.dumps(build_options, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"save_pretrained(build_options=...): not JSON-able ({e}); use str, int, float, "
+                                f"bool, None, lists and dicts") from None
+        own_model, own_revision = base_model_of(self.model)
+        if base_model is None:
+            base_model = own_model
+            base_revision = base_revision if base_revision is not None else own_revision
+        elif base_revision is None and own_model == base_model:
+            base_revision = own_revision
+        if base_revision is not None and base_model is None:
+            raise ValueError(f"save_pretrained(base_revision={base_revision!r}): no base model id to go with it (the "
+                             f"model records none): pass base_model too")
         trimmers = _dedupe(self.trimmers.state_dict())
         backbone = _dedupe(self.model.state_dict()) if include_backbone else None
         return write_checkpoint(directory, adapter=self.adapter_name, config=self.config.model_dump(mode="json"),
-                                trimmers=trimmers, backbone=backbone)
+                                trimmers=trimmers, backbone=backbone, base_model=base_model,
+                                base_revision=base_revision, build_options=build_options)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory_or_repo: str | Path, *, revision: str | None = None,
+                        strict: bool = True) -> "TrimmedModel":
+        """Rebuild a :class:`TrimmedModel` from :meth:`save_pretrained` output onto
+        ``base_model`` (an untrimmed model of the kind the checkpoint was saved from), as
+        ``PeftModel.from_pretrained(base, dir)`` does: the checkpoint's config and adapter trim
+        ``base_model``, then its weights are loaded: the trimmers and, when the checkpoint saved
+        one, the backbone (``base_model``'s weights are replaced). A checkpoint saved without a
+        backbone (the default) uses **the caller's model weights**, so pass the model whose
+        weights the trimmers were trained with. The model keeps its train/eval mode.
+
+        ``directory_or_repo``: a checkpoint directory, or the id of a Hugging Face Hub repo in the
+        local HF cache (at ``revision``; nothing is downloaded, see
+        :func:`trimkit.checkpoint.resolve_checkpoint`). ``strict``: refuse missing or unexpected
+        weight keys (shapes must fit either way).
+
+        When the checkpoint records its base model and ``base_model`` says it is another one (see
+        :meth:`save_pretrained`), a :class:`UserWarning` names both; loading goes on.
+
+        Refused with a :class:`~trimkit.checkpoint.CheckpointError` naming the file and field or
+        value (see :meth:`load_trimmers`), also when the checkpoint's adapter is not registered
+        here or ``base_model`` is one another adapter recognises. On an error ``base_model``'s
+        weights are unchanged."""
+        from .checkpoint import CheckpointError, base_model_of, read_meta, resolve_checkpoint
+        from .registry import UnknownNameError
+
+        if isinstance(base_model, TrimmedModel):
+            raise TypeError(f"loading {str(directory_or_repo)!r}: this model is already trimmed (TrimmedModel); pass "
+                            f"its .model (the untrimmed model) instead")
+        if not isinstance(base_model, nn.Module):
+            raise TypeError(f"TrimmedModel.from_pretrained(base_model, {str(directory_or_repo)!r}): base_model must "
+                            f"be the untrimmed model (an nn.Module), got {type(base_model).__name__} "
+                            f"{base_model!r:.80}; build or load it first")
+        directory = resolve_checkpoint(directory_or_repo, revision=revision)
+        meta = read_meta(directory)
+        registry = get_registry()
+        try:
+            impl = registry.adapters.get(meta.adapter)
+        except UnknownNameError as e:
+            known = e.args[0] if e.args else e
+            raise CheckpointError(f"{meta.path}: field 'adapter' names {meta.adapter!r}, which is not registered "
+                                  f"here ({known}); install or register the plugin that provides it") from None
+        matches = getattr(impl, "matches", None)
+        if callable(matches) and not matches(base_model):
+            try:
+                other = select_adapter(base_model)
+            except LookupError:
+                other = None  # no adapter claims it: trim with the checkpoint's adapter, as the save did
+            if other is not None and other != meta.adapter:
+                raise CheckpointError(f"{meta.path}: the checkpoint was saved with adapter {meta.adapter!r}, but the "
+                                      f"model given ({type(base_model).__qualname__}) is one for adapter {other!r}: "
+                                      f"pass a model of the kind the checkpoint was saved from")
+        try:
+            given, _ = base_model_of(base_model)
+        except ValueError:  # a malformed trimkit_base (refused by save_pretrained) does not stop a load
+            given = None
+        if meta.base_model is not None and given is not None and given != meta.base_model:
+            warnings.warn(f"trimkit: {meta.path} was saved from base model {meta.base_model!r} (field "
+                          f"'base_model'), but the model given is {given!r}; the trimmers may not fit its weights",
+                          UserWarning, stacklevel=2)
+        tmodel = trim(base_model, meta.config, adapter=meta.adapter)
+        tmodel.load_trimmers(directory, strict=strict)
+        return tmodel
 
     def load_trimmers(self, directory: str | Path, strict: bool = True, *, require_backbone: bool = False) -> None:
         """Load the weights of a :meth:`save_pretrained` checkpoint into this model: the trimmers,
@@ -459,41 +562,8 @@ def trim(model: nn.Module, config: TrimConfig | None = None, *, adapter: str | N
 
 def load_trimmed(directory: str | Path, model: nn.Module) -> TrimmedModel:
     """Rebuild a :class:`TrimmedModel` from :meth:`TrimmedModel.save_pretrained` output onto
-    ``model`` (an untrimmed model of the kind the checkpoint was saved from).
+    ``model``: ``TrimmedModel.from_pretrained(model, directory)`` (see there).
 
-    The checkpoint's config and adapter trim ``model``, then its weights are loaded: the
-    trimmers and, when the checkpoint saved one, the backbone (``model``'s weights are replaced).
-    A checkpoint saved with ``include_backbone=False`` has no backbone: **the caller's model
-    weights are used**, so pass the model whose weights the trimmers were trained with.
-
-    Refused with a :class:`~trimkit.checkpoint.CheckpointError` naming the file and field or
-    value (see :meth:`TrimmedModel.load_trimmers`), also when the checkpoint's adapter is not
-    registered here or ``model`` is one another adapter recognises. On an error ``model``'s
-    weights are unchanged."""
-    from .checkpoint import CheckpointError, read_meta
-    from .registry import UnknownNameError
-
-    if isinstance(model, TrimmedModel):
-        raise TypeError(f"load_trimmed({str(directory)!r}, model): this model is already trimmed (TrimmedModel); pass "
-                        f"its .model (the untrimmed model) instead")
-    meta = read_meta(directory)
-    registry = get_registry()
-    try:
-        impl = registry.adapters.get(meta.adapter)
-    except UnknownNameError as e:
-        known = e.args[0] if e.args else e
-        raise CheckpointError(f"{meta.path}: field 'adapter' names {meta.adapter!r}, which is not registered here "
-                              f"({known}); install or register the plugin that provides it") from None
-    matches = getattr(impl, "matches", None)
-    if callable(matches) and not matches(model):
-        try:
-            other = select_adapter(model)
-        except LookupError:
-            other = None  # no adapter claims it: trim with the checkpoint's adapter, as the save did
-        if other is not None and other != meta.adapter:
-            raise CheckpointError(f"{meta.path}: the checkpoint was saved with adapter {meta.adapter!r}, but the model "
-                                  f"given ({type(model).__qualname__}) is one for adapter {other!r}: pass a model of "
-                                  f"the kind the checkpoint was saved from")
-    tmodel = trim(model, meta.config, adapter=meta.adapter)
-    tmodel.load_trimmers(directory)
-    return tmodel
+    A checkpoint saved without a backbone (the default) has none: **the caller's model weights
+    are used**, so pass the model whose weights the trimmers were trained with."""
+    return TrimmedModel.from_pretrained(model, directory)
