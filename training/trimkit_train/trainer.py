@@ -199,6 +199,9 @@ class TrainConfig(BaseModel):
     progress: bool | None = Field(None, description="tqdm bars; None: only when stderr is a terminal")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     cpu: bool = Field(False, description="force the CPU even when an accelerator is present")
+    find_unused_parameters: bool = Field(
+        False, description="DDP only: allow parameters a step does not use (e.g. task heads of other tasks); "
+                          "False is faster when every parameter gets a gradient each step")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
     @model_validator(mode="after")
@@ -597,6 +600,45 @@ class _CrossEntropy:
         return {"loss": task, "task": task}
 
 
+class _StepModule(nn.Module):
+    """The module a training step calls (and DDP wraps): the model's forward and, when the objective
+    wants self-distillation, the same model again untrimmed (with gradients, Eq. 11), in *one* call.
+
+    Returns ``(output, records, full_output or None)``; ``records`` are the trimmed pass's."""
+
+    def __init__(self, net: nn.Module, full_pass: bool) -> None:
+        super().__init__()
+        self.net = net
+        self.full_pass = full_pass
+
+    def forward(self, **inputs: Any) -> tuple[Any, list, Any]:
+        out = self.net(**inputs)
+        if not isinstance(self.net, TrimmedModel):
+            return out, [], None
+        records = list(self.net.records)
+        full = None
+        if self.full_pass:
+            with self.net.full():
+                full = self.net(**inputs)
+        return out, records, full
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """One epoch's global batches: a permutation drawn from ``generator`` cut into ``count`` batches
+    of ``batch_size`` (the incomplete rest dropped). A batch sampler accelerate can shard."""
+
+    def __init__(self, n: int, batch_size: int, count: int, generator: torch.Generator) -> None:
+        self.batch_size, self.drop_last = batch_size, True
+        perm = torch.randperm(n, generator=generator).tolist()
+        self.batches = [perm[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def _lr_lambda(total: int, warmup: int, floor: float) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -638,11 +680,22 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
         self.config = config
         tc = config.train
         self.out_dir = Path(out_dir if out_dir is not None else tc.out_dir)
-        set_seed(tc.seed)
-        self.accelerator = Accelerator(cpu=tc.cpu, mixed_precision=tc.mixed_precision)
+        set_seed(tc.seed)  # the same on every process: models are built (and trimmers initialised) alike
+        # split_batches: train.batch_size is the global batch of one optimizer step, whatever the number
+        # of processes; each process gets its slice of every batch (disjoint data, the same schedule)
+        self.accelerator = Accelerator(
+            cpu=tc.cpu, mixed_precision=tc.mixed_precision,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=tc.find_unused_parameters)])
+        acc = self.accelerator
+        if tc.batch_size % acc.num_processes:
+            raise ConfigError(f"train.batch_size={tc.batch_size} (the global batch) must be divisible by the number "
+                              f"of processes ({acc.num_processes})")
         self.train_dataset = train_dataset if train_dataset is not None else build_dataset(config.data, "train")
         self.eval_dataset = eval_dataset if eval_dataset is not None else build_dataset(config.data, "eval")
         if model is None:
@@ -667,7 +720,14 @@ class Trainer:
         warmup = int(round(tc.warmup_fraction * self.total_steps))
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(self.total_steps, warmup, tc.min_lr_ratio))
-        self.model, self.optimizer, self.lr_schedule = self.accelerator.prepare(self.net, self.optimizer, self.lr_schedule)
+        # one module call runs the trimmed and (for self-distillation) the full pass: under DDP the two
+        # forwards then belong to one graph and one gradient reduction
+        want_full = self.tmodel is not None and bool(getattr(self.objective, "needs_full_pass", False))
+        self.step_module = _StepModule(self.net, want_full)
+        self.model, self.optimizer, self.lr_schedule = self.accelerator.prepare(
+            self.step_module, self.optimizer, self.lr_schedule)
+        # after the (identical) build, each process draws its own noise (Gumbel, random policy, dropout)
+        set_seed(tc.seed, device_specific=True)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.last_eval: dict[str, Any] | None = None
@@ -703,22 +763,27 @@ class Trainer:
 
     # --- data order ----------------------------------------------------------------------------------
     def _batches(self, start: int) -> Iterator[dict[str, Any]]:
-        """Batches for steps ``start, start+1, ...``: epoch e is a permutation seeded by (seed, e)."""
+        """This process's part of the batches for steps ``start, start+1, ...``.
+
+        Epoch e is a permutation of the training split seeded by (seed, e), cut into global batches
+        of ``train.batch_size``; accelerate's prepared loader gives each process its slice of every
+        batch (``split_batches``), so processes see disjoint data, one epoch is one pass over the
+        split whatever the number of processes, and a resumed run skips exactly the batches done."""
         from torch.utils.data import DataLoader
 
         tc = self.config.train
-        bpe, bs = self.batches_per_epoch, tc.batch_size
         acc = self.accelerator
-        epoch, offset = divmod(start, bpe)
+        epoch, offset = divmod(start, self.batches_per_epoch)
         while True:
             g = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
-            perm = torch.randperm(len(self.train_dataset), generator=g).tolist()
-            batches = [perm[i * bs:(i + 1) * bs] for i in range(bpe)][offset:]
-            batches = batches[acc.process_index::acc.num_processes]
+            sampler = _EpochBatches(len(self.train_dataset), tc.batch_size, self.batches_per_epoch, g)
             # generator=g: without one, every DataLoader iterator draws its base seed from the *global*
             # torch RNG, so a resumed run (a new iterator mid-epoch) shifted the Gumbel/random-policy noise
-            loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=collate_of(self.train_dataset),
-                                num_workers=tc.num_workers, generator=g)
+            loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=collate_of(self.train_dataset),
+                                num_workers=tc.num_workers, generator=torch.Generator().manual_seed(epoch))
+            loader = acc.prepare_data_loader(loader, device_placement=False)
+            if offset:
+                loader = acc.skip_first_batches(loader, offset)
             for batch in loader:
                 yield _to(batch, acc.device)
             epoch, offset = epoch + 1, 0
@@ -743,12 +808,9 @@ class Trainer:
         inputs = model_inputs(self.net, batch)
         step = self.step + 1
         try:
-            logits = _logits(self.model(**inputs))
-            records = list(self.tmodel.records) if self.tmodel is not None else []
-            full_logits = None
-            if self.tmodel is not None and getattr(self.objective, "needs_full_pass", False):
-                with self.tmodel.full():  # the same model, untrimmed, with gradients (Eq. 11)
-                    full_logits = _logits(self.model(**inputs))
+            out, records, full_out = self.model(**inputs)
+            logits = _logits(out)
+            full_logits = _logits(full_out) if full_out is not None else None
         except _NONFINITE as err:  # NaN/inf trimmer logits: the weights (or this batch) are not finite
             raise self._diverged(step, f"the forward pass saw non-finite values ({err})", {}) from None
         terms = self.objective(logits, batch["labels"], records, full_logits=full_logits)
@@ -823,7 +885,7 @@ class Trainer:
 
     def _check_state(self) -> None:
         """Raise :class:`DivergedError` if a parameter or an optimizer state tensor is not finite."""
-        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters()]
+        named = [(n, p) for n, p in self.net.named_parameters()]
         named += [(f"optimizer state {k} of parameter {i}", v) for i, s in enumerate(self.optimizer.state.values())
                   for k, v in s.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
         if not named:
@@ -885,6 +947,7 @@ class Trainer:
                     self.config.save(top)
         else:
             present = _run_entries(self.out_dir)
+            acc.wait_for_everyone()  # every process looked before the main one changes anything
             if present and not overwrite:
                 raise RunExistsError(
                     f"{self.out_dir} already holds a training run ({', '.join(present)}); pass --resume to continue "
@@ -899,7 +962,10 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="smarttrim" if self.tmodel else "train",
                    disable=not self.progress or not acc.is_main_process, dynamic_ncols=True)
         t0 = time.perf_counter()
-        with open(log_path, "a") as log:
+        import contextlib
+
+        # only the main process writes the log (and the run's files); the others hold no handle
+        with (open(log_path, "a") if acc.is_main_process else contextlib.nullcontext()) as log:
             def write(rec: dict[str, Any], sync: bool = False) -> None:
                 if acc.is_main_process:
                     log.write(json.dumps(rec) + "\n")
@@ -923,12 +989,13 @@ class Trainer:
                     bar.set_postfix(post)
                     last = self.step == self.total_steps
                     if last or (tc.eval_every and self.step % tc.eval_every == 0):
-                        ev = self.evaluate()
-                        ev.update(type="eval", step=self.step, time=time.perf_counter() - t0)
-                        write(ev)
-                        if acc.is_main_process:
+                        if acc.is_main_process:  # on the unwrapped model, once; the others wait
+                            ev = self.evaluate()
+                            ev.update(type="eval", step=self.step, time=time.perf_counter() - t0)
+                            write(ev)
                             log.flush()
-                        bar.write(_eval_line(ev))
+                            bar.write(_eval_line(ev))
+                        acc.wait_for_everyone()
                     if last or self.step == end or (tc.save_every and self.step % tc.save_every == 0):
                         if acc.is_main_process:
                             _sync(log)  # the log holds every step the checkpoint does
@@ -983,21 +1050,32 @@ class Trainer:
         directory = Path(directory) if directory is not None else self.out_dir / CHECKPOINT_DIR
         acc.wait_for_everyone()
         self._check_state()
+        tmp, old = _sibling(directory, ".tmp"), _sibling(directory, ".old")
+        if acc.is_main_process:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            _recover_checkpoint(directory)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if acc.num_processes > 1:  # every other process's RNG states (the main's go into the state file)
+            acc.wait_for_everyone()
+            if not acc.is_main_process:
+                part = tmp / (_rng_file(acc.process_index) + ".part")
+                torch.save(_rng_state(), part)
+                with open(part, "rb") as f:
+                    _sync(f)
+                os.replace(part, tmp / _rng_file(acc.process_index))
+            acc.wait_for_everyone()
         if not acc.is_main_process:
             return directory
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        _recover_checkpoint(directory)
-        tmp, old = _sibling(directory, ".tmp"), _sibling(directory, ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         if self.tmodel is not None:
             self.tmodel.save_pretrained(tmp, include_backbone=True)
         else:
-            save_backbone(acc.unwrap_model(self.model), tmp)
+            save_backbone(self.net, tmp)
         self.config.save(tmp / CONFIG_FILE)
         state = {
             "step": self.step,
             "total_steps": self.total_steps,
+            "num_processes": acc.num_processes,
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "rng": _rng_state(),
@@ -1025,7 +1103,7 @@ class Trainer:
         if self.tmodel is not None:
             self.tmodel.load_trimmers(directory)
         else:
-            load_backbone(self.accelerator.unwrap_model(self.model), directory)
+            load_backbone(self.net, directory)
         try:
             state = torch.load(directory / STATE_FILE, weights_only=False)
         except Exception as err:  # truncated or garbage file: name it
@@ -1039,7 +1117,26 @@ class Trainer:
         self._saved_total = int(state["total_steps"]) if state.get("total_steps") is not None else None
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        saved_procs = int(state.get("num_processes", 1))
+        acc = self.accelerator
+        if saved_procs != acc.num_processes:
+            raise ResumeConfigError(
+                f"{directory / STATE_FILE}: the run was trained on {saved_procs} process(es), this launch has "
+                f"{acc.num_processes}: resume with the same number of processes (the data split and every "
+                f"process's random streams depend on it)")
+        if acc.is_main_process:
+            _set_rng_state(state["rng"])
+        else:
+            path = directory / _rng_file(acc.process_index)
+            try:
+                _set_rng_state(torch.load(path, weights_only=False))
+            except Exception as err:
+                raise ValueError(f"{path}: process {acc.process_index}'s RNG state cannot be read "
+                                 f"({type(err).__name__}: {err}); the checkpoint is damaged") from None
+
+
+def _rng_file(process_index: int) -> str:
+    return f"rng_state_{process_index}.pt"
 
 
 # raised by a trimmed forward whose trimmer logits are NaN/inf (an empty tuple catches nothing)
