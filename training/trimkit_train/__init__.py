@@ -24,6 +24,7 @@ from .trainer import (
     Trainer,
     build_dataset,
     build_model,
+    build_options,
     evaluate,
     interleaved_latency,
     load_backbone,
@@ -37,6 +38,6 @@ from .trainer import (
 __all__ = [
     "MissingExtrasError", "require_extras", "CHECKPOINT_DIR", "ConfigError", "DataConfig", "DatasetEntry", "DivergedError", "ExperimentConfig", "ModelConfig",
     "RESUMABLE_FIELDS", "ResumeConfigError", "RunExistsError", "TrainConfig", "Trainer", "build_dataset",
-    "build_model", "evaluate", "interleaved_latency", "load_backbone", "load_checkpoint", "mean_macs", "model_inputs",
+    "build_model", "build_options", "evaluate", "interleaved_latency", "load_backbone", "load_checkpoint", "mean_macs", "model_inputs",
     "register_dataset", "save_backbone",
 ]

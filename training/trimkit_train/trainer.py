@@ -77,7 +77,7 @@ from ._extras import require_extras
 __all__ = [
     "CHECKPOINT_DIR", "ConfigError", "DataConfig", "DatasetEntry", "DivergedError", "ExperimentConfig",
     "ModelConfig", "RESUMABLE_FIELDS", "ResumeConfigError", "RunExistsError", "TrainConfig", "Trainer",
-    "build_dataset", "build_model", "evaluate", "interleaved_latency", "load_backbone", "load_checkpoint",
+    "build_dataset", "build_model", "build_options", "evaluate", "interleaved_latency", "load_backbone", "load_checkpoint",
     "mean_macs", "model_inputs", "register_dataset", "save_backbone",
 ]
 
@@ -85,6 +85,7 @@ CHECKPOINT_DIR = "checkpoint"
 CONFIG_FILE = "experiment.yaml"
 STATE_FILE = "trainer_state.pt"
 BACKBONE_FILE = "backbone.safetensors"
+BUILD_FILE = "build.json"
 LOG_FILE = "log.jsonl"
 METRICS_FILE = "metrics.json"
 
@@ -133,10 +134,21 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     adapter: str = Field("meter", description="registered adapter name (see `trimkit plugins`)")
-    size: str = Field("tiny", description="adapter preset, e.g. 'tiny' or 'base'")
+    size: str = Field("tiny", description="adapter preset, e.g. 'tiny' or 'base' (ignored with `pretrained`)")
     seed: int = 0
     overrides: dict[str, Any] = Field(default_factory=dict, description="adapter build options (model sizes)")
     init: str | None = Field(None, description="directory with backbone.safetensors to start from")
+    pretrained: str | None = Field(
+        None, description="start from pretrained weights, offline: an HF model id (in the local cache) or local "
+                          "directory, an official METER checkpoint file, a timm/open_clip model name (with `weights`)")
+    revision: str | None = Field(None, description="revision of an HF `pretrained` id (branch, tag or commit)")
+    weights: str | None = Field(None, description="weights file of a timm/open_clip `pretrained` name")
+
+    @model_validator(mode="after")
+    def _pretrained_fields(self) -> "ModelConfig":
+        if self.pretrained is None and (self.revision is not None or self.weights is not None):
+            raise ValueError("model.revision / model.weights only apply with model.pretrained")
+        return self
 
     @field_validator("adapter")
     @classmethod
@@ -331,12 +343,12 @@ def collate_of(dataset: Any) -> Callable:
 # ------------------------------------------------------------------------------------------------
 # Models and weights
 # ------------------------------------------------------------------------------------------------
-def build_model(model: ModelConfig, data: DataConfig | None = None, dataset: Any = None) -> nn.Module:
-    """``adapter.build(size, seed, **options)``, then ``init`` weights if given.
-
-    ``options``, later ones winning (dict-valued options merged key by key): what the adapter makes
-    of the dataset's facts (its optional ``dataset_overrides(DatasetFacts)``), the dataset entry's
-    ``model_defaults(adapter_name, dataset)`` if it has one, then ``model.overrides``."""
+def build_options(model: ModelConfig, data: DataConfig | None = None, dataset: Any = None) -> dict[str, Any]:
+    """The options ``adapter.build`` (or ``adapter.from_pretrained``) gets, later ones winning
+    (dict-valued options merged key by key): what the adapter makes of the dataset's facts (its
+    optional ``dataset_overrides(DatasetFacts)``), the dataset entry's ``model_defaults(adapter_name,
+    dataset)`` if it has one, then ``model.overrides``. ``dataset`` is the split the model is built
+    for (the training split in a run; else the evaluation split of ``data`` is built)."""
     from trimkit.adapter import DatasetFacts
 
     adapter = get_registry().adapters.get(model.adapter)
@@ -350,12 +362,29 @@ def build_model(model: ModelConfig, data: DataConfig | None = None, dataset: Any
                 options = _merge(options, hook(DatasetFacts.of(ds)))
             if entry.model_defaults is not None:
                 options = _merge(options, entry.model_defaults(model.adapter, ds))
-    options = _merge(options, model.overrides)
-    try:
-        net = adapter.build(size=model.size, seed=model.seed, **options)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model: adapter {model.adapter!r} could not build size={model.size!r} with options "
-                          f"{options}: {err}") from None
+    return _merge(options, model.overrides)
+
+
+def build_model(model: ModelConfig, data: DataConfig | None = None, dataset: Any = None, *,
+                options: dict[str, Any] | None = None) -> nn.Module:
+    """The backbone ``model`` describes: ``adapter.build(size, seed, **options)``, or with
+    ``model.pretrained`` the adapter's ``from_pretrained(pretrained, revision=, weights=, **options)``;
+    then ``init`` weights if given. ``options`` default to :func:`build_options` of ``data`` and
+    ``dataset``; a checkpoint passes the ones its run was built with."""
+    if options is None:
+        options = build_options(model, data, dataset)
+    adapter = get_registry().adapters.get(model.adapter)
+    if model.pretrained is not None:
+        from trimkit.adapter import load_pretrained
+
+        net = load_pretrained(model.adapter, model.pretrained, revision=model.revision, weights=model.weights,
+                              **options)
+    else:
+        try:
+            net = adapter.build(size=model.size, seed=model.seed, **options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model: adapter {model.adapter!r} could not build size={model.size!r} with options "
+                              f"{options}: {err}") from None
     if model.init:
         load_backbone(net, model.init)
     return net
@@ -413,6 +442,30 @@ def load_backbone(model: nn.Module, directory: str | Path) -> nn.Module:
     return model
 
 
+def _jsonable(options: dict[str, Any]) -> dict[str, Any] | None:
+    """``options`` if they survive a JSON round trip unchanged (else None: a checkpoint then
+    rebuilds its model from the config and the data, as before build.json existed)."""
+    try:
+        return options if json.loads(json.dumps(options)) == options else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _read_build(path: Path, config: "ExperimentConfig") -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        options, adapter = data["options"], data["adapter"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: unreadable build options ({type(err).__name__}: {err}); the checkpoint is "
+                         f"damaged: restore it or retrain") from None
+    if adapter != config.model.adapter or not isinstance(options, dict):
+        raise ValueError(f"{path}: built with adapter {adapter!r} but its experiment.yaml names "
+                         f"{config.model.adapter!r}: files of two different runs")
+    return options
+
+
 def _checkpoint_dir(directory: str | Path) -> Path:
     directory = Path(directory)
     if (directory / CHECKPOINT_DIR / CONFIG_FILE).exists():  # a run directory: its checkpoint/ holds the weights
@@ -431,7 +484,12 @@ def load_checkpoint(directory: str | Path) -> tuple[nn.Module, ExperimentConfig]
         raise FileNotFoundError(f"{directory}: not a trimkit checkpoint (no {CONFIG_FILE}); pass a run directory "
                                 f"or its {CHECKPOINT_DIR}/")
     config = ExperimentConfig.load(directory / CONFIG_FILE)
-    net = build_model(config.model.model_copy(update={"init": None}), config.data)
+    model_cfg = config.model.model_copy(update={"init": None})
+    built = _read_build(directory / BUILD_FILE, config)
+    if built is not None:  # the options the run was built with: no dataset needed, none can disagree
+        net = build_model(model_cfg, options=built)
+    else:  # a checkpoint written before build.json: rebuilt from the evaluation split's facts
+        net = build_model(model_cfg, config.data)
     if config.trim is None:
         return load_backbone(net, directory), config
     tmodel = trim(net, config.trim, adapter=config.model.adapter)
@@ -698,8 +756,12 @@ class Trainer:
                               f"of processes ({acc.num_processes})")
         self.train_dataset = train_dataset if train_dataset is not None else build_dataset(config.data, "train")
         self.eval_dataset = eval_dataset if eval_dataset is not None else build_dataset(config.data, "eval")
+        #: the options the backbone was built with (None: a model passed in); saved in checkpoints
+        #: (build.json) so that eval rebuilds exactly this model, whatever split it reads
+        self.build_options: dict[str, Any] | None = None
         if model is None:
-            model = build_model(config.model, config.data, self.train_dataset)
+            self.build_options = _jsonable(build_options(config.model, config.data, self.train_dataset))
+            model = build_model(config.model, options=self.build_options)
         if config.trim is not None and not isinstance(model, TrimmedModel):
             model = trim(model, config.trim, adapter=config.model.adapter)
         self.tmodel: TrimmedModel | None = model if isinstance(model, TrimmedModel) else None
@@ -1068,9 +1130,14 @@ class Trainer:
         if not acc.is_main_process:
             return directory
         if self.tmodel is not None:
-            self.tmodel.save_pretrained(tmp, include_backbone=True)
+            mc = self.config.model
+            self.tmodel.save_pretrained(tmp, include_backbone=True, build_options=self.build_options,
+                                        base_model=mc.pretrained, base_revision=mc.revision if mc.pretrained else None)
         else:
             save_backbone(self.net, tmp)
+        if self.build_options is not None:
+            _write_atomic(tmp / BUILD_FILE, json.dumps({"adapter": self.config.model.adapter,
+                                                         "options": self.build_options}, indent=2))
         self.config.save(tmp / CONFIG_FILE)
         state = {
             "step": self.step,
