@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     from trimkit import TrimConfig, trim
     from trimkit_train.demo import _selector_targets, calibrate
-    from trimkit_train import (DataConfig, ExperimentConfig, ModelConfig, TrainConfig, Trainer, build_dataset,
+    from trimkit_train import (DataConfig, ExperimentConfig, ModelConfig, RecipeConfig, TrainConfig, Trainer, build_dataset,
                                   build_model, evaluate)
 
     t_start = time.perf_counter()
@@ -137,14 +137,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     data = DataConfig(name="digit_grid", options={"variant": "vqa", "grid": 4, "cell": 16, "digits_per_image": [2, 5]},
                       train_size=args.train_size, eval_size=args.eval_size, seed=0)
-    trim_common = {"sampler": "sharpen", "final_temperature": 0.05, "curriculum_fraction": 0.5}
+    trim_common = {"sampler": "sharpen"}
+    recipe = RecipeConfig(final_temperature=0.05, curriculum_fraction=0.5)
 
     def experiment(train: dict[str, Any], name: str, trim_cfg: dict[str, Any] | None, init: str | None):
         return ExperimentConfig(
             model=ModelConfig(adapter="blip", size="tiny", overrides=overrides, init=init), data=data,
             train=TrainConfig(**{"macs_instances": 0, "eval_batch_size": 250, "seed": 0, "progress": False, **train,
                                  "out_dir": str(work / name)}),
-            trim=TrimConfig(**{**trim_common, **trim_cfg}) if trim_cfg is not None else None)
+            trim=TrimConfig(**{**trim_common, **trim_cfg}) if trim_cfg is not None else None, recipe=recipe)
 
     # 1. backbone --------------------------------------------------------------------------------
     cfg = experiment({"steps": args.backbone_steps, "batch_size": 32, "lr": args.backbone_lr, "warmup_fraction": 0.05},

@@ -44,7 +44,8 @@ def config(out: Path, mode: str, steps: int) -> ExperimentConfig:
                   "out_dir": str(out / "run"), "progress": False, "save_every": 2, "lr": 1e-3},
     }
     if mode == "trim":
-        data["trim"] = {"token_target": 0.6, "head_target": 0.8, "lambda_sd": 1.0, "curriculum_fraction": 0.5}
+        data["trim"] = {"token_target": 0.6, "head_target": 0.8}
+        data["recipe"] = {"lambda_sd": 1.0, "curriculum_fraction": 0.5}
     return ExperimentConfig.from_dict(data)
 
 

@@ -35,9 +35,30 @@ def test_unknown_field_rejected():
 
 
 def test_defaults_follow_the_paper():
-    cfg = TrimConfig()
-    assert cfg.lambda_cost == 20.0 and cfg.lambda_sd == 1.0
+    from trimkit_train import RecipeConfig
+
+    cfg, recipe = TrimConfig(), RecipeConfig()
+    assert recipe.lambda_cost == 20.0 and recipe.lambda_sd == 1.0 and recipe.curriculum_fraction == 0.5
     assert cfg.token_policy == "cross_modal" and cfg.sampler == "gumbel"
+
+
+def test_recipe_fields_are_not_trim_config_fields():
+    with pytest.raises(ValidationError, match="lambda_cost.*recipe"):
+        TrimConfig(lambda_cost=3.0)
+    # a checkpoint's dump from before the recipe moved out still loads (the fields are dropped)
+    old = {**TrimConfig(token_target=0.5).model_dump(mode="json"), "lambda_cost": 20.0, "objective": "smarttrim"}
+    assert TrimConfig.from_saved(old) == TrimConfig(token_target=0.5)
+
+
+def test_legacy_experiment_config_moves_recipe_fields():
+    from trimkit_train import ExperimentConfig
+
+    legacy = ExperimentConfig.from_dict({"train": {"steps": 1}, "trim": {"token_target": 0.5, "lambda_cost": 7.0,
+                                                                       "final_temperature": 0.1}})
+    assert legacy.trim == TrimConfig(token_target=0.5)
+    assert legacy.recipe.lambda_cost == 7.0 and legacy.recipe.final_temperature == 0.1
+    with pytest.raises(ValueError, match="both"):
+        ExperimentConfig.from_dict({"train": {"steps": 1}, "trim": {"lambda_cost": 7.0}, "recipe": {"lambda_cost": 1.0}})
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])

@@ -124,14 +124,18 @@ def _float_fields(model: type) -> list[str]:
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
 def test_every_float_field_rejects_non_finite_values(bad):
+    from trimkit_train import RecipeConfig
+
     train_fields, trim_fields = _float_fields(TrainConfig), _float_fields(TrimConfig)
+    recipe_fields = _float_fields(RecipeConfig)
     assert {"lr", "trimmer_lr", "betas", "epochs", "grad_clip"} <= set(train_fields)
-    assert {"lambda_cost", "lambda_sd", "temperature", "token_target"} <= set(trim_fields)
-    for section, fields in (("train", train_fields), ("trim", trim_fields)):
+    assert {"token_target", "head_target", "init_logit"} <= set(trim_fields)
+    assert {"lambda_cost", "lambda_sd", "temperature", "final_temperature"} <= set(recipe_fields)
+    for section, fields in (("train", train_fields), ("trim", trim_fields), ("recipe", recipe_fields)):
         for name in fields:
             value = (0.9, bad) if name == "betas" else bad
             data = _dict()
-            data[section] = {**(data[section] or {}), name: value}
+            data[section] = {**(data.get(section) or {}), name: value}
             if name == "epochs":
                 data["train"].pop("steps")
             with pytest.raises(ConfigError) as err:
@@ -142,17 +146,22 @@ def test_every_float_field_rejects_non_finite_values(bad):
 def test_yaml_inf_is_rejected_by_name(tmp_path, capsys):
     data = _dict()
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(data).replace("token_target: 0.5", "token_target: 0.5\n  lambda_cost: .inf"))
-    assert yaml.safe_load(path.read_text())["trim"]["lambda_cost"] == float("inf")
+    from trimkit_train import RecipeConfig
+
+    path.write_text(yaml.safe_dump(data) + "recipe:\n  lambda_cost: .inf\n")
+    assert yaml.safe_load(path.read_text())["recipe"]["lambda_cost"] == float("inf")
     assert _train("--config", str(path), "--out", str(tmp_path / "run")) == 2
     err = capsys.readouterr().err
-    assert "trim.lambda_cost: must be a finite number, got inf" in err
+    assert "recipe.lambda_cost: must be a finite number, got inf" in err
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="lambda_cost"):
-        TrimConfig(lambda_cost=float("inf"))
-    cfg = TrimConfig()
+        RecipeConfig(lambda_cost=float("inf"))
+    cfg = RecipeConfig()
     with pytest.raises(ValueError, match="temperature"):  # validate_assignment: no way round it
         cfg.temperature = float("nan")
+    trim_cfg = TrimConfig()
+    with pytest.raises(ValueError, match="init_logit"):
+        trim_cfg.init_logit = float("nan")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,13 +402,13 @@ def test_resume_with_a_changed_config_is_refused_by_field(tmp_path, capsys):
     capsys.readouterr()
 
     changed = _dict(steps=6, save_every=2, lr=5e-4)
-    changed["trim"]["lambda_cost"] = 10.0
+    changed["recipe"] = {"lambda_cost": 10.0}
     bad = _write(tmp_path / "changed.yaml", changed)
     assert _train("--config", str(bad), "--out", str(run), "--resume") == 2
     err = capsys.readouterr().err
     assert "differs from the run's" in err and str(run / "checkpoint" / "experiment.yaml") in err
     assert "train.lr: 0.001 (run) -> 0.0005 (given)" in err
-    assert "train.steps: 4 (run) -> 6 (given)" in err and "trim.lambda_cost: 20.0 (run) -> 10.0 (given)" in err
+    assert "train.steps: 4 (run) -> 6 (given)" in err and "recipe.lambda_cost: 20.0 (run) -> 10.0 (given)" in err
     assert "--allow-config-change" in err and "train.eval_every" in err  # the way out, and what may change
     help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
     assert all(f.split(".")[1] in help_text for f in RESUMABLE_FIELDS)  # --help lists them too

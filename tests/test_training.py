@@ -78,8 +78,9 @@ def test_smarttrim_steps_log_every_term(tmp_path):
 
 def test_temperature_schedule_reaches_the_sampler(tmp_path):
     cfg = _config(tmp_path, steps=5)
-    cfg.trim = cfg.trim.model_copy(update={"sampler": "sharpen", "temperature": 1.0, "final_temperature": 0.0625,
-                                           "curriculum_fraction": 0.0})
+    cfg.trim = cfg.trim.model_copy(update={"sampler": "sharpen"})
+    cfg.recipe = cfg.recipe.model_copy(update={"temperature": 1.0, "final_temperature": 0.0625,
+                                               "curriculum_fraction": 0.0})
     trainer = Trainer(cfg)
     trainer.fit()
     steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -165,8 +166,8 @@ def test_resume_is_bit_exact(tmp_path, token_policy):
     def config(run):
         cfg = _config(tmp_path / run, steps=8, eval_every=3, eval_instances=8, macs_instances=1)
         cfg.data.train_size = 48  # 6 batches per epoch: the resumed run crosses an epoch boundary
-        cfg.trim = cfg.trim.model_copy(update={"sampler": "gumbel", "token_policy": token_policy,
-                                               "final_temperature": 0.25})
+        cfg.trim = cfg.trim.model_copy(update={"sampler": "gumbel", "token_policy": token_policy})
+        cfg.recipe = cfg.recipe.model_copy(update={"final_temperature": 0.25})
         return cfg
 
     straight = Trainer(config("straight"))

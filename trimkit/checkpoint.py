@@ -467,7 +467,7 @@ def read_meta(directory: str | Path) -> CheckpointMeta:
         save_id = _field(path, data, "save_id", str, "the id its weight files carry")
         backbone = _field(path, data, "backbone", bool, "whether backbone.safetensors was saved")
     try:
-        config = TrimConfig.model_validate(config_data)
+        config = TrimConfig.from_saved(config_data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in ("config", *err["loc"]))

@@ -1,4 +1,4 @@
-"""Typed configuration for trimming and its training recipe (pydantic v2).
+"""Typed configuration of what to trim (pydantic v2); the training recipe is trimkit_train's.
 
 Targets are *keep ratios* in (0, 1] (the paper's gamma_p): 0.5 keeps half of the tokens (or heads)
 of a module. A target is a float (everywhere) or a dict keyed by selectors, most specific first:
@@ -20,6 +20,11 @@ from .plugins import get_registry
 
 Target = float | dict[str, float]
 
+#: Training-recipe fields that TrimConfig held before 0.2 (now trimkit_train.RecipeConfig). Checkpoints
+#: of that time still load: :meth:`TrimConfig.from_saved` drops them.
+RECIPE_FIELDS = frozenset({"objective", "scheduler", "temperature", "final_temperature", "lambda_cost", "lambda_sd",
+                           "curriculum_fraction"})
+
 
 def _check_ratio(value: float, where: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -31,6 +36,9 @@ def _check_ratio(value: float, where: str) -> float:
 
 class TrimConfig(BaseModel):
     """What to trim, how hard, and with which method parts (all names are plugin registry names).
+
+    How to *train* the trimmers (objective, curriculum scheduler, temperatures, loss weights) is not
+    here: it is the recipe of the training package (``trimkit_train.RecipeConfig``).
 
     Every number must be finite: ``inf``/``nan`` (YAML ``.inf``/``.nan``) are rejected, naming the field
     (``lambda_cost: .inf`` would otherwise train to an all-NaN model)."""
@@ -46,17 +54,20 @@ class TrimConfig(BaseModel):
     trim_heads: bool = True
     token_policy: str = "cross_modal"
     head_policy: str = "cross_modal"
-    sampler: str = "gumbel"
-    objective: str = "smarttrim"
-    scheduler: str = "linear"
+    sampler: str = Field("gumbel", description="how train-mode forwards draw masks from the trimmers' logits")
     trimmer_dim: int | None = Field(None, ge=4, description="D' of the token trimmer; None = max(16, D // 8)")
     init_logit: float = Field(5.0, gt=0, description="stable initialisation: every token and head starts kept")
-    temperature: float = Field(1.0, gt=0, description="Gumbel-sigmoid temperature (Eq. 8)")
-    final_temperature: float | None = Field(
-        None, gt=0, description="temperature at the last step (geometric decay from `temperature`); None = fixed")
-    lambda_cost: float = Field(20.0, ge=0, description="weight of the cost loss (Eq. 12)")
-    lambda_sd: float = Field(1.0, ge=0, description="weight of self-distillation (Eq. 12)")
-    curriculum_fraction: float = Field(0.5, ge=0, le=1, description="fraction of training over which targets go from 1.0 to their value")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = sorted(k for k in data if k in RECIPE_FIELDS)
+            if moved:
+                raise ValueError(
+                    f"{', '.join(moved)}: how to train is not part of TrimConfig (what to trim): these fields are "
+                    f"in the `recipe` section of an experiment config (trimkit_train.RecipeConfig)")
+        return data
 
     @field_validator("token_target", "head_target")
     @classmethod
@@ -74,14 +85,18 @@ class TrimConfig(BaseModel):
             ("token_policy", registry.token_policies),
             ("head_policy", registry.head_policies),
             ("sampler", registry.samplers),
-            ("objective", registry.objectives),
-            ("scheduler", registry.schedulers),
             ("adapter", registry.adapters),
         ):
             name = getattr(self, field)
             if name is not None and name not in reg:
                 raise ValueError(f"{field}: unknown {reg.kind} {name!r}; registered: {reg.names() or 'none'}")
         return self
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "TrimConfig":
+        """A config from a saved dump; dumps written before the recipe fields moved out
+        (:data:`RECIPE_FIELDS`) load with those fields dropped (they did not change the model)."""
+        return cls.model_validate({k: v for k, v in data.items() if k not in RECIPE_FIELDS})
 
     # --- persistence -------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -18,6 +18,7 @@ from .trainer import (
     ExperimentConfig,
     ModelConfig,
     RESUMABLE_FIELDS,
+    RecipeConfig,
     ResumeConfigError,
     RunExistsError,
     TrainConfig,
@@ -37,7 +38,7 @@ from .trainer import (
 
 __all__ = [
     "MissingExtrasError", "require_extras", "CHECKPOINT_DIR", "ConfigError", "DataConfig", "DatasetEntry", "DivergedError", "ExperimentConfig", "ModelConfig",
-    "RESUMABLE_FIELDS", "ResumeConfigError", "RunExistsError", "TrainConfig", "Trainer", "build_dataset",
+    "RESUMABLE_FIELDS", "RecipeConfig", "ResumeConfigError", "RunExistsError", "TrainConfig", "Trainer", "build_dataset",
     "build_model", "build_options", "evaluate", "interleaved_latency", "load_backbone", "load_checkpoint", "mean_macs", "model_inputs",
     "register_dataset", "save_backbone",
 ]

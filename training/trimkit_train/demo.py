@@ -42,6 +42,7 @@ from .trainer import (
     DataConfig,
     ExperimentConfig,
     ModelConfig,
+    RecipeConfig,
     TrainConfig,
     Trainer,
     build_dataset,
@@ -67,6 +68,7 @@ class DemoPreset:
     backbone: dict[str, Any]  # TrainConfig fields of the plain backbone stage
     finetune: dict[str, Any]  # TrainConfig fields of each SmartTrim fine-tune
     trim: dict[str, Any] = field(default_factory=dict)  # TrimConfig fields shared by all fine-tunes
+    recipe: dict[str, Any] = field(default_factory=dict)  # RecipeConfig fields shared by all fine-tunes
     ratios: tuple[float, ...] = (1.5, 2.0, 3.0)
     baselines: tuple[str, ...] = ("local", "random")
     macs_instances: int = 64
@@ -90,7 +92,8 @@ FULL = DemoPreset(
     # masks sharpen to the inference decision once the targets are in force, so the keep ratios the
     # cost loss meets in 300 steps are those inference takes (with the plain Gumbel-sigmoid they
     # were not: 1.5x and Random ended at 1.0-1.2x; benchmarks/results/demo/README.md)
-    trim={"curriculum_fraction": 0.5, "sampler": "sharpen", "final_temperature": 0.05},
+    trim={"sampler": "sharpen"},
+    recipe={"curriculum_fraction": 0.5, "final_temperature": 0.05},
 )
 """The default: 530 s on 2 CPU cores (benchmarks/results/demo/)."""
 
@@ -105,7 +108,8 @@ QUICK = DemoPreset(
     finetune={"steps": 8, "batch_size": 16, "lr": 1e-4, "trimmer_lr": 5e-2},
     # eight steps cannot move trimmers from the stable init (logit 5): start them near the decision
     # boundary with the targets in force at once, so the smoke test exercises real trimming
-    trim={"curriculum_fraction": 0.0, "init_logit": 0.3, "sampler": "sharpen", "final_temperature": 0.05},
+    trim={"init_logit": 0.3, "sampler": "sharpen"},
+    recipe={"curriculum_fraction": 0.0, "final_temperature": 0.05},
     macs_instances=4,
     latency_instances=4,
     latency_repeats=1,
@@ -337,6 +341,7 @@ def _experiment(preset: DemoPreset, train: dict[str, Any], out_dir: Path, trim_c
         train=TrainConfig(**{"macs_instances": 0, "eval_batch_size": 256, "seed": 0, **train,
                              "out_dir": str(out_dir), "progress": progress}),
         trim=TrimConfig(**{**preset.trim, **trim_cfg}) if trim_cfg is not None else None,
+        recipe=RecipeConfig(**preset.recipe),
     )
 
 

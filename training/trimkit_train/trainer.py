@@ -76,7 +76,7 @@ from ._extras import require_extras
 
 __all__ = [
     "CHECKPOINT_DIR", "ConfigError", "DataConfig", "DatasetEntry", "DivergedError", "ExperimentConfig",
-    "ModelConfig", "RESUMABLE_FIELDS", "ResumeConfigError", "RunExistsError", "TrainConfig", "Trainer",
+    "ModelConfig", "RESUMABLE_FIELDS", "RecipeConfig", "ResumeConfigError", "RunExistsError", "TrainConfig", "Trainer",
     "build_dataset", "build_model", "build_options", "evaluate", "interleaved_latency", "load_backbone", "load_checkpoint",
     "mean_macs", "model_inputs", "register_dataset", "save_backbone",
 ]
@@ -223,10 +223,42 @@ class TrainConfig(BaseModel):
         return self
 
 
-class ExperimentConfig(BaseModel):
-    """A whole run: ``model``, ``data``, ``train`` and (for SmartTrim) ``trim`` sections.
+class RecipeConfig(BaseModel):
+    """How the trimmers are trained (paper §4.2): the objective, the curriculum scheduler, the
+    temperature schedule and the loss weights. Names are plugin registry names; the objective and
+    scheduler factories are called with this config (they read the fields they need).
 
-    ``trim: null`` (or absent) trains the plain, untrimmed backbone.
+    Only used with a ``trim`` section (:class:`trimkit.TrimConfig` says *what* to trim)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    objective: str = Field("smarttrim", description="training objective (registry name)")
+    scheduler: str = Field("linear", description="target/temperature scheduler (registry name)")
+    lambda_cost: float = Field(20.0, ge=0, description="weight of the cost loss (Eq. 12)")
+    lambda_sd: float = Field(1.0, ge=0, description="weight of self-distillation (Eq. 12)")
+    curriculum_fraction: float = Field(
+        0.5, ge=0, le=1, description="fraction of training over which targets go from 1.0 to their value")
+    temperature: float = Field(1.0, gt=0, description="Gumbel-sigmoid temperature (Eq. 8)")
+    final_temperature: float | None = Field(
+        None, gt=0, description="temperature at the last step (geometric decay from `temperature`); None = fixed")
+
+    @model_validator(mode="after")
+    def _names(self) -> "RecipeConfig":
+        registry = get_registry()
+        for field, reg in (("objective", registry.objectives), ("scheduler", registry.schedulers)):
+            name = getattr(self, field)
+            if name not in reg:
+                raise ValueError(f"{field}: unknown {reg.kind} {name!r}; registered: {reg.names() or 'none'}")
+        return self
+
+
+class ExperimentConfig(BaseModel):
+    """A whole run: ``model``, ``data``, ``train`` and, for SmartTrim, ``trim`` (what to trim) and
+    ``recipe`` (how to train it) sections.
+
+    ``trim: null`` (or absent) trains the plain, untrimmed backbone (``recipe`` is then unused).
+    Configs written before the recipe had its own section (recipe fields under ``trim``) are read
+    with those fields moved to ``recipe``.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -235,6 +267,28 @@ class ExperimentConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig
     trim: TrimConfig | None = None
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_recipe(cls, data: Any) -> Any:
+        from trimkit.config import RECIPE_FIELDS
+
+        if not isinstance(data, dict) or not isinstance(data.get("trim"), dict):
+            return data
+        moved = {k: v for k, v in data["trim"].items() if k in RECIPE_FIELDS}
+        if not moved:
+            return data
+        recipe = data.get("recipe") or {}
+        if not isinstance(recipe, dict):
+            return data
+        both = sorted(k for k in moved if k in recipe)
+        if both:
+            raise ValueError(f"{', '.join(both)}: given under both `trim` and `recipe`; keep them in `recipe`")
+        data = dict(data)
+        data["trim"] = {k: v for k, v in data["trim"].items() if k not in RECIPE_FIELDS}
+        data["recipe"] = {**recipe, **moved}
+        return data
 
     @classmethod
     def load(cls, path: str | Path) -> "ExperimentConfig":
@@ -773,9 +827,9 @@ class Trainer:
         self.total_steps = tc.steps or max(1, math.ceil(tc.epochs * self.batches_per_epoch))
         registry = get_registry()
         if self.tmodel is not None:
-            tcfg = self.tmodel.config
-            self.objective = registry.objectives.get(tcfg.objective)(tcfg)
-            self.scheduler = registry.schedulers.get(tcfg.scheduler)(tcfg)
+            recipe = config.recipe
+            self.objective = registry.objectives.get(recipe.objective)(recipe)
+            self.scheduler = registry.schedulers.get(recipe.scheduler)(recipe)
         else:
             self.objective, self.scheduler = _CrossEntropy(), None
         self.optimizer = torch.optim.AdamW(self._param_groups(), betas=tc.betas)
