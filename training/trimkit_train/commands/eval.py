@@ -37,6 +37,10 @@ def register(sub) -> None:
     p.add_argument("--inference", choices=INFERENCE, default=None,
                    help="how a trimmed model runs eval batches larger than 1 (default: remove, the model's "
                         "default: such batches run masked, no compute saved; packed: kept tokens only)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where to evaluate: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="also write the metrics as JSON to FILE (written atomically)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=run)
 
@@ -61,6 +65,29 @@ def describe_inference(mode: str | None, batch_size: int, n: int) -> str:
     return f"{mode} ({what})"
 
 
+def resolve_device(name: str | None):
+    """``--device``: the torch device to evaluate on; a CUDA device that is not there is an error."""
+    import torch
+
+    from trimkit.cli import UsageError
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
+
+
 def run(args) -> int:
     from trimkit import TrimmedModel
     from trimkit_train import build_dataset, evaluate, load_checkpoint
@@ -70,7 +97,11 @@ def run(args) -> int:
     except ImportError:  # an older core without the warning
         MaskedBatchWarning = None
 
+    import torch
+
+    device = resolve_device(args.device)
     model, config = load_checkpoint(args.checkpoint)
+    model.to(device)
     data = config.data
     if args.split is not None:
         data = data.model_copy(update={"eval_split": args.split})
@@ -99,10 +130,15 @@ def run(args) -> int:
     with warnings.catch_warnings():
         if MaskedBatchWarning is not None:  # the output below says how the batches ran, and names --inference
             warnings.simplefilter("ignore", MaskedBatchWarning)
-        ev = evaluate(model, dataset, batch_size=batch_size, instances=args.instances, macs_instances=macs_n)
+        ev = evaluate(model, dataset, batch_size=batch_size, instances=args.instances, macs_instances=macs_n,
+                      device=device)
     ev.update(checkpoint=str(args.checkpoint), split=data.eval_split, trimmed=config.trim is not None,
-              inference=mode, eval_batch_size=batch_size,
+              inference=mode, eval_batch_size=batch_size, device=str(device),
               inference_note=describe_inference(mode, batch_size, ev["n"]))
+    if args.output is not None:
+        from trimkit.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(args.output, (json.dumps(ev, indent=2) + "\n").encode())
     for note in notes:
         print(f"trimkit eval: note: {note}", file=sys.stderr)
     if args.json:
