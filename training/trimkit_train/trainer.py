@@ -805,6 +805,12 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(split_batches=True),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=tc.find_unused_parameters)])
         acc = self.accelerator
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+            raise ConfigError(
+                f"the accelerate launch config selects {acc.distributed_type.name}, which the trainer does not "
+                f"support yet (checkpoints gather the weights on the main process alone, and the trimmed graph "
+                f"reads the backbone's parameters by attribute): launch data-parallel (DDP) instead, e.g. "
+                f"examples/accelerate/multi_gpu.yaml")
         if tc.batch_size % acc.num_processes:
             raise ConfigError(f"train.batch_size={tc.batch_size} (the global batch) must be divisible by the number "
                               f"of processes ({acc.num_processes})")
