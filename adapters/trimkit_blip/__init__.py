@@ -33,6 +33,11 @@ attention (paper, Appendix B). Each image is trimmed by its own decisions (same 
 each cross-attention sees only its image's kept tokens in every mode (masked, removed, packed).
 :meth:`BlipNLVRForTrimming.from_blip` starts it from a pretrained BLIP image-text model.
 
+Pretrained, offline and already wrapped: ``trimkit.adapter.load_pretrained("blip",
+"Salesforce/blip-vqa-base")`` (a local directory, or a model id in the local HF cache; ``task=
+"nlvr2"`` / ``"vqa_classifier"`` start those models from a checkpoint; see
+:meth:`BlipAdapter.from_pretrained`).
+
 Not supported: the retrieval model's contrastive (``use_itm_head=False``) path. With masks (modes
 ``hard`` and ``sample``) a VQA batch of B > 1 questions must use K = 1: the core applies a
 question's token mask to B rows, not to its K decoder rows. Ranking K > 1 candidates works at

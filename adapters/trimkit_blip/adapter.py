@@ -22,6 +22,10 @@ TINY = dict(
 )
 """``build("tiny")``: 2 vision + 2 text (+ 2 decoder) layers of width 32, 32px images (17 image tokens)."""
 
+_ARCHITECTURES = {"BlipForQuestionAnswering": "vqa", "BlipForImageTextRetrieval": "itm",
+                  "BlipForConditionalGeneration": "caption"}
+"""The ``from_pretrained`` task of a checkpoint saved as each transformers class (config ``architectures``)."""
+
 
 def wrap(model: nn.Module, interpolate_pos_encoding: bool = False) -> nn.Module:
     """The traceable wrapper of a transformers BLIP model (weights shared, not copied);
@@ -173,3 +177,98 @@ class BlipAdapter:
         if text:
             out["text_config"] = text
         return out
+
+    def from_pretrained(self, source: str, *, revision: str | None = None, weights: str | None = None,
+                        task: str | None = None, image_size: int | None = None,
+                        interpolate_pos_encoding: bool = False, num_labels: int | None = None,
+                        merge_from: int | None = None, new_head: bool = False, seed: int | None = None,
+                        **options: Any) -> nn.Module:
+        """A pretrained wrapped BLIP (what :meth:`build` returns for ``task``), read offline:
+        ``source`` is a directory written by ``save_pretrained`` or a Hugging Face model id in the
+        local HF cache (at ``revision``), e.g. ``Salesforce/blip-vqa-base``.
+
+        ``task``: ``"vqa"`` (``BlipForQuestionAnswering``), ``"itm"`` (``BlipForImageTextRetrieval``),
+        ``"caption"`` (``BlipForConditionalGeneration``), by default the one the checkpoint was saved
+        as (config ``architectures``); ``"vqa_classifier"`` (the encoders of a VQA or ITM
+        checkpoint and a new random ``classifier`` of ``num_labels``, default 2) and ``"nlvr2"``
+        (:meth:`BlipNLVRForTrimming.from_blip` of an ITM checkpoint, option ``merge_from``) are
+        built from the checkpoint as Salesforce's fine-tuning starts. ``image_size``: the
+        resolution to run at; the position table is resized to it once (bicubic, [CLS] row kept)
+        and the config says so, as BLIP's fine-tuning at 288px from 384px does.
+        ``interpolate_pos_encoding`` is :func:`wrap`'s (interpolate at every call instead).
+        ``new_head=True`` lets the ITM head start random where the checkpoint lacks it; ``seed``
+        seeds random parts. Other ``options`` set ``BlipConfig`` fields before the weights load
+        (``vision_config`` / ``text_config`` dicts set fields of those); fields that change weight
+        shapes are refused. ``weights`` is not used (the source holds them).
+        """
+        from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
+
+        from trimkit.adapter import PretrainedLoadError, load_transformers_pretrained, transformers_source
+
+        from .modeling import BlipNLVRForTrimming, BlipVQAClassifierForTrimming
+
+        where = f"trimkit_blip.from_pretrained({source!r})"
+        if weights is not None:
+            raise TypeError(f"{where}: weights={weights!r} is not used: a BLIP checkpoint is a directory or Hugging "
+                            "Face model id (source) holding its weights")
+        src = transformers_source(source, revision, adapter="blip", model_types=("blip",))
+        if task is None:
+            task = next((_ARCHITECTURES[a] for a in src.architectures if a in _ARCHITECTURES), None)
+            if task is None:
+                raise PretrainedLoadError(
+                    f"{where}: {src} was saved as {', '.join(src.architectures) or 'an unrecorded architecture'}, not "
+                    f"one of {', '.join(_ARCHITECTURES)}: pass task= (vqa, itm, caption, vqa_classifier or nlvr2)")
+        if num_labels is not None and task != "vqa_classifier":
+            raise TypeError(f"{where}: num_labels is an option of task 'vqa_classifier', not {task!r}")
+        if merge_from is not None and task != "nlvr2":
+            raise TypeError(f"{where}: merge_from is an option of task 'nlvr2', not {task!r}")
+        interp = interpolate_pos_encoding
+
+        def resized(model: nn.Module) -> nn.Module:
+            if image_size is not None:
+                _resize_positions(model.vision_model, image_size, where)
+            return model
+
+        encoders = ("vision_model.", "text_encoder.")
+        plans = {
+            "vqa": (BlipForQuestionAnswering, lambda m: wrap(resized(m), interp), None, ()),
+            "itm": (BlipForImageTextRetrieval, lambda m: wrap(resized(m), interp), None, ("itm_head.",)),
+            "caption": (BlipForConditionalGeneration, lambda m: wrap(resized(m), interp), None, ()),
+            "vqa_classifier": (BlipForQuestionAnswering, lambda m: BlipVQAClassifierForTrimming.from_blip(
+                resized(m), 2 if num_labels is None else num_labels, interp), encoders, ()),
+            "nlvr2": (BlipForImageTextRetrieval, lambda m: BlipNLVRForTrimming.from_blip(
+                resized(m), merge_from, interp), encoders, ()),
+        }
+        if task not in plans:
+            raise ValueError(f"{where}: task must be one of {sorted(plans)}, got {task!r}")
+        if task in ("vqa_classifier", "nlvr2") and src.architectures and not set(src.architectures) & set(
+                _ARCHITECTURES):
+            raise PretrainedLoadError(f"{where}: task {task!r} starts from a BLIP VQA or ITM checkpoint, {src} was "
+                                      f"saved as {', '.join(src.architectures)}")
+        cls, make, uses, head = plans[task]
+        accepted = ("task", "image_size", "interpolate_pos_encoding", "num_labels", "merge_from", "new_head", "seed")
+        return load_transformers_pretrained(src, cls, overrides=options, accepted=accepted, wrap=make, uses=uses,
+                                            head=head, new_head=new_head, seed=seed)
+
+
+def _resize_positions(vision_model: nn.Module, image_size: int, where: str) -> None:
+    """Resize a ``BlipVisionModel``'s position table to ``image_size`` (bicubic over the patch grid,
+    [CLS] row kept) and update its config to match."""
+    import torch.nn.functional as F
+
+    emb = vision_model.embeddings
+    config = vision_model.config
+    if image_size <= 0 or image_size % emb.patch_size:
+        raise ValueError(f"{where}: image_size={image_size} must be a positive multiple of the patch size "
+                         f"{emb.patch_size}")
+    if image_size == emb.image_size:
+        return
+    table = emb.position_embedding.data
+    before, after = round((table.shape[1] - 1) ** 0.5), image_size // emb.patch_size
+    grid = table[:, 1:].reshape(1, before, before, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(after, after), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, after * after, -1).to(table.dtype)
+    emb.position_embedding = nn.Parameter(torch.cat([table[:, :1], grid], dim=1),
+                                          requires_grad=emb.position_embedding.requires_grad)
+    emb.image_size, emb.num_patches, emb.num_positions = image_size, after * after, after * after + 1
+    config.image_size = image_size

@@ -14,6 +14,9 @@ and feed them through the link towers; trimming them would need the core to alig
 two token states of one stream (uni-modal positions vs cross-modal positions), which it cannot.
 Outputs: ``(text_features, image_features, pooler_output)``; the task heads
 (``BridgeTowerForImageAndTextRetrieval``...) are not wrapped.
+
+Pretrained, offline and already wrapped: ``trimkit.adapter.load_pretrained("bridgetower",
+"BridgeTower/bridgetower-base")`` (see :meth:`BridgeTowerAdapter.from_pretrained`).
 """
 
 from __future__ import annotations

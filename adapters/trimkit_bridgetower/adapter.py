@@ -80,3 +80,29 @@ class BridgeTowerAdapter:
         torch.manual_seed(seed)
         config = BridgeTowerConfig(**{**(TINY if size == "tiny" else {}), **options})
         return wrap(BridgeTowerModel(config).eval(), token_outputs=token_outputs)
+
+    def from_pretrained(self, source: str, *, revision: str | None = None, weights: str | None = None,
+                        token_outputs: bool = False, interpolate_pos_encoding: bool = False,
+                        **options: Any) -> nn.Module:
+        """A pretrained wrapped ``BridgeTowerModel`` (as :meth:`build` returns), read offline:
+        ``source`` is a directory written by ``save_pretrained`` or a Hugging Face model id in the
+        local HF cache (at ``revision``), e.g. ``BridgeTower/bridgetower-base`` (any
+        ``BridgeTowerFor*`` checkpoint: its ``BridgeTowerModel`` is loaded, task heads left out).
+        ``token_outputs`` / ``interpolate_pos_encoding`` are :func:`wrap`'s; other ``options`` set
+        ``BridgeTowerConfig`` fields before the weights load (``text_config`` / ``vision_config``
+        dicts set fields of those); fields that change weight shapes are refused. ``weights`` is
+        not used (the source holds them).
+        """
+        from transformers import BridgeTowerModel
+
+        from trimkit.adapter import load_transformers_pretrained, transformers_source
+
+        if weights is not None:
+            raise TypeError(f"trimkit_bridgetower.from_pretrained({source!r}): weights={weights!r} is not used: a "
+                            "BridgeTower checkpoint is a directory or Hugging Face model id (source) holding its "
+                            "weights")
+        src = transformers_source(source, revision, adapter="bridgetower", model_types=("bridgetower",))
+        return load_transformers_pretrained(
+            src, BridgeTowerModel, overrides=options, accepted=("token_outputs", "interpolate_pos_encoding"),
+            wrap=lambda model: wrap(model, token_outputs=token_outputs,
+                                    interpolate_pos_encoding=interpolate_pos_encoding))

@@ -1,24 +1,31 @@
 """Load official METER checkpoints (github.com/zdou0830/METER) into :class:`MeterModel`.
 
-The official ``METERTransformerSS`` (a Lightning module) saves ``{"state_dict": {...}}`` with:
+The official ``METERTransformerSS`` (a Lightning module, ``meter/modules/meter_module.py``) saves
+``{"state_dict": {...}}`` with (the CLIP ViT + RoBERTa variant; every key and its shape in terms of
+METER's config: ``tests/data/meter_official_keys.txt``):
 
-* ``vit_model.visual.*``: METER's CLIP vision tower (``conv1``, ``class_embedding``,
-  ``positional_embedding``, ``ln_pre``, ``transformer.resblocks.N.{attn,ln_1,mlp.c_fc,mlp.c_proj,
-  ln_2}``, ``ln_post``), next to leftovers of CLIP's text tower (``vit_model.token_embedding``,
-  ``vit_model.positional_embedding``, ``vit_model.ln_final``) that METER never uses;
-* ``text_transformer.*``: a ``RobertaModel`` (its ``pooler`` is unused);
-* ``cross_modal_{text,image}_transform``, ``token_type_embeddings``,
+* ``vit_model.visual.*``: the vision tower of METER's own CLIP copy (``meter/modules/clip_model.py``):
+  ``conv1`` (no bias), ``class_embedding``, ``positional_embedding`` (sized for the fine-tuning
+  resolution), ``ln_pre``, ``transformer.resblocks.N.{attn,ln_1,mlp.c_fc,mlp.c_proj,ln_2}`` (one
+  block fewer than CLIP's: ViT-B/16 keeps 11) and ``ln_post``; it has no ``proj``. Next to it, the
+  two leftovers of CLIP's text tower that copy keeps, ``vit_model.positional_embedding`` (77 x 512)
+  and ``vit_model.ln_final``, which METER never uses;
+* ``text_transformer.*``: a ``RobertaModel`` with its (unused) ``pooler`` and, as transformers 4.6
+  saved it, the ``embeddings.position_ids`` buffer;
+* ``cross_modal_{text,image}_transform``, ``token_type_embeddings`` (a third row for NLVR2),
   ``cross_modal_{image,text}_layers.N.{attention,crossattention}.{self.{query,key,value},
   output.{dense,LayerNorm}}``, ``...intermediate.dense``, ``...output.{dense,LayerNorm}``,
   ``cross_modal_{image,text}_pooler.dense``;
-* heads by task: ``vqa_classifier.{0,1,3}``, ``nlvr2_classifier``, ``snli_classifier``,
-  ``itm_score.fc``, and pre-training-only ``mlm_score.*`` / ``rank_output``.
+* heads by the run's ``loss_names``: ``vqa_classifier.{0,1,3}``, ``nlvr2_classifier``,
+  ``snli_classifier``, ``itm_score.fc`` (pre-training and retrieval), the pre-training-only
+  ``mlm_score.*`` and the retrieval-only ``rank_output``.
 
 :class:`MeterModel` mirrors these names, so conversion only flattens ``vit_model.visual.`` to
-``vit_model.``, drops what the model does not have (and reports it), and adapts two shapes to
+``vit_model.``, drops what the model does not have (and reports why), and adapts two shapes to
 the target config: the visual position table (bicubic interpolation of the patch grid, as METER's
 ``adapt_position_encoding`` does) and the token-type table (NLVR2 has a third row, initialised
-from the image row as METER does).
+from the image row as METER does). METER's Swin variant (``avgpool``, a Swin ``vit_model``) is
+not a :class:`MeterModel`: its vision keys are reported as unexpected.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +43,8 @@ import torch.nn.functional as F
 
 from .modeling import HEAD_NAMES, MeterConfig, MeterModel
 
-__all__ = ["MeterCheckpointError", "MeterConversion", "convert_meter_checkpoint", "convert_meter_state_dict",
-           "interpolate_pos_embed", "load_meter_checkpoint"]
+__all__ = ["MeterCheckpointError", "MeterConversion", "checkpoint_tasks", "convert_meter_checkpoint",
+           "convert_meter_state_dict", "interpolate_pos_embed", "load_meter_checkpoint", "read_meter_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +55,7 @@ _ALWAYS_DROPPED = {  # prefix -> why MeterModel has no such parameter
     "text_transformer.embeddings.position_ids": "a derived buffer, not a weight",
     "text_transformer.embeddings.token_type_ids": "a derived buffer, not a weight",
     "mlm_score.": "the pre-training masked-language-modelling head",
-    "rank_output.": "the retrieval ranking head",
+    "rank_output.": "the retrieval ranking head (METER starts it from row 1 of itm_score.fc)",
     "avgpool.": "the Swin pooling of METER's non-CLIP variant",
 }
 
@@ -171,37 +179,85 @@ def convert_meter_state_dict(sd: Mapping[str, torch.Tensor],
     return convert_meter_checkpoint(sd, config).state_dict
 
 
-def _read(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+def read_meter_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Mapping[str, torch.Tensor]:
+    """The contents of a METER checkpoint file: ``.safetensors``, or a torch file read with
+    ``torch.load(weights_only=True)``; ``allow_pickle=True`` (only for a file you trust) reads a
+    Lightning checkpoint whose other entries are pickled Python objects, as METER's released
+    ``.ckpt`` files are. Raises :class:`MeterCheckpointError` naming the file."""
     path = Path(path)
+    if not path.is_file():
+        raise MeterCheckpointError(f"{path}: " + ("a directory, not a checkpoint file" if path.is_dir() else
+                                                  "no such file"))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise MeterCheckpointError(f"{path}: not a readable safetensors file ({err}); it is damaged or "
+                                       "truncated (an interrupted copy or download?)") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickled Python objects besides tensors
-        raise MeterCheckpointError(
-            f"{path} could not be read with torch.load(weights_only=True): {err}\nIf you trust the file, "
-            "extract its weights once: torch.save(torch.load(path, weights_only=False)['state_dict'], 'meter.pt')"
-        ) from err
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as err:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        torch_file = zipfile.is_zipfile(path) or head[:1] == b"\x80"  # torch.save's zip, or its legacy pickle
+        if torch_file and not allow_pickle:
+            raise MeterCheckpointError(
+                f"{path} could not be read with torch.load(weights_only=True): {err}\nIf you trust the file, pass "
+                "allow_pickle=True, or extract its weights once: torch.save(torch.load(path, weights_only=False)"
+                "['state_dict'], 'meter.pt')") from err
+        if not torch_file:
+            raise MeterCheckpointError(f"{path}: not a torch checkpoint (neither torch.save's zip archive nor its "
+                                       "legacy pickle): the file is damaged or truncated (an interrupted copy or "
+                                       "download?), or another kind of file") from None
+        raise MeterCheckpointError(f"{path}: could not be read as a torch checkpoint ({type(err).__name__}: {err}); "
+                                   "it is damaged or truncated, or not a checkpoint") from err
+
+
+_read = read_meter_checkpoint
+
+
+def checkpoint_tasks(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Task -> number of labels of each task head in a METER state dict (official or converted,
+    or a whole Lightning checkpoint): ``{"vqa": 3129}`` for METER's VQAv2 checkpoint, ``{"itm": 2}``
+    for the pre-training and retrieval ones."""
+    sd = _unwrap(sd)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    out = {}
+    for task, name in HEAD_NAMES.items():
+        weight = sd.get(f"{name}.fc.weight" if task == "itm" else f"{name}.3.weight")
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            out[task] = int(weight.shape[0])
+    return out
 
 
 def load_meter_checkpoint(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], model: MeterModel,
-                          strict: bool = True) -> MeterConversion:
+                          strict: bool = True, *, new_head: bool = False,
+                          allow_pickle: bool = False) -> MeterConversion:
     """Load an official (or already converted) METER checkpoint into ``model``.
 
-    ``checkpoint`` is a path (``torch.load`` with ``weights_only=True``, or ``.safetensors``) or a
-    loaded dict; a Lightning ``{"state_dict": ...}`` wrapper is unwrapped. The weights are converted
-    for ``model.config``. With ``strict`` any missing, unexpected or shape-mismatched key raises
+    ``checkpoint`` is a path (:func:`read_meter_checkpoint`: ``torch.load`` with
+    ``weights_only=True`` unless ``allow_pickle``, or ``.safetensors``) or a loaded dict; a
+    Lightning ``{"state_dict": ...}`` wrapper is unwrapped. The weights are converted for
+    ``model.config``. With ``strict`` any missing, unexpected or shape-mismatched key raises
     :class:`MeterCheckpointError` naming them and nothing is loaded; otherwise the matching
-    weights are loaded and the rest is reported in the returned :class:`MeterConversion` (e.g. to
-    fine-tune a new task head from a pre-training checkpoint).
+    weights are loaded and the rest is reported in the returned :class:`MeterConversion`.
+    ``new_head=True`` keeps the model's own task head (its initialisation): the checkpoint's head
+    for the task, if any, is reported as dropped and a missing one is not a problem, so a
+    pre-training checkpoint loads strictly into a model for a new task.
     """
-    raw = checkpoint if isinstance(checkpoint, Mapping) else _read(checkpoint)
+    raw = checkpoint if isinstance(checkpoint, Mapping) else read_meter_checkpoint(checkpoint, allow_pickle)
     conv = convert_meter_checkpoint(raw, model.config)
     expected = model.state_dict()
     got = conv.state_dict
-    conv.missing = sorted(k for k in expected if k not in got)
+    head = model.head_name + "."
+    if new_head:
+        for key in [k for k in got if k.startswith(head)]:
+            conv.dropped[key] = "new_head=True: the model's task head keeps its own initialisation"
+            del got[key]
+    conv.missing = sorted(k for k in expected if k not in got and not (new_head and k.startswith(head)))
     conv.unexpected = sorted(k for k in got if k not in expected)
     conv.mismatched = {k: (tuple(got[k].shape), tuple(expected[k].shape))
                        for k in got if k in expected and got[k].shape != expected[k].shape}

@@ -37,11 +37,17 @@ would give different outputs), ``output_tokens=True`` (the token output's length
 tokens are removed), custom attention blocks (``qk_norm``, scaled cosine attention, ...),
 ``nn.MultiheadAttention`` with separate q/k/v weights or ``bias_k``, and non-ViT towers
 (ModifiedResNet; timm towers: trim ``model.visual.trunk`` with the ``timm`` adapter).
+
+Pretrained, offline: ``trimkit.adapter.load_pretrained("open_clip", "ViT-B-16",
+weights="open_clip_model.safetensors")`` returns the image tower as ``build`` does (``part=``
+for the others; see :meth:`OpenClipAdapter.from_pretrained`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -210,6 +216,153 @@ class OpenClipAdapter:
             model = open_clip.create_model(name, pretrained=None, **options)
         model = model.eval()
         return {"visual": model.visual, "clip": model, "text_guided": TextGuidedCLIP(model).eval()}[part]
+
+    def from_pretrained(self, source: str, *, revision: str | None = None, weights: str | None = None,
+                        part: str = "visual", seed: int | None = None, **options: Any) -> nn.Module:
+        """An open_clip model with pretrained weights, read offline; ``part`` as in :meth:`build`
+        (``"visual"``: the image tower, ``"clip"``, ``"text_guided"``).
+
+        ``source``: an open_clip model name (``open_clip.list_models()``, or one added with
+        ``open_clip.add_model_config``) with ``weights`` a local checkpoint file
+        (``open_clip.create_model(source, pretrained=weights)``, loaded strictly) or one of the
+        model's pretrained tags (``"openai"``, ``"laion2b_s34b_b79k"``...) when its file is in the
+        local Hugging Face cache; ``"tiny"`` (the adapter's ``build("tiny")`` model) with a
+        ``weights`` file; ``"local-dir:PATH"`` (a directory with ``open_clip_config.json`` and its
+        weights); or ``"hf-hub:org/repo"`` from the local HF cache (at ``revision``). Nothing is
+        downloaded. ``options`` go to ``open_clip.create_model`` (``force_quick_gelu``...); ``seed``
+        seeds what the checkpoint does not set.
+        """
+        import open_clip
+        from open_clip.factory import get_model_config, parse_model_name
+        from open_clip.transformer import VisionTransformer
+
+        from trimkit.adapter import PretrainedLoadError, PretrainedNotFoundError, set_base
+
+        from .text_guided import TextGuidedCLIP
+
+        where = f"trimkit_open_clip.from_pretrained({source!r})"
+        if part not in PARTS:
+            raise ValueError(f"{where}: part must be one of {PARTS}, got {part!r}")
+        schema, ident = parse_model_name(source)
+        name, pretrained = source, None
+        if schema is not None:
+            if weights is not None:
+                raise TypeError(f"{where}: weights={weights!r} is not used: a {schema}: source holds its weights")
+            if schema == "hf-hub":
+                name = f"local-dir:{_hub_snapshot(ident, revision, where)}"
+            else:
+                if revision is not None:
+                    raise TypeError(f"{where}: revision={revision!r} has no meaning for a local directory")
+                if not (Path(ident).expanduser() / "open_clip_config.json").is_file():
+                    there = "has no open_clip_config.json" if Path(ident).expanduser().is_dir() else "does not exist"
+                    raise PretrainedNotFoundError(f"{where}: directory {ident} {there} (a 'local-dir:' source holds "
+                                                  "open_clip_config.json and its weights)")
+        else:
+            tiny = SIZES.get(source, source) is None
+            known = tiny or get_model_config(SIZES.get(source, source).replace("/", "-")) is not None
+            if not known:
+                import difflib
+
+                close = difflib.get_close_matches(source, open_clip.list_models(), n=5)
+                raise PretrainedLoadError(f"{where}: {source!r} is not an open_clip model name"
+                                          + (f" (close: {', '.join(close)})" if close else "")
+                                          + "; open_clip.list_models() lists them")
+            name = SIZES.get(source, source)
+            vision = (get_model_config(name.replace("/", "-")) or {}).get("vision_cfg", {}) if name else {}
+            if "timm_model_name" in vision or isinstance(vision.get("layers"), (list, tuple)):
+                tower = "a timm" if "timm_model_name" in vision else "a ModifiedResNet"
+                raise PretrainedLoadError(f"{where}: open_clip model {source!r} has {tower} image tower; adapter "
+                                          "'open_clip' trims ViT towers (open_clip.transformer.VisionTransformer)")
+            pretrained = _weights_file(name or source, weights, revision, where)
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            if name is None:  # "tiny": the adapter's own configuration
+                model = self.build("tiny", seed=0 if seed is None else seed, part="clip", **options)
+                open_clip.load_checkpoint(model, pretrained, strict=True)
+            else:
+                model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True, **options)
+        except RuntimeError as e:
+            what = pretrained or name
+            if "state_dict" in str(e) or "size mismatch" in str(e):
+                raise PretrainedLoadError(f"{where}: the weights in {what} do not fit open_clip model {source!r}"
+                                          + (f" with {options}" if options else "") + f": {e}") from None
+            raise PretrainedLoadError(f"{where}: {what} could not be loaded ({type(e).__name__}: {e}); the file is "
+                                      "damaged or not an open_clip checkpoint") from e
+        except Exception as e:  # a damaged pickle or safetensors file, a broken local-dir config, resizing asserts
+            raise PretrainedLoadError(f"{where}: {pretrained or name} could not be loaded into open_clip model "
+                                      f"{source!r} ({type(e).__name__}: {e}); the file is damaged, or holds the "
+                                      "weights of another model") from e
+        if not isinstance(model.visual, VisionTransformer):
+            raise PretrainedLoadError(f"{where}: open_clip model {source!r} has a {type(model.visual).__name__} image "
+                                      "tower; adapter 'open_clip' trims ViT towers (open_clip.transformer."
+                                      "VisionTransformer)")
+        model = model.eval()
+        out = {"visual": model.visual, "clip": model, "text_guided": TextGuidedCLIP(model).eval()}[part]
+        return set_base(out, source, revision)
+
+
+def _weights_file(name: str, weights: str | None, revision: str | None, where: str) -> str:
+    """The local file of ``weights``: a path, or a pretrained tag of open_clip model ``name`` whose
+    file is in the local Hugging Face cache (or open_clip's download cache). Nothing is downloaded."""
+    import open_clip
+
+    from trimkit.adapter import PretrainedNotFoundError
+
+    tags = open_clip.list_pretrained_tags_by_model(name) if name else []
+    if weights is None:
+        raise PretrainedNotFoundError(f"{where}: pass weights= a local checkpoint file"
+                                      + (f" or a pretrained tag cached locally ({', '.join(tags)})" if tags else ""))
+    path = Path(weights).expanduser()
+    if path.is_file():
+        if revision is not None:
+            raise TypeError(f"{where}: revision={revision!r} selects a tag's file in the Hugging Face cache; it has "
+                            f"no meaning with weights={weights!r} (a file)")
+        return str(path)
+    cfg = open_clip.get_pretrained_cfg(name, weights) if name and not path.exists() else {}
+    if not cfg:
+        there = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise PretrainedNotFoundError(f"{where}: weights file {weights} {there}"
+                                      + (f" (nor is it a pretrained tag of {name}: {', '.join(tags)})" if tags else ""))
+    looked = []
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import constants, try_to_load_from_cache
+        from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+        repo, filename = os.path.split(hub)  # open_clip's 'org/model/' (default file) or 'org/model/file'
+        names = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+        if filename.endswith(".bin"):
+            names.insert(0, filename[:-4] + ".safetensors")
+        for candidate in names:
+            found = try_to_load_from_cache(repo, candidate, revision=revision)
+            if isinstance(found, str):
+                return found
+        looked.append(f"Hugging Face repo {repo} in the HF cache ({constants.HF_HUB_CACHE})")
+    url = cfg.get("url", "")
+    if url and revision is None:
+        candidate = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+        if candidate.is_file():
+            return str(candidate)
+        looked.append(f"{candidate} (open_clip's download cache)")
+    raise PretrainedNotFoundError(f"{where}: the weights of pretrained tag {weights!r} are not cached locally (looked "
+                                  f"in {'; '.join(looked) or 'nowhere: the tag names no file'}) and nothing is "
+                                  "downloaded: pass weights= a local checkpoint file, or download them where there is "
+                                  "a network and bring the cache here")
+
+
+def _hub_snapshot(repo: str, revision: str | None, where: str) -> Path:
+    from huggingface_hub import constants, errors, snapshot_download
+
+    from trimkit.adapter import PretrainedNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except errors.LocalEntryNotFoundError:
+        at = f" at revision {revision!r}" if revision else ""
+        raise PretrainedNotFoundError(f"{where}: the Hugging Face repo {repo!r}{at} is not in the local HF cache "
+                                      f"({constants.HF_HUB_CACHE}) and nothing is downloaded: download it where there "
+                                      "is a network and bring the cache here, or pass 'local-dir:PATH'") from None
 
 
 @hookimpl

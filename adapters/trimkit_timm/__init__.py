@@ -23,11 +23,15 @@ while fine-tuning in mode ``sample`` (mode ``off`` runs the block itself and kee
 
 >>> import trimkit, timm
 >>> tmodel = trimkit.trim(timm.create_model("deit_small_patch16_224"), trimkit.TrimConfig(token_target=0.6))
+
+Pretrained, offline: ``trimkit.adapter.load_pretrained("timm", "deit_small_patch16_224",
+weights="deit_small.safetensors")`` (see :meth:`TimmViTAdapter.from_pretrained`).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,6 +165,142 @@ class TimmViTAdapter:
         model = VisionTransformer(**{**TINY, **options}) if name is None else timm.create_model(
             name, pretrained=False, **options)
         return model.eval()
+
+    def from_pretrained(self, source: str, *, revision: str | None = None, weights: str | None = None,
+                        seed: int | None = None, **options: Any) -> nn.Module:
+        """A timm ViT with pretrained weights, read offline: ``source`` is a timm model name
+        (optionally with its pretrained tag, ``"vit_base_patch16_224.augreg_in21k"``), ``weights``
+        a local weights file (``.safetensors``, ``.pth``/``.bin``/``.pt``, or Google's ``.npz``)
+        that timm loads as the model's pretrained weights (``pretrained=True,
+        pretrained_cfg_overlay=dict(file=weights)``: its checkpoint filter adapts position
+        tables, a classifier of another size is left random). Without ``weights``, the tag's
+        weights are taken from the local Hugging Face cache (at ``revision``) or timm's torch-hub
+        cache if they are there; nothing is downloaded. ``options`` go to ``timm.create_model``
+        (``num_classes``, ``img_size``...); ``seed`` seeds the parts left random.
+        """
+        import timm
+        from timm.models.vision_transformer import VisionTransformer
+
+        from trimkit.adapter import PretrainedLoadError, PretrainedNotFoundError, set_base
+
+        where = f"trimkit_timm.from_pretrained({source!r})"
+        if not timm.is_model(source):
+            import difflib
+
+            close = difflib.get_close_matches(source.split(".")[0], timm.list_models(), n=5)
+            raise PretrainedLoadError(f"{where}: {source!r} is not a timm model name"
+                                      + (f" (close: {', '.join(close)})" if close else "")
+                                      + "; timm.list_models('vit_*') lists the ViTs")
+        cfg = timm.models.get_pretrained_cfg(source)
+        try:
+            with torch.device("meta"):  # the architecture, before reading any weights
+                kind: type = type(timm.create_model(source, pretrained=False, **options))
+        except (NotImplementedError, RuntimeError):  # an initialisation meta tensors do not support
+            kind = VisionTransformer  # checked once built
+        if not issubclass(kind, VisionTransformer):
+            raise PretrainedLoadError(f"{where}: timm model {source!r} is a {kind.__name__}; adapter 'timm' trims "
+                                      "timm VisionTransformer models (ViT, DeiT)")
+        if weights is not None:
+            if revision is not None:
+                raise TypeError(f"{where}: revision={revision!r} selects weights in the Hugging Face cache; it has "
+                                f"no meaning with weights={weights!r} (a file)")
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                there = "is a directory, not a weights file" if path.is_dir() else "does not exist"
+                raise PretrainedNotFoundError(f"{where}: weights file {weights} {there}")
+        else:
+            path = _cached_weights(source, cfg, revision, where)
+        overlay: dict[str, Any] = dict(file=str(path), custom_load=path.suffix == ".npz" and bool(cfg.custom_load))
+        shapes = _shapes(path, where)
+        classifier = cfg.classifier if isinstance(cfg.classifier, str) else (cfg.classifier or (None,))[0]
+        if shapes is not None and f"{classifier}.weight" in shapes:
+            # the classes of the file, not of the tag: timm keeps the classifier when they are the model's
+            overlay["num_classes"] = shapes[f"{classifier}.weight"][0]
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            model = timm.create_model(source, pretrained=True, pretrained_cfg_overlay=overlay, **options)
+        except RuntimeError as e:
+            if "state_dict" in str(e) or "size mismatch" in str(e):
+                raise PretrainedLoadError(f"{where}: the weights in {path} do not fit timm model {source!r}"
+                                          + (f" with {options}" if options else "") + f": {e}") from None
+            raise PretrainedLoadError(f"{where}: {path} could not be read as weights ({type(e).__name__}: {e}); the "
+                                      "file is damaged or not a weights file") from e
+        except Exception as e:  # a damaged pickle, an unexpected archive
+            raise PretrainedLoadError(f"{where}: {path} could not be read as weights ({type(e).__name__}: {e}); the "
+                                      "file is damaged or not a weights file") from e
+        if not isinstance(model, VisionTransformer):
+            raise PretrainedLoadError(f"{where}: timm model {source!r} is a {type(model).__name__}; adapter 'timm' "
+                                      "trims timm VisionTransformer models (ViT, DeiT)")
+        return set_base(model.eval(), source, revision)
+
+
+def _shapes(path: Path, where: str) -> dict[str, tuple[int, ...]] | None:
+    """Key -> shape of the tensors in a weights file, read without loading them (a safetensors
+    header, a memory-mapped torch file); ``None`` for ``.npz``. Refuses an unreadable file."""
+    from trimkit.adapter import PretrainedLoadError
+
+    if path.suffix == ".npz":
+        return None
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # a file of torch's legacy format
+    except Exception as e:
+        raise PretrainedLoadError(f"{where}: {path} could not be read as weights ({type(e).__name__}: {e}); the "
+                                  "file is damaged, truncated or not a weights file") from None
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm's checkpoint nestings
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict):
+        raise PretrainedLoadError(f"{where}: {path} holds a {type(sd).__name__}, not a state dict of weights")
+    return {k.removeprefix("module."): tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _cached_weights(source: str, cfg: Any, revision: str | None, where: str) -> Path:
+    """The locally cached weights of ``source``'s pretrained tag: its Hugging Face hub repo in the HF
+    cache, else its URL's file in timm's torch-hub cache. Nothing is downloaded."""
+    import os
+    from urllib.parse import urlparse
+
+    from trimkit.adapter import PretrainedNotFoundError
+
+    looked = []
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, _, at = hub_id.partition("@")
+        names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []
+        names += ["model.safetensors", "pytorch_model.bin"]
+        for name in dict.fromkeys(names):
+            found = try_to_load_from_cache(repo, name, revision=revision or at or None)
+            if isinstance(found, str):
+                return Path(found)
+        looked.append(f"Hugging Face repo {repo}{'@' + (revision or at) if revision or at else ''} in the HF cache "
+                      f"({constants.HF_HUB_CACHE})")
+    url = getattr(cfg, "url", None) if cfg is not None else None
+    if url and revision is None:
+        hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        candidate = hub_dir / os.path.basename(urlparse(url).path)
+        if candidate.is_file():
+            return candidate
+        looked.append(f"{candidate} (timm's torch-hub cache)")
+    if not looked:
+        raise PretrainedNotFoundError(f"{where}: timm has no pretrained weights for {source!r}: pass weights= a local "
+                                      "weights file")
+    raise PretrainedNotFoundError(f"{where}: the pretrained weights of {source!r} are not cached locally (looked in "
+                                  f"{'; '.join(looked)}) and nothing is downloaded: pass weights= a local weights "
+                                  "file, or download them where there is a network and bring the cache here")
 
 
 @hookimpl

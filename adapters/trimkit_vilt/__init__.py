@@ -17,6 +17,10 @@ layers, final norm, pooler and head.
 >>> from trimkit_vilt import wrap
 >>> tmodel = trimkit.trim(wrap(ViltForQuestionAnswering.from_pretrained(...)),
 ...                       trimkit.TrimConfig(token_target={"text": 0.8, "vision": 0.5}))
+
+Pretrained, offline and already wrapped: ``trimkit.adapter.load_pretrained("vilt",
+"dandelin/vilt-b32-finetuned-vqa")`` (a local directory, or a model id in the local HF cache; see
+:meth:`ViltAdapter.from_pretrained`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermed
 """``build("tiny")``: 3 layers of width 32, 32px images (16 patches + the image [CLS])."""
 
 _TASKS = ("vqa", "retrieval", "model")
+_ARCHITECTURES = {"ViltForQuestionAnswering": "vqa", "ViltForImageAndTextRetrieval": "retrieval", "ViltModel": "model"}
+_HEADS = {"vqa": ("classifier.",), "retrieval": ("rank_output.",), "model": ()}
 
 
 def wrap(model: nn.Module) -> nn.Module:
@@ -121,3 +123,39 @@ class ViltAdapter:
         config = ViltConfig(**{**(TINY if size == "tiny" else {}), **options})
         cls = {"vqa": ViltForQuestionAnswering, "retrieval": ViltForImageAndTextRetrieval, "model": ViltModel}[task]
         return wrap(cls(config).eval())
+
+    def from_pretrained(self, source: str, *, revision: str | None = None, weights: str | None = None,
+                        task: str | None = None, new_head: bool = False, seed: int | None = None,
+                        **options: Any) -> nn.Module:
+        """A pretrained wrapped ViLT (:class:`~trimkit_vilt.modeling.ViltForTrimming`, as :meth:`build`
+        returns), read offline: ``source`` is a directory written by ``save_pretrained`` or a Hugging
+        Face model id in the local HF cache (at ``revision``).
+
+        ``task``: ``"vqa"``, ``"retrieval"`` or ``"model"`` (see :meth:`build`); by default the one
+        the checkpoint was saved as (its config's ``architectures``). ``new_head=True`` lets the
+        task head (``classifier`` / ``rank_output``) start random where the checkpoint has none or
+        one of another size, e.g. ``task="vqa", num_labels=10, new_head=True`` from
+        ``dandelin/vilt-b32-mlm``; ``seed`` seeds that initialisation. Other ``options`` set
+        ``ViltConfig`` fields (``num_labels``, dropouts...) before the weights load; fields that
+        change other weights' shapes are refused. ``weights`` is not used (the source holds them).
+        """
+        from transformers import ViltForImageAndTextRetrieval, ViltForQuestionAnswering, ViltModel
+
+        from trimkit.adapter import PretrainedLoadError, load_transformers_pretrained, transformers_source
+
+        if weights is not None:
+            raise TypeError(f"trimkit_vilt.from_pretrained({source!r}): weights={weights!r} is not used: a ViLT "
+                            "checkpoint is a directory or Hugging Face model id (source) holding its weights")
+        src = transformers_source(source, revision, adapter="vilt", model_types=("vilt",))
+        if task is None:
+            task = next((_ARCHITECTURES[a] for a in src.architectures if a in _ARCHITECTURES), None)
+            if task is None:
+                raise PretrainedLoadError(f"trimkit_vilt.from_pretrained: {src} was saved as "
+                                          f"{', '.join(src.architectures) or 'an unrecorded architecture'}, not one "
+                                          f"of {', '.join(_ARCHITECTURES)}: pass task= one of {_TASKS} (with "
+                                          "new_head=True for a task head the checkpoint does not have)")
+        if task not in _TASKS:
+            raise ValueError(f"trimkit_vilt.from_pretrained: task must be one of {_TASKS}, got {task!r}")
+        cls = {"vqa": ViltForQuestionAnswering, "retrieval": ViltForImageAndTextRetrieval, "model": ViltModel}[task]
+        return load_transformers_pretrained(src, cls, overrides=options, accepted=("task", "new_head", "seed"),
+                                            wrap=wrap, head=_HEADS[task], new_head=new_head, seed=seed)
