@@ -14,7 +14,8 @@ Loading (:mod:`trimkit.plugins`): a third-party plugin that fails to import, imp
 hook or raises in a hook is skipped with a warning, none of its registrations kept, and listed by
 ``trimkit plugins``; the rest load. The built-ins (entry points of the shipped packages
 ``trimkit_smarttrim``, ``trimkit_meter``, ``trimkit_timm``, ``trimkit_open_clip``, ``trimkit_blip``,
-``trimkit_bridgetower``) always load, and a failure in one of them raises. Environment:
+``trimkit_bridgetower``, and ``trimkit_train.tasks``) always load, and a failure in one of them raises.
+Environment:
 
 ``TRIMKIT_DISABLE_PLUGIN_AUTOLOAD=1``
     load no *third-party* entry point (built-ins still load); register plugins by hand with
@@ -98,6 +99,20 @@ def trimkit_register_schedulers(registry: TrimkitRegistry) -> None:
     ``factory`` is a :class:`trimkit.protocols.SchedulerFactory`: ``factory(config)`` (the model's
     ``TrimConfig``) returns a :class:`trimkit.protocols.Scheduler` with
     ``targets(step, total, final) -> dict[str, float]`` and ``temperature_at(step, total) -> float``.
+    """
+
+
+@hookspec
+def trimkit_register_tasks(registry: TrimkitRegistry) -> None:
+    """Register tasks (losses and metrics): ``registry.tasks.register("name", task_obj)``.
+
+    ``task_obj`` is an instance of a :class:`trimkit.protocols.Task`: ``name`` and ``main_metric``
+    strings, ``loss(logits, labels) -> Tensor`` (the task loss), ``distill(logits, full_logits,
+    labels) -> Tensor`` (the self-distillation discrepancy between the trimmed and the untrimmed
+    model's outputs, 0 when they are equal) and ``metric() -> Metric`` (a fresh accumulator with
+    ``update(logits, batch)`` and ``compute() -> dict[str, float]``). A dataset names its task with a
+    ``task`` attribute; the built-ins (``classification``, ``vqa``, ``nlvr2``, ``snli_ve``,
+    ``captioning``, ``retrieval``) come from ``trimkit_train.tasks``.
     """
 
 

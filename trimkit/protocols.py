@@ -12,14 +12,16 @@ registry             registered object                      called by
 ``samplers``         :class:`Sampler`                       ``sampler(logits, temperature)``
 ``objectives``       :class:`ObjectiveFactory`              ``factory(config)`` -> :class:`Objective`
 ``schedulers``       :class:`SchedulerFactory`              ``factory(config)`` -> :class:`Scheduler`
+``tasks``            :class:`Task` (an instance)            the trainer: ``task.loss(logits, labels)``...
 ===================  =====================================  ==========================================
 
 ``config`` is always the model's :class:`trimkit.TrimConfig`. All calls are positional.
 
 Registration checks what can be checked without calling anything (:func:`validator_for`): the
 object is callable and accepts that many positional arguments (by :func:`inspect.signature`;
-objects without a readable signature pass), and an adapter has ``matches``, ``describe``,
-``example_inputs`` and ``build``. What a factory *returns* is only checked when it is used.
+objects without a readable signature pass), an adapter has ``matches``, ``describe``,
+``example_inputs`` and ``build``, and a task has a ``name``, a ``main_metric`` and callable ``loss``,
+``distill`` and ``metric``. What a factory *returns* is only checked when it is used.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Adapter", "TokenPolicy", "TokenPolicyFactory", "HeadPolicy", "HeadPolicyFactory", "Sampler", "Objective",
-    "ObjectiveFactory", "Scheduler", "SchedulerFactory", "Validator", "validator_for",
+    "ObjectiveFactory", "Scheduler", "SchedulerFactory", "Task", "Metric", "Validator", "validator_for",
 ]
 
 
@@ -125,6 +127,45 @@ class SchedulerFactory(Protocol):
     def __call__(self, config: TrimConfig) -> Scheduler: ...
 
 
+@runtime_checkable
+class Metric(Protocol):
+    """An evaluation accumulator (a fresh one per evaluation, from :meth:`Task.metric`).
+
+    ``update(logits, batch)`` takes one batch's model output and the batch dict it came from (the
+    batch contract of ``docs/datasets.md``: ``labels`` and whatever else the task's datasets put in
+    it); ``compute()`` returns every metric over all batches seen, as plain floats, the task's
+    ``main_metric`` among them.
+    """
+
+    def update(self, logits: torch.Tensor, batch: dict[str, Any]) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A task's loss, self-distillation term and metrics (registered as an instance).
+
+    * ``name``: the registered name (datasets name their task with a ``task`` attribute);
+    * ``loss(logits, labels) -> Tensor``: the task loss (a scalar), e.g. cross-entropy over classes;
+    * ``distill(logits, full_logits, labels) -> Tensor``: the self-distillation discrepancy (a
+      scalar, paper Eq. 11 without its task term) between the trimmed model's ``logits`` and the
+      untrimmed model's ``full_logits`` on the same batch; exactly 0 when they are equal;
+    * ``metric() -> Metric``: a fresh accumulator (an implementation may take optional arguments,
+      e.g. the evaluation dataset, but must work without them);
+    * ``main_metric``: the key of :meth:`Metric.compute` that ranks runs (e.g. ``"accuracy"``).
+    """
+
+    name: str
+    main_metric: str
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    def distill(self, logits: torch.Tensor, full_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    def metric(self) -> Metric: ...
+
+
 Validator = Callable[[Any], "str | None"]
 """Checks an object about to be registered: ``None`` if acceptable, else what is wrong with it."""
 
@@ -179,6 +220,33 @@ def _check_adapter(obj: Any) -> str | None:
     return None
 
 
+# method -> positional arguments the trainer passes
+_TASK_METHODS: dict[str, tuple[str, ...]] = {
+    "loss": ("logits", "labels"),
+    "distill": ("logits", "full_logits", "labels"),
+    "metric": (),
+}
+
+
+def _check_task(obj: Any) -> str | None:
+    expected = ("an instance of a trimkit.protocols.Task (attributes name, main_metric; methods "
+                + ", ".join(f"{m}({', '.join(a)})" for m, a in _TASK_METHODS.items()) + ")")
+    if isinstance(obj, type):
+        return f"expected {expected}; got the class {obj.__qualname__} itself: register an instance"
+    for attr in ("name", "main_metric"):
+        value = getattr(obj, attr, None)
+        if not isinstance(value, str) or not value:
+            return f"expected {expected}; its {attr!r} is {value!r}, not a non-empty string"
+    missing = [m for m in _TASK_METHODS if not callable(getattr(obj, m, None))]
+    if missing:
+        return f"expected {expected}; got a {type(obj).__qualname__} without {', '.join(missing)}"
+    for method, args in _TASK_METHODS.items():
+        problem = _call_problem(getattr(obj, method), args, method)
+        if problem is not None:
+            return f"expected {expected}; {problem}"
+    return None
+
+
 _VALIDATORS: dict[str, Validator] = {
     "adapters": _check_adapter,
     "token_policies": _callable_validator(TokenPolicyFactory, ("dim", "context_dim", "config"), "TokenPolicy"),
@@ -187,6 +255,7 @@ _VALIDATORS: dict[str, Validator] = {
     "samplers": _callable_validator(Sampler, ("logits", "temperature"), "mask"),
     "objectives": _callable_validator(ObjectiveFactory, ("config",), "Objective"),
     "schedulers": _callable_validator(SchedulerFactory, ("config",), "Scheduler"),
+    "tasks": _check_task,
 }
 
 

@@ -1,4 +1,4 @@
-"""Named registries of adapters and method parts, filled by plugins through hooks.
+"""Named registries of adapters, method parts and tasks, filled by plugins through hooks.
 
 Each registry of a :class:`TrimkitRegistry` checks what is registered against its protocol
 (:mod:`trimkit.protocols`) and refuses a misfit with a :class:`RegistrationError`.
@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar
 from .protocols import validator_for
 
 if TYPE_CHECKING:
-    from .protocols import Adapter, HeadPolicyFactory, ObjectiveFactory, Sampler, SchedulerFactory, TokenPolicyFactory
+    from .protocols import (Adapter, HeadPolicyFactory, ObjectiveFactory, Sampler, SchedulerFactory, Task,
+                            TokenPolicyFactory)
 
 T = TypeVar("T")
 
@@ -104,6 +105,7 @@ class TrimkitRegistry:
     samplers: Registry[Sampler] = _checked("samplers", "sampler")
     objectives: Registry[ObjectiveFactory] = _checked("objectives", "objective")
     schedulers: Registry[SchedulerFactory] = _checked("schedulers", "scheduler")
+    tasks: Registry[Task] = _checked("tasks", "task")
 
     def all(self) -> dict[str, Registry[Any]]:
         return {
@@ -113,6 +115,7 @@ class TrimkitRegistry:
             "samplers": self.samplers,
             "objectives": self.objectives,
             "schedulers": self.schedulers,
+            "tasks": self.tasks,
         }
 
     def _set_source(self, source: str) -> None:

@@ -1,0 +1,58 @@
+"""The built-in tasks (a trimkit plugin: entry point ``tasks`` of the ``trimkit`` group).
+
+Registers, through the ``trimkit_register_tasks`` hook, :class:`trimkit.protocols.Task` objects
+under the names datasets give in their ``task`` attribute:
+
+* ``classification``: cross-entropy, accuracy (the default; digit-grid and any dataset without a
+  ``task`` attribute);
+* ``nlvr2``, ``snli_ve``: the same, under their names;
+* ``vqa``: METER's soft-score BCE, ``vqa_score`` (and accuracy);
+* ``captioning``: token cross-entropy, BLEU-4 and CIDEr;
+* ``retrieval``: ITM cross-entropy, recall@1/5/10 both ways (:func:`evaluate_retrieval` ranks every
+  pair or reranks the top-k of a coarse score).
+
+Importing this package needs only torch (BLEU / CIDEr import pycocoevalcap when computed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trimkit.plugins import hookimpl
+
+from .caption_metrics import caption_scores, tokenize_caption
+from .core import (AccuracyMetric, CaptionMetric, CaptioningTask, ClassificationTask, RetrievalMetric, RetrievalTask,
+                   VQAMetric, VQATask, bernoulli_kl, categorical_kl)
+from .retrieval import evaluate_retrieval, itm_score, retrieval_recalls
+
+__all__ = [
+    "AccuracyMetric", "CaptionMetric", "CaptioningTask", "ClassificationTask", "DEFAULT_TASK", "RetrievalMetric",
+    "RetrievalTask", "VQAMetric", "VQATask", "bernoulli_kl", "builtin_tasks", "caption_scores", "categorical_kl",
+    "evaluate_retrieval", "get_task", "itm_score", "retrieval_recalls", "tokenize_caption",
+]
+
+DEFAULT_TASK = "classification"
+"""The task of a dataset without a ``task`` attribute."""
+
+
+def builtin_tasks() -> dict[str, Any]:
+    """Fresh instances of the built-in tasks, by registered name."""
+    return {"classification": ClassificationTask("classification"), "nlvr2": ClassificationTask("nlvr2"),
+            "snli_ve": ClassificationTask("snli_ve"), "vqa": VQATask(), "captioning": CaptioningTask(),
+            "retrieval": RetrievalTask()}
+
+
+@hookimpl
+def trimkit_register_tasks(registry) -> None:
+    for name, task in builtin_tasks().items():
+        registry.tasks.register(name, task)
+
+
+def get_task(name_or_dataset: Any = None) -> Any:
+    """The registered task named ``name_or_dataset`` (a string), or the one a dataset names in its
+    ``task`` attribute (:data:`DEFAULT_TASK` when it has none, or for ``None``)."""
+    from trimkit.plugins import get_registry
+
+    name = name_or_dataset if isinstance(name_or_dataset, str) else \
+        getattr(name_or_dataset, "task", None) or DEFAULT_TASK
+    return get_registry().tasks.get(name)
