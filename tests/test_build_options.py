@@ -50,7 +50,7 @@ def test_checkpoint_rebuilds_the_trained_model_whatever_the_eval_split(tmp_path)
     saved = json.loads((tmp_path / "checkpoint" / "build.json").read_text())
     assert saved == {"adapter": "meter", "options": train_opts}
     meta = json.loads((tmp_path / "checkpoint" / "trim_config.json").read_text())
-    assert meta["build_options"] == train_opts
+    assert meta["build_options"] == {"size": "tiny", "seed": 0, **train_opts}
     model, _ = load_checkpoint(tmp_path)
     assert isinstance(model, TrimmedModel)
     batch = trainer.train_dataset.collate_fn([trainer.train_dataset[i] for i in range(3)])
@@ -59,3 +59,31 @@ def test_checkpoint_rebuilds_the_trained_model_whatever_the_eval_split(tmp_path)
     trainer.tmodel.eval()
     with torch.no_grad():
         assert torch.equal(model(**inputs), trainer.tmodel(**inputs))
+
+
+def test_a_run_starts_from_pretrained_weights(tmp_path):
+    """model.pretrained: the backbone of a finished run (a trimkit checkpoint directory, one of the
+    METER adapter's pretrained sources) starts a new run; its weights are loaded, not random, and the
+    new checkpoint records where it started from."""
+    base = {
+        "model": {"adapter": "meter", "size": "tiny"},
+        "data": {"options": {"grid": 2, "cell": 16, "digits_per_image": [1, 2]}, "train_size": 16, "eval_size": 4},
+        "train": {"steps": 1, "batch_size": 8, "macs_instances": 0, "progress": False},
+        "trim": {"token_target": 0.5},
+    }
+    first = Trainer(ExperimentConfig.from_dict({**base, "train": {**base["train"], "out_dir": str(tmp_path / "a")}}))
+    first.fit()
+    source = str(tmp_path / "a" / "checkpoint")
+    config = ExperimentConfig.from_dict({**base, "model": {"adapter": "meter", "pretrained": source, "seed": 5},
+                                         "train": {**base["train"], "out_dir": str(tmp_path / "b"), "lr": 1e-12,
+                                                   "trimmer_lr": 1e-12}})
+    second = Trainer(config)
+    start = {k: v.clone() for k, v in second.tmodel.model.state_dict().items()}
+    trained = first.tmodel.model.state_dict()
+    assert start.keys() == trained.keys()
+    assert all(torch.equal(start[k], trained[k]) for k in start)  # the pretrained weights, not a random init
+    second.fit()
+    meta = json.loads((tmp_path / "b" / "checkpoint" / "trim_config.json").read_text())
+    assert meta["base_model"] == source
+    model, _ = load_checkpoint(tmp_path / "b")
+    assert model.model.state_dict().keys() == start.keys()

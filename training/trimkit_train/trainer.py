@@ -134,7 +134,8 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     adapter: str = Field("meter", description="registered adapter name (see `trimkit plugins`)")
-    size: str = Field("tiny", description="adapter preset, e.g. 'tiny' or 'base' (ignored with `pretrained`)")
+    size: str | None = Field(None, description="adapter preset, e.g. 'tiny' or 'base' (None: 'tiny'; with "
+                                               "`pretrained`, passed to the adapter only when given)")
     seed: int = 0
     overrides: dict[str, Any] = Field(default_factory=dict, description="adapter build options (model sizes)")
     init: str | None = Field(None, description="directory with backbone.safetensors to start from")
@@ -402,9 +403,16 @@ def build_options(model: ModelConfig, data: DataConfig | None = None, dataset: A
     (dict-valued options merged key by key): what the adapter makes of the dataset's facts (its
     optional ``dataset_overrides(DatasetFacts)``), the dataset entry's ``model_defaults(adapter_name,
     dataset)`` if it has one, then ``model.overrides``. ``dataset`` is the split the model is built
-    for (the training split in a run; else the evaluation split of ``data`` is built)."""
+    for (the training split in a run; else the evaluation split of ``data`` is built).
+
+    With ``model.pretrained`` the pretrained model's own config decides its shapes: only
+    ``model.overrides`` are passed (e.g. ``task``, or ``new_head: true`` with ``num_labels`` for a
+    task head the checkpoint does not have); the dataset's facts are not (an image size or a
+    vocabulary that differs from the checkpoint's would not fit its weights)."""
     from trimkit.adapter import DatasetFacts
 
+    if model.pretrained is not None:
+        return dict(model.overrides)
     adapter = get_registry().adapters.get(model.adapter)
     options: dict[str, Any] = {}
     if data is not None:
@@ -431,11 +439,13 @@ def build_model(model: ModelConfig, data: DataConfig | None = None, dataset: Any
     if model.pretrained is not None:
         from trimkit.adapter import load_pretrained
 
+        if model.size is not None:
+            options = {"size": model.size, **options}
         net = load_pretrained(model.adapter, model.pretrained, revision=model.revision, weights=model.weights,
                               **options)
     else:
         try:
-            net = adapter.build(size=model.size, seed=model.seed, **options)
+            net = adapter.build(size=model.size or "tiny", seed=model.seed, **options)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model: adapter {model.adapter!r} could not build size={model.size!r} with options "
                               f"{options}: {err}") from None
@@ -1191,7 +1201,11 @@ class Trainer:
             return directory
         if self.tmodel is not None:
             mc = self.config.model
-            self.tmodel.save_pretrained(tmp, include_backbone=True, build_options=self.build_options,
+            card = None  # what adapter.build (or from_pretrained) takes to make this backbone again
+            if self.build_options is not None:
+                card = dict(self.build_options) if mc.pretrained else \
+                    {"size": mc.size or "tiny", "seed": mc.seed, **self.build_options}
+            self.tmodel.save_pretrained(tmp, include_backbone=True, build_options=card,
                                         base_model=mc.pretrained, base_revision=mc.revision if mc.pretrained else None)
         else:
             save_backbone(self.net, tmp)
