@@ -85,8 +85,8 @@ def trimkit_register_samplers(registry: TrimkitRegistry) -> None:
 def trimkit_register_objectives(registry: TrimkitRegistry) -> None:
     """Register training objectives: ``registry.objectives.register("name", factory)``.
 
-    ``factory`` is a :class:`trimkit.protocols.ObjectiveFactory`: ``factory(config)`` (the model's
-    ``TrimConfig``) returns a :class:`trimkit.protocols.Objective`,
+    ``factory`` is a :class:`trimkit.protocols.ObjectiveFactory`: ``factory(config, task=None)`` (the
+    run's training recipe and :class:`trimkit.protocols.Task`) returns a :class:`trimkit.protocols.Objective`,
     ``objective(logits, labels, records, full_logits=None) -> dict[str, Tensor]`` holding ``"loss"``
     (optional attribute ``needs_full_pass``: also run the untrimmed model for ``full_logits``).
     """
@@ -96,8 +96,8 @@ def trimkit_register_objectives(registry: TrimkitRegistry) -> None:
 def trimkit_register_schedulers(registry: TrimkitRegistry) -> None:
     """Register target/temperature schedulers: ``registry.schedulers.register("name", factory)``.
 
-    ``factory`` is a :class:`trimkit.protocols.SchedulerFactory`: ``factory(config)`` (the model's
-    ``TrimConfig``) returns a :class:`trimkit.protocols.Scheduler` with
+    ``factory`` is a :class:`trimkit.protocols.SchedulerFactory`: ``factory(config)`` (the run's
+    training recipe) returns a :class:`trimkit.protocols.Scheduler` with
     ``targets(step, total, final) -> dict[str, float]`` and ``temperature_at(step, total) -> float``.
     """
 

@@ -105,9 +105,12 @@ class Objective(Protocol):
 
 @runtime_checkable
 class ObjectiveFactory(Protocol):
-    """``factory(config) -> Objective``, called once per training run with the model's ``TrimConfig``."""
+    """``factory(config, task=None) -> Objective``, called once per training run with the run's
+    training recipe (``trimkit_train.RecipeConfig``: ``lambda_cost``, ``lambda_sd``...) and the
+    run's :class:`Task`, whose ``loss`` and ``distill`` the objective wraps. A factory that takes
+    only ``config`` is called without the task (an objective for one fixed task)."""
 
-    def __call__(self, config: TrimConfig) -> Objective: ...
+    def __call__(self, config: Any, task: "Task | None" = None) -> Objective: ...
 
 
 @runtime_checkable
@@ -122,9 +125,10 @@ class Scheduler(Protocol):
 
 @runtime_checkable
 class SchedulerFactory(Protocol):
-    """``factory(config) -> Scheduler``, called once per training run with the model's ``TrimConfig``."""
+    """``factory(config) -> Scheduler``, called once per training run with the run's training recipe
+    (``trimkit_train.RecipeConfig``: ``curriculum_fraction``, ``temperature``, ``final_temperature``)."""
 
-    def __call__(self, config: TrimConfig) -> Scheduler: ...
+    def __call__(self, config: Any) -> Scheduler: ...
 
 
 @runtime_checkable
@@ -153,7 +157,9 @@ class Task(Protocol):
       untrimmed model's ``full_logits`` on the same batch; exactly 0 when they are equal;
     * ``metric() -> Metric``: a fresh accumulator (an implementation may take optional arguments,
       e.g. the evaluation dataset, but must work without them);
-    * ``main_metric``: the key of :meth:`Metric.compute` that ranks runs (e.g. ``"accuracy"``).
+    * ``main_metric``: the key of :meth:`Metric.compute` that ranks runs (e.g. ``"accuracy"``);
+    * optional ``metric_on_train_steps: bool`` (default ``True``, read with ``getattr``): whether the
+      trainer also logs the metrics of every training batch.
     """
 
     name: str

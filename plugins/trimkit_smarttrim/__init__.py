@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from trimkit.plugins import hookimpl
 
-from .objectives import SmartTrimObjective, cost_loss, self_distillation
+from .objectives import SmartTrimObjective, cost_loss, self_distillation, softmax_kl
 from .policies import CrossModalHeadPolicy, CrossModalTokenPolicy, LocalTokenPolicy, RandomTokenPolicy
 from .samplers import gumbel_sigmoid, hard_straight_through, sharpened
 from .schedulers import ConstantTargets, LinearCurriculum
 
 __all__ = [
-    "SmartTrimObjective", "cost_loss", "self_distillation", "CrossModalHeadPolicy", "CrossModalTokenPolicy",
+    "SmartTrimObjective", "cost_loss", "self_distillation", "softmax_kl", "CrossModalHeadPolicy", "CrossModalTokenPolicy",
     "LocalTokenPolicy", "RandomTokenPolicy", "gumbel_sigmoid", "hard_straight_through", "sharpened", "ConstantTargets",
     "LinearCurriculum",
 ]
@@ -43,7 +43,8 @@ def trimkit_register_samplers(registry):
 
 @hookimpl
 def trimkit_register_objectives(registry):
-    registry.objectives.register("smarttrim", lambda config: SmartTrimObjective(config.lambda_cost, config.lambda_sd))
+    registry.objectives.register(
+        "smarttrim", lambda config, task=None: SmartTrimObjective.for_task(config.lambda_cost, config.lambda_sd, task))
 
 
 @hookimpl

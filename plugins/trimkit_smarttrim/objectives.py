@@ -22,22 +22,39 @@ def cost_loss(records: Sequence) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def self_distillation(trimmed_logits: torch.Tensor, full_logits: torch.Tensor, labels: torch.Tensor,
-                      task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Eq. 11: task(full) + KL(f(x, P) || f(x, empty)), the full pass from the same model."""
+def softmax_kl(trimmed_logits: torch.Tensor, full_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(softmax(trimmed) || softmax(full)), averaged over the batch: Eq. 11's discrepancy for
+    single-label classification."""
     log_p = F.log_softmax(trimmed_logits, dim=-1)
     log_q = F.log_softmax(full_logits, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-    return task_loss(full_logits, labels) + kl
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def self_distillation(trimmed_logits: torch.Tensor, full_logits: torch.Tensor, labels: torch.Tensor,
+                      task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = softmax_kl
+                      ) -> torch.Tensor:
+    """Eq. 11: task(full) + D(f(x, P), f(x, empty)), the full pass from the same model; ``D`` is the
+    task's discrepancy (the KL of the softmaxes for classification, the paper's case)."""
+    return task_loss(full_logits, labels) + distill(trimmed_logits, full_logits, labels)
 
 
 @dataclass
 class SmartTrimObjective:
-    """Eq. 12: L = task + lambda_SD * L_SD + lambda_cost * L_cost."""
+    """Eq. 12: L = task + lambda_SD * L_SD + lambda_cost * L_cost, around any task: ``task_loss``
+    and ``distill`` are a :class:`trimkit.protocols.Task`'s ``loss`` and ``distill`` (by default
+    single-label classification: cross-entropy and the KL of the softmaxes)."""
 
     lambda_cost: float = 20.0
     lambda_sd: float = 1.0
     task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = softmax_kl
+
+    @classmethod
+    def for_task(cls, lambda_cost: float, lambda_sd: float, task=None) -> "SmartTrimObjective":
+        if task is None:
+            return cls(lambda_cost, lambda_sd)
+        return cls(lambda_cost, lambda_sd, task_loss=task.loss, distill=task.distill)
 
     @property
     def needs_full_pass(self) -> bool:
@@ -51,7 +68,7 @@ class SmartTrimObjective:
         if self.lambda_sd > 0:
             if full_logits is None:
                 raise ValueError("SmartTrimObjective: lambda_sd > 0 needs the full-model logits")
-            sd = self_distillation(trimmed_logits, full_logits, labels, self.task_loss)
+            sd = self_distillation(trimmed_logits, full_logits, labels, self.task_loss, self.distill)
             out["sd"] = sd
             total = total + self.lambda_sd * sd
         out["loss"] = total

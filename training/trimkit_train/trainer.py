@@ -77,7 +77,7 @@ from ._extras import require_extras
 __all__ = [
     "CHECKPOINT_DIR", "ConfigError", "DataConfig", "DatasetEntry", "DivergedError", "ExperimentConfig",
     "ModelConfig", "RESUMABLE_FIELDS", "RecipeConfig", "ResumeConfigError", "RunExistsError", "TrainConfig", "Trainer",
-    "build_dataset", "build_model", "build_options", "evaluate", "interleaved_latency", "load_backbone", "load_checkpoint",
+    "build_dataset", "build_model", "build_options", "evaluate", "task_of", "interleaved_latency", "load_backbone", "load_checkpoint",
     "mean_macs", "model_inputs", "register_dataset", "save_backbone",
 ]
 
@@ -177,10 +177,21 @@ class DataConfig(BaseModel):
     train_size: int | None = Field(8000, gt=0, description="examples in the training split (None: the factory's default)")
     eval_size: int | None = Field(1000, gt=0, description="examples in the evaluation split")
     seed: int = Field(0, description="seed of the training split (the evaluation split uses seed + 1)")
+    task: str | None = Field(None, description="registered task (loss, distillation, metrics; see `trimkit plugins`); "
+                                               "None: the dataset's `task` attribute, else classification")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, name: str | None) -> str | None:
+        reg = get_registry().tasks
+        if name is not None and name not in reg:
+            raise ValueError(f"unknown task {name!r}; registered: {reg.names() or 'none'}")
+        return name
 
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
+        _shipped_datasets()
         if ":" not in name and name not in _DATASETS:
             raise ValueError(f"unknown dataset {name!r}; registered: {sorted(_DATASETS)}, or give 'package.module:factory'")
         return name
@@ -366,7 +377,23 @@ def _digit_grid(split: str, size: int | None = None, seed: int = 0, **options: A
 register_dataset("digit_grid", _digit_grid)
 
 
+def _shipped_datasets() -> None:
+    """Register the readers of trimkit_train.data (vqa_v2, nlvr2, ...): imported on first use, as
+    they import this module."""
+    from . import data  # noqa: F401
+
+
+def task_of(data: DataConfig | None, dataset: Any = None) -> Any:
+    """The run's :class:`trimkit.protocols.Task`: ``data.task``, else the dataset's ``task``
+    attribute, else ``classification``."""
+    from .tasks import get_task
+
+    name = data.task if data is not None and data.task is not None else None
+    return get_task(name if name is not None else dataset)
+
+
 def _entry(name: str) -> DatasetEntry:
+    _shipped_datasets()
     if name in _DATASETS:
         return _DATASETS[name]
     module, _, attr = name.partition(":")
@@ -617,22 +644,27 @@ def mean_macs(model: nn.Module, dataset: Any, instances: int, *, full: bool = Fa
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 128, instances: int | None = None,
-             macs_instances: int = 16, device: torch.device | str = "cpu", progress: bool = False) -> dict[str, Any]:
-    """Accuracy, achieved keep ratios and mean per-instance MACs (trimmed and full).
+             macs_instances: int = 16, device: torch.device | str = "cpu", progress: bool = False,
+             task: Any = None) -> dict[str, Any]:
+    """The task's metrics, achieved keep ratios and mean per-instance MACs (trimmed and full).
 
-    Accuracy runs batched in eval mode (hard masks: by the mask contract the same outputs as
-    removal at batch 1). ``keep`` is the mean kept fraction per trimmer over the evaluated examples;
+    Metrics are the ``task``'s (a :class:`trimkit.protocols.Task`; default: the dataset's ``task``
+    attribute, else classification accuracy), updated batch by batch in eval mode (hard masks: by
+    the mask contract the same outputs as removal at batch 1); ``main_metric`` names the one that
+    ranks runs. ``keep`` is the mean kept fraction per trimmer over the evaluated examples;
     ``keep_tokens``/``keep_heads`` average those over token/head trimmers. ``gmacs`` is the mean
     per-instance GMACs of the first ``macs_instances`` examples at batch 1 with tokens and heads
     removed, ``gmacs_full`` the untrimmed model's on the same examples.
     """
     from tqdm.auto import tqdm
 
+    if task is None:
+        task = task_of(None, dataset)
+    metric = _metric(task, dataset)
     collate = collate_of(dataset)
     n = len(dataset) if instances is None else min(instances, len(dataset))
     was = model.training
     model.eval()
-    correct = 0
     keep_sum: dict[str, float] = {}
     keep_kind: dict[str, str] = {}
     keep_n: dict[str, int] = {}
@@ -641,7 +673,7 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 128, instances
         for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
             batch = _to(collate([dataset[i] for i in range(start, min(n, start + batch_size))]), dev)
             logits = _logits(model(**model_inputs(model, batch)))
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            metric.update(logits, batch)
             if isinstance(model, TrimmedModel):
                 for r in model.records:
                     keep_sum[r.key] = keep_sum.get(r.key, 0.0) + float(r.keep.float().sum())
@@ -650,7 +682,8 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 128, instances
     finally:
         model.train(was)
     keep = {k: keep_sum[k] / keep_n[k] for k in keep_sum}
-    out: dict[str, Any] = {"accuracy": correct / max(n, 1), "n": n, "keep": keep}
+    out: dict[str, Any] = {**metric.compute(), "n": n, "task": task.name, "main_metric": task.main_metric,
+                           "keep": keep}
     for kind in ("token", "head"):
         vals = [v for k, v in keep.items() if keep_kind[k] == kind]
         out[f"keep_{kind}s"] = sum(vals) / len(vals) if vals else 1.0
@@ -712,14 +745,39 @@ def interleaved_latency(tmodel: TrimmedModel, dataset: Any, instances: int = 32,
 # ------------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------------
-class _CrossEntropy:
+class _TaskLoss:
     """The plain-training objective: the task loss only."""
 
     needs_full_pass = False
 
+    def __init__(self, task: Any) -> None:
+        self.task = task
+
     def __call__(self, logits, labels, records, full_logits=None) -> dict[str, torch.Tensor]:
-        task = F.cross_entropy(logits, labels)
-        return {"loss": task, "task": task}
+        loss = self.task.loss(logits, labels)
+        return {"loss": loss, "task": loss}
+
+
+def _metric(task: Any, dataset: Any) -> Any:
+    """A fresh accumulator of ``task``, given the dataset when its ``metric`` takes one."""
+    try:
+        inspect.signature(task.metric).bind(dataset)
+    except TypeError:
+        return task.metric()
+    except ValueError:  # no readable signature
+        return task.metric()
+    return task.metric(dataset)
+
+
+def _objective(factory: Callable, recipe: Any, task: Any) -> Any:
+    """``factory(recipe, task)``; a factory that takes only the config is called without the task."""
+    try:
+        inspect.signature(factory).bind(recipe, task)
+    except TypeError:
+        return factory(recipe)
+    except ValueError:
+        pass
+    return factory(recipe, task)
 
 
 class _StepModule(nn.Module):
@@ -842,12 +900,15 @@ class Trainer:
                               f"({len(self.train_dataset)} examples)")
         self.total_steps = tc.steps or max(1, math.ceil(tc.epochs * self.batches_per_epoch))
         registry = get_registry()
+        #: the task: its loss (wrapped by the objective: cost and self-distillation), distillation
+        #: discrepancy and metrics
+        self.task = task_of(config.data, self.train_dataset)
         if self.tmodel is not None:
             recipe = config.recipe
-            self.objective = registry.objectives.get(recipe.objective)(recipe)
+            self.objective = _objective(registry.objectives.get(recipe.objective), recipe, self.task)
             self.scheduler = registry.schedulers.get(recipe.scheduler)(recipe)
         else:
-            self.objective, self.scheduler = _CrossEntropy(), None
+            self.objective, self.scheduler = _TaskLoss(self.task), None
         self.optimizer = torch.optim.AdamW(self._param_groups(), betas=tc.betas)
         warmup = int(round(tc.warmup_fraction * self.total_steps))
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -961,7 +1022,10 @@ class Trainer:
         self.step += 1
         rec: dict[str, Any] = {"type": "train", "step": self.step, "epoch": self.step / self.batches_per_epoch}
         rec.update(values)
-        rec["accuracy"] = float((logits.detach().argmax(-1) == batch["labels"]).float().mean())
+        if getattr(self.task, "metric_on_train_steps", True):  # the task's metrics on this step's batch
+            metric = _metric(self.task, self.train_dataset)
+            metric.update(logits.detach(), batch)
+            rec.update(metric.compute())
         for g in self.optimizer.param_groups:
             rec[f"lr_{g.get('name', 'group')}"] = g["lr"]
         if grad_norm is not None:
@@ -1164,7 +1228,7 @@ class Trainer:
         ev = evaluate(self.net, dataset if dataset is not None else self.eval_dataset, batch_size=tc.eval_batch_size,
                       instances=instances if instances is not None else tc.eval_instances,
                       macs_instances=tc.macs_instances if macs_instances is None else macs_instances,
-                      device=self.accelerator.device, progress=self.progress)
+                      device=self.accelerator.device, progress=self.progress, task=self.task)
         self.last_eval = ev
         return ev
 
@@ -1403,7 +1467,8 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
 
 
 def _eval_line(ev: dict[str, Any]) -> str:
-    parts = [f"step {ev.get('step', '?')}", f"accuracy {ev['accuracy']:.4f}"]
+    main = ev.get("main_metric", "accuracy")
+    parts = [f"step {ev.get('step', '?')}", f"{main} {ev[main]:.4f}"]
     if "gmacs" in ev:
         parts.append(f"GMACs {ev['gmacs']:.4f} (full {ev['gmacs_full']:.4f}, {ev['macs_ratio']:.2f}x)")
     if ev.get("keep"):

@@ -13,9 +13,9 @@ from trimkit.commands._args import nonneg_int, positive_int
 INFERENCE = ("remove", "packed", "padded", "hard")
 
 DESCRIPTION = """\
-Evaluate a checkpoint: accuracy, mean GMACs per instance (full vs trimmed) and keep ratios.
-Accuracy runs in eval mode in batches of ``--batch-size`` (default: train.eval_batch_size of the
-run); how a trimmed model runs those batches is ``--inference`` (``TrimmedModel.inference``), and
+Evaluate a checkpoint: the metrics of its task (accuracy; VQA score; recall@K; BLEU-4/CIDEr),
+mean GMACs per instance (full vs trimmed) and keep ratios. Metrics run in eval mode in batches of
+``--batch-size`` (default: train.eval_batch_size of the run); how a trimmed model runs those batches is ``--inference`` (``TrimmedModel.inference``), and
 the output says which it used: ``remove`` (the default) removes tokens and heads at batch 1 but
 runs larger batches masked (the same decisions and, by the mask contract, the same outputs; no
 compute saved), ``packed``/``padded`` run them on the kept tokens only, ``hard`` always masks.
@@ -90,7 +90,7 @@ def resolve_device(name: str | None):
 
 def run(args) -> int:
     from trimkit import TrimmedModel
-    from trimkit_train import build_dataset, evaluate, load_checkpoint
+    from trimkit_train import build_dataset, evaluate, load_checkpoint, task_of
 
     try:
         from trimkit.model import MaskedBatchWarning
@@ -131,7 +131,7 @@ def run(args) -> int:
         if MaskedBatchWarning is not None:  # the output below says how the batches ran, and names --inference
             warnings.simplefilter("ignore", MaskedBatchWarning)
         ev = evaluate(model, dataset, batch_size=batch_size, instances=args.instances, macs_instances=macs_n,
-                      device=device)
+                      device=device, task=task_of(config.data, dataset))
     ev.update(checkpoint=str(args.checkpoint), split=data.eval_split, trimmed=config.trim is not None,
               inference=mode, eval_batch_size=batch_size, device=str(device),
               inference_note=describe_inference(mode, batch_size, ev["n"]))
@@ -145,7 +145,14 @@ def run(args) -> int:
         print(json.dumps(ev, indent=2))
         return 0
     print(f"checkpoint   {args.checkpoint}  (split {data.eval_split}, {ev['n']} examples)")
-    print(f"accuracy     {ev['accuracy']:.4f}")
+    skip = {"n", "task", "main_metric", "keep", "keep_tokens", "keep_heads", "gmacs", "gmacs_full", "macs_ratio",
+            "macs_instances", "checkpoint", "split", "trimmed", "inference", "eval_batch_size", "device",
+            "inference_note"}
+    metrics = {k: v for k, v in ev.items() if k not in skip and isinstance(v, (int, float))}
+    main = ev["main_metric"]
+    print(f"task         {ev['task']}  ({main} {ev[main]:.4f})")
+    for k, v in metrics.items():
+        print(f"  {k:<11} {v:.4f}")
     print(f"inference    {ev['inference_note']}")
     if "gmacs" in ev:
         ratio = ev["macs_ratio"]

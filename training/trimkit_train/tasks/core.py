@@ -251,6 +251,7 @@ class CaptioningTask:
 
     name = "captioning"
     main_metric = "cider"
+    metric_on_train_steps = False  # BLEU/CIDEr of teacher-forced argmax tokens per step: slow, and no signal
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = float(label_smoothing)
@@ -286,6 +287,7 @@ class RetrievalTask:
 
     name = "retrieval"
     main_metric = "r_mean"
+    metric_on_train_steps = False  # recall@K over one training batch's pairs means nothing
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if logits.dim() == 2 and logits.shape[-1] == 2:
