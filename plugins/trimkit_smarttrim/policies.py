@@ -7,11 +7,29 @@ initialisation of §4.2 (every token and head is kept at step 0).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def _hidden(dim: int, config) -> int:
     return config.trimmer_dim or max(16, dim // 8)
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)`` for a Sequential of Linear/GELU layers, calling the functional ops directly.
+
+    A trimmer runs at every trimmed layer on a handful of vectors, where the time is dispatch and
+    not arithmetic: skipping the module calls (hooks, ``__call__``) of its small layers is a
+    measured part of the per-layer fixed cost (benchmarks/RESULTS.md, "Fixed cost per trimmed
+    layer"). Other layer types are called as modules."""
+    for layer in layers:
+        if type(layer) is nn.Linear:
+            x = F.linear(x, layer.weight, layer.bias)
+        elif type(layer) is nn.GELU:
+            x = F.gelu(x, approximate=layer.approximate)
+        else:
+            x = layer(x)
+    return x
 
 
 def _stable(linear: nn.Linear, config) -> nn.Linear:
@@ -35,12 +53,15 @@ class CrossModalTokenPolicy(nn.Module):
         nn.init.zeros_(self.bilinear.weight)
 
     def forward(self, hidden: torch.Tensor, cls_self: torch.Tensor, cls_context: torch.Tensor | None) -> torch.Tensor:
-        h = self.proj(hidden)  # (B, N, D')
-        local = self.local(h).squeeze(-1)
-        parts = [cls_self] if not self.context_dim else [cls_self, cls_context if cls_context is not None else torch.zeros(
-            cls_self.shape[0], self.context_dim, device=cls_self.device, dtype=cls_self.dtype)]
-        g = self.glob(torch.cat(parts, dim=-1))  # (B, D')
-        return local + torch.einsum("bd,bnd->bn", self.bilinear(g), h)
+        h = F.linear(hidden, self.proj.weight, self.proj.bias)  # (B, N, D')
+        local = _run(self.local, h).squeeze(-1)
+        if self.context_dim:
+            ctx = cls_context if cls_context is not None else cls_self.new_zeros(cls_self.shape[0], self.context_dim)
+            g = _run(self.glob, torch.cat([cls_self, ctx], dim=-1))  # (B, D')
+        else:
+            g = _run(self.glob, cls_self)
+        wg = F.linear(g, self.bilinear.weight)  # (B, D')
+        return torch.baddbmm(local.unsqueeze(-1), h, wg.unsqueeze(-1)).squeeze(-1)  # local + <W_k g, h_n>
 
 
 class LocalTokenPolicy(nn.Module):
@@ -53,7 +74,7 @@ class LocalTokenPolicy(nn.Module):
         self.local = nn.Sequential(nn.Linear(d, d // 2), nn.GELU(), _stable(nn.Linear(d // 2, 1), config))
 
     def forward(self, hidden, cls_self, cls_context):
-        return self.local(self.proj(hidden)).squeeze(-1)
+        return _run(self.local, F.linear(hidden, self.proj.weight, self.proj.bias)).squeeze(-1)
 
 
 class RandomTokenPolicy(nn.Module):
@@ -87,4 +108,4 @@ class CrossModalHeadPolicy(nn.Module):
 
     def forward(self, cls_self: torch.Tensor, cls_context: torch.Tensor | None) -> torch.Tensor:
         x = cls_self if not self.context_dim else torch.cat([cls_self, cls_context], dim=-1)
-        return self.net(x)
+        return _run(self.net, x)
