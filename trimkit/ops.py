@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .engine import packed as P
+from .headcache import KeptHeadCache
 from .engine.packed import Packing, PackedCall
 from .spec import AttentionSpec
 
@@ -401,6 +402,7 @@ class TrimAttention(nn.Module):
         super().__init__()
         self.spec = spec
         object.__setattr__(self, "module", module)  # shared, not re-registered
+        self.head_cache = KeptHeadCache()  # small attentions: kept-head weights gathered once per kept set
 
     def _fused(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The fused [q; k; v] projection (timm ``qkv``, ``nn.MultiheadAttention`` ``in_proj``), if any."""
@@ -503,6 +505,22 @@ class TrimAttention(nn.Module):
         Nk = ctx.shape[1]
         mask = None if bias is None else bias.to(x.dtype)
         out = self.module.get_submodule(s.out) if s.out is not None else None
+        kept = sum(e - a for a, e in runs)
+        if len(runs) > 1 and self.head_cache.usable(d, kept, max(x.shape[-1], ctx.shape[-1]),
+                                                    out.weight.shape[0] if out is not None else None):
+            # small attention: one run on a gathered copy (cached per kept set) beats several runs on views
+            heads_kept = tuple(h for a, e in runs for h in range(a, e))
+            wq, bq, wk, bk, wv, bv, wo, rows = self.head_cache.get(
+                heads_kept, d, (wq, bq, wk, bk, wv, bv), out.weight if out is not None else None)
+            q = F.linear(x, wq, bq).view(B, Nq, kept, d).transpose(1, 2)
+            k = F.linear(ctx, wk, bk).view(B, Nk, kept, d).transpose(1, 2)
+            v = F.linear(ctx, wv, bv).view(B, Nk, kept, d).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale).transpose(1, 2)
+            y = y.reshape(B, Nq, kept * d)
+            if out is not None:
+                return F.linear(y, wo, out.bias)
+            # the model applies the output projection itself: every head's slot, zeros where dropped
+            return x.new_zeros(B, Nq, heads * d).index_copy_(2, rows, y)
         if out is not None:
             acc = None
         else:  # the model applies the output projection itself: give it every head's slot (zeros when dropped)
