@@ -51,24 +51,30 @@ class MaskedExecutor:
         rt, spec = layer.runtime, layer.spec
         tokens = layer.trimmers.token
         cls_ctx = layer._cls_context(context, cstate)
-        cls_attn = layer._attn_cls(a, cls_ctx)
+        cls_attn = layer._attn_cls(a, cls_ctx, astates)
         self_ctx = None
         seq = hidden if spec.batch_first else hidden.transpose(0, 1)
+        B, N = seq.shape[:2]
         cls_self = layer._pooled(seq, hstate, spec.stream) if layer.pooled else seq[:, 0]  # at the layer's input
-        if layer.segments:  # the original layout: each segment's summary at its start
-            bounds = layer._bounds(seq.shape[1])
-            member = SegmentTokenTrimmer.member(torch.arange(seq.shape[1], device=seq.device), bounds)
-            cls = layer._segment_means(seq[:, bounds[:-1]], seq, member, layer._weights(seq, hstate, spec.stream))
+        if layer.last:  # the last real token, at its original position (masks keep the layout)
+            lay = layer._layout(B, N, seq.device)
+            cls_self = lay.gather(seq)[:, 0]
+        if layer.segments:  # the original layout: each segment's summary at its position
+            lay = layer._layout(B, N, seq.device)
+            member = lay.member(torch.arange(N, device=seq.device))  # (N,), or (B, N) per instance
+            cls = layer._segment_means(lay.gather(seq), seq, member, layer._weights(seq, hstate, spec.stream))
             cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
             if tokens is not None:
                 logits = tokens.logits(seq, cls, member)
                 hstate, hidden = rt.token_step(layer.key, spec.stream, logits, hidden, hstate, layer.token_dim,
-                                               protected=bounds[:-1], segments=(layer.segment_names, member))
+                                               protected=lay.summary, segments=(layer.segment_names, member))
         elif tokens is not None:
-            seq = hidden if spec.batch_first else hidden.transpose(0, 1)
             logits = tokens(seq, cls_self, cls_ctx)
+            protected = None if layer.protected == 1 else list(range(layer.protected))
+            if layer.last:
+                protected = layer._protect_last(lay.summary)
             hstate, hidden = rt.token_step(layer.key, spec.stream, logits, hidden, hstate, layer.token_dim,
-                                           protected=None if layer.protected == 1 else list(range(layer.protected)))
+                                           protected=protected)
             a[layer.hidden_name] = hidden
         layer._align_side(a, hstate, cstate)
         if layer.tokens_only:
@@ -98,24 +104,30 @@ class RemoveExecutor:
             if layer.pooled else layer._first(hidden)
         logits = self_ctx = protected = segments = None
         seq = hidden if spec.batch_first else hidden.transpose(0, 1)
+        prev = hstate.index if hstate is not None and hstate.index is not None else None
+        length = hstate.length if prev is not None else seq.shape[1]
+        pos = prev if prev is not None else torch.arange(seq.shape[1], device=seq.device)  # original positions
         if layer.segments:
-            prev = hstate.index if hstate is not None and hstate.index is not None else None
-            length = hstate.length if prev is not None else seq.shape[1]
-            pos = prev if prev is not None else torch.arange(seq.shape[1], device=seq.device)
-            bounds = layer._bounds(length)
-            protected = SegmentTokenTrimmer.summary_rows(pos, 1, length, bounds)[0]  # current position of each summary
-            member = SegmentTokenTrimmer.member(pos, bounds)
+            lay = layer._layout(1, length, seq.device)  # batch 1: its bounds on the host
+            protected = lay.rows(pos)[0]  # current position of each summary (always kept, so present)
+            member = lay.member(pos)
             cls = layer._segment_means(seq.index_select(1, protected), seq, member, layer._weights(seq, hstate, spec.stream))
             cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
-            segments = (layer.segment_names, member, bounds)
+            segments = (layer.segment_names, member, lay.host)
             if tokens is not None:
                 logits = tokens.logits(seq, cls, member)
-        elif tokens is not None:
-            logits = tokens(seq, cls_self, cls_ctx)
-            if layer.protected != 1:  # always kept, so the stream's first tokens are the protected ones
-                protected = torch.arange(layer.protected, device=seq.device)
+        else:
+            if layer.last:  # the last real token, wherever the kept tokens put it
+                row = layer._layout(1, length, seq.device).rows(pos)
+                cls_self = seq.index_select(1, row[0])[:, 0]
+            if tokens is not None:
+                logits = tokens(seq, cls_self, cls_ctx)
+                if layer.last:
+                    protected = layer._protect_last(row)[0]
+                elif layer.protected != 1:  # always kept, so the stream's first tokens are the protected ones
+                    protected = torch.arange(layer.protected, device=seq.device)
         # the contexts (the layer's, each attention's own) arrive with their dropped tokens already removed
-        head_logits = layer._head_logits(cls_self, layer._attn_cls(a, cls_ctx), self_ctx, cls_ctx)
+        head_logits = layer._head_logits(cls_self, layer._attn_cls(a, cls_ctx, astates), self_ctx, cls_ctx)
         hstate, hidden, trims = rt.remove_step(layer.key, logits, head_logits, hidden, hstate, layer.token_dim,
                                                protected, segments, stream=spec.stream)
         a[layer.hidden_name] = hidden
@@ -140,14 +152,22 @@ class PackedExecutor:
         if context.dim() == 2:
             return context, None, None
         cp = cstate.packing if cstate is not None else None
+        last = layer._summary_rule(stream) == "last" if stream else False  # its summary: its last real token
         if cp is not None and not cp.padded:  # packed rows already
             crows = _rows(context, bf, cp.total, "context")
             cpack = cp
             cls_ctx = layer._pooled_rows(crows, cp) if layer.ctx_pooled else crows.index_select(0, cp.starts)
+            if last:
+                lay = layer._layout(cp.batch, cp.length, crows.device, stream)
+                cls_ctx = crows.index_select(0, lay.rows(cp.flat)[:, 0])
         else:
             cb = context if bf else context.transpose(0, 1)
             cls_ctx = cb[:, 0]
-            if layer.ctx_pooled:
+            if last:  # the original layout, or the unpacked one (each instance's kept tokens first)
+                lay = layer._layout(cb.shape[0], cp.length if cp is not None else cb.shape[1], cb.device, stream)
+                at = lay.rows(cp.flat)[:, :1] - cp.starts[:, None] if cp is not None else lay.summary[:, :1]
+                cls_ctx = cb.gather(1, at[..., None].expand(-1, -1, cb.shape[-1]))[:, 0]
+            elif layer.ctx_pooled:
                 if cp is not None:  # unpacked layout (B, max kept, D): each instance's first counts slots
                     slots = torch.arange(cb.shape[1], device=cb.device)[None, :] < (cp.cu[1:] - cp.cu[:-1])[:, None]
                     w = slots.to(cb.dtype)
@@ -199,20 +219,27 @@ class PackedExecutor:
                 w = real_mask.to(hb.dtype) if real_mask is not None else torch.ones(B, N, dtype=hb.dtype,
                                                                                      device=hb.device)
                 cls_self = (hb * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+            if layer.segments or layer.last:
+                lay = layer._layout(B, N, hb.device)
+                summary = lay.summary  # (B, K) original positions of the summary tokens
+            if layer.last:
+                cls_self = lay.gather(hb)[:, 0]
             if layer.segments:
-                bounds = layer._bounds(N)
-                member = SegmentTokenTrimmer.member(torch.arange(N, device=hb.device), bounds)
+                member = lay.member(torch.arange(N, device=hb.device))  # (N,), or (B, N) per instance
                 real_b = real_mask.float() if real_mask is not None else torch.ones(B, N, device=hb.device)
-                seg_cls = layer._segment_means(hb[:, bounds[:-1]], hb, member, real_b.to(hb.dtype))
-                rt.segment_real[spec.stream] = torch.stack([real_b[:, s:e].sum(1) for s, e in zip(bounds, bounds[1:])], 1)
+                seg_cls = layer._segment_means(lay.gather(hb), hb, member, real_b.to(hb.dtype))
+                rt.segment_real[spec.stream] = lay.per_segment(real_b, member)
         else:
             rows = P.repack(hidden if bf else hidden.transpose(0, 1), hp) if padded else _rows(
                 hidden, bf, hp.total, "hidden states")
             cls_self = layer._pooled_rows(rows, hp) if layer.pooled else rows.index_select(0, hp.starts)
+            if layer.segments or layer.last:
+                lay = layer._layout(hp.batch, hp.length, rows.device)
+                summary = lay.rows(hp.flat)  # (B, K) row of each summary token (always kept, so present)
+            if layer.last:
+                cls_self = rows.index_select(0, summary[:, 0])
             if layer.segments:
-                bounds = layer._bounds(hp.length)
-                summary = SegmentTokenTrimmer.summary_rows(hp.bidx * hp.length + hp.pos, hp.batch, hp.length, bounds)
-                member = SegmentTokenTrimmer.member(hp.pos, bounds)
+                member = lay.member(hp.pos, hp.bidx)
                 seg_cls = layer._segment_means(rows[summary], rows, member, pack=hp)  # (B, K, D)
         if seg_cls is not None:
             cls_self, self_ctx = seg_cls[:, 0], SegmentTokenTrimmer.contexts(seg_cls)[0]
@@ -248,13 +275,13 @@ class PackedExecutor:
                     logits = tokens(hb, cls_self, cls_ctx)
                 rt.watch(layer.key, logits)
                 keep &= logits > 0
-            if layer.segments:
-                forced = bounds[:-1]  # every segment's summary is always kept (if it is a real token)
-                keep[:, forced] = real_mask[:, forced] if real_mask is not None else True
-            else:
+            if not layer.segments:
                 # [CLS] (and the stream's other protected tokens) always kept, unless they are padding: the
                 # packed counts must equal the real tokens kept (an all-padding row is refused earlier)
                 keep[:, :layer.protected] = real_mask[:, :layer.protected] if real_mask is not None else True
+            if layer.segments or layer.last:  # every summary token is always kept (if it is a real token)
+                keep.scatter_(1, summary, real_mask.gather(1, summary) if real_mask is not None
+                              else torch.ones_like(summary, dtype=torch.bool))
             counts_dev = keep.sum(1)
             if tokens is not None:
                 fetch.append(counts_dev)
@@ -269,6 +296,8 @@ class PackedExecutor:
             rt.watch(layer.key, logits)
             keep = logits > 0
             keep.index_fill_(0, summary.reshape(-1) if layer.segments else hp.starts, True)  # summaries always kept
+            if layer.last:
+                keep.index_fill_(0, summary[:, 0], True)
             if layer.protected > 1:
                 keep |= hp.pos < layer.protected
             counts_dev = torch.zeros(hp.batch, dtype=torch.long, device=keep.device).index_add_(0, hp.bidx, keep.long())
@@ -279,7 +308,7 @@ class PackedExecutor:
                 seg_kept = torch.zeros(hp.batch, len(layer.segments), dtype=torch.long, device=keep.device)
                 seg_kept.index_put_((hp.bidx, member), keep.long(), accumulate=True)
             else:
-                seg_kept = torch.stack([seg_keep[:, s:e].sum(1) for s, e in zip(bounds, bounds[1:])], 1)
+                seg_kept = lay.per_segment(seg_keep.long(), member)
             fetch.append(seg_kept)
         host = P.fetch(fetch)  # the one host synchronisation of this layer (none without a token trimmer)
         if hp is None:
@@ -293,7 +322,7 @@ class PackedExecutor:
             K = len(layer.segments)
             per = [host[-1][k::K] for k in range(K)]  # host (B * K,) row-major -> per segment (B,)
             rt.packed_record_segments(layer.key, spec.stream, pack, layer.segment_names,
-                                      SegmentTokenTrimmer.member(pack.pos, bounds), per)
+                                      lay.member(pack.pos, pack.bidx), per)
         elif tokens is not None:
             rt.packed_record_tokens(layer.key, pack)
         if not padded:

@@ -30,11 +30,11 @@ from .engine import packed as P
 from .kernels import KernelAttention
 from .executors import EXECUTORS
 from .ops import AttnTrim, Runtime, TokenState, TrimAttention, align
-from .segments import segment_bounds
+from .segments import SegmentLayout, segment_bounds, segment_layout
 from .spec import AttentionSpec, LayerSpec, StreamSpec
 from .trace import TraceError, fixed_args, param_names, plain_codegen, trace
 
-__all__ = ["LayerTrimmers", "PaddingProbe", "TrimmedLayer"]
+__all__ = ["LayerTrimmers", "PaddingProbe", "StartsProbe", "TrimmedLayer"]
 
 
 def _arg_name(ref: int | str, names: list[str], layer: str) -> str:
@@ -82,6 +82,9 @@ class TrimmedLayer(nn.Module):
         self.segments = list(stream.segments) if stream is not None else []
         self.protected = stream.protected if stream is not None else 1  # leading tokens never dropped
         self.pooled = stream is not None and stream.summary == "mean"  # summary: mean of kept tokens, not token 0
+        # summary: the last real token (per instance, always kept), found from the stream's layout
+        self.last = bool(stream is not None and not stream.segments and stream.summary == "last")
+        self.stream_specs = {st.name: st for st in (stream, context_stream) if st is not None}
         self.ctx_pooled = bool(context_stream is not None and context_stream.summary == "mean")
         self.segment_names = [g.name for g in self.segments]
         self.pooled_segments = [k for k, g in enumerate(self.segments) if g.summary == "mean"]
@@ -204,14 +207,46 @@ class TrimmedLayer(nn.Module):
     def _first(self, t: torch.Tensor) -> torch.Tensor:
         return t[:, 0] if self.spec.batch_first else t[0]
 
-    def _cls_context(self, context: torch.Tensor | None, cstate: TokenState | None = None) -> torch.Tensor | None:
+    def _cls_context(self, context: torch.Tensor | None, cstate: TokenState | None = None,
+                     stream: str | None = None) -> torch.Tensor | None:
         # a context source may give hidden states (its summary is used) or one vector per instance
         if context is None or context.dim() == 2:
             return context
+        stream = stream or self.spec.context_stream
+        if stream is not None and self._summary_rule(stream) == "last":
+            return self._last_of(context if self.spec.batch_first else context.transpose(0, 1), cstate, stream)
         if self.ctx_pooled:
             return self._pooled(context if self.spec.batch_first else context.transpose(0, 1), cstate,
                                 self.spec.context_stream)
         return self._first(context)
+
+    def _summary_rule(self, stream: str) -> str:
+        """What a stream's summary is ("first", "mean", "last"); a segmented stream's is its first token."""
+        st = self.runtime.specs.get(stream) or self.stream_specs.get(stream)
+        return "first" if st is None or st.segments else st.summary
+
+    def _layout(self, batch: int, length: int, device: torch.device, stream: str | None = None) -> SegmentLayout:
+        """The stream's :class:`~trimkit.segments.SegmentLayout` in this forward (made once, at its first use)."""
+        rt, name = self.runtime, stream or self.spec.stream
+        lay = rt.layouts.get(name)
+        if lay is None or lay.batch != batch or lay.length != length:
+            st = rt.specs.get(name) or self.stream_specs[name]
+            lay = rt.layouts[name] = segment_layout(st, rt, batch, length, device)
+        return lay
+
+    def _last_of(self, seq: torch.Tensor, state: TokenState | None, stream: str) -> torch.Tensor:
+        """Masked/remove layouts: a ``summary="last"`` stream's last real token (B, N, D) -> (B, D)."""
+        B, n = seq.shape[:2]
+        removed = state is not None and state.index is not None
+        lay = self._layout(B, state.length if removed else n, seq.device, stream)
+        row = lay.rows(state.index.to(seq.device)) if removed else lay.summary
+        return seq.gather(1, row[:, :1, None].to(seq.device).expand(-1, -1, seq.shape[-1]))[:, 0]
+
+    def _protect_last(self, rows: torch.Tensor) -> torch.Tensor:
+        """The always-kept tokens of a ``summary="last"`` stream: its protected leading tokens and, per
+        instance, the row of its last real token ``rows`` (B, 1) -> (B, protected + 1)."""
+        lead = torch.arange(self.protected, dtype=rows.dtype, device=rows.device).expand(rows.shape[0], -1)
+        return torch.cat([lead, rows], 1)
 
     def _pooled(self, seq: torch.Tensor, state: TokenState | None, stream: str | None) -> torch.Tensor:
         """Masked/remove layouts: the mean of a stream's kept real tokens (B, N, D) -> (B, D)."""
@@ -258,9 +293,20 @@ class TrimmedLayer(nn.Module):
         counts = (pack.cu[1:] - pack.cu[:-1]).to(rows.dtype).clamp_min(1)
         return total / counts.view(-1, *([1] * (rows.dim() - 1)))
 
-    def _attn_cls(self, a: dict[str, Any], cls_ctx: torch.Tensor | None) -> list[torch.Tensor | None]:
+    def _attn_cls(self, a: dict[str, Any], cls_ctx: torch.Tensor | None,
+                  astates: list[TokenState | None] | None = None) -> list[torch.Tensor | None]:
         """Per attention, the [CLS] its head trimmer reads: its own context's, else the layer context's."""
-        return [self._cls_context(a.get(name)) if name is not None else cls_ctx for name in self.attn_context_names]
+        states = astates or [None] * len(self.attn_context_names)
+        out = []
+        for name, st, att in zip(self.attn_context_names, states, self.spec.attentions):
+            if name is None:
+                out.append(cls_ctx)
+                continue
+            stream = att.context_stream or self.spec.context_stream
+            # the state locates a last-token summary among the kept tokens (a mean reads the padding only)
+            last = stream is not None and self._summary_rule(stream) == "last"
+            out.append(self._cls_context(a.get(name), st if last else None, stream))
+        return out
 
     def _head_logits(self, cls_self: torch.Tensor, cls_ctxs: list[torch.Tensor | None],
                      self_ctx: torch.Tensor | None = None, ctx_cls: torch.Tensor | None = None) -> list[torch.Tensor | None]:
@@ -354,6 +400,31 @@ class PaddingProbe(nn.Module):
         if rt.mode in ("packed", "padded"):  # real tokens per instance, one host sync where the mask is made
             rt.real[self.stream] = P.fetch([(mask != 0).sum(-1)])[0]
         return mask
+
+
+class StartsProbe(nn.Module):
+    """Records a segmented stream's per-instance segment starts (B, K) where the model has them
+    (``StreamSpec.segment_starts``: a forward input, or a module's output)."""
+
+    def __init__(self, runtime: Runtime, stream: StreamSpec, where: str) -> None:
+        super().__init__()
+        self.runtime, self.stream, self.where = runtime, stream.name, where
+        self.names = [g.name for g in stream.segments]
+
+    def forward(self, starts: Any) -> Any:
+        K = len(self.names)
+        what = f"stream {self.stream!r}: StreamSpec.segment_starts {self.where}"
+        if starts is None:
+            raise ValueError(f"{what} was not given (None): pass the (B, {K}) start of each segment {self.names} "
+                             "per instance")
+        if (not isinstance(starts, torch.Tensor) or starts.dim() != 2 or starts.shape[1] != K
+                or starts.dtype == torch.bool or starts.is_floating_point() or starts.is_complex()):
+            got = (f"{starts.dtype} {tuple(starts.shape)}" if isinstance(starts, torch.Tensor)
+                   else type(starts).__name__)
+            raise ValueError(f"{what} gave {got}, expected a (B, {K}) integer tensor: the original start of each "
+                             f"segment {self.names} in each instance (column 0 is 0)")
+        self.runtime.segment_starts[self.stream] = starts
+        return starts
 
 
 class LayerTrimmers(nn.Module):

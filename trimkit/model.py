@@ -22,7 +22,7 @@ from torch import nn
 from .config import TrimConfig, TrimConfigError, resolve_target, selector_keys
 from .engine.packed import fetch
 from .ops import MODES, Record, Runtime
-from .plan import AttentionPlan, LayerPlan, StreamPlan, TrimPlan
+from .plan import AttentionPlan, LayerPlan, TrimPlan, stream_plan
 from .plugins import get_registry, select_adapter
 from .rewrite import LayerTrimmers, rewrite
 from .segments import SegmentTokenTrimmer
@@ -522,14 +522,7 @@ def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:
                                 tuple((u.stream, targets.get(f"{lspec.path}@{u.stream}")) for u in lspec.updates)))
     outside = tuple(f"{t.module}.{t.arg} ({t.stream}, dim {t.dim})" for t in spec.token_args)
     return TrimPlan(tmodel.adapter_name, tmodel.config.token_policy, tmodel.config.head_policy,
-                    tuple(_stream_plan(s) for s in spec.streams), tuple(layers), outside)
-
-
-def _stream_plan(s: Any) -> StreamPlan:
-    padding = f"input {s.padding_input!r}" if s.padding_input else f"{s.padding_source!r}" if s.padding_source else None
-    rules = tuple((g.name, ("rest" if g.length is None else str(g.length))
-                   + (", summary = mean of its kept tokens" if g.summary == "mean" else "")) for g in s.segments)
-    return StreamPlan(s.name, s.cls_index, padding, rules, s.protected, s.summary)
+                    tuple(stream_plan(s, spec.input_names) for s in spec.streams), tuple(layers), outside)
 
 
 def _safe(key: str) -> str:

@@ -119,6 +119,10 @@ class Runtime:
     segment_real: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> (B, K) real tokens per segment
     nonfinite: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (trimmer key, device flag), per forward
     segment_padding: dict[str, list] = field(default_factory=dict)  # stream -> per segment (B, n_k) mask or None
+    segment_starts: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> (B, K) starts (per forward)
+    layouts: dict[str, Any] = field(default_factory=dict)  # stream -> its SegmentLayout (per forward)
+    specs: dict[str, Any] = field(default_factory=dict)  # stream -> its StreamSpec (set by the rewrite)
+    deferred: list[tuple[str, torch.Tensor, Any]] = field(default_factory=list)  # (message, device flag, values)
 
     def begin(self, mode: str) -> None:
         """Reset the per-forward state."""
@@ -132,6 +136,14 @@ class Runtime:
         self.segment_real = {}
         self.nonfinite = []
         self.segment_padding = {}
+        self.segment_starts = {}
+        self.layouts = {}
+        self.deferred = []
+
+    def defer(self, message: str, flag: torch.Tensor, values: Any = None) -> None:
+        """A check of an input's values left on the device (no host sync in the forward): ``flag`` True
+        means bad; :meth:`check_finite` raises ``ValueError(message)`` after the forward."""
+        self.deferred.append((message, flag, values))
 
     def watch(self, key: str, logits: torch.Tensor) -> None:
         """Note whether a trimmer's logits hold NaN/inf (checked once, after the forward: a NaN logit
@@ -139,7 +151,13 @@ class Runtime:
         self.nonfinite.append((key, ~torch.isfinite(logits).all()))
 
     def check_finite(self) -> None:
-        """Raise :class:`NonFiniteError` if a trimmer saw non-finite logits in this forward (one sync)."""
+        """After a forward: raise ``ValueError`` for an input a deferred check refused (:meth:`defer`),
+        then :class:`NonFiniteError` if a trimmer saw non-finite logits (one sync each, when there are any)."""
+        if self.deferred and bool(torch.stack([f.reshape(()) for _, f, _ in self.deferred]).any()):
+            for message, flag, values in self.deferred:
+                if bool(flag):
+                    got = f"; got {values.tolist()}" if isinstance(values, torch.Tensor) else ""
+                    raise ValueError(message + got)
         if not self.nonfinite:
             return
         flags = torch.stack([f for _, f in self.nonfinite])
@@ -166,13 +184,14 @@ class Runtime:
     # --- masked modes (sample, hard) -------------------------------------------------------
     def token_step(
         self, key: str, stream: str, logits: torch.Tensor, hidden: torch.Tensor, state: TokenState | None, token_dim: int,
-        protected: list[int] | None = None, segments: tuple[list[str], torch.Tensor] | None = None,
+        protected: list[int] | torch.Tensor | None = None, segments: tuple[list[str], torch.Tensor] | None = None,
     ) -> tuple[TokenState, torch.Tensor]:
         """Apply a token trimmer's logits (B, N_cur) to a stream; returns (new state, new hidden).
 
-        ``protected``: positions always kept (default: the [CLS] at 0). ``segments``: (names, (N,)
-        segment of each position) of a segmented stream: one record per segment, keyed
-        ``"{key}:{name}"``, with that segment's kept fraction."""
+        ``protected``: positions always kept (default: the [CLS] at 0), the same for every instance
+        (a list) or per instance (a (B, P) tensor: a segmented stream's summary tokens). ``segments``:
+        (names, segment of each position, (N,) or per instance (B, N)) of a segmented stream: one
+        record per segment, keyed ``"{key}:{name}"``, with that segment's kept fraction."""
         if self.mode == "remove":  # one token trimmer alone (the layer path uses remove_step)
             state, hidden, _ = self.remove_step(key, logits, [], hidden, state, token_dim)
             return state, hidden
@@ -182,6 +201,10 @@ class Runtime:
         if protected is None:
             ones = torch.ones_like(m[:, :1])
             m = torch.cat([ones, m[:, 1:]], dim=1)  # [CLS] always kept (no in-place write on a graph tensor)
+        elif isinstance(protected, torch.Tensor):  # per instance
+            keep_always = torch.zeros(m.shape, dtype=torch.bool, device=m.device)
+            keep_always.scatter_(1, protected.to(m.device), True)
+            m = torch.where(keep_always, torch.ones_like(m), m)
         else:
             keep_always = torch.zeros(m.shape[1], dtype=torch.bool, device=m.device)
             keep_always[protected] = True

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["AttentionPlan", "LayerPlan", "StreamPlan", "TrimPlan"]
+__all__ = ["AttentionPlan", "LayerPlan", "StreamPlan", "TrimPlan", "stream_plan"]
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,31 @@ class StreamPlan:
     name: str
     cls_index: int
     padding: str | None  # "input 'NAME'" or the module output it is taken from
-    segments: tuple[tuple[str, str], ...] = ()  # (name, length rule)
+    segments: tuple[tuple[str, str], ...] = ()  # (name, length rule; "" when the starts are per instance)
     protected: int = 1  # leading tokens never dropped
-    summary: str = "first"  # what the trimmers read: the first token, or the mean of the kept tokens
+    summary: str = "first"  # what the trimmers read: the first token, the mean of the kept tokens, the last token
+    starts: str | None = None  # per-instance segment starts: "input 'NAME'" or the module output they come from
+    segment_summaries: tuple[str, ...] = ()  # per segment: "first" | "mean" | "last"
+
+
+_SEGMENT_SUMMARY = {"mean": "summary = mean of its kept tokens", "last": "summary = its last real token"}
+
+
+def stream_plan(s, input_names=()) -> StreamPlan:
+    """The :class:`StreamPlan` of a :class:`~trimkit.spec.StreamSpec` (``input_names``: the model's,
+    to tell an input from a module output in ``segment_starts``)."""
+    padding = f"input {s.padding_input!r}" if s.padding_input else f"{s.padding_source!r}" if s.padding_source else None
+    per_instance = s.segment_starts is not None
+    rules = []
+    for g in s.segments:
+        parts = [] if per_instance else ["rest" if g.length is None else str(g.length)]
+        parts += [_SEGMENT_SUMMARY[g.summary]] if g.summary in _SEGMENT_SUMMARY else []
+        rules.append((g.name, ", ".join(parts)))
+    starts = None
+    if per_instance:
+        starts = f"input {s.segment_starts!r}" if s.segment_starts in input_names else repr(s.segment_starts)
+    return StreamPlan(s.name, s.cls_index, padding, tuple(rules), s.protected, s.summary, starts,
+                      tuple(g.summary for g in s.segments))
 
 
 @dataclass(frozen=True)
@@ -80,12 +102,18 @@ class TrimPlan:
         for s in self.streams:
             pad = f", padding from {s.padding}" if s.padding else ", no padding"
             if s.segments:
-                parts = ", ".join(f"{n} ({rule})" for n, rule in s.segments)
-                lines.append(f"  {s.name}: segments {parts}; each segment's first token always kept{pad}")
+                parts = ", ".join(f"{n} ({rule})" if rule else n for n, rule in s.segments)
+                starts = f"; starts per instance from {s.starts}" if s.starts else ""
+                kept = "each segment's first token always kept"
+                if "last" in s.segment_summaries:
+                    kept += " (its last real token where the summary is its last)"
+                lines.append(f"  {s.name}: segments {parts}{starts}; {kept}{pad}")
             else:
+                first = "first token" if s.protected == 1 else f"first {s.protected} tokens"
                 if s.summary == "mean":
-                    first = "first token" if s.protected == 1 else f"first {s.protected} tokens"
                     lines.append(f"  {s.name}: summary = mean of its kept tokens ({first} always kept){pad}")
+                elif s.summary == "last":
+                    lines.append(f"  {s.name}: summary = its last real token (it and the {first} always kept){pad}")
                 else:
                     kept = "always kept" if s.protected == 1 else f"summary; the first {s.protected} tokens always kept"
                     lines.append(f"  {s.name}: [CLS] at {s.cls_index} ({kept}){pad}")

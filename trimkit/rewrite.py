@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .layer import LayerTrimmers, PaddingProbe, TrimmedLayer, _arg_name, _contains_node
+from .layer import LayerTrimmers, PaddingProbe, StartsProbe, TrimmedLayer, _arg_name, _contains_node
 from .ops import Runtime, align
 from .spec import LayerSpec, ModelSpec
 from .trace import TraceError, fixed_args, param_names, plain_codegen, trace
@@ -35,14 +35,39 @@ from .trace import TraceError, fixed_args, param_names, plain_codegen, trace
 __all__ = ["LayerTrimmers", "Rewritten", "TraceError", "TrimmedLayer", "rewrite"]
 
 
-def _padding_source(ref: str) -> tuple[str, int | None]:
+def _padding_source(ref: str, what: str = "StreamSpec.padding_source") -> tuple[str, int | None]:
     """``"MODULE"`` or ``"MODULE[i]"`` -> (module path, output index or None)."""
     if ref.endswith("]") and "[" in ref:
         module, index = ref[:-1].split("[", 1)
         if not index.isdigit():
-            raise ValueError(f"StreamSpec.padding_source {ref!r}: the index must be an output number, e.g. 'embeddings[1]'")
+            raise ValueError(f"{what} {ref!r}: the index must be an output number, e.g. 'embeddings[1]'")
         return module, int(index)
     return ref, None
+
+
+def _starts_sources(model: nn.Module, spec: ModelSpec) -> dict[str, tuple[str, str | None, int | None]]:
+    """stream -> ("input", name, None) or ("module", path, output index) of its ``segment_starts``."""
+    params = set(inspect.signature(model.forward).parameters)
+    out = {}
+    for st in spec.streams:
+        ref = st.segment_starts
+        if ref is None:
+            continue
+        what = f"StreamSpec({st.name!r}).segment_starts"
+        if ref in params:
+            if ref not in spec.input_names:
+                raise ValueError(f"{what}: input {ref!r} is not in ModelSpec.input_names {list(spec.input_names)}, so "
+                                 "the trace fixes it to its default; list it there")
+            out[st.name] = ("input", ref, None)
+            continue
+        module, index = _padding_source(ref, what)
+        try:
+            model.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"{what} {ref!r} is neither a parameter of {type(model).__name__}.forward {sorted(params)} "
+                             f"nor a module of the model (give an input name, 'MODULE' or 'MODULE[i]')") from None
+        out[st.name] = ("module", module, index)
+    return out
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
@@ -101,7 +126,10 @@ def rewrite(
         except AttributeError:
             raise ValueError(f"the adapter describes layer {path!r}, but the model has no such module") from None
     sources = {st.name: _padding_source(st.padding_source) for st in spec.streams if st.padding_source}
+    starts = _starts_sources(model, spec)
+    runtime.specs = {st.name: st for st in spec.streams}
     leaves = set(by_path) | set(spec.leaf_modules) | {t.module for t in spec.token_args} | {m for m, _ in sources.values()}
+    leaves |= {m for kind, m, _ in starts.values() if kind == "module"}
     # inputs not in input_names are fixed to their defaults (a None left symbolic reads as "given")
     fixed = fixed_args(model, set(spec.input_names), dict(spec.concrete_args))
     graph = trace(model, leaves, fixed, spec.autowrap_functions, f"model {type(model).__name__}",
@@ -287,6 +315,25 @@ def rewrite(
         with graph.inserting_after(made[0]):
             value = made[0] if index is None else graph.call_function(operator.getitem, (made[0], index))
         with graph.inserting_after(value):
+            graph.call_module(name, (value,))
+    # per-instance segment starts (StreamSpec.segment_starts): recorded from the input, or where the model makes them
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for stream, (kind, ref, index) in starts.items():
+        where = f"input {ref!r}" if kind == "input" else repr(ref + ("" if index is None else f"[{index}]"))
+        name = f"trimkit_segment_starts_{stream}"
+        gm.add_submodule(name, StartsProbe(runtime, spec.stream(stream), where))
+        if kind == "input":
+            value = next(n for n in placeholders if n.target == ref)
+            anchor = placeholders[-1]
+        else:
+            made = [n for n in graph.nodes if n.op == "call_module" and n.target == ref]
+            if not made:
+                raise TraceError(f"StreamSpec({stream!r}).segment_starts: module {ref!r} is not called in the trace")
+            anchor = value = made[0]
+            if index is not None:
+                with graph.inserting_after(made[0]):
+                    anchor = value = graph.call_function(operator.getitem, (made[0], index))
+        with graph.inserting_after(anchor):
             graph.call_module(name, (value,))
     graph.lint()
     gm.delete_all_unused_submodules()

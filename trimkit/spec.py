@@ -1,7 +1,8 @@
 """How an adapter *describes* a model to the core.
 
 The vocabulary: :class:`StreamSpec` (a token stream, or several modalities as segments (:class:`Segment`)
-of one sequence; its padding from an input or from a tensor inside the model), :class:`LayerSpec`
+of one sequence, with boundaries shared by the batch or per instance; its padding from an input or
+from a tensor inside the model), :class:`LayerSpec`
 (a layer whose input tokens may be trimmed; the stream it updates, the streams it reads, a second
 stream it updates in the same call as :class:`StreamUpdate`, and arguments carrying tokens),
 :class:`AttentionSpec` (one attention *call* inside a layer with its role, queries from one stream
@@ -255,18 +256,28 @@ class TokenArg:
     dim: int = 1
 
 
+SUMMARIES = ("first", "mean", "last")
+"""What a stream's or segment's trimmers read as its summary: its first token, the mean of its kept
+real tokens, or its last real token."""
+
+
 @dataclass(frozen=True)
 class Segment:
     """One modality inside a stream that holds several in one sequence (single-stream models: ViLT's
-    text tokens then image tokens, each part with its own [CLS]).
+    text tokens then image tokens, each part with its own [CLS]; a decoder's prompt, image tokens and
+    question).
 
     name: the modality's name, used like a stream name for targets and records
     (``token_target={"text": 0.8, "vision": 0.5}``). length: its token count, the same for every
     instance: an int, ``"INPUT:DIM"`` (the size of dimension DIM of model input INPUT, e.g.
-    ``"input_ids:1"``), or ``None`` for the last segment (the rest of the sequence). Each segment's
-    first token is always kept. summary: what the trimmers read as the segment's summary: its first
-    token (``"first"``, its [CLS]) or the mean of its kept real tokens (``"mean"``, for a segment with
-    no [CLS], such as VisualBERT's visual embeddings or a decoder's image tokens).
+    ``"input_ids:1"``), or ``None`` for the last segment (the rest of the sequence). Lengths that
+    differ per instance come from a tensor instead (:attr:`StreamSpec.segment_starts`; every
+    ``length`` is then left ``None``). summary: what the trimmers read as the segment's summary: its
+    first token (``"first"``, its [CLS]), the mean of its kept real tokens (``"mean"``, for a segment
+    with no [CLS], such as VisualBERT's visual embeddings or a decoder's image tokens) or its last
+    real token (``"last"``, a decoder's question or prompt, whose last token has seen the whole
+    segment). The summary token is always kept: the first token for ``"first"`` and ``"mean"``, the
+    last real token (per instance: padding excluded) for ``"last"``.
     padding_input: a model input (B, length) with 1 for the segment's real tokens, when the model
     concatenates the segments' masks itself (VisualBERT: ``attention_mask`` for the text,
     ``visual_attention_mask`` for the regions); segments without one count as all real.
@@ -283,8 +294,8 @@ class Segment:
         if not ok:
             raise ValueError(f"Segment({self.name!r}).length must be a positive int, 'INPUT:DIM' or None (the rest), "
                              f"got {self.length!r}")
-        if self.summary not in ("first", "mean"):
-            raise ValueError(f"Segment({self.name!r}).summary must be 'first' or 'mean', got {self.summary!r}")
+        if self.summary not in SUMMARIES:
+            raise ValueError(f"Segment({self.name!r}).summary must be 'first', 'mean' or 'last', got {self.summary!r}")
 
 
 @dataclass(frozen=True)
@@ -298,14 +309,29 @@ class StreamSpec:
     for masks the model builds itself (ViLT's embeddings return text and image masks concatenated).
     segments: for a stream holding several modalities in one sequence, their layout in order
     (:class:`Segment`); each segment gets its own token trimmer and target at every layer, reading
-    its own summary and the others'.
+    its own summary and the others'. Their boundaries are the same for every instance
+    (:attr:`Segment.length`) unless ``segment_starts`` gives them per instance.
+    segment_starts: segments whose lengths differ per instance (a decoder's [prompt][image][question]
+    with prompts of different lengths; text not padded to one length): a (B, K) integer tensor, the
+    original position where each of the K segments starts in each instance (column 0 is 0, starts
+    increase, the last segment runs to the end of the sequence), taken from a model input (its
+    name: ``"segment_starts"``, listed in ``ModelSpec.input_names``) or from a tensor inside the
+    model as ``padding_source`` is: ``"MODULE"`` (the output of that module's call) or
+    ``"MODULE[i]"`` (its i-th output). A name that is a parameter of the model's forward is that
+    input, anything else a module. Every ``Segment.length`` is then left ``None``, and padding is the
+    stream's (``padding_input``/``padding_source``; padding inside a segment is excluded from its
+    counts and from its ``"last"`` summary). Starts that do not fit the sequence (not 0 first, not
+    increasing, past its end) are refused after the forward that got them (mode ``remove``: at
+    once), without a host synchronisation in the masked and packed modes.
     protected: how many leading tokens are never dropped: 1 (the [CLS], the default), more for
     register or prefix tokens after it (timm's ``reg_tokens``). (In a segmented stream each
-    segment's first token is protected instead.)
+    segment's summary token is protected instead.)
     summary: what the trimmers read as the stream's summary (its own trimmers' ``cls_self``, and
-    ``cls_context`` where another stream reads it): ``"first"`` (the [CLS] at 0, the default) or
+    ``cls_context`` where another stream reads it): ``"first"`` (the [CLS] at 0, the default),
     ``"mean"`` (the mean of the stream's kept real tokens at the layer's input, for streams without a
-    [CLS], such as region features; the first token is still never dropped, so no instance is empty).
+    [CLS], such as region features; the first token is still never dropped, so no instance is empty)
+    or ``"last"`` (its last real token, per instance, for a decoder's sequence; it is always kept, and
+    so are the ``protected`` leading tokens).
     """
 
     name: str
@@ -315,6 +341,7 @@ class StreamSpec:
     segments: Sequence[Segment] = ()
     protected: int = 1
     summary: str = "first"
+    segment_starts: str | None = None
 
     def __post_init__(self) -> None:
         if self.cls_index != 0:
@@ -325,8 +352,8 @@ class StreamSpec:
         if not isinstance(self.protected, int) or self.protected < 1:
             raise ValueError(f"StreamSpec({self.name!r}).protected must be an int >= 1 (the [CLS] is always kept), "
                              f"got {self.protected!r}")
-        if self.summary not in ("first", "mean"):
-            raise ValueError(f"StreamSpec({self.name!r}).summary must be 'first' or 'mean', got {self.summary!r}")
+        if self.summary not in SUMMARIES:
+            raise ValueError(f"StreamSpec({self.name!r}).summary must be 'first', 'mean' or 'last', got {self.summary!r}")
         if any(g.padding_input for g in self.segments) and (self.padding_input or self.padding_source):
             raise ValueError(f"StreamSpec({self.name!r}): padding per segment (Segment.padding_input) or for the "
                              "whole stream (padding_input/padding_source), not both")
@@ -343,8 +370,23 @@ class StreamSpec:
             if len(self.segments) < 2 or len(set(names)) != len(names):
                 raise ValueError(f"StreamSpec({self.name!r}).segments: give at least two segments with distinct "
                                  f"names, got {names}")
-            if any(g.length is None for g in self.segments[:-1]):
+            if self.segment_starts is not None:
+                fixed = [g.name for g in self.segments if g.length is not None]
+                if fixed:
+                    raise ValueError(f"StreamSpec({self.name!r}): segment_starts gives every segment's length per "
+                                     f"instance; leave Segment.length unset (given for {fixed})")
+                own = [g.name for g in self.segments if g.padding_input]
+                if own:
+                    raise ValueError(f"StreamSpec({self.name!r}): with segment_starts, give the padding of the whole "
+                                     f"sequence (padding_input/padding_source), not per segment (given for {own})")
+            elif any(g.length is None for g in self.segments[:-1]):
                 raise ValueError(f"StreamSpec({self.name!r}).segments: only the last segment may have length None")
+        if self.segment_starts is not None:
+            if not self.segments:
+                raise ValueError(f"StreamSpec({self.name!r}).segment_starts: only a stream with segments has them")
+            if not isinstance(self.segment_starts, str) or not self.segment_starts:
+                raise ValueError(f"StreamSpec({self.name!r}).segment_starts must name a model input or 'MODULE' / "
+                                 f"'MODULE[i]', got {self.segment_starts!r}")
 
 
 @dataclass(frozen=True)
