@@ -117,7 +117,7 @@ class Runtime:
     streams: dict[str, TokenState | None] = field(default_factory=dict)  # stream -> state after its latest layer call
     sizes: dict[str, int] = field(default_factory=dict)  # "INPUT:DIM" -> size, for segment lengths (per forward)
     segment_real: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> (B, K) real tokens per segment
-    nonfinite: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (trimmer key, device flag), per forward
+    nonfinite: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (trimmer key, its logits), per forward
     segment_padding: dict[str, list] = field(default_factory=dict)  # stream -> per segment (B, n_k) mask or None
     segment_starts: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> (B, K) starts (per forward)
     layouts: dict[str, Any] = field(default_factory=dict)  # stream -> its SegmentLayout (per forward)
@@ -146,9 +146,10 @@ class Runtime:
         self.deferred.append((message, flag, values))
 
     def watch(self, key: str, logits: torch.Tensor) -> None:
-        """Note whether a trimmer's logits hold NaN/inf (checked once, after the forward: a NaN logit
-        would silently count as "drop" and the trimmed model would answer where the model gives NaN)."""
-        self.nonfinite.append((key, ~torch.isfinite(logits).all()))
+        """Note a trimmer's logits, to check them for NaN/inf once, after the forward
+        (:meth:`check_finite`): a NaN logit would silently count as "drop" and the trimmed model
+        would answer where the model gives NaN."""
+        self.nonfinite.append((key, logits))
 
     def check_finite(self) -> None:
         """After a forward: raise ``ValueError`` for an input a deferred check refused (:meth:`defer`),
@@ -160,10 +161,14 @@ class Runtime:
                     raise ValueError(message + got)
         if not self.nonfinite:
             return
-        flags = torch.stack([f for _, f in self.nonfinite])
-        if not bool(flags.any()):
-            return
-        bad = [k for (k, _), f in zip(self.nonfinite, flags.tolist()) if f]
+        with torch.no_grad():  # one isfinite over every trimmer's logits and one sync; per trimmer only if bad
+            try:
+                ok = bool(torch.isfinite(torch.cat([t.reshape(-1) for _, t in self.nonfinite])).all())
+            except RuntimeError:  # logits on several devices
+                ok = all(bool(torch.isfinite(t).all()) for _, t in self.nonfinite)
+            if ok:
+                return
+            bad = [k for k, t in self.nonfinite if not bool(torch.isfinite(t).all())]
         raise NonFiniteError(
             f"trimkit: non-finite trimmer logits (NaN or inf) at {bad[:4]}{' ...' if len(bad) > 4 else ''}: the "
             "input holds NaN/inf values (the untrimmed model gives NaN on it too) or the trimmers' weights "
