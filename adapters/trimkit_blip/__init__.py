@@ -19,6 +19,14 @@ scores of K candidate answers per question; K = 1 gives the training log-likelih
 logits). Captions and free-form VQA answers are generated with :func:`generate`: the trimmed
 encoder runs once, the decoder generates from the kept tokens only.
 
+Evaluation as BLIP's released code does it (:mod:`trimkit_blip.evaluation`; ``trimkit eval`` and
+the trainer's evaluation use it through the wrappers' ``task_evaluator`` / ``evaluate_task``
+hooks): VQA by ranking the answer list (:func:`rank_answers`: top-k by first-token probability,
+then full log-likelihood) or by generation (:func:`generate_answers`), captions generated with
+BLIP's beam search (:func:`generate_captions`), retrieval by ITC similarity of every pair and ITM
+reranking of the top k (:func:`evaluate_blip_retrieval`; the ITM wrapper's ``image_embeddings`` /
+``text_embeddings``).
+
 VQA as classification (``build(task="vqa_classifier", num_labels=N)``,
 :class:`BlipVQAClassifierForTrimming`): the VQA model's encoders with a linear head on the question
 [CLS], for datasets with a fixed answer list such as digit-grid (the trainer's ``(B, num_labels)``
@@ -38,7 +46,8 @@ Pretrained, offline and already wrapped: ``trimkit.adapter.load_pretrained("blip
 "nlvr2"`` / ``"vqa_classifier"`` start those models from a checkpoint; see
 :meth:`BlipAdapter.from_pretrained`).
 
-Not supported: the retrieval model's contrastive (``use_itm_head=False``) path. With masks (modes
+Not supported: the retrieval model's contrastive (``use_itm_head=False``) path as a trimmed forward
+(it is available untrimmed, for retrieval's first stage: ``BlipITMForTrimming.itc_similarity``). With masks (modes
 ``hard`` and ``sample``) a VQA batch of B > 1 questions must use K = 1: the core applies a
 question's token mask to B rows, not to its K decoder rows. Ranking K > 1 candidates works at
 batch 1 (mode ``remove``) and with the trimmers off.
@@ -52,11 +61,14 @@ from .adapter import TINY, BlipAdapter, wrap
 
 __all__ = ["BlipAdapter", "BlipCaptionForTrimming", "BlipITMForTrimming", "BlipNLVRForTrimming",
            "BlipVQAClassifierForTrimming", "BlipVQAForTrimming",
-           "QuestionSummary", "TINY", "describe_blip", "encoder_states", "generate", "wrap"]
+           "QuestionSummary", "TINY", "answer_candidates", "describe_blip", "encoder_states", "evaluate_blip_retrieval",
+           "generate", "generate_answers", "generate_captions", "rank_answers", "wrap"]
 
 _LAZY = {"BlipITMForTrimming": "modeling", "BlipVQAForTrimming": "modeling", "BlipVQAClassifierForTrimming": "modeling", "BlipCaptionForTrimming": "modeling",
          "BlipNLVRForTrimming": "modeling", "QuestionSummary": "modeling", "describe_blip": "spec",
-         "generate": "generation", "encoder_states": "generation"}
+         "generate": "generation", "encoder_states": "generation", "answer_candidates": "evaluation",
+         "evaluate_blip_retrieval": "evaluation", "generate_answers": "evaluation", "generate_captions": "evaluation",
+         "rank_answers": "evaluation"}
 
 
 def __getattr__(name: str):  # transformers' BLIP is imported on first use, not with the plugin

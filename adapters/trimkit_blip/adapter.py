@@ -147,7 +147,9 @@ class BlipAdapter:
         """Build options that fit a dataset (:class:`trimkit.adapter.DatasetFacts`). A ``"vqa"``
         dataset with answer classes (digit-grid) gets ``task="vqa_classifier"`` (BLIP's encoders and
         a linear head over its answers, the trainer-compatible stand-in for the answer decoder)
-        with ``num_labels``; ``"nlvr2"`` gets ``task="nlvr2"`` (two classes). Image size, patch size
+        with ``num_labels``; ``"nlvr2"`` gets ``task="nlvr2"`` (two classes); ``"captioning"``
+        (Karpathy / NoCaps captioning) ``task="caption"``; ``"itm"`` / ``"retrieval"`` (Karpathy
+        retrieval) ``task="itm"`` (BLIP's two-class ITM head). Image size, patch size
         (digit-grid: one patch per cell), the tokenizer's vocabulary and special ids (pad; its
         first token, [CLS], as BLIP's BOS; [SEP]) and enough text positions for the longest text
         go into ``vision_config`` / ``text_config``."""
@@ -158,6 +160,12 @@ class BlipAdapter:
             if facts.num_labels not in (None, 2):
                 raise ValueError(f"trimkit_blip: BLIP's NLVR2 head has 2 classes, the dataset {facts.num_labels}")
             out["task"] = "nlvr2"
+        elif facts.variant == "captioning":
+            out["task"] = "caption"
+        elif facts.variant in ("itm", "retrieval"):
+            if facts.num_labels not in (None, 2):
+                raise ValueError(f"trimkit_blip: BLIP's ITM head has 2 classes, the dataset {facts.num_labels}")
+            out["task"] = "itm"
         elif facts.variant == "vqa" or facts.num_labels is not None:
             out["task"] = "vqa_classifier"
             if facts.num_labels is not None:

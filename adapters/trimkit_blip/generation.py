@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["generate", "encoder_states", "cross_attention_mask", "cross_attention_pre_hook"]
+__all__ = ["generate", "encoder_states", "cross_attention_mask", "cross_attention_pre_hook", "unwrapped"]
 
 
 @contextlib.contextmanager
@@ -75,6 +75,35 @@ def cross_attention_pre_hook(decoder: nn.Module, hook: Any) -> Iterator[None]:
             h.remove()
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The BLIP wrapper a :class:`trimkit.TrimmedModel` trims (``model.model``), or ``model`` itself."""
+    from trimkit import TrimmedModel
+
+    return model.model if isinstance(model, TrimmedModel) else model
+
+
+@contextlib.contextmanager
+def _masked_batches(tmodel: nn.Module, batch: int) -> Iterator[None]:
+    """Batches of a model set to ``inference = "packed"`` / ``"padded"`` run masked here instead: the
+    forward includes BLIP's causal decoder, whose bias the packed engine does not take (the same
+    decisions and outputs; the encoder side is not packed). Batch 1 is unaffected (tokens removed)."""
+    import warnings
+
+    from trimkit import TrimmedModel
+
+    if not isinstance(tmodel, TrimmedModel) or batch == 1 or tmodel.inference not in ("packed", "padded"):
+        yield
+        return
+    before = tmodel.inference
+    tmodel.inference = "remove"  # larger batches masked, as mode hard
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="trimkit: an eval-mode batch")
+            yield
+    finally:
+        tmodel.inference = before
+
+
 def _bos(batch: int, bos: int, device: torch.device) -> torch.Tensor:
     return torch.full((batch, 1), bos, dtype=torch.long, device=device)
 
@@ -83,6 +112,8 @@ def _bos(batch: int, bos: int, device: torch.device) -> torch.Tensor:
 def encoder_states(tmodel: Any, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the trimmed encoder side once: ``(states (B, N', D), keep (B, N') bool)``.
+    ``tmodel``: a :class:`trimkit.TrimmedModel` of a captioning / VQA wrapper, or the wrapper itself
+    (untrimmed: every image token kept, the question's padding not).
 
     Captioning: the image tokens the decoder reads (``input_ids`` is the caption prompt, BOS
     first). VQA: the question tokens (``input_ids``/``attention_mask`` the question). ``N'`` is
@@ -90,7 +121,7 @@ def encoder_states(tmodel: Any, pixel_values: torch.Tensor, input_ids: torch.Ten
     which are real)."""
     from .modeling import BlipCaptionForTrimming, BlipVQAForTrimming
 
-    wrapper = tmodel.model
+    wrapper = unwrapped(tmodel)
     bos = wrapper.config.text_config.bos_token_id
     batch = pixel_values.shape[0]
     if isinstance(wrapper, BlipCaptionForTrimming):
@@ -111,10 +142,10 @@ def encoder_states(tmodel: Any, pixel_values: torch.Tensor, input_ids: torch.Ten
                   "answer_ids": answer, "answer_attention_mask": torch.ones_like(answer)}
     else:
         raise TypeError(f"trimkit_blip.generate: {type(wrapper).__name__} does not generate (captioning and VQA do)")
-    with _capture(marker) as box:
+    with _capture(marker) as box, _masked_batches(tmodel, batch):
         tmodel(**inputs)
     states = box["out"]
-    keep = tmodel.kept_mask(stream)
+    keep = tmodel.kept_mask(stream) if tmodel is not wrapper else None
     if keep is None:
         keep = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         if stream == "text":
@@ -131,16 +162,18 @@ def generate(tmodel: Any, pixel_values: torch.Tensor, input_ids: torch.Tensor | 
     """Generate captions (captioning wrapper) or answers (VQA wrapper) through a trimmed BLIP.
 
     ``tmodel`` is :func:`trimkit.trim` of a :class:`~trimkit_blip.BlipCaptionForTrimming` or
-    :class:`~trimkit_blip.BlipVQAForTrimming`; inside ``with tmodel.full():`` nothing is trimmed.
+    :class:`~trimkit_blip.BlipVQAForTrimming`; inside ``with tmodel.full():`` nothing is trimmed
+    (the wrapper itself, untrimmed, works too).
     Captioning: ``input_ids`` is the prompt (BOS first, no trailing [SEP]; default BOS alone), and
     the result starts with it. VQA: ``input_ids``/``attention_mask`` are the question and the
     result is the answer, starting with BOS. ``generate_kwargs`` go to transformers' ``generate``
     (``max_new_tokens``, ``num_beams``, ``do_sample``...). Runs in eval mode: batch 1 with the dropped
     tokens removed, larger batches masked (``tmodel.inference = "packed"`` is not available for BLIP's
-    decoders yet: the packed engine has no causal self-attention)."""
+    decoders yet: the packed engine has no causal self-attention, so batches of a model set to it run
+    masked here)."""
     from .modeling import BlipCaptionForTrimming
 
-    wrapper = tmodel.model
+    wrapper = unwrapped(tmodel)
     if tmodel.training:
         raise RuntimeError("trimkit_blip.generate: call tmodel.eval() first (training mode samples random masks)")
     text = wrapper.config.text_config

@@ -107,6 +107,14 @@ class BlipVQAForTrimming(_BlipEncoders):
         logp = logits.log_softmax(-1).gather(-1, answer_ids[:, 1:, None]).squeeze(-1)
         return (logp * answer_attention_mask[:, 1:].to(logp.dtype)).sum(-1).view(-1, k)
 
+    def task_evaluator(self, task, runner: nn.Module, dataset):
+        """``trimkit_train``'s evaluation hook (see :mod:`trimkit_train.tasks.core`): a VQA split is
+        answered by ranking its answer list (``task.inference == "rank"``, ``task.k_test``) or by
+        generation (``"generate"``); :class:`trimkit_blip.evaluation.VQAEvaluator`."""
+        from .evaluation import vqa_task_evaluator
+
+        return vqa_task_evaluator(task, runner, dataset)
+
 
 class BlipVQAClassifierForTrimming(_BlipEncoders):
     """BLIP's VQA encoders with a linear answer classifier: ``forward(pixel_values, input_ids,
@@ -152,7 +160,18 @@ class BlipVQAClassifierForTrimming(_BlipEncoders):
 
 
 class BlipITMForTrimming(_BlipEncoders):
-    """:class:`~transformers.BlipForImageTextRetrieval` with its ITM head: ``forward -> (B, 2)`` logits."""
+    """:class:`~transformers.BlipForImageTextRetrieval` with its ITM head: ``forward -> (B, 2)`` logits.
+
+    The image-text contrastive (ITC) side is there for retrieval's first stage (BLIP ranks every
+    pair by ITC similarity, then reranks the top k with ITM: :func:`trimkit_blip.evaluate_blip_retrieval`):
+    :meth:`image_embeddings` / :meth:`text_embeddings` are the normalised projections of the
+    unimodal encoders' [CLS] (``vision_proj`` / ``text_proj``, held under the BLIP model's names),
+    :meth:`itc_similarity` their similarity matrix. They run the wrapped modules directly: the
+    trimmed forward (ITM) is not involved, so a trimmed model's ITC stage is its untrimmed
+    backbone's. The projections get no gradient from the ITM objective and are frozen
+    (``requires_grad=False``; the BLIP model's own modules, shared), so a multi-process run does not
+    wait for their gradients; they are saved and loaded with the rest of the weights.
+    """
 
     def __init__(self, model: BlipForImageTextRetrieval, interpolate_pos_encoding: bool = False) -> None:
         super().__init__()
@@ -161,12 +180,56 @@ class BlipITMForTrimming(_BlipEncoders):
         self.vision_model = model.vision_model
         self.text_encoder = model.text_encoder
         self.itm_head = model.itm_head
+        self.vision_proj = model.vision_proj.requires_grad_(False)
+        self.text_proj = model.text_proj.requires_grad_(False)
         self.question_summary = QuestionSummary()
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
                 ) -> torch.Tensor:
         self._summary(input_ids, attention_mask)
         return self.itm_head(self._encode(pixel_values, input_ids, attention_mask)[:, 0, :])
+
+    def image_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision encoder's output tokens ``(B, N, D)`` (untrimmed)."""
+        return self.vision_model(pixel_values=pixel_values,
+                                 interpolate_pos_encoding=self.interpolate_pos_encoding).last_hidden_state
+
+    def image_embeddings(self, pixel_values: torch.Tensor | None = None, image_states: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """ITC image embeddings ``(B, E)``, L2-normalised: ``vision_proj`` of the image [CLS]
+        (from ``pixel_values``, or from already computed :meth:`image_states`)."""
+        if image_states is None:
+            image_states = self.image_states(pixel_values)
+        return nn.functional.normalize(self.vision_proj(image_states[:, 0, :]), dim=-1)
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITC text embeddings ``(B, E)``, L2-normalised: ``text_proj`` of the [CLS] of the text
+        encoder run alone (no cross-attention to an image), as transformers' ``use_itm_head=False``."""
+        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return nn.functional.normalize(self.text_proj(text[:, 0, :]), dim=-1)
+
+    def itc_similarity(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                       ) -> torch.Tensor:
+        """``(num_images, num_texts)`` cosine similarities of the ITC embeddings (transformers'
+        ``BlipForImageTextRetrieval(..., use_itm_head=False)`` output)."""
+        return self.image_embeddings(pixel_values) @ self.text_embeddings(input_ids, attention_mask).t()
+
+    def itm_logits(self, image_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                   ) -> torch.Tensor:
+        """The ITM logits ``(B, 2)`` of texts against precomputed :meth:`image_states` (untrimmed):
+        what :meth:`forward` computes without re-running the vision encoder (BLIP's reranking reuses
+        each image's tokens)."""
+        text = self.text_encoder(input_ids=input_ids, attention_mask=padding_bias(attention_mask, image_states.dtype),
+                                 encoder_hidden_states=image_states, use_cache=False).last_hidden_state
+        return self.itm_head(text[:, 0, :])
+
+    def evaluate_task(self, task, runner: nn.Module, dataset, **options):
+        """``trimkit_train``'s whole-split evaluation hook: a retrieval split is evaluated as BLIP
+        does (:func:`trimkit_blip.evaluate_blip_retrieval` with ``task.k_test`` and ``task.add_itc``);
+        anything else returns ``None`` (the forward per batch)."""
+        from .evaluation import retrieval_task_evaluation
+
+        return retrieval_task_evaluation(task, runner, dataset, **options)
 
 
 class BlipCaptionForTrimming(nn.Module):
@@ -196,6 +259,13 @@ class BlipCaptionForTrimming(nn.Module):
         image = self.image_states(image)
         return self.text_decoder(input_ids=input_ids, attention_mask=causal_bias(attention_mask, image.dtype),
                                  encoder_hidden_states=image, use_cache=False, return_logits=True)
+
+    def task_evaluator(self, task, runner: nn.Module, dataset):
+        """``trimkit_train``'s evaluation hook: captions generated with ``task.generation`` (``None``:
+        no generation, the teacher-forced proxy); :class:`trimkit_blip.evaluation.CaptionEvaluator`."""
+        from .evaluation import caption_task_evaluator
+
+        return caption_task_evaluator(task, runner, dataset)
 
 
 # --- NLVR2: two images into one text encoder (Salesforce BLIP's NLVR2 model) -------------------------------
