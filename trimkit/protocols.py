@@ -160,6 +160,26 @@ class Task(Protocol):
     * ``main_metric``: the key of :meth:`Metric.compute` that ranks runs (e.g. ``"accuracy"``);
     * optional ``metric_on_train_steps: bool`` (default ``True``, read with ``getattr``): whether the
       trainer also logs the metrics of every training batch.
+
+    Optional evaluation hooks (read with ``getattr`` by ``trimkit_train.evaluate``, hence by the
+    trainer's evaluations and ``trimkit eval``), for protocols that are not one forward per batch:
+
+    * ``evaluate_dataset(model, dataset, *, batch_size, instances, device, progress) -> dict | None``:
+      evaluates the whole split itself (e.g. retrieval: contrastive similarities of every pair,
+      then matching-head reranking of the top k). The dict holds the metrics (``main_metric``
+      among them) and optionally ``n`` (examples evaluated) and ``keep`` (``{trimmer key: mean kept
+      fraction}``); ``None``: the usual batch loop runs;
+    * ``evaluator(model, dataset) -> Callable[[batch], output] | None``: called once per evaluation;
+      when it returns a callable, each batch's output is ``evaluator(batch)`` instead of
+      ``model(**inputs)`` and goes to ``metric.update(output, batch)``; the callable may add entries
+      to the batch for the metric (``batch["generated"]``: generated captions or answers; its output
+      may then be ``None``). Its optional ``macs_dataset`` attribute is the dataset MACs are counted
+      on (items the forward takes, e.g. with decoder inputs the dataset lacks).
+
+    ``model`` is what is evaluated: a ``TrimmedModel`` (its trimmed forward) or a plain model. The
+    built-in tasks implement these by asking the underlying model for its optional
+    ``task_evaluator`` / ``evaluate_task`` methods (``trimkit_train.tasks.core``; BLIP's wrappers
+    have them: answer ranking or generation, caption generation, ITC + ITM retrieval).
     """
 
     name: str

@@ -655,6 +655,12 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 128, instances
     ``keep_tokens``/``keep_heads`` average those over token/head trimmers. ``gmacs`` is the mean
     per-instance GMACs of the first ``macs_instances`` examples at batch 1 with tokens and heads
     removed, ``gmacs_full`` the untrimmed model's on the same examples.
+
+    A task's optional hooks replace the forward: ``task.evaluate_dataset(...)`` evaluates the whole
+    split itself (returning its metrics, optionally ``n`` and ``keep``; ``None``: the batch loop), and
+    ``task.evaluator(model, dataset)`` gives a per-batch callable whose output ``metric.update``
+    receives (it may add entries such as ``batch["generated"]``); its ``macs_dataset`` attribute,
+    when set, is what MACs are counted on (items the forward can take, e.g. with answer candidates).
     """
     from tqdm.auto import tqdm
 
@@ -669,10 +675,18 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 128, instances
     keep_kind: dict[str, str] = {}
     keep_n: dict[str, int] = {}
     dev = torch.device(device)
+    whole = getattr(task, "evaluate_dataset", None)  # optional Task hooks (trimkit.protocols.Task)
+    result, step, macs_data = None, None, dataset
     try:
-        for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
+        if whole is not None:
+            result = whole(model, dataset, batch_size=batch_size, instances=instances, device=dev, progress=progress)
+        if result is None and getattr(task, "evaluator", None) is not None:
+            step = task.evaluator(model, dataset)
+            macs_data = getattr(step, "macs_dataset", None) or dataset
+        starts = range(0, n, batch_size) if result is None else range(0)  # the task's protocol ran: no batches
+        for start in tqdm(starts, desc="eval", disable=not progress, leave=False):
             batch = _to(collate([dataset[i] for i in range(start, min(n, start + batch_size))]), dev)
-            logits = _logits(model(**model_inputs(model, batch)))
+            logits = step(batch) if step is not None else _logits(model(**model_inputs(model, batch)))
             metric.update(logits, batch)
             if isinstance(model, TrimmedModel):
                 for r in model.records:
@@ -682,14 +696,18 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 128, instances
     finally:
         model.train(was)
     keep = {k: keep_sum[k] / keep_n[k] for k in keep_sum}
-    out: dict[str, Any] = {**metric.compute(), "n": n, "task": task.name, "main_metric": task.main_metric,
-                           "keep": keep}
+    if result is not None:  # the task's own protocol: its metrics, examples and keep ratios
+        result = dict(result)
+        n, keep = result.pop("n", n), dict(result.pop("keep", {}))
+        keep_kind = {r.key: r.kind for r in model.records} if isinstance(model, TrimmedModel) else {}
+    out: dict[str, Any] = {**(metric.compute() if result is None else result), "n": n, "task": task.name,
+                           "main_metric": task.main_metric, "keep": keep}
     for kind in ("token", "head"):
-        vals = [v for k, v in keep.items() if keep_kind[k] == kind]
+        vals = [v for k, v in keep.items() if keep_kind.get(k) == kind]
         out[f"keep_{kind}s"] = sum(vals) / len(vals) if vals else 1.0
     if macs_instances:
-        full = mean_macs(model, dataset, macs_instances, full=True, device=dev)
-        trimmed = mean_macs(model, dataset, macs_instances, device=dev) if isinstance(model, TrimmedModel) else full
+        full = mean_macs(model, macs_data, macs_instances, full=True, device=dev)
+        trimmed = mean_macs(model, macs_data, macs_instances, device=dev) if isinstance(model, TrimmedModel) else full
         out.update(gmacs=trimmed / 1e9, gmacs_full=full / 1e9, macs_ratio=full / trimmed if trimmed else float("nan"),
                    macs_instances=min(macs_instances, len(dataset)))
     return out

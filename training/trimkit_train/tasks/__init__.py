@@ -6,10 +6,16 @@ under the names datasets give in their ``task`` attribute:
 * ``classification``: cross-entropy, accuracy (the default; digit-grid and any dataset without a
   ``task`` attribute);
 * ``nlvr2``, ``snli_ve``: the same, under their names;
-* ``vqa``: METER's soft-score BCE, ``vqa_score`` (and accuracy);
-* ``captioning``: token cross-entropy, BLEU-4 and CIDEr;
+* ``vqa``: METER's soft-score BCE, ``vqa_score`` (and accuracy); a model with an answer decoder
+  (BLIP) is evaluated by ranking the answer vocabulary (top 128 by first-token probability, then the
+  full log-likelihood); ``vqa_generate``: the same task, evaluated on generated free-form answers;
+* ``captioning``: token cross-entropy, BLEU-4 and CIDEr, on captions the model generates (BLIP's
+  beam search of 3, 5 to 20 tokens) where it can, else on the teacher-forced argmax;
+  ``captioning_greedy``: greedy decoding;
 * ``retrieval``: ITM cross-entropy, recall@1/5/10 both ways (:func:`evaluate_retrieval` ranks every
-  pair or reranks the top-k of a coarse score).
+  pair or reranks the top-k of a coarse score; BLIP: ITC for every pair, ITM for the top 128).
+
+How a model takes part in these evaluation protocols: :mod:`trimkit_train.tasks.core`.
 
 Importing this package needs only torch (BLEU / CIDEr import pycocoevalcap when computed).
 """
@@ -21,14 +27,15 @@ from typing import Any
 from trimkit.plugins import hookimpl
 
 from .caption_metrics import caption_scores, tokenize_caption
-from .core import (AccuracyMetric, CaptionMetric, CaptioningTask, ClassificationTask, RetrievalMetric, RetrievalTask,
-                   VQAMetric, VQATask, bernoulli_kl, categorical_kl)
+from .core import (BLIP_CAPTION_GENERATION, AccuracyMetric, CaptionMetric, CaptioningTask, ClassificationTask,
+                   RetrievalMetric, RetrievalTask, VQAMetric, VQATask, bernoulli_kl, categorical_kl, model_hook)
 from .retrieval import evaluate_retrieval, itm_score, retrieval_recalls
 
 __all__ = [
-    "AccuracyMetric", "CaptionMetric", "CaptioningTask", "ClassificationTask", "DEFAULT_TASK", "RetrievalMetric",
-    "RetrievalTask", "VQAMetric", "VQATask", "bernoulli_kl", "builtin_tasks", "caption_scores", "categorical_kl",
-    "evaluate_retrieval", "get_task", "itm_score", "retrieval_recalls", "tokenize_caption",
+    "AccuracyMetric", "BLIP_CAPTION_GENERATION", "CaptionMetric", "CaptioningTask", "ClassificationTask",
+    "DEFAULT_TASK", "RetrievalMetric", "RetrievalTask", "VQAMetric", "VQATask", "bernoulli_kl", "builtin_tasks",
+    "caption_scores", "categorical_kl", "evaluate_retrieval", "get_task", "itm_score", "model_hook",
+    "retrieval_recalls", "tokenize_caption",
 ]
 
 DEFAULT_TASK = "classification"
@@ -37,8 +44,11 @@ DEFAULT_TASK = "classification"
 
 def builtin_tasks() -> dict[str, Any]:
     """Fresh instances of the built-in tasks, by registered name."""
+    greedy = {**BLIP_CAPTION_GENERATION, "num_beams": 1}
     return {"classification": ClassificationTask("classification"), "nlvr2": ClassificationTask("nlvr2"),
-            "snli_ve": ClassificationTask("snli_ve"), "vqa": VQATask(), "captioning": CaptioningTask(),
+            "snli_ve": ClassificationTask("snli_ve"), "vqa": VQATask(),
+            "vqa_generate": VQATask("vqa_generate", inference="generate"), "captioning": CaptioningTask(),
+            "captioning_greedy": CaptioningTask(generation=greedy, name="captioning_greedy"),
             "retrieval": RetrievalTask()}
 
 

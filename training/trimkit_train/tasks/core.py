@@ -14,6 +14,23 @@ the full pass is the same model), ``metric()`` and ``main_metric``.
   the KL of the two-class softmaxes; ``r_mean``.
 
 ``nlvr2`` and ``snli_ve`` are classification tasks under their own names.
+
+Evaluation protocols that are not "one forward per batch" (answer ranking, generation, ITC+ITM
+reranking) come from the model: the tasks' optional hooks ``evaluator(model, dataset)`` (per
+batch) and ``evaluate_dataset(model, dataset, ...)`` (the whole split; see
+:class:`trimkit.protocols.Task`) ask the underlying model (``TrimmedModel.model``, else the
+model) for its optional methods
+
+* ``task_evaluator(task, runner, dataset) -> Callable[[batch], output] | None``: the per-batch
+  evaluation (e.g. BLIP VQA: rank the dataset's answers with the decoder, or generate an answer and
+  put it in ``batch["generated"]``; BLIP captioning: generate captions into ``batch["generated"]``);
+* ``evaluate_task(task, runner, dataset, *, batch_size, instances, device, progress) -> dict | None``:
+  a whole-split evaluation (BLIP retrieval: ITC similarities of every pair, ITM reranking of the
+  top ``k_test``);
+
+``runner`` is what the trainer evaluates (the :class:`trimkit.TrimmedModel`, or the model itself):
+the trimmed forward runs through it. Options of a protocol are the task's attributes (``inference``,
+``k_test``, ``generation``...); a model without these methods is evaluated by its forward.
 """
 
 from __future__ import annotations
@@ -30,9 +47,24 @@ IGNORE_INDEX = -100
 """Token label of a position that is not scored (``trimkit_train.data.common.IGNORE_INDEX``)."""
 
 __all__ = [
-    "IGNORE_INDEX", "AccuracyMetric", "CaptionMetric", "CaptioningTask", "ClassificationTask", "RetrievalMetric",
-    "RetrievalTask", "VQAMetric", "VQATask", "categorical_kl", "bernoulli_kl",
+    "IGNORE_INDEX", "AccuracyMetric", "BLIP_CAPTION_GENERATION", "CaptionMetric", "CaptioningTask",
+    "ClassificationTask", "RetrievalMetric", "RetrievalTask", "VQAMetric", "VQATask", "categorical_kl",
+    "bernoulli_kl", "model_hook",
 ]
+
+BLIP_CAPTION_GENERATION: dict[str, Any] = {"num_beams": 3, "max_length": 20, "min_length": 5}
+"""BLIP's caption decoding (``configs/caption_coco.yaml``): beam search of 3, at most 20 and at
+least 5 tokens, the prompt included."""
+
+
+def model_hook(model: Any, name: str) -> Any:
+    """The optional evaluation method ``name`` of the model under ``model`` (a
+    :class:`trimkit.TrimmedModel`'s ``model``, else ``model`` itself), or ``None``."""
+    from trimkit import TrimmedModel
+
+    base = model.model if isinstance(model, TrimmedModel) else model
+    hook = getattr(base, name, None)
+    return hook if callable(hook) else None
 
 
 def categorical_kl(logits: torch.Tensor, full_logits: torch.Tensor) -> torch.Tensor:
@@ -69,16 +101,47 @@ class AccuracyMetric:
 
 
 class VQAMetric:
-    """``vqa_score``: the mean soft score (``batch["labels"]``) of the argmax answer (METER's
+    """``vqa_score``: the mean soft score (``batch["labels"]``) of the predicted answer (METER's
     ``VQAScore``; the official accuracy for answers in the vocabulary); ``accuracy``: the fraction
-    whose argmax answer is a most common annotator answer (the highest score, above 0)."""
+    whose predicted answer is a most common annotator answer (the highest score, above 0).
 
-    def __init__(self) -> None:
+    The prediction is the argmax of ``logits`` over the answer vocabulary, or, when the batch has
+    ``batch["generated"]`` (free-form answers, strings), that answer normalised as the official
+    evaluation does (:func:`trimkit_train.data.vqa_v2.normalize_answer`) and looked up in
+    ``answers`` (the vocabulary, e.g. the dataset's; normalised the same way): an answer outside the
+    vocabulary scores 0 (the soft scores cover only the vocabulary's answers).
+    """
+
+    def __init__(self, answers: Any = None) -> None:
         self.score, self.correct, self.n = 0.0, 0, 0
+        self.answers = None if answers is None else [str(a) for a in answers]
+        self._index: dict[str, int] | None = None
 
-    def update(self, logits: torch.Tensor, batch: dict[str, Any]) -> None:
-        scores = batch["labels"].to(logits.device).float()
-        got = scores.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
+    def _label(self, answer: str) -> int | None:
+        """The vocabulary index of a free-form answer (normalised), or ``None``."""
+        from ..data.vqa_v2 import normalize_answer
+
+        if self._index is None:
+            if self.answers is None:
+                raise ValueError("VQAMetric: scoring generated answers needs the answer vocabulary "
+                                 "(task.metric(dataset) with a dataset that has `answers`, or VQAMetric(answers))")
+            self._index = {}
+            for i, a in enumerate(self.answers):
+                self._index.setdefault(normalize_answer(a), i)
+        return self._index.get(normalize_answer(str(answer)))
+
+    def update(self, logits: torch.Tensor | None, batch: dict[str, Any]) -> None:
+        generated = batch.get("generated")
+        if generated is not None:
+            scores = batch["labels"].float()
+            labels = [self._label(a) for a in generated]
+            if len(labels) != scores.shape[0]:
+                raise ValueError(f"VQAMetric: {len(labels)} generated answers for {scores.shape[0]} questions")
+            index = torch.tensor([-1 if i is None else i for i in labels], device=scores.device)
+            got = scores.gather(1, index.clamp_min(0)[:, None]).squeeze(1).masked_fill(index < 0, 0.0)
+        else:
+            scores = batch["labels"].to(logits.device).float()
+            got = scores.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
         best = scores.max(-1).values
         self.score += float(got.sum())
         self.correct += int(((got == best) & (best > 0)).sum())
@@ -106,6 +169,7 @@ class CaptionMetric:
         self.tokenizer, self.prompt = tokenizer, prompt.strip().lower()
         self.references: list[list[str]] = []
         self.hypotheses: list[str] = []
+        self.domains: list[Any] = []
 
     def _decode(self, ids: Any) -> str:
         if self.tokenizer is None:
@@ -140,11 +204,19 @@ class CaptionMetric:
             raise ValueError(f"CaptionMetric: {len(hyps)} captions but {len(refs)} reference lists")
         self.hypotheses.extend(hyps)
         self.references.extend([list(r) for r in refs])
+        domains = batch.get("domain")
+        self.domains.extend(list(domains) if domains is not None else [None] * len(hyps))
 
     def compute(self) -> dict[str, float]:
         if not self.hypotheses:
             return {"bleu4": float("nan"), "cider": float("nan")}
-        return caption_scores(self.references, self.hypotheses)
+        out = caption_scores(self.references, self.hypotheses)
+        # NoCaps-style subsets (batch["domain"]: in-domain, near-domain, out-domain): CIDEr of each
+        for domain in sorted({d for d in self.domains if d is not None}, key=str):
+            idx = [i for i, d in enumerate(self.domains) if d == domain]
+            sub = caption_scores([self.references[i] for i in idx], [self.hypotheses[i] for i in idx])
+            out[f"cider_{str(domain).replace('-', '_')}"] = sub["cider"]
+        return out
 
 
 class RetrievalMetric:
@@ -211,10 +283,28 @@ class VQATask:
     """VQA as METER: multi-label BCE over the answer vocabulary against soft scores, times the
     number of answers (``binary_cross_entropy_with_logits(logits, scores) * A``); distillation: the
     soft-target BCE of the trimmed logits against ``sigmoid(full_logits)`` on the same scale, minus
-    its entropy (so 0 at equality); metrics ``vqa_score`` and ``accuracy`` (:class:`VQAMetric`)."""
+    its entropy (so 0 at equality); metrics ``vqa_score`` and ``accuracy`` (:class:`VQAMetric`).
 
-    name = "vqa"
+    Evaluation: a classifier's logits (METER, BLIP's ``vqa_classifier``); a model with a
+    ``task_evaluator`` (BLIP's answer decoder) answers by its own protocol, chosen by
+    ``inference``: ``"rank"`` (BLIP's: the ``k_test`` answers of the vocabulary most probable as a
+    first token, then the best full log-likelihood among them; ``rank_label_smoothing`` scores with
+    the training loss's label smoothing as BLIP's released code does, 0.1) or ``"generate"`` (a
+    free-form answer, ``generation``: keyword arguments of the decoder's ``generate`` over BLIP's
+    beam search of 3, at most 10 tokens; scored by :class:`VQAMetric` after normalisation).
+    """
+
     main_metric = "vqa_score"
+
+    def __init__(self, name: str = "vqa", inference: str = "rank", k_test: int = 128,
+                 rank_label_smoothing: float = 0.0, generation: dict[str, Any] | None = None) -> None:
+        if inference not in ("rank", "generate"):
+            raise ValueError(f"VQATask: inference must be 'rank' or 'generate', got {inference!r}")
+        if int(k_test) < 1:
+            raise ValueError(f"VQATask: k_test must be >= 1, got {k_test!r}")
+        self.name, self.inference, self.k_test = name, inference, int(k_test)
+        self.rank_label_smoothing = float(rank_label_smoothing)
+        self.generation = dict(generation or {})
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype)) * labels.shape[-1]
@@ -223,10 +313,16 @@ class VQATask:
         return bernoulli_kl(logits, full_logits).sum(-1).mean()
 
     def metric(self, dataset: Any = None) -> VQAMetric:
-        return VQAMetric()
+        """A :class:`VQAMetric`; ``dataset`` (optional) gives the answer vocabulary (``answers``)."""
+        return VQAMetric(getattr(dataset, "answers", None))
+
+    def evaluator(self, model: Any, dataset: Any) -> Any:
+        """The model's per-batch VQA protocol (its ``task_evaluator``), or ``None``: its forward."""
+        hook = model_hook(model, "task_evaluator")
+        return hook(self, model, dataset) if hook is not None else None
 
     def __repr__(self) -> str:
-        return "VQATask()"
+        return f"VQATask({self.name!r}, inference={self.inference!r}, k_test={self.k_test})"
 
 
 def _align_tokens(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,12 +345,14 @@ class CaptioningTask:
     (``label_smoothing``: BLIP fine-tunes with 0.1); distillation: the per-token KL of the softmaxes
     over the same positions; metrics BLEU-1..4 and ``cider`` (:class:`CaptionMetric`)."""
 
-    name = "captioning"
     main_metric = "cider"
     metric_on_train_steps = False  # BLEU/CIDEr of teacher-forced argmax tokens per step: slow, and no signal
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: float = 0.0, generation: dict[str, Any] | None = BLIP_CAPTION_GENERATION,
+                 name: str = "captioning") -> None:
         self.label_smoothing = float(label_smoothing)
+        self.generation = None if generation is None else dict(generation)
+        self.name = name
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits, targets = _align_tokens(logits, labels)
@@ -275,8 +373,18 @@ class CaptioningTask:
         """A :class:`CaptionMetric`; ``dataset`` (optional) gives the tokenizer and the prompt."""
         return CaptionMetric(getattr(dataset, "tokenizer", None), getattr(dataset, "prompt", "") or "")
 
+    def evaluator(self, model: Any, dataset: Any) -> Any:
+        """Generated captions (the model's ``task_evaluator``, e.g. BLIP's decoder reading the kept
+        image tokens, decoding with ``generation``), or ``None`` (``generation=None``, or a model
+        that does not generate): the teacher-forced proxy of :class:`CaptionMetric`."""
+        if self.generation is None:
+            return None
+        hook = model_hook(model, "task_evaluator")
+        return hook(self, model, dataset) if hook is not None else None
+
     def __repr__(self) -> str:
-        return f"CaptioningTask(label_smoothing={self.label_smoothing})"
+        return (f"CaptioningTask(label_smoothing={self.label_smoothing}, generation={self.generation}, "
+                f"name={self.name!r})")
 
 
 class RetrievalTask:
@@ -288,6 +396,12 @@ class RetrievalTask:
     name = "retrieval"
     main_metric = "r_mean"
     metric_on_train_steps = False  # recall@K over one training batch's pairs means nothing
+
+    def __init__(self, k_test: int | None = 128, add_itc: bool = True) -> None:
+        if k_test is not None and int(k_test) < 1:
+            raise ValueError(f"RetrievalTask: k_test must be >= 1 or None, got {k_test!r}")
+        self.k_test = None if k_test is None else int(k_test)
+        self.add_itc = bool(add_itc)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if logits.dim() == 2 and logits.shape[-1] == 2:
@@ -302,5 +416,13 @@ class RetrievalTask:
     def metric(self, dataset: Any = None) -> RetrievalMetric:
         return RetrievalMetric()
 
+    def evaluate_dataset(self, model: Any, dataset: Any, **options: Any) -> dict[str, Any] | None:
+        """The model's own retrieval protocol over the whole split (its ``evaluate_task``: BLIP ranks
+        every pair by ITC similarity and reranks the top ``k_test`` texts / images with ITM, adding
+        the ITC score when ``add_itc``), or ``None``: every pair through the forward and
+        :class:`RetrievalMetric` (METER's protocol)."""
+        hook = model_hook(model, "evaluate_task")
+        return hook(self, model, dataset, **options) if hook is not None else None
+
     def __repr__(self) -> str:
-        return "RetrievalTask()"
+        return f"RetrievalTask(k_test={self.k_test}, add_itc={self.add_itc})"
