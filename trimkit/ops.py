@@ -279,7 +279,7 @@ class Runtime:
             prev_index = state.index if state is not None and state.index is not None else None
             length0 = state.length if prev_index is not None else keep.numel()
             if pad is not None and tuple(pad.shape) == (1, length0):  # padding counts neither as kept nor as total
-                real0 = pad[0].to(keep.device) != 0
+                real0 = pad[0] != 0 if pad.device == keep.device else pad[0].to(keep.device) != 0
                 parts.append(real0.index_select(0, prev_index) if prev_index is not None else real0)
                 parts.append(real0)
             else:
@@ -407,7 +407,8 @@ def align(tensor: Any, state: TokenState | None, dim: int) -> Any:
         return tensor
     if state.index.numel() == tensor.shape[dim] == state.length:  # nothing dropped yet
         return tensor
-    return tensor.index_select(dim, state.index.to(tensor.device))
+    index = state.index
+    return tensor.index_select(dim, index if index.device == tensor.device else index.to(tensor.device))
 
 
 def key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -496,7 +497,7 @@ class TrimAttention(nn.Module):
         q = q.view(B, Nq, heads, d).transpose(1, 2)
         k = k.view(B, Nk, heads, d).transpose(1, 2)
         v = v.view(B, Nk, heads, d).transpose(1, 2)
-        mask = None if bias is None else bias.to(q.dtype)
+        mask = None if bias is None else (bias if bias.dtype == q.dtype else bias.to(q.dtype))
         if trim.key_mask is not None:
             kb = key_bias(trim.key_mask, q.dtype)
             mask = kb if mask is None else mask + kb
@@ -531,7 +532,7 @@ class TrimAttention(nn.Module):
             ctx = x
         B, Nq, _ = x.shape
         Nk = ctx.shape[1]
-        mask = None if bias is None else bias.to(x.dtype)
+        mask = None if bias is None else (bias if bias.dtype == x.dtype else bias.to(x.dtype))
         out = self.module.get_submodule(s.out) if s.out is not None else None
         kept = sum(e - a for a, e in runs)
         if len(runs) > 1 and self.head_cache.usable(d, kept, max(x.shape[-1], ctx.shape[-1]),

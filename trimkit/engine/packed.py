@@ -124,7 +124,8 @@ def fetch(tensors: list[torch.Tensor]) -> list[list[int]]:
     """Copy several small integer/bool tensors to the host in one transfer (one synchronisation)."""
     if not tensors:
         return []
-    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors]).tolist()
+    # one cat (bool and integer parts promote to one integer dtype) and one copy: no per-part casts
+    flat = (tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])).tolist()
     out, i = [], 0
     for t in tensors:
         n = t.numel()
