@@ -75,18 +75,47 @@ class AttnTrim:
     packed: PackedCall | None = None  # mode packed
 
 
-@dataclass
 class Record:
-    """One trimmer's decision in the last forward (for the cost loss, MACs and visualisation)."""
+    """One trimmer's decision in the last forward (for the cost loss, MACs and visualisation).
 
-    key: str
-    kind: str  # "token" | "head"
-    target: float
-    keep: torch.Tensor  # (B,) kept fraction per instance (differentiable in mode sample)
-    mask: torch.Tensor | None = None  # (B, N) or (B, H) current mask (modes sample/hard/packed heads)
-    index: torch.Tensor | None = None  # kept original indices (mode remove)
-    total: int = 0  # N or H before this layer's trimming (original count)
-    counts: list[int] | None = None  # kept tokens per instance (mode packed)
+    ``keep``: (B,) kept fraction per instance (differentiable in mode sample); ``mask``: (B, N) or
+    (B, H) current mask (modes sample/hard/packed heads); ``index``: kept original indices (mode
+    remove); ``total``: N or H before this layer's trimming (original count); ``counts``: kept
+    tokens per instance (mode packed). In mode remove ``keep`` and ``index`` are given as host
+    numbers and become tensors when first read: a batch-1 forward makes a dozen records that
+    inference never reads, and each tensor built costs several operator dispatches."""
+
+    __slots__ = ("key", "kind", "target", "_keep", "mask", "_index", "total", "counts")
+
+    def __init__(self, key: str, kind: str, target: float, keep: "torch.Tensor | list[float]",
+                 mask: torch.Tensor | None = None, index: "torch.Tensor | list[int] | None" = None, total: int = 0,
+                 counts: list[int] | None = None) -> None:
+        self.key, self.kind, self.target = key, kind, target
+        self._keep, self.mask, self._index, self.total, self.counts = keep, mask, index, total, counts
+
+    @property
+    def keep(self) -> torch.Tensor:
+        if not isinstance(self._keep, torch.Tensor):
+            self._keep = torch.tensor(self._keep, dtype=torch.float32)
+        return self._keep
+
+    @keep.setter
+    def keep(self, value: torch.Tensor) -> None:
+        self._keep = value
+
+    @property
+    def index(self) -> torch.Tensor | None:
+        if self._index is not None and not isinstance(self._index, torch.Tensor):
+            self._index = torch.tensor(self._index, dtype=torch.long)
+        return self._index
+
+    @index.setter
+    def index(self, value: torch.Tensor | None) -> None:
+        self._index = value
+
+    def __repr__(self) -> str:
+        return (f"Record(key={self.key!r}, kind={self.kind!r}, target={self.target}, keep={self._keep}, "
+                f"total={self.total})")
 
 
 def _runs(index: list[int]) -> list[tuple[int, int]]:
@@ -309,8 +338,8 @@ class Runtime:
             n_real = sum(real_all) if real_all is not None else length
             if segments is None:
                 kept_real = sum(f * r for f, r in zip(flags, real_cur))
-                kept = torch.tensor([kept_real / max(n_real, 1)], dtype=torch.float32)
-                self.records.append(Record(key, "token", self.targets.get(key, 1.0), kept, index=index, total=length))
+                self.records.append(Record(key, "token", self.targets.get(key, 1.0), [kept_real / max(n_real, 1)],
+                                           index=index, total=length))
             else:
                 names, _, bounds = segments
                 for k, name in enumerate(names):
@@ -319,7 +348,7 @@ class Runtime:
                                else bounds[k + 1] - bounds[k])
                     seg_key = f"{key}:{name}"
                     self.records.append(Record(seg_key, "token", self.targets.get(seg_key, 1.0),
-                                               torch.tensor([n_k / max(total_k, 1)], dtype=torch.float32),
+                                               [n_k / max(total_k, 1)],
                                                index=index, total=length))
             state = TokenState(index=index, length=length)
         trims: list[AttnTrim | None] = []
@@ -330,9 +359,8 @@ class Runtime:
             flags = host.pop(0)
             index = [j for j, f in enumerate(flags) if f]
             k = f"{key}.{i}"
-            self.records.append(Record(k, "head", self.targets.get(k, 1.0),
-                                       torch.tensor([len(index) / len(flags)], dtype=torch.float32),
-                                       index=torch.tensor(index, dtype=torch.long), total=len(flags)))
+            self.records.append(Record(k, "head", self.targets.get(k, 1.0), [len(index) / len(flags)],
+                                       index=index, total=len(flags)))
             # every head kept: the plain dense path (no slicing at all)
             trims.append(AttnTrim() if len(index) == len(flags) else AttnTrim(head_runs=_runs(index)))
         return state, hidden, trims
@@ -535,9 +563,10 @@ class TrimAttention(nn.Module):
         mask = None if bias is None else (bias if bias.dtype == x.dtype else bias.to(x.dtype))
         out = self.module.get_submodule(s.out) if s.out is not None else None
         kept = sum(e - a for a, e in runs)
-        if len(runs) > 1 and self.head_cache.usable(d, kept, max(x.shape[-1], ctx.shape[-1]),
+        if kept and self.head_cache.usable(d, kept, max(x.shape[-1], ctx.shape[-1]),
                                                     out.weight.shape[0] if out is not None else None):
             # small attention: one run on a gathered copy (cached per kept set) beats several runs on views
+            # (and even one run: slicing six weight views is six dispatches per call)
             heads_kept = tuple(h for a, e in runs for h in range(a, e))
             wq, bq, wk, bk, wv, bv, wo, rows = self.head_cache.get(
                 heads_kept, d, (wq, bq, wk, bk, wv, bv), out.weight if out is not None else None)

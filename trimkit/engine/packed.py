@@ -125,7 +125,8 @@ def fetch(tensors: list[torch.Tensor]) -> list[list[int]]:
     if not tensors:
         return []
     # one cat (bool and integer parts promote to one integer dtype) and one copy: no per-part casts
-    flat = (tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])).tolist()
+    flat = [t if t.dim() == 1 else t.reshape(-1) for t in tensors]
+    flat = (flat[0] if len(flat) == 1 else torch.cat(flat)).tolist()
     out, i = [], 0
     for t in tensors:
         n = t.numel()
