@@ -60,3 +60,18 @@ def test_eval_on_cuda_matches_cpu(run_dir, tmp_path):
     assert main(["eval", "--checkpoint", str(run_dir), "--device", "cuda", "--output", str(gpu), "--json"]) == 0
     a, b = json.loads(cpu.read_text()), json.loads(gpu.read_text())
     assert a["n"] == b["n"] and abs(a["accuracy"] - b["accuracy"]) <= 1 / a["n"]
+
+
+def test_eval_on_another_dataset(run_dir, tmp_path, capsys):
+    """--data: the checkpoint's model on a dataset given by a data section (here: other digit-grid
+    questions), as a zero-shot evaluation on another dataset would."""
+    data = tmp_path / "other.yaml"
+    data.write_text("data:\n  options: {grid: 2, cell: 16, digits_per_image: [1, 2]}\n  eval_size: 3\n  seed: 40\n")
+    assert main(["eval", "--checkpoint", str(run_dir), "--data", str(data), "--json", "--macs-instances", "0"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["n"] == 3 and ev["task"] == "classification"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  eval_sise: 3\n")
+    assert main(["eval", "--checkpoint", str(run_dir), "--data", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "eval_sise" in err

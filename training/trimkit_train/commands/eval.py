@@ -1,4 +1,4 @@
-"""``trimkit eval --checkpoint DIR [--split S] [--instances N] [--macs-instances M] [--batch-size B]
+"""``trimkit eval --checkpoint DIR [--split S] [--data FILE] [--instances N] [--macs-instances M] [--batch-size B]
 [--inference remove|packed|padded|hard] [--json]``: accuracy, GMACs full vs trimmed, keep ratios (see
 :data:`DESCRIPTION`)."""
 
@@ -27,6 +27,10 @@ def register(sub) -> None:
                        description=DESCRIPTION.replace("``", ""))
     p.add_argument("--checkpoint", required=True, help="a run directory or its checkpoint/ directory")
     p.add_argument("--split", default=None, help="dataset split to evaluate (default: data.eval_split of the run)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="evaluate on another dataset: a YAML/JSON file with a `data` section (or the section "
+                        "itself) as in an experiment config, e.g. NoCaps for a COCO-trained captioner (zero-shot); "
+                        "the model is the checkpoint's, the task is that dataset's")
     p.add_argument("--instances", type=positive_int, default=None, metavar="N",
                    help="evaluate on the first N >= 1 examples (default: all)")
     p.add_argument("--macs-instances", type=nonneg_int, default=None, metavar="M",
@@ -63,6 +67,33 @@ def describe_inference(mode: str | None, batch_size: int, n: int) -> str:
     if n % batch_size == 1:
         what += "; the last batch, of 1, with tokens and heads removed"
     return f"{mode} ({what})"
+
+
+def read_data_config(path: str):
+    """``--data FILE``: a :class:`~trimkit_train.DataConfig` from a YAML/JSON file holding a ``data``
+    section (an experiment config) or the section alone; errors name the file and field."""
+    from pathlib import Path
+
+    import yaml
+    from pydantic import ValidationError
+
+    from trimkit_train import ConfigError, DataConfig
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--data {path}: no such file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--data {path}: not a YAML/JSON file ({type(err).__name__}: {err})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+        raw = raw["data"]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--data {path}: expected a mapping (a `data` section), got {type(raw).__name__}")
+    try:
+        return DataConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"  data.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"--data {path}: invalid data section:\n" + "\n".join(lines)) from None
 
 
 def resolve_device(name: str | None):
@@ -102,7 +133,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     model, config = load_checkpoint(args.checkpoint)
     model.to(device)
-    data = config.data
+    data = config.data if args.data is None else read_data_config(args.data)
     if args.split is not None:
         data = data.model_copy(update={"eval_split": args.split})
     dataset = build_dataset(data, "eval")
