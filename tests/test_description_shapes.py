@@ -124,6 +124,41 @@ def test_hf_decoder_masked_equals_removed_with_rope_gqa_and_causality(llama):
     assert dropped["token"] > 0 and dropped["head"] > 0
 
 
+def test_hf_decoder_packed_batches_are_causal_per_instance(llama):
+    """Packed mode at the kernel with causal attention: each instance's kept rows attend causally in
+    their original order, so a packed batch equals the masked batch at every kept position and each
+    instance removed alone; mode padded (a causal mask over padded rows) is refused by name."""
+    root, tmodel = llama
+    saved = {k: v.clone() for k, v in tmodel.trimmers.state_dict().items()}
+    counts_differ = False
+    try:
+        for seed in range(3):
+            randomize_trimmers(tmodel, 20 + seed)
+            x = LlamaAdapter().example_inputs(root, 3, seed=30 + seed)
+            with torch.no_grad():
+                with tmodel.mode("hard"):
+                    hard = tmodel(**x)
+                with tmodel.mode("packed"):
+                    packed = tmodel(**x)
+                last = [r for r in tmodel.records if r.kind == "token"][-1]
+                counts, pos = last.counts, last.index.tolist()
+                counts_differ |= len(set(counts)) > 1
+                assert sum(counts) < 3 * x["input_ids"].shape[1]
+                start = 0
+                for b, n in enumerate(counts):
+                    kept = pos[start:start + n]
+                    start += n
+                    torch.testing.assert_close(packed[b, :n], hard[b, kept], atol=1e-4, rtol=0)
+                    with tmodel.mode("remove"):
+                        alone = tmodel(input_ids=x["input_ids"][b:b + 1])
+                    torch.testing.assert_close(alone[0], hard[b, kept], atol=1e-4, rtol=0)
+                with tmodel.mode("padded"), pytest.raises(NotImplementedError, match="causal"):
+                    tmodel(**x)
+    finally:
+        tmodel.trimmers.load_state_dict(saved)
+    assert counts_differ
+
+
 # --- one module, two roles in one layer ---------------------------------------------------------
 
 class Mix(nn.Module):

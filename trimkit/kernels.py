@@ -120,9 +120,10 @@ def _attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
                    is_causal: bool, scale: float | None, trim: AttnTrim) -> torch.Tensor:
     """Mode packed: (1, H, R, d) rows of a batch; attention per instance by cumulative lengths."""
     pc = trim.packed
-    if is_causal:
-        raise NotImplementedError("trimkit packed mode: causal attention is not supported at the kernel yet; "
-                                  "use tmodel.inference = 'remove' (masked batches) for this model")
+    if is_causal and (pc.q.padded or mask is not None):
+        raise NotImplementedError("trimkit packed mode: causal attention is supported on packed rows without an "
+                                  "attention mask only (not in mode 'padded', not with a mask as well); use "
+                                  "tmodel.inference = 'packed' without a mask, or 'remove'")
     if pc.q.padded:  # the padded baseline: (B, max kept) layout with key-padding masks
         mask = _additive(mask, q.dtype)
         flag = P.key_bias_flag(mask, pc.k)
@@ -142,7 +143,9 @@ def _attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     qr = q[0].transpose(0, 1)  # (R, H, d)
     kr = _repeat_heads(k[0], heads, 0).transpose(0, 1)
     vr = _repeat_heads(v[0], heads, 0).transpose(0, 1)
-    y = P.varlen_attention(qr, kr, vr, pc.q, pc.k, scale)
+    # causal per instance over its kept rows, in their (original) order and aligned as sdpa's is_causal,
+    # as the removed model attends at batch 1
+    y = P.varlen_attention(qr, kr, vr, pc.q, pc.k, scale, causal=is_causal)
     if trim.head_mask is not None:
         y = y * trim.head_mask.to(y.dtype).index_select(0, pc.q.bidx)[:, :, None]
     return y.transpose(0, 1).unsqueeze(0)

@@ -260,14 +260,17 @@ def _varlen_flash_ok(q: torch.Tensor) -> bool:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qp: Packing, kp: Packing,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, causal: bool = False) -> torch.Tensor:
     """softmax(q k^T) v per instance for packed rows: q (Rq, H, d), k/v (Rk, H, d) -> (Rq, H, dv).
 
     CUDA half/bfloat16: one ``torch.nn.attention.varlen.varlen_attn`` (flash) call over the whole
     batch. Otherwise (CPU, float32): one SDPA call per instance on its slices (host-known counts);
     measured on 2 CPU threads faster than padding inside attention, and exact (no padded keys).
+    ``causal``: each instance's rows causally, aligned as sdpa's ``is_causal`` (top left) also when an
+    instance keeps different numbers of queries and keys; always the per-instance path (flash
+    kernels align a causal mask bottom right).
     """
-    if _varlen_flash_ok(q):
+    if not causal and _varlen_flash_ok(q):
         from torch.nn.attention.varlen import varlen_attn
 
         return varlen_attn(q, k, v, qp.cu, kp.cu, qp.max, kp.max, scale=scale)
@@ -277,5 +280,5 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qp: Pack
         qb = q[qo[b]:qo[b + 1]].transpose(0, 1).unsqueeze(0)
         kb = k[ko[b]:ko[b + 1]].transpose(0, 1).unsqueeze(0)
         vb = v[ko[b]:ko[b + 1]].transpose(0, 1).unsqueeze(0)
-        outs.append(F.scaled_dot_product_attention(qb, kb, vb, scale=scale)[0].transpose(0, 1))
+        outs.append(F.scaled_dot_product_attention(qb, kb, vb, scale=scale, is_causal=causal)[0].transpose(0, 1))
     return torch.cat(outs, 0)
