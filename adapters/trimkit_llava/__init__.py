@@ -1,0 +1,62 @@
+"""trimkit adapter ``llava``: transformers' ``LlavaForConditionalGeneration`` (a CLIP vision tower,
+a projector and a Llama-style decoder), prefill only.
+
+How trimkit sees it: the decoder's sequence is one stream ``seq`` laid out as LLaVA's
+``[prompt][image tokens][question][right padding]``, three segments whose bounds differ per
+instance (``StreamSpec(segment_starts="segment_starts")``, an input made by
+:func:`llava_segment_starts`): ``prompt`` (summary: its first token, BOS), ``image`` (summary: the
+mean of its kept tokens) and ``question`` (summary: its last real token, which has read the whole
+prompt; always kept, so the next-token logits are there in every mode). Padding is
+``attention_mask``. Token and head trimmers sit in the decoder layers ``trim_layers`` (a build /
+from_pretrained / :func:`wrap` option; default: the middle half of the layers); the others are
+rewritten so the kept-token state reaches them, without trimmers. Attention is trimmed at the
+kernel (``via="kernel"``, transformers' ``AttentionInterface``): the model's own RoPE, grouped-query
+heads and causal masking run unchanged; dropped tokens are masked out of the keys (or removed at
+batch 1 / packed), dropped heads skip their attention but not their q/k/v projections.
+
+The wrapper :class:`~trimkit_llava.modeling.LlavaForTrimming` (:func:`wrap`, same weights) names
+the inputs ``(pixel_values, input_ids, attention_mask, segment_starts)`` and calls the model's own
+vision tower, projector, embeddings (image features scattered at the image tokens), rotary table,
+decoder layers, norm and ``lm_head``; it returns per-token logits (or hidden states, with
+``output="hidden"``). In mode ``remove`` (batch 1) the rows are the kept tokens only (their
+original positions: the last token record's ``index``); in ``packed`` mode ``tmodel.kept_mask("seq")``
+says which rows are real; the last row of each instance is always its question's last token.
+
+Not trimmed yet: the CLIP vision tower (it runs whole, as one call); generation (no KV cache:
+the wrapper is a prefill forward, ``use_cache`` is not supported); left padding (pad on the right);
+several images per instance or ``vision_feature_layer`` lists.
+
+>>> import trimkit
+>>> from trimkit_llava import llava_segment_starts, wrap
+>>> tmodel = trimkit.trim(wrap(LlavaForConditionalGeneration.from_pretrained(...)),
+...                       trimkit.TrimConfig(token_target={"image": 0.3, "prompt": 0.8, "question": 0.8}))
+>>> logits = tmodel(pixel_values=pv, input_ids=ids, attention_mask=mask,
+...                 segment_starts=llava_segment_starts(ids, model.config.image_token_id))
+
+Pretrained, offline and already wrapped: ``trimkit.adapter.load_pretrained("llava", "llava-hf/llava-1.5-7b-hf")``
+(a local directory, or a model id in the local HF cache; see :meth:`LlavaAdapter.from_pretrained`).
+"""
+
+from __future__ import annotations
+
+from trimkit.plugins import hookimpl
+
+from .adapter import TINY_TEXT, TINY_VISION, LlavaAdapter, describe_llava, wrap
+
+__all__ = ["TINY_TEXT", "TINY_VISION", "LlavaAdapter", "LlavaForTrimming", "describe_llava", "llava_segment_starts",
+           "wrap"]
+
+_LAZY = {"LlavaForTrimming": "modeling", "llava_segment_starts": "modeling"}
+
+
+def __getattr__(name: str):  # modeling is imported on first use (it is cheap, but keeps the plugin minimal)
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@hookimpl
+def trimkit_register_adapters(registry):
+    registry.adapters.register("llava", LlavaAdapter())

@@ -1,0 +1,163 @@
+"""The ``llava`` adapter object. Import-cheap: transformers' LLaVA is imported only when a model is
+described or built."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from trimkit.spec import AttentionSpec, LayerSpec, ModelSpec, Segment, StreamSpec
+
+__all__ = ["TINY_TEXT", "TINY_VISION", "LlavaAdapter", "describe_llava", "wrap"]
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=24, patch_size=8, projection_dim=32)
+"""``build("tiny")``'s CLIP vision tower: 24px images, 9 patches (9 image tokens after the [CLS] crop)."""
+TINY_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+"""``build("tiny")``'s Llama: 4 decoder layers of width 32, 4 query heads over 2 key/value heads."""
+IMAGE_TOKEN = 3  # the tiny vocabulary's image placeholder (BOS 1, EOS 2, PAD 0)
+
+_OWN_OPTIONS = ("output", "trim_layers")
+
+
+def wrap(model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | None = None) -> nn.Module:
+    """The traceable wrapper of a ``LlavaForConditionalGeneration`` (weights shared, not copied)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .modeling import LlavaForTrimming
+
+    if isinstance(model, LlavaForTrimming):
+        return model
+    if not isinstance(model, LlavaForConditionalGeneration):
+        raise TypeError(f"trimkit_llava.wrap: expected a LlavaForConditionalGeneration, got {type(model).__name__}")
+    return LlavaForTrimming(model, output=output, trim_layers=trim_layers)
+
+
+def describe_llava(model: nn.Module) -> ModelSpec:
+    """The :class:`~trimkit.spec.ModelSpec` of a wrapped LLaVA (see the package docstring)."""
+    from .modeling import LlavaForTrimming
+
+    if not isinstance(model, LlavaForTrimming):
+        raise TypeError(f"trimkit_llava: a {type(model).__name__} cannot be traced as it is; trim "
+                        "trimkit_llava.wrap(model) (same weights) instead")
+    text = model.config.text_config
+    attn = AttentionSpec("self_attn", "self", text.num_attention_heads, via="kernel")
+    chosen = set(model.trim_layers)
+    layers = [LayerSpec(f"model.model.language_model.layers.{i}", "seq", hidden="hidden_states",
+                        hidden_token_args={"position_embeddings": 1}, attentions=[attn], trimmable=i in chosen)
+              for i in range(text.num_hidden_layers)]
+    segments = [Segment("prompt"), Segment("image", summary="mean"), Segment("question", summary="last")]
+    spec = ModelSpec(
+        streams=[StreamSpec("seq", padding_input="attention_mask", segments=segments,
+                            segment_starts="segment_starts")],
+        layers=layers,
+        input_names=["pixel_values", "input_ids", "attention_mask", "segment_starts"],
+        # the vision tower runs as one call (its ModelOutput's hidden_states are indexed after it);
+        # the rotary table as LlamaRoot's
+        leaf_modules=["model.model.vision_tower", "model.model.language_model.rotary_emb"],
+    )
+    spec.validate()
+    return spec
+
+
+class LlavaAdapter:
+    """Describes wrapped LLaVA models (``LlavaForConditionalGeneration``); builds ``tiny``."""
+
+    def matches(self, model: nn.Module) -> bool:
+        if "transformers.models.llava" not in sys.modules:  # no LLaVA model can exist yet
+            return False
+        from transformers import LlavaForConditionalGeneration
+
+        from .modeling import LlavaForTrimming
+
+        return isinstance(model, (LlavaForTrimming, LlavaForConditionalGeneration))
+
+    def describe(self, model: nn.Module) -> ModelSpec:
+        """See :func:`describe_llava`."""
+        return describe_llava(model)
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 1, seed: int = 0,
+                       prompts: Sequence[int] | None = None, questions: Sequence[int] | None = None) -> dict[str, Any]:
+        """Random ``[BOS prompt][image tokens][question][right padding]`` rows: prompt (BOS included)
+        and question lengths differ per instance (``prompts``/``questions`` set them), so the image
+        starts elsewhere in each row and rows after the first are padded."""
+        from .modeling import llava_segment_starts
+
+        gen = torch.Generator().manual_seed(seed)
+        cfg = model.config
+        text, vision = cfg.text_config, cfg.vision_config
+        n_image = (vision.image_size // vision.patch_size) ** 2 + (0 if model.crop_cls else 1)
+        prompts = list(prompts) if prompts is not None else [2 + (3 * b) % 5 for b in range(batch_size)]
+        questions = list(questions) if questions is not None else [4 - b % 3 if b else 4 for b in range(batch_size)]
+        if len(prompts) != batch_size or len(questions) != batch_size:
+            raise ValueError("trimkit_llava.example_inputs: one prompt and one question length per instance")
+        total = [p + n_image + q for p, q in zip(prompts, questions)]
+        n = max(total)
+        pad = text.pad_token_id if text.pad_token_id is not None else 0
+        bos = text.bos_token_id if text.bos_token_id is not None else 1
+        special = {pad, bos, cfg.image_token_id, text.eos_token_id}
+        vocab = [i for i in range(min(text.vocab_size, 4096)) if i not in special]
+        ids = torch.full((batch_size, n), pad, dtype=torch.long)
+        mask = torch.zeros(batch_size, n, dtype=torch.long)
+        for b, (p, t) in enumerate(zip(prompts, total)):
+            pick = torch.randint(0, len(vocab), (t,), generator=gen)
+            ids[b, :t] = torch.tensor(vocab)[pick]
+            ids[b, 0] = bos
+            ids[b, p:p + n_image] = cfg.image_token_id
+            mask[b, :t] = 1
+        param = next(model.parameters())
+        size = vision.image_size
+        return {"pixel_values": torch.randn(batch_size, 3, size, size, generator=gen).to(param.device, param.dtype),
+                "input_ids": ids.to(param.device), "attention_mask": mask.to(param.device),
+                "segment_starts": llava_segment_starts(ids, cfg.image_token_id).to(param.device)}
+
+    def build(self, size: str = "tiny", seed: int = 0, output: str = "logits",
+              trim_layers: Sequence[int] | None = None, **options: Any) -> nn.Module:
+        """A randomly initialised wrapped ``LlavaForConditionalGeneration`` (sdpa attention):
+        ``output`` ``"logits"`` or ``"hidden"``; ``trim_layers`` the decoder layers that get
+        trimmers (default: the middle half); ``options`` override ``LlavaConfig`` fields (a dict
+        for ``vision_config``/``text_config`` updates those sub-configs)."""
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        if size != "tiny":
+            raise ValueError(f"trimkit_llava.build: only size 'tiny' is built (random weights); load a "
+                             f"pretrained LLaVA with from_pretrained, got {size!r}")
+        options = dict(options)
+        vision = CLIPVisionConfig(**{**TINY_VISION, **options.pop("vision_config", {})})
+        text = LlamaConfig(**{**TINY_TEXT, **options.pop("text_config", {})})
+        options.setdefault("image_token_id", IMAGE_TOKEN)
+        options.setdefault("projector_hidden_act", "gelu")
+        config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), **options)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(seed)
+        return wrap(LlavaForConditionalGeneration(config).eval(), output=output, trim_layers=trim_layers)
+
+    def from_pretrained(self, source: str, *, revision: str | None = None, weights: str | None = None,
+                        output: str = "logits", trim_layers: Sequence[int] | None = None,
+                        **options: Any) -> nn.Module:
+        """A pretrained wrapped LLaVA, read offline: ``source`` is a directory written by
+        ``save_pretrained`` (of a ``LlavaForConditionalGeneration`` or this wrapper's ``model``) or
+        a Hugging Face model id in the local HF cache (at ``revision``); loaded with sdpa attention.
+        ``output``/``trim_layers`` as in :meth:`build`; other ``options`` set ``LlavaConfig`` fields
+        that do not change weight shapes. ``weights`` is not used (the source holds them)."""
+        from transformers import LlavaForConditionalGeneration
+
+        from trimkit.adapter import load_transformers_pretrained, transformers_source
+
+        if weights is not None:
+            raise TypeError(f"trimkit_llava.from_pretrained({source!r}): weights={weights!r} is not used: a LLaVA "
+                            "checkpoint is a directory or Hugging Face model id (source) holding its weights")
+        src = transformers_source(source, revision, adapter="llava", model_types=("llava",))
+
+        def _wrap(model: nn.Module) -> nn.Module:
+            model.config._attn_implementation = "sdpa"
+            for sub in (model.config.text_config, model.config.vision_config):
+                sub._attn_implementation = "sdpa"
+            return wrap(model, output=output, trim_layers=trim_layers)
+
+        return load_transformers_pretrained(src, LlavaForConditionalGeneration, overrides=options,
+                                            accepted=_OWN_OPTIONS, wrap=_wrap)
