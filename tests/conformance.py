@@ -32,6 +32,15 @@ EXPECTED_SKIPS: dict[tuple[str, tuple], set[str]] = {
 }
 
 
+# (adapter, build options as sorted items) -> why its check fails for a known trimkit bug (not the
+# adapter's): the case is xfail(strict=True), so it fails again once the bug is fixed (then drop it here)
+KNOWN_FAILURES: dict[tuple[str, tuple], str] = {
+    ("llava", ()): ("trimkit check's packed step reports mode 'padded' refusing causal attention (raised in "
+                    "trimkit.kernels, not trimkit.engine.packed) as a FAIL, not a SKIP, although mode 'packed' "
+                    "== masked passes (tests/test_adapter_llava.py checks it)"),
+}
+
+
 def adapter_names() -> list[str]:
     """Every registered adapter, the tests' ``toy`` included (call at import time to parametrize)."""
     from conftest import _register_toy
@@ -46,7 +55,11 @@ def _id(name: str, options: dict[str, Any]) -> str:
 def cases(names: list[str] | None = None) -> list:
     """``pytest.param(name, options)`` per adapter build: the default and its :data:`VARIANTS`."""
     names = adapter_names() if names is None else names
-    return [pytest.param(name, options, id=_id(name, options))
+    def marks(name: str, options: dict[str, Any]) -> list:
+        why = KNOWN_FAILURES.get((name, tuple(sorted(options.items()))))
+        return [pytest.mark.xfail(strict=True, reason=why)] if why else []
+
+    return [pytest.param(name, options, id=_id(name, options), marks=marks(name, options))
             for name in names for options in [{}] + VARIANTS.get(name, [])]
 
 

@@ -166,3 +166,19 @@ def test_save_pretrained_from_pretrained_round_trip(adapter, llava, tmp_path):
         adapter.from_pretrained(str(tmp_path / "tiny"), no_such_field=1)
     with pytest.raises(trimkit.adapter.PretrainedNotFoundError):
         adapter.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_trimkit_check_passes_but_for_the_padded_engine():
+    """``trimkit check`` on the tiny build: every step passes except the packed step, which fails
+    only because mode 'padded' refuses causal attention (a known trimkit check bug: that refusal
+    is raised in trimkit.kernels, so the check does not read it as a skip; mode 'packed' is
+    checked above). See tests/conformance.py KNOWN_FAILURES."""
+    from trimkit.check import run_check
+
+    report = run_check("llava", trials=1)
+    failed = [r for r in report.results if not r.ok]
+    assert [r.name for r in report.results if r.ok and not r.skipped] == [
+        "build", "trace and rewrite", "all masks 1 == original", "hard masks == physical removal",
+        "MACs fall when trimming"], report.format()
+    assert len(failed) == 1 and failed[0].name.startswith("packed == masked"), report.format()
+    assert "mode 'padded'" in failed[0].detail and "causal attention" in failed[0].detail, report.format()
