@@ -182,3 +182,15 @@ def test_trimkit_check_passes_but_for_the_padded_engine():
         "MACs fall when trimming"], report.format()
     assert len(failed) == 1 and failed[0].name.startswith("packed == masked"), report.format()
     assert "mode 'padded'" in failed[0].detail and "causal attention" in failed[0].detail, report.format()
+
+
+def test_training_mode_is_differentiable(adapter):
+    model = adapter.build(seed=1)
+    tmodel = trimkit.trim(model, TrimConfig(token_target=0.5, head_target=0.5), adapter="llava").train()
+    x = adapter.example_inputs(model, 2, seed=2)
+    out = tmodel(**x)
+    assert out.shape == (2, x["input_ids"].shape[1], model.config.text_config.vocab_size)
+    out[x["attention_mask"].bool()].pow(2).mean().backward()
+    grads = {name for name, p in tmodel.trimmers.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(".token.policies.1." in name for name in grads), sorted(grads)  # segment 1: the image's trimmer
+    assert any(".heads." in name for name in grads), sorted(grads)
