@@ -34,11 +34,7 @@ EXPECTED_SKIPS: dict[tuple[str, tuple], set[str]] = {
 
 # (adapter, build options as sorted items) -> why its check fails for a known trimkit bug (not the
 # adapter's): the case is xfail(strict=True), so it fails again once the bug is fixed (then drop it here)
-KNOWN_FAILURES: dict[tuple[str, tuple], str] = {
-    ("llava", ()): ("trimkit check's packed step reports mode 'padded' refusing causal attention (raised in "
-                    "trimkit.kernels, not trimkit.engine.packed) as a FAIL, not a SKIP, although mode 'packed' "
-                    "== masked passes (tests/test_adapter_llava.py checks it)"),
-}
+KNOWN_FAILURES: dict[tuple[str, tuple], str] = {}
 
 
 def adapter_names() -> list[str]:
