@@ -3,17 +3,20 @@
 ``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT_DIR MODE [STOP_AFTER]``
 trains a tiny METER on digit-grid (MODE ``trim``: SmartTrim with self-distillation; ``plain``: the
 backbone), records which training examples this process was given (``OUT_DIR/seen_RANK.json``) and
-writes its final weights (``OUT_DIR/weights_RANK.pt``)."""
+writes its final weights (``OUT_DIR/weights_RANK.pt``). With ``TRIMKIT_TEST_NAN_RANK=R`` process R's
+examples turn NaN from its second step: every process must stop with DivergedError
+(``OUT_DIR/diverged_RANK``) instead of waiting for the failed one."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from trimkit_train import ExperimentConfig, Trainer, register_dataset
+from trimkit_train import DivergedError, ExperimentConfig, Trainer, register_dataset
 from trimkit_train.data import DigitGridDataset
 
 
@@ -29,7 +32,10 @@ class Recording(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         self.seen.append(int(i))
-        return self.base[i]
+        item = self.base[i]
+        if os.environ.get("TRIMKIT_TEST_NAN_RANK") == os.environ.get("RANK") and len(self.seen) > 4:
+            item = dict(item, pixel_values=torch.full_like(item["pixel_values"], float("nan")))
+        return item
 
 
 def factory(split, size=None, seed=0, **options):
@@ -55,8 +61,12 @@ def main() -> None:
     resume = len(sys.argv) > 4 and sys.argv[4] == "resume"
     register_dataset("recording", factory)
     trainer = Trainer(config(out, mode, steps=6))
-    trainer.fit(stop_after=stop_after, resume=resume, overwrite=not resume)
     rank = trainer.accelerator.process_index
+    try:
+        trainer.fit(stop_after=stop_after, resume=resume, overwrite=not resume)
+    except DivergedError as err:
+        (out / f"diverged_{rank}").write_text(str(err))
+        return
     tag = f"{rank}" + ("" if stop_after is None else f"_stop{stop_after}") + ("_resumed" if resume else "")
     (out / f"seen_{tag}.json").write_text(json.dumps(trainer.train_dataset.seen))
     torch.save({k: v.detach().clone() for k, v in trainer.net.state_dict().items()}, out / f"weights_{tag}.pt")

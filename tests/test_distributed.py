@@ -16,8 +16,8 @@ import torch
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _launch(out: Path, mode: str, nproc: int, *extra: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+def _launch(out: Path, mode: str, nproc: int, *extra: str, env_extra: dict | None = None) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
            str(out), mode, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -77,3 +77,13 @@ def test_two_processes_resume_exactly(trim_run, tmp_path):
     straight = _weights(trim_run, "0")
     for rank in (0, 1):
         assert _max_diff(straight, _weights(out, f"{rank}_stop6_resumed")) == 0.0
+
+
+def test_a_failure_on_one_process_stops_every_process(tmp_path):
+    """NaN inputs on process 1 only: both processes stop with DivergedError at that step (none waits
+    in the gradient reduction for the other), and the main process logs the divergence."""
+    _launch(tmp_path, "trim", 2, env_extra={"TRIMKIT_TEST_NAN_RANK": "1"})
+    assert "non-finite" in (tmp_path / "diverged_1").read_text()
+    assert "another process" in (tmp_path / "diverged_0").read_text()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in log][-1] == "diverged" and log[-1]["step"] == 2

@@ -72,3 +72,28 @@ def test_cache_is_invalidated_when_weights_change_and_unused_with_grad():
     misses = sum(m.head_cache.misses for m in attns)
     tmodel(**x)  # autograd on: no cached copies (they would cut the weights' gradients)
     assert sum(m.head_cache.misses for m in attns) == misses
+
+
+def test_writes_through_data_need_clear_caches_and_inference_mode_and_autocast_work():
+    model, tmodel, attns = _setup()
+    x = meter_example_inputs(model, batch_size=1, seed=3)
+    with torch.no_grad():
+        tmodel(**x)
+        for m in attns:
+            if m.spec.num_heads == 4:
+                m.module.get_submodule(m.spec.q).weight.data.mul_(1.5)  # no version bump
+        tmodel.clear_caches()
+        after = tmodel(**x)
+        for m in attns:
+            m.head_cache.max_elements = 0
+        expected = tmodel(**x)
+        for m in attns:
+            m.head_cache.max_elements = 1 << 19
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # inference tensors have no version counter
+        tmodel.clear_caches()
+        inf = tmodel(**x)
+    torch.testing.assert_close(inf, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # lower-precision attention outputs
+        low = tmodel(**x)
+    assert torch.isfinite(low).all() and low.shape == expected.shape

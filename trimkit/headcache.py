@@ -14,7 +14,9 @@ made once: 131 us for the same case.
 a cached copy would detach the weights' gradients), only when the copies are small
 (:data:`MAX_ELEMENTS`), a bounded number of sets (least recently used dropped), and cleared when any
 weight changes (a new ``data_ptr`` or an in-place update bumping the tensor's version counter:
-``load_state_dict``, an optimizer step, ``.to()``).
+``load_state_dict``, an optimizer step, ``.to()``). Writes through ``.data`` (``p.data.copy_(...)``)
+bump no version counter and are not seen: :meth:`trimkit.TrimmedModel.clear_caches` (also run by
+``train()``/``eval()`` and when trimmers are loaded) drops the copies.
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ class KeptHeadCache:
 
     @staticmethod
     def _stamp_of(tensors: tuple) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.device, t.dtype) if t is not None else None for t in tensors)
+        # inference tensors (made under torch.inference_mode) keep no version counter: storage only
+        return tuple(None if t is None else (t.data_ptr(), None if t.is_inference() else t._version, t.device, t.dtype)
+                     for t in tensors)
+
+    def clear(self) -> None:
+        """Drop every cached copy (:meth:`trimkit.TrimmedModel.clear_caches`)."""
+        self._sets.clear()
+        self._stamp = None
 
     def usable(self, d: int, kept: int, width: int, out_rows: int | None) -> bool:
         """Whether a set of ``kept`` heads of size ``d`` (input width ``width``, output projection of

@@ -292,6 +292,25 @@ class TrimmedModel(nn.Module):
     def set_temperature(self, temperature: float) -> None:
         self.runtime.temperature = float(temperature)
 
+    def clear_caches(self) -> None:
+        """Drop the weight copies cached for inference (kept-head weights, :mod:`trimkit.headcache`).
+        Weight changes through ``load_state_dict``, an optimizer or ``.to()`` are detected; run this
+        after writing weights through ``.data``. Also run by :meth:`train` / :meth:`eval` and when
+        trimmers are loaded."""
+        from .headcache import KeptHeadCache
+
+        graph = self.__dict__.get("_graph")
+        if graph is None:
+            return
+        for m in graph.modules():
+            cache = getattr(m, "head_cache", None)
+            if isinstance(cache, KeptHeadCache):
+                cache.clear()
+
+    def train(self, mode: bool = True) -> "TrimmedModel":
+        self.clear_caches()
+        return super().train(mode)
+
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): keep the graph's tensor references in sync
         out = super()._apply(fn, recurse)
         gm = self._graph
@@ -461,6 +480,7 @@ class TrimmedModel(nn.Module):
             _check_fits(module, state, source, strict)
         for module, state, source in loads:
             module.load_state_dict(state, strict=strict)
+        self.clear_caches()
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

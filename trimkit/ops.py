@@ -578,7 +578,7 @@ class TrimAttention(nn.Module):
             if out is not None:
                 return F.linear(y, wo, out.bias)
             # the model applies the output projection itself: every head's slot, zeros where dropped
-            return x.new_zeros(B, Nq, heads * d).index_copy_(2, rows, y)
+            return x.new_zeros(B, Nq, heads * d).index_copy_(2, rows, y.to(x.dtype))  # autocast: y may be lower
         if out is not None:
             acc = None
         else:  # the model applies the output projection itself: give it every head's slot (zeros when dropped)

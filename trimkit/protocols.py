@@ -10,12 +10,13 @@ registry             registered object                      called by
 ``token_policies``   :class:`TokenPolicyFactory`            ``factory(dim, context_dim, config)``
 ``head_policies``    :class:`HeadPolicyFactory`             ``factory(dim, context_dim, num_heads, config)``
 ``samplers``         :class:`Sampler`                       ``sampler(logits, temperature)``
-``objectives``       :class:`ObjectiveFactory`              ``factory(config)`` -> :class:`Objective`
-``schedulers``       :class:`SchedulerFactory`              ``factory(config)`` -> :class:`Scheduler`
+``objectives``       :class:`ObjectiveFactory`              ``factory(recipe[, task])`` -> :class:`Objective`
+``schedulers``       :class:`SchedulerFactory`              ``factory(recipe)`` -> :class:`Scheduler`
 ``tasks``            :class:`Task` (an instance)            the trainer: ``task.loss(logits, labels)``...
 ===================  =====================================  ==========================================
 
-``config`` is always the model's :class:`trimkit.TrimConfig`. All calls are positional.
+For policies ``config`` is the model's :class:`trimkit.TrimConfig`; objectives and schedulers get the
+run's training recipe (``trimkit_train.RecipeConfig``). All calls are positional.
 
 Registration checks what can be checked without calling anything (:func:`validator_for`): the
 object is callable and accepts that many positional arguments (by :func:`inspect.signature`;

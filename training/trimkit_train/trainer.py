@@ -94,7 +94,7 @@ METRICS_FILE = "metrics.json"
 #: random numbers, so changing the evaluation settings shifts that run's later noise.
 RESUMABLE_FIELDS = frozenset({
     "train.progress", "train.out_dir", "train.eval_every", "train.eval_instances", "train.eval_batch_size",
-    "train.macs_instances", "train.save_every", "train.num_workers",
+    "train.macs_instances", "train.save_every", "train.num_workers", "train.find_unused_parameters",
 })
 
 
@@ -468,6 +468,13 @@ def build_model(model: ModelConfig, data: DataConfig | None = None, dataset: Any
 
         if model.size is not None:
             options = {"size": model.size, **options}
+        loader = getattr(adapter, "from_pretrained", None)
+        try:  # model.seed seeds what the pretrained weights do not hold (a new task head), where it can
+            takes_seed = loader is not None and "seed" in inspect.signature(loader).parameters
+        except (TypeError, ValueError):
+            takes_seed = False
+        if takes_seed:
+            options = {"seed": model.seed, **options}
         net = load_pretrained(model.adapter, model.pretrained, revision=model.revision, weights=model.weights,
                               **options)
     else:
@@ -533,9 +540,23 @@ def load_backbone(model: nn.Module, directory: str | Path) -> nn.Module:
     return model
 
 
+def _plain(value: Any) -> Any:
+    """NumPy scalars -> Python numbers, tuples -> lists, recursively (what JSON keeps as it is)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    item = getattr(value, "item", None)
+    if callable(item) and type(value).__module__ == "numpy":
+        return item()
+    return value
+
+
 def _jsonable(options: dict[str, Any]) -> dict[str, Any] | None:
-    """``options`` if they survive a JSON round trip unchanged (else None: a checkpoint then
-    rebuilds its model from the config and the data, as before build.json existed)."""
+    """``options`` as JSON keeps them (NumPy scalars and tuples made plain), or None when they do not
+    survive a JSON round trip (a checkpoint then rebuilds its model from the config and the data,
+    as before build.json existed)."""
+    options = _plain(options)
     try:
         return options if json.loads(json.dumps(options)) == options else None
     except (TypeError, ValueError):
@@ -906,8 +927,11 @@ class Trainer:
         #: (build.json) so that eval rebuilds exactly this model, whatever split it reads
         self.build_options: dict[str, Any] | None = None
         if model is None:
-            self.build_options = _jsonable(build_options(config.model, config.data, self.train_dataset))
-            model = build_model(config.model, options=self.build_options)
+            options = build_options(config.model, config.data, self.train_dataset)
+            # recorded (build.json) only when JSON keeps them; the model is built from them either way
+            self.build_options = _jsonable(options)
+            model = build_model(config.model, options=self.build_options if self.build_options is not None
+                                else options)
         if config.trim is not None and not isinstance(model, TrimmedModel):
             model = trim(model, config.trim, adapter=config.model.adapter)
         self.tmodel: TrimmedModel | None = model if isinstance(model, TrimmedModel) else None
@@ -1018,13 +1042,28 @@ class Trainer:
         self.model.train()
         inputs = model_inputs(self.net, batch)
         step = self.step + 1
+        acc = self.accelerator
+        failure: BaseException | None = None
         try:
             out, records, full_out = self.model(**inputs)
             logits = _logits(out)
             full_logits = _logits(full_out) if full_out is not None else None
-        except _NONFINITE as err:  # NaN/inf trimmer logits: the weights (or this batch) are not finite
-            raise self._diverged(step, f"the forward pass saw non-finite values ({err})", {}) from None
-        terms = self.objective(logits, batch["labels"], records, full_logits=full_logits)
+            terms = self.objective(logits, batch["labels"], records, full_logits=full_logits)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every process
+            failure = err
+        if acc.num_processes > 1:  # a process that failed alone would leave the others waiting in backward
+            nonfinite = isinstance(failure, _NONFINITE)
+            flags = torch.tensor([float(nonfinite), float(failure is not None and not nonfinite)], device=acc.device)
+            seen = acc.reduce(flags, reduction="sum").tolist()
+            if failure is None and seen[0] > 0:
+                raise self._diverged(step, "non-finite values in the forward pass of another process", {})
+            if failure is None and seen[1] > 0:
+                raise RuntimeError(f"training step {step} failed on another process (its error is in its own output); "
+                                   "this process stopped with it")
+        if isinstance(failure, _NONFINITE):  # NaN/inf trimmer logits: the weights (or this batch) are not finite
+            raise self._diverged(step, f"the forward pass saw non-finite values ({failure})", {}) from None
+        if failure is not None:
+            raise failure
         values = {k: float(v.detach()) for k, v in terms.items()}
         self.accelerator.backward(terms["loss"])
         grad_norm = None

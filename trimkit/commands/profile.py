@@ -99,6 +99,15 @@ def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu
         model = impl.build(size=size, seed=seed)
     model = model.eval()
     if checkpoint:
+        import sys
+
+        from trimkit.checkpoint import read_meta, resolve_checkpoint
+
+        if read_meta(resolve_checkpoint(checkpoint)).backbone is False:
+            print(f"trimkit profile: warning: {checkpoint} holds the trimmers only (saved without its backbone): they "
+                  f"run on the model built here ({adapter} size {size!r}, seed {seed}, random weights unless a model "
+                  "was passed in), so their decisions, and the MACs and latency measured, are not the trained "
+                  "model's; save with include_backbone=True to profile it", file=sys.stderr)
         tmodel = load_trimmed(checkpoint, model).eval()
     else:
         tmodel = trim(model, TrimConfig(token_target=0.5, head_target=0.5), adapter=adapter).eval()

@@ -90,10 +90,13 @@ def read_data_config(path: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"--data {path}: expected a mapping (a `data` section), got {type(raw).__name__}")
     try:
-        return DataConfig.model_validate(raw)
+        data = DataConfig.model_validate(raw)
     except ValidationError as err:
         lines = [f"  data.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"--data {path}: invalid data section:\n" + "\n".join(lines)) from None
+    if "eval_size" not in data.model_fields_set:  # the whole split unless the file says otherwise
+        data = data.model_copy(update={"eval_size": None})
+    return data
 
 
 def resolve_device(name: str | None):
@@ -162,7 +165,7 @@ def run(args) -> int:
         if MaskedBatchWarning is not None:  # the output below says how the batches ran, and names --inference
             warnings.simplefilter("ignore", MaskedBatchWarning)
         ev = evaluate(model, dataset, batch_size=batch_size, instances=args.instances, macs_instances=macs_n,
-                      device=device, task=task_of(config.data, dataset))
+                      device=device, task=task_of(data, dataset))
     ev.update(checkpoint=str(args.checkpoint), split=data.eval_split, trimmed=config.trim is not None,
               inference=mode, eval_batch_size=batch_size, device=str(device),
               inference_note=describe_inference(mode, batch_size, ev["n"]))
