@@ -899,7 +899,9 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+        from datetime import timedelta
+
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         self.config = config
         tc = config.train
@@ -910,7 +912,10 @@ class Trainer:
         self.accelerator = Accelerator(
             cpu=tc.cpu, mixed_precision=tc.mixed_precision,
             dataloader_config=DataLoaderConfiguration(split_batches=True),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=tc.find_unused_parameters)])
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=tc.find_unused_parameters),
+                             # the other processes wait while the main one evaluates (retrieval, beam search:
+                             # can take longer than the default 10-30 minute collective timeout)
+                             InitProcessGroupKwargs(timeout=timedelta(hours=2))])
         acc = self.accelerator
         if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
             raise ConfigError(
