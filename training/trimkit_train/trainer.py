@@ -1329,8 +1329,9 @@ class Trainer:
             mc = self.config.model
             card = None  # what adapter.build (or from_pretrained) takes to make this backbone again
             if self.build_options is not None:
-                card = dict(self.build_options) if mc.pretrained else \
-                    {"size": mc.size or "tiny", "seed": mc.seed, **self.build_options}
+                # a pretrained base is rebuilt by the adapter's from_pretrained, not by build(**options): the
+                # card then names the base model and says to load it, rather than a build call that would be wrong
+                card = None if mc.pretrained else {"size": mc.size or "tiny", "seed": mc.seed, **self.build_options}
             self.tmodel.save_pretrained(tmp, include_backbone=True, build_options=card,
                                         base_model=mc.pretrained, base_revision=mc.revision if mc.pretrained else None)
         else:
