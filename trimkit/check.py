@@ -215,7 +215,11 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
         def summary(s) -> str:
             if s.segments:
                 return "segments " + "/".join(g.name for g in s.segments)
-            return "summary: mean of kept tokens" if s.summary == "mean" else f"[CLS] at {s.cls_index}"
+            if s.summary == "mean":
+                return "summary: mean of kept tokens"
+            if s.summary == "last":
+                return "summary: last real token"
+            return f"[CLS] at {s.cls_index}"
 
         streams = ", ".join(f"{s.name} ({summary(s)})" for s in spec.streams)
         per = {}
