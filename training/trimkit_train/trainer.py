@@ -1017,8 +1017,8 @@ class Trainer:
         while True:
             g = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
             sampler = _EpochBatches(len(self.train_dataset), tc.batch_size, self.batches_per_epoch, g)
-            # generator=g: without one, every DataLoader iterator draws its base seed from the *global*
-            # torch RNG, so a resumed run (a new iterator mid-epoch) shifted the Gumbel/random-policy noise
+            # a generator of its own: without one, every DataLoader iterator draws its base seed from the
+            # *global* torch RNG, so a resumed run (a new iterator mid-epoch) shifted the Gumbel/random-policy noise
             loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=collate_of(self.train_dataset),
                                 num_workers=tc.num_workers, generator=torch.Generator().manual_seed(epoch))
             loader = acc.prepare_data_loader(loader, device_placement=False)
