@@ -87,3 +87,32 @@ def test_a_failure_on_one_process_stops_every_process(tmp_path):
     assert "another process" in (tmp_path / "diverged_0").read_text()
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["type"] for r in log][-1] == "diverged" and log[-1]["step"] == 2
+
+
+def _cost_on_two_processes(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from trimkit.ops import Record
+    from trimkit_smarttrim import cost_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        # this process's slice keeps 90% (rank 0) or 10% (rank 1): the whole batch keeps 50%, the target
+        keep = torch.full((4,), 0.9 if rank == 0 else 0.1, requires_grad=True)
+        loss = cost_loss([Record("layer", "token", 0.5, keep)])
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": keep.grad}, f"{out_dir}/cost_{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_cost_term_is_the_whole_batchs_across_processes(tmp_path):
+    """Eq. 10 squares the batch's keep ratio: with the batch split over processes the ratio is
+    reduced over all slices first (a slice keeping 90% and one keeping 10% meet a 50% target: no
+    cost, no gradient), not averaged as per-slice squares (which would give 0.16)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_cost_on_two_processes, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"cost_{rank}.pt")
+        assert float(got["loss"]) < 1e-12 and float(got["grad"].abs().max()) < 1e-6

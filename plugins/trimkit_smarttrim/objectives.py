@@ -9,17 +9,32 @@ import torch
 import torch.nn.functional as F
 
 
+def _batch_means(means: torch.Tensor) -> torch.Tensor:
+    """Per-process means -> the means over the whole batch, when data-parallel processes each hold a
+    slice of it (equal slices, as the trainer's split batches are): a differentiable all-reduce, so
+    the cost term is the paper's (a square of the batch's keep ratio), not a mean of per-slice squares."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return means
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(means) / dist.get_world_size()
+
+
 def cost_loss(records: Sequence) -> torch.Tensor:
     """Eq. 9-10: mean over trimmed modules p of (beta_p - gamma_p)^2.
 
     beta_p is the kept fraction of module p (tokens of a layer, or heads of an attention module)
-    averaged over the batch; gamma_p its current target. Records with a target of exactly 1.0
-    and no trimming wanted still count (they hold the module at 'keep everything').
+    averaged over the batch (over every process's slice of it, in data-parallel training); gamma_p
+    its current target. Records with a target of exactly 1.0 and no trimming wanted still count
+    (they hold the module at 'keep everything').
     """
-    terms = [(r.keep.mean() - r.target) ** 2 for r in records]
-    if not terms:
+    if not records:
         return torch.zeros(())
-    return torch.stack(terms).mean()
+    means = _batch_means(torch.stack([r.keep.mean() for r in records]))
+    targets = torch.tensor([float(r.target) for r in records], dtype=means.dtype, device=means.device)
+    return ((means - targets) ** 2).mean()
 
 
 def softmax_kl(trimmed_logits: torch.Tensor, full_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -1053,7 +1053,6 @@ class Trainer:
             out, records, full_out = self.model(**inputs)
             logits = _logits(out)
             full_logits = _logits(full_out) if full_out is not None else None
-            terms = self.objective(logits, batch["labels"], records, full_logits=full_logits)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every process
             failure = err
         if acc.num_processes > 1:  # a process that failed alone would leave the others waiting in backward
@@ -1069,6 +1068,8 @@ class Trainer:
             raise self._diverged(step, f"the forward pass saw non-finite values ({failure})", {}) from None
         if failure is not None:
             raise failure
+        # after the agreement above: the objective may itself reduce over processes (the cost term's keep ratios)
+        terms = self.objective(logits, batch["labels"], records, full_logits=full_logits)
         values = {k: float(v.detach()) for k, v in terms.items()}
         self.accelerator.backward(terms["loss"])
         grad_norm = None
