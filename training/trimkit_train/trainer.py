@@ -798,14 +798,21 @@ class _TaskLoss:
 
 
 def _metric(task: Any, dataset: Any) -> Any:
-    """A fresh accumulator of ``task``, given the dataset when its ``metric`` takes one."""
-    try:
-        inspect.signature(task.metric).bind(dataset)
-    except TypeError:
-        return task.metric()
-    except ValueError:  # no readable signature
-        return task.metric()
-    return task.metric(dataset)
+    """A fresh accumulator of ``task``, given the dataset when its ``metric`` takes one (the
+    signature is read once per task type: this runs every training step)."""
+    key = type(task)
+    takes = _METRIC_TAKES_DATASET.get(key)
+    if takes is None:
+        try:
+            inspect.signature(task.metric).bind(dataset)
+            takes = True
+        except (TypeError, ValueError):  # no dataset parameter, or no readable signature
+            takes = False
+        _METRIC_TAKES_DATASET[key] = takes
+    return task.metric(dataset) if takes else task.metric()
+
+
+_METRIC_TAKES_DATASET: dict[type, bool] = {}
 
 
 def _objective(factory: Callable, recipe: Any, task: Any) -> Any:
