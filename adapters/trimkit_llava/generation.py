@@ -1,0 +1,307 @@
+"""Greedy generation for a trimmed LLaVA with a KV cache that holds only the kept tokens.
+
+Prefill runs the trimmed model (:class:`~trimkit.model.TrimmedModel` of
+:class:`~trimkit_llava.modeling.LlavaForTrimming`) once per instance at batch 1 in mode
+``remove``: dropped tokens are really not computed. While it runs, every decoder layer's own
+attention module is handed a transformers ``DynamicCache`` (a forward pre-hook sets its ``cache``
+argument, nothing is patched), so the module stores its keys and values after RoPE exactly as
+transformers' cache does, and they are the keys and values of the tokens that layer computed:
+every token in the layers before the first trimmed one, the kept ones from there on, each at its
+original position. Layer ``i``'s cache is therefore as long as the tokens kept at its input.
+
+Decode steps then run the model's own decoder layers (untrimmed: the new token is computed in
+every layer with every head) on that cache: the new token ``t`` (0-based) of an instance whose
+prompt has ``n`` real tokens gets the RoPE position ``n + t`` (the original length, not the kept
+count), and reads in layer ``i`` only the keys cached there. In a batch the instances' caches are
+padded per layer to the longest and the padding rows are masked per instance (a boolean
+``(B, 1, 1, keys)`` mask, one per layer; a layer where every instance kept as many needs none).
+
+``mode="hard"`` runs the same prefill masked (every token computed, each layer's dropped keys
+masked, the cache full length): the reference the removed cache must agree with.
+``mode="off"`` is the untrimmed model (its generated tokens are transformers' own greedy ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["KeptCache", "LlavaGeneration", "decode_step", "generate", "prefill"]
+
+_MODES = ("remove", "hard", "off")
+
+
+@dataclass
+class KeptCache:
+    """The decoder's KV cache after a trimmed prefill, batched.
+
+    ``cache``: a transformers ``DynamicCache``, layer ``i`` holding ``(B, kv heads, keys_i, head dim)``
+    keys and values (after RoPE), each instance's rows first and zero padding after them;
+    ``valid``: per layer a ``(B, keys_i)`` bool, which rows each instance may attend to (grows by one
+    column per decode step); ``masked``: per layer whether any row is invalid (only those layers get
+    an attention mask); ``lengths``: per instance and layer the keys cached at prefill (the tokens
+    that layer computed; with ``mode="hard"`` the kept ones among the full-length rows);
+    ``prompt_lengths``: per instance its real prompt length ``n`` (the first new token's position)."""
+
+    cache: Any
+    valid: list[torch.Tensor]
+    masked: list[bool]
+    lengths: list[list[int]]
+    prompt_lengths: list[int]
+
+    @property
+    def stored(self) -> list[int]:
+        """Rows stored per layer (the batch's longest instance, padding included; it grows by one per step)."""
+        return [int(v.shape[1]) for v in self.valid]
+
+
+@dataclass
+class LlavaGeneration:
+    """What :func:`generate` returns.
+
+    ``tokens``: ``(B, T)`` the generated token ids (``T <= max_new_tokens``; after an instance's
+    EOS its row holds ``pad_token_id``, and generation stops early when every row has ended, as
+    transformers does); ``cache_lengths``: per instance and decoder layer the keys its prefill
+    cached (= the tokens that layer computed: fewer in and after the trimmed layers);
+    ``prompt_lengths``: per instance its real prompt length; ``logits``: ``(B, T, V)`` the
+    next-token logits each token was chosen from (only with ``return_logits=True``)."""
+
+    tokens: torch.Tensor
+    cache_lengths: list[list[int]]
+    prompt_lengths: list[int]
+    logits: torch.Tensor | None = None
+
+    def sequences(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Per instance its real prompt ids followed by its generated ids (EOS included, padding not)."""
+        return [torch.cat([input_ids[b, :n], self.tokens[b]]) for b, n in enumerate(self.prompt_lengths)]
+
+
+def _cache_kwarg(attention: nn.Module) -> str:
+    """The name under which this transformers version's attention module takes its cache (5.24: ``cache``,
+    earlier: ``past_key_values``)."""
+    names = inspect.signature(inspect.unwrap(type(attention).forward)).parameters
+    for name in ("cache", "past_key_values"):
+        if name in names:
+            return name
+    raise NotImplementedError(f"trimkit_llava.generate: {type(attention).__name__}.forward takes no cache argument "
+                              "('cache' or 'past_key_values'); this transformers version is not supported")
+
+
+def _wrapper(tmodel: nn.Module) -> nn.Module:
+    from trimkit.model import TrimmedModel
+
+    from .modeling import LlavaForTrimming
+
+    if not isinstance(tmodel, TrimmedModel) or not isinstance(tmodel.model, LlavaForTrimming):
+        raise TypeError(f"trimkit_llava.generate: expected a trimmed LLaVA (trimkit.trim(trimkit_llava.wrap(model)), "
+                        f"a TrimmedModel of LlavaForTrimming), got {type(tmodel).__name__}"
+                        + (f" of {type(tmodel.model).__name__}" if isinstance(tmodel, TrimmedModel) else ""))
+    if tmodel.training or tmodel.model.training:
+        raise RuntimeError("trimkit_llava.generate: the model is in training mode (masks would be sampled); call "
+                           "tmodel.eval() first")
+    return tmodel.model
+
+
+@contextlib.contextmanager
+def _capture(layers: nn.ModuleList, cache: Any, mode: str, valid: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Hand every decoder layer's attention module ``cache`` for the block (forward pre-hooks), and note
+    which of its keys each layer's attention really reads (mode hard: its key mask)."""
+    name = _cache_kwarg(layers[0].self_attn)
+    calls: dict[int, int] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        i = module.layer_idx
+        if len(args) > 3 or kwargs.get(name) is not None:
+            raise RuntimeError(f"trimkit_llava.generate: decoder layer {i}'s attention was called with a cache of its "
+                               "own; the prefill must not use one")
+        calls[i] = calls.get(i, 0) + 1
+        if calls[i] > 1:
+            raise RuntimeError(f"trimkit_llava.generate: decoder layer {i}'s attention ran twice in one prefill")
+        trim = kwargs.get("trimkit_trim")
+        if trim is not None and getattr(trim, "packed", None) is not None:
+            raise RuntimeError("trimkit_llava.generate: the prefill ran packed; generation prefills each instance "
+                               "at batch 1 (mode remove)")
+        key_mask = getattr(trim, "key_mask", None)
+        if mode == "remove" and key_mask is not None:
+            raise RuntimeError(f"trimkit_llava.generate: decoder layer {i} ran masked in mode remove (its cache would "
+                               "hold dropped tokens)")
+        if key_mask is not None:
+            valid[i] = key_mask[0] > 0
+        return args, {**kwargs, name: cache}
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i in range(len(layers)) if i not in calls]
+    if missing:
+        raise RuntimeError(f"trimkit_llava.generate: decoder layers {missing} never ran their attention in the prefill")
+
+
+def _check_inputs(input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                  attention_mask: torch.Tensor | None) -> list[int]:
+    """Real prompt length per instance; refuses left padding and shapes that do not fit."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"trimkit_llava.generate: input_ids must be (batch, length), got {tuple(input_ids.shape)}")
+    B, N = input_ids.shape
+    if pixel_values.shape[0] != B:
+        raise ValueError(f"trimkit_llava.generate: {pixel_values.shape[0]} images for {B} prompts (one image per "
+                         "instance is supported)")
+    if attention_mask is None:
+        return [N] * B
+    if tuple(attention_mask.shape) != (B, N):
+        raise ValueError(f"trimkit_llava.generate: attention_mask {tuple(attention_mask.shape)} does not match "
+                         f"input_ids {(B, N)}")
+    real = attention_mask != 0
+    lengths = real.sum(1)
+    prefix = torch.arange(N, device=real.device)[None] < lengths[:, None]
+    bad = (real != prefix).any(1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten().tolist()
+        raise ValueError(f"trimkit_llava.generate: rows {rows} of attention_mask are not right-padded (a 0 before a 1): "
+                         "left padding is not supported; pad on the right (tokenizer.padding_side = 'right')")
+    lengths = lengths.tolist()
+    if min(lengths) == 0:
+        raise ValueError(f"trimkit_llava.generate: rows {[b for b, n in enumerate(lengths) if n == 0]} have no real "
+                         "token")
+    return lengths
+
+
+def _prefill_one(tmodel: nn.Module, wrapper: nn.Module, ids: torch.Tensor, pixels: torch.Tensor, mode: str):
+    """One instance (batch 1, no padding): (next-token logits (V,), per layer keys, values, valid rows or None)."""
+    from transformers import DynamicCache
+
+    from .modeling import llava_segment_starts
+
+    lm = wrapper.model.model.language_model
+    cache = DynamicCache()
+    valid: dict[int, torch.Tensor] = {}
+    x = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+         "segment_starts": llava_segment_starts(ids, wrapper.image_token_id)}
+    with _capture(lm.layers, cache, mode, valid), tmodel.mode(mode):
+        out = tmodel(**x)
+    last = out[0, -1]  # the question's last token: always kept, so the last row in every mode
+    if wrapper.output == "hidden":
+        last = wrapper.model.lm_head(last)
+    layers = []
+    for i in range(len(lm.layers)):
+        k, v = cache.layers[i].keys, cache.layers[i].values
+        if i == len(lm.layers) - 1 and k.shape[-2] != out.shape[1]:
+            raise RuntimeError(f"trimkit_llava.generate: the last decoder layer cached {k.shape[-2]} keys but the "
+                               f"model returned {out.shape[1]} rows")
+        layers.append((k, v, valid.get(i)))
+    return last, layers
+
+
+def prefill(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+            attention_mask: torch.Tensor | None = None, mode: str = "remove") -> tuple[torch.Tensor, KeptCache]:
+    """Run the trimmed prefill of every instance (batch 1 each, its real tokens only) and return
+    ``(next-token logits (B, V), KeptCache)``. ``mode``: ``"remove"`` (dropped tokens not computed,
+    the cache holds only kept tokens), ``"hard"`` (masked: full-length cache, dropped keys invalid)
+    or ``"off"`` (the untrimmed model). Right padding only."""
+    from transformers import DynamicCache
+
+    if mode not in _MODES:
+        raise ValueError(f"trimkit_llava.prefill: mode must be one of {_MODES}, got {mode!r}")
+    wrapper = _wrapper(tmodel)
+    lengths = _check_inputs(input_ids, pixel_values, attention_mask)
+    logits, per = [], []
+    for b, n in enumerate(lengths):
+        last, layers = _prefill_one(tmodel, wrapper, input_ids[b:b + 1, :n], pixel_values[b:b + 1], mode)
+        logits.append(last)
+        per.append(layers)
+    data, valid, masked = [], [], []
+    counts = [[0] * len(per[0]) for _ in per]
+    for i in range(len(per[0])):
+        rows = [p[i][0].shape[-2] for p in per]
+        L = max(rows)
+        keys = per[0][i][0].new_zeros(len(per), *per[0][i][0].shape[1:-2], L, per[0][i][0].shape[-1])
+        values = per[0][i][1].new_zeros(len(per), *per[0][i][1].shape[1:-2], L, per[0][i][1].shape[-1])
+        ok = torch.zeros(len(per), L, dtype=torch.bool, device=keys.device)
+        for b, (k, v, own) in enumerate(p[i] for p in per):
+            keys[b, ..., :k.shape[-2], :] = k[0]
+            values[b, ..., :v.shape[-2], :] = v[0]
+            ok[b, :k.shape[-2]] = True if own is None else own.to(ok.device)
+            counts[b][i] = int(k.shape[-2]) if own is None else int(own.sum())
+        data.append((keys, values))
+        valid.append(ok)
+        masked.append(not bool(ok.all()))
+    kept = KeptCache(DynamicCache(ddp_cache_data=data), valid, masked, counts, lengths)
+    return torch.stack(logits), kept
+
+
+def decode_step(tmodel: nn.Module, kept: KeptCache, tokens: torch.Tensor, step: int) -> torch.Tensor:
+    """One untrimmed decode step: ``tokens`` (B,) the latest token of each instance, ``step`` its
+    index among the generated tokens (0 for the first), so instance ``b`` is at position
+    ``prompt_lengths[b] + step``. Appends its keys and values to every layer of ``kept.cache`` and
+    returns the next-token logits (B, V)."""
+    wrapper = _wrapper(tmodel)
+    llava = wrapper.model
+    lm = llava.model.language_model
+    name = _cache_kwarg(lm.layers[0].self_attn)
+    B = tokens.shape[0]
+    positions = torch.tensor(kept.prompt_lengths, device=tokens.device)[:, None] + step
+    h = lm.embed_tokens(tokens[:, None])
+    pe = lm.rotary_emb(h, positions)
+    new = torch.ones(B, 1, dtype=torch.bool, device=tokens.device)
+    for i, layer in enumerate(lm.layers):
+        kept.valid[i] = torch.cat([kept.valid[i], new.to(kept.valid[i].device)], 1)
+        mask = kept.valid[i][:, None, None, :] if kept.masked[i] else None
+        h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=pe, use_cache=True,
+                  **{name: kept.cache})
+    return llava.lm_head(lm.norm(h))[:, -1]
+
+
+def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+             attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20, *,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, mode: str = "remove",
+             return_logits: bool = False) -> LlavaGeneration:
+    """Greedy generation from a trimmed LLaVA whose KV cache holds only the kept tokens (module docstring).
+
+    ``tmodel``: ``trimkit.trim(trimkit_llava.wrap(model), config)`` in eval mode. ``input_ids``
+    ``(B, N)`` with one contiguous run of image tokens per row, ``pixel_values`` ``(B, 3, H, W)``,
+    ``attention_mask`` ``(B, N)`` with padding on the right only (left padding raises a
+    ``ValueError``). Each instance is prefilled alone at batch 1 (its own kept counts), decoding is
+    batched. ``eos_token_id`` / ``pad_token_id``: default the model's ``generation_config``'s
+    (else its text config's). ``mode``: ``"remove"`` (default), ``"hard"`` or ``"off"`` (see
+    :func:`prefill`). Returns a :class:`LlavaGeneration` (the new tokens and the cache length of
+    every layer)."""
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"trimkit_llava.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    wrapper = _wrapper(tmodel)
+    gen_cfg = getattr(wrapper.model, "generation_config", None)
+    text = wrapper.config.text_config
+    if eos_token_id is None:
+        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+        eos_token_id = text.eos_token_id if eos_token_id is None else eos_token_id
+    eos = [] if eos_token_id is None else [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple))
+                                                             else [eos_token_id])]
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_cfg, "pad_token_id", None)
+        pad_token_id = text.pad_token_id if pad_token_id is None else pad_token_id
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    with torch.no_grad():
+        logits, kept = prefill(tmodel, input_ids, pixel_values, attention_mask, mode)
+        eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tokens, scores = [], []
+        for t in range(int(max_new_tokens)):
+            if t:
+                logits = decode_step(tmodel, kept, tokens[-1], t - 1)
+            scores.append(logits)
+            token = torch.where(done, torch.full_like(done, int(pad_token_id), dtype=torch.long), logits.argmax(-1))
+            tokens.append(token)
+            if eos:
+                done = done | torch.isin(token, eos_t)
+                if bool(done.all()):
+                    break
+    return LlavaGeneration(torch.stack(tokens, 1), kept.lengths, kept.prompt_lengths,
+                           torch.stack(scores, 1) if return_logits else None)
