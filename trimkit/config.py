@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -57,6 +57,14 @@ class TrimConfig(BaseModel):
     sampler: str = Field("gumbel", description="how train-mode forwards draw masks from the trimmers' logits")
     trimmer_dim: int | None = Field(None, ge=4, description="D' of the token trimmer; None = max(16, D // 8)")
     init_logit: float = Field(5.0, gt=0, description="stable initialisation: every token and head starts kept")
+    attention_dropout: Literal["kernel_only", "model", "none"] = Field(
+        "kernel_only", description=(
+            "attention dropout inside trimmed attention in train mode. 'kernel_only' (the behaviour before this "
+            "field): where only the module's softmax(QK^T)V call is intercepted (AttentionSpec via='kernel') the "
+            "module's own dropout_p is applied, where trimkit recomputes attention from the projections "
+            "(via='projections', e.g. METER) none is; 'model': the module's own probability on every route "
+            "(trimkit.kernels.module_dropout reads it), so trimmed training sees the dropout the untrimmed model "
+            "does; 'none': no attention dropout in trimmed attention on any route"))
 
     @model_validator(mode="before")
     @classmethod

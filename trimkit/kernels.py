@@ -42,12 +42,33 @@ from .engine import packed as P
 from .ops import AttnTrim, key_bias
 from .trace import TraceError, Tracer, fixed_args, param_names, plain_codegen, traceable_view
 
-__all__ = ["INTERFACE_NAME", "KernelAttention", "sdpa", "attend"]
+__all__ = ["INTERFACE_NAME", "KernelAttention", "sdpa", "attend", "module_dropout", "DROPOUT_ATTRIBUTES"]
 
 INTERFACE_NAME = "trimkit"
 """The name trimkit's attention function is registered under in ``transformers.AttentionInterface``."""
 
 _NO_TRIM = AttnTrim()
+
+
+#: Attributes read, in order, for an attention module's own attention-dropout probability: a float or an
+#: ``nn.Dropout`` (timm ``attn_drop``, CLIP/SigLIP ``dropout`` float, HF BERT/BLIP ``dropout`` module,
+#: ``nn.MultiheadAttention.dropout``, METER ``dropout``). ``trimkit_attention_dropout`` lets a model say it.
+DROPOUT_ATTRIBUTES = ("trimkit_attention_dropout", "attn_drop", "attention_dropout", "attn_dropout", "dropout",
+                      "dropout_p", "dropout_prob")
+
+
+def module_dropout(module: nn.Module) -> float:
+    """The attention-dropout probability ``module`` applies to its attention weights in train mode, read
+    from the first of :data:`DROPOUT_ATTRIBUTES` it has (0.0 when it has none): what trimmed attention
+    applies with ``TrimConfig.attention_dropout = "model"`` where trimkit recomputes the attention
+    (``AttentionSpec(via="projections")``); on the kernel route the module passes its own."""
+    for name in DROPOUT_ATTRIBUTES:
+        value = getattr(module, name, None)
+        if isinstance(value, nn.Dropout):
+            return float(value.p)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -79,8 +100,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            trim: AttnTrim | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` under a trim: q (B, H, Nq, d), k/v (B, Hkv, Nk, d) with
     Hkv dividing H (grouped-query attention); returns (B, H, Nq, dv) like
-    ``F.scaled_dot_product_attention``. Without a trim this *is* sdpa."""
+    ``F.scaled_dot_product_attention``. Without a trim this *is* sdpa. ``dropout_p`` is what the module
+    passed (its own probability in train mode); a trim with ``dropout="none"``
+    (``TrimConfig.attention_dropout``) drops it."""
     trim = trim or _NO_TRIM
+    if trim.dropout == "none":
+        dropout_p = 0.0
     if trim.packed is not None:
         return _attend_packed(q, k, v, mask, is_causal, scale, trim)
     heads = q.shape[1]

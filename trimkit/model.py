@@ -81,7 +81,8 @@ class TrimmedModel(nn.Module):
         self.adapter_name = adapter_name
         self.spec = spec
         registry = get_registry()
-        self.runtime = Runtime(sampler=registry.samplers.get(config.sampler))  # temperature 1.0 until set_temperature
+        self.runtime = Runtime(sampler=registry.samplers.get(config.sampler),  # temperature 1.0 until set_temperature
+                               attention_dropout=config.attention_dropout)
         self._forced_mode: str | None = None
         self._inference = "remove"
         self._warned_masked = False

@@ -73,6 +73,10 @@ class AttnTrim:
     head_index: torch.Tensor | None = None  # (H_kept,) long, mode remove
     head_runs: list[tuple[int, int]] | None = None  # kept heads as [start, end) runs (host), mode remove
     packed: PackedCall | None = None  # mode packed
+    # attention dropout in train mode (TrimConfig.attention_dropout): "kernel_only" = as the module's own
+    # kernel call passes it (route via="kernel"), none where trimkit recomputes attention; "model" = the
+    # module's own probability on every route; "none" = never
+    dropout: str = "kernel_only"
 
 
 class Record:
@@ -81,17 +85,19 @@ class Record:
     ``keep``: (B,) kept fraction per instance (differentiable in mode sample); ``mask``: (B, N) or
     (B, H) current mask (modes sample/hard/packed heads); ``index``: kept original indices (mode
     remove); ``total``: N or H before this layer's trimming (original count); ``counts``: kept
-    tokens per instance (mode packed). In mode remove ``keep`` and ``index`` are given as host
+    tokens per instance (mode packed); ``entering``: (B,) kept fraction of the tokens that *entered*
+    this layer (token records of modes sample/hard; ``keep`` is over the original count). In mode remove ``keep`` and ``index`` are given as host
     numbers and become tensors when first read: a batch-1 forward makes a dozen records that
     inference never reads, and each tensor built costs several operator dispatches."""
 
-    __slots__ = ("key", "kind", "target", "_keep", "mask", "_index", "total", "counts")
+    __slots__ = ("key", "kind", "target", "_keep", "mask", "_index", "total", "counts", "entering")
 
     def __init__(self, key: str, kind: str, target: float, keep: "torch.Tensor | list[float]",
                  mask: torch.Tensor | None = None, index: "torch.Tensor | list[int] | None" = None, total: int = 0,
-                 counts: list[int] | None = None) -> None:
+                 counts: list[int] | None = None, entering: torch.Tensor | None = None) -> None:
         self.key, self.kind, self.target = key, kind, target
         self._keep, self.mask, self._index, self.total, self.counts = keep, mask, index, total, counts
+        self.entering = entering
 
     @property
     def keep(self) -> torch.Tensor:
@@ -152,6 +158,7 @@ class Runtime:
     layouts: dict[str, Any] = field(default_factory=dict)  # stream -> its SegmentLayout (per forward)
     specs: dict[str, Any] = field(default_factory=dict)  # stream -> its StreamSpec (set by the rewrite)
     deferred: list[tuple[str, torch.Tensor, Any]] = field(default_factory=list)  # (message, device flag, values)
+    attention_dropout: str = "kernel_only"  # TrimConfig.attention_dropout, handed to each masked attention call
 
     def begin(self, mode: str) -> None:
         """Reset the per-forward state."""
@@ -251,17 +258,21 @@ class Runtime:
                              f"{tuple(mask.shape)} at {key!r}: the padding input (StreamSpec.padding_input / "
                              "padding_source / Segment.padding_input) must be the stream's own (B, N) mask")
         pad = pad.to(mask.dtype) if pad is not None else torch.ones_like(mask)
+        tiny = torch.finfo(mask.dtype).tiny
         if segments is None:
             keep = (mask * pad).sum(1) / pad.sum(1).clamp_min(1)
-            self.records.append(Record(key, "token", self.targets.get(key, 1.0), keep, mask=mask, total=mask.shape[1]))
+            entering = keep if prev is None else (mask * pad).sum(1) / (prev * pad).sum(1).clamp_min(tiny)
+            self.records.append(Record(key, "token", self.targets.get(key, 1.0), keep, mask=mask, total=mask.shape[1],
+                                       entering=entering))
         else:
             names, member = segments
             for k, name in enumerate(names):
                 sel = pad * (member == k).to(mask.dtype)
                 keep = (mask * sel).sum(1) / sel.sum(1).clamp_min(1)
+                entering = keep if prev is None else (mask * sel).sum(1) / (prev * sel).sum(1).clamp_min(tiny)
                 seg_key = f"{key}:{name}"
                 self.records.append(Record(seg_key, "token", self.targets.get(seg_key, 1.0), keep, mask=mask,
-                                           total=mask.shape[1]))
+                                           total=mask.shape[1], entering=entering))
         return TokenState(mask=mask), hidden
 
     def head_step(self, key: str, logits: torch.Tensor) -> AttnTrim:
@@ -529,7 +540,12 @@ class TrimAttention(nn.Module):
         if trim.key_mask is not None:
             kb = key_bias(trim.key_mask, q.dtype)
             mask = kb if mask is None else mask + kb
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale)
+        p = 0.0
+        if trim.dropout == "model" and self.module.training:
+            from .kernels import module_dropout  # (kernels imports this module)
+
+            p = module_dropout(self.module)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=s.scale)
         if trim.head_mask is not None:
             y = y * trim.head_mask.to(y.dtype)[:, :, None, None]
         y = y.transpose(1, 2).reshape(B, Nq, heads * d)

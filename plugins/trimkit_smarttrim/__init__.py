@@ -11,14 +11,14 @@ from __future__ import annotations
 from trimkit.plugins import hookimpl
 
 from .objectives import SmartTrimObjective, cost_loss, self_distillation, softmax_kl
-from .policies import CrossModalHeadPolicy, CrossModalTokenPolicy, LocalTokenPolicy, RandomTokenPolicy
+from .policies import CrossModalHeadPolicy, CrossModalTokenPolicy, LocalTokenPolicy, RandomTokenPolicy, random_init
 from .samplers import gumbel_sigmoid, hard_straight_through, sharpened
 from .schedulers import ConstantTargets, LinearCurriculum
 
 __all__ = [
     "SmartTrimObjective", "cost_loss", "self_distillation", "softmax_kl", "CrossModalHeadPolicy", "CrossModalTokenPolicy",
     "LocalTokenPolicy", "RandomTokenPolicy", "gumbel_sigmoid", "hard_straight_through", "sharpened", "ConstantTargets",
-    "LinearCurriculum",
+    "LinearCurriculum", "random_init",
 ]
 
 
@@ -44,7 +44,7 @@ def trimkit_register_samplers(registry):
 @hookimpl
 def trimkit_register_objectives(registry):
     registry.objectives.register(
-        "smarttrim", lambda config, task=None: SmartTrimObjective.for_task(config.lambda_cost, config.lambda_sd, task))
+        "smarttrim", lambda config, task=None: SmartTrimObjective.from_recipe(config, task))
 
 
 @hookimpl

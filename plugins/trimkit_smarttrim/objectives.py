@@ -22,17 +22,36 @@ def _batch_means(means: torch.Tensor) -> torch.Tensor:
     return all_reduce(means) / dist.get_world_size()
 
 
-def cost_loss(records: Sequence) -> torch.Tensor:
+BETAS = ("original", "entering")
+SD_TEACHERS = ("joint", "detached")
+
+
+def _beta(record, beta: str) -> torch.Tensor:
+    if beta == "original" or record.kind != "token":
+        return record.keep
+    if record.entering is None:
+        raise ValueError(f"cost_loss(beta='entering'): token record {record.key!r} carries no `entering` fraction "
+                         "(only masked training forwards, modes sample/hard, record it)")
+    return record.entering
+
+
+def cost_loss(records: Sequence, beta: str = "original") -> torch.Tensor:
     """Eq. 9-10: mean over trimmed modules p of (beta_p - gamma_p)^2.
 
     beta_p is the kept fraction of module p (tokens of a layer, or heads of an attention module)
     averaged over the batch (over every process's slice of it, in data-parallel training); gamma_p
     its current target. Records with a target of exactly 1.0 and no trimming wanted still count
     (they hold the module at 'keep everything').
+
+    ``beta`` (``RecipeConfig.cost_beta``) says what a token module's fraction is over: ``"original"``
+    the stream's original real tokens ([CLS] included; ``Record.keep``, a cumulative ratio),
+    ``"entering"`` the tokens entering the layer (``Record.entering``, the per-layer ratio).
     """
+    if beta not in BETAS:
+        raise ValueError(f"cost_loss: beta must be one of {BETAS}, got {beta!r}")
     if not records:
         return torch.zeros(())
-    means = _batch_means(torch.stack([r.keep.mean() for r in records]))
+    means = _batch_means(torch.stack([_beta(r, beta).mean() for r in records]))
     targets = torch.tensor([float(r.target) for r in records], dtype=means.dtype, device=means.device)
     return ((means - targets) ** 2).mean()
 
@@ -47,11 +66,18 @@ def softmax_kl(trimmed_logits: torch.Tensor, full_logits: torch.Tensor, labels: 
 
 def self_distillation(trimmed_logits: torch.Tensor, full_logits: torch.Tensor, labels: torch.Tensor,
                       task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                      distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = softmax_kl
-                      ) -> torch.Tensor:
+                      distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = softmax_kl,
+                      teacher: str = "joint") -> torch.Tensor:
     """Eq. 11: task(full) + D(f(x, P), f(x, empty)), the full pass from the same model; ``D`` is the
-    task's discrepancy (the KL of the softmaxes for classification, the paper's case)."""
-    return task_loss(full_logits, labels) + distill(trimmed_logits, full_logits, labels)
+    task's discrepancy (the KL of the softmaxes for classification, the paper's case).
+
+    ``teacher`` (``RecipeConfig.sd_teacher``): ``"joint"`` lets D's gradient reach the full pass too
+    (it is pulled toward the trimmed one); ``"detached"`` makes the full pass a fixed teacher in D
+    (it still learns from its task term)."""
+    if teacher not in SD_TEACHERS:
+        raise ValueError(f"self_distillation: teacher must be one of {SD_TEACHERS}, got {teacher!r}")
+    target = full_logits.detach() if teacher == "detached" else full_logits
+    return task_loss(full_logits, labels) + distill(trimmed_logits, target, labels)
 
 
 @dataclass
@@ -64,12 +90,28 @@ class SmartTrimObjective:
     lambda_sd: float = 1.0
     task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = softmax_kl
+    cost_beta: str = "original"  # RecipeConfig.cost_beta
+    sd_teacher: str = "joint"  # RecipeConfig.sd_teacher
+
+    def __post_init__(self) -> None:
+        if self.cost_beta not in BETAS:
+            raise ValueError(f"SmartTrimObjective: cost_beta must be one of {BETAS}, got {self.cost_beta!r}")
+        if self.sd_teacher not in SD_TEACHERS:
+            raise ValueError(f"SmartTrimObjective: sd_teacher must be one of {SD_TEACHERS}, got {self.sd_teacher!r}")
 
     @classmethod
-    def for_task(cls, lambda_cost: float, lambda_sd: float, task=None) -> "SmartTrimObjective":
+    def for_task(cls, lambda_cost: float, lambda_sd: float, task=None, cost_beta: str = "original",
+                 sd_teacher: str = "joint") -> "SmartTrimObjective":
+        extra = {"cost_beta": cost_beta, "sd_teacher": sd_teacher}
         if task is None:
-            return cls(lambda_cost, lambda_sd)
-        return cls(lambda_cost, lambda_sd, task_loss=task.loss, distill=task.distill)
+            return cls(lambda_cost, lambda_sd, **extra)
+        return cls(lambda_cost, lambda_sd, task_loss=task.loss, distill=task.distill, **extra)
+
+    @classmethod
+    def from_recipe(cls, config, task=None) -> "SmartTrimObjective":
+        """From a ``RecipeConfig`` (a config without the fidelity fields gets their defaults)."""
+        return cls.for_task(config.lambda_cost, config.lambda_sd, task, getattr(config, "cost_beta", "original"),
+                            getattr(config, "sd_teacher", "joint"))
 
     @property
     def needs_full_pass(self) -> bool:
@@ -77,13 +119,13 @@ class SmartTrimObjective:
 
     def __call__(self, trimmed_logits, labels, records, full_logits=None) -> dict[str, torch.Tensor]:
         task = self.task_loss(trimmed_logits, labels)
-        cost = cost_loss(records).to(task.device)
+        cost = cost_loss(records, self.cost_beta).to(task.device)
         out = {"task": task, "cost": cost}
         total = task + self.lambda_cost * cost
         if self.lambda_sd > 0:
             if full_logits is None:
                 raise ValueError("SmartTrimObjective: lambda_sd > 0 needs the full-model logits")
-            sd = self_distillation(trimmed_logits, full_logits, labels, self.task_loss, self.distill)
+            sd = self_distillation(trimmed_logits, full_logits, labels, self.task_loss, self.distill, self.sd_teacher)
             out["sd"] = sd
             total = total + self.lambda_sd * sd
         out["loss"] = total

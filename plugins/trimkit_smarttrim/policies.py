@@ -36,7 +36,34 @@ def _stable(linear: nn.Linear, config) -> nn.Linear:
     nn.init.zeros_(linear.weight)
     if linear.bias is not None:
         nn.init.constant_(linear.bias, config.init_logit)
+    linear._trimkit_stable = True  # found again by random_init
     return linear
+
+
+@torch.no_grad()
+def random_init(model: nn.Module, generator: torch.Generator | None = None) -> int:
+    """Undo the stable initialisation (the "- Stable Initialization" ablation of the paper's Table 6):
+    every policy layer that :func:`_stable` set to "keep everything" gets PyTorch's default random
+    ``nn.Linear`` initialisation instead (Kaiming-uniform weights, uniform bias over +-1/sqrt(fan_in)),
+    the Random policy's keep bias goes to 0 (keep each token with probability 1/2), and W_k of the
+    cross-modal token policy gets the default initialisation too, so decisions at step 0 are random.
+    Works on a :class:`trimkit.TrimmedModel` or any module holding these policies; returns how many
+    layers were re-initialised."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and getattr(m, "_trimkit_stable", False):
+            bound = 1.0 / max(1, m.in_features) ** 0.5
+            nn.init.kaiming_uniform_(m.weight, a=5 ** 0.5, generator=generator)
+            if m.bias is not None:
+                nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+            count += 1
+        elif isinstance(m, CrossModalTokenPolicy):
+            nn.init.kaiming_uniform_(m.bilinear.weight, a=5 ** 0.5, generator=generator)
+            count += 1
+        elif isinstance(m, RandomTokenPolicy):
+            m.bias.zero_()
+            count += 1
+    return count
 
 
 class CrossModalTokenPolicy(nn.Module):

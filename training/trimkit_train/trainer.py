@@ -262,6 +262,16 @@ class RecipeConfig(BaseModel):
             if name not in reg:
                 raise ValueError(f"{field}: unknown {reg.kind} {name!r}; registered: {reg.names() or 'none'}")
         return self
+    cost_beta: Literal["original", "entering"] = Field(
+        "original", description="beta_p of Eq. 10 for a token trimmer: 'original' = kept tokens over the stream's "
+        "original (real) token count, [CLS] included, so targets are cumulative keep ratios and a uniform target "
+        "makes the first trimmed layer do all the pruning; 'entering' = kept tokens over the tokens entering the "
+        "layer (the per-layer ratio; targets compound through the layers). Head trimmers: over the module's heads "
+        "either way")
+    sd_teacher: Literal["joint", "detached"] = Field(
+        "joint", description="the full pass in the KL term of self-distillation (Eq. 11): 'joint' = with gradients, "
+        "so the KL also pulls the full model toward the trimmed one; 'detached' = a fixed teacher (the full pass "
+        "gets gradients from its task term only)")
 
 
 class ExperimentConfig(BaseModel):
