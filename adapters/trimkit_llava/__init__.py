@@ -43,10 +43,11 @@ from trimkit.plugins import hookimpl
 
 from .adapter import TINY_TEXT, TINY_VISION, LlavaAdapter, describe_llava, wrap
 
-__all__ = ["TINY_TEXT", "TINY_VISION", "LlavaAdapter", "LlavaForTrimming", "describe_llava", "llava_segment_starts",
-           "wrap"]
+__all__ = ["TINY_TEXT", "TINY_VISION", "KeptCache", "LlavaAdapter", "LlavaForTrimming", "LlavaGeneration",
+           "describe_llava", "generate", "llava_segment_starts", "prefill", "wrap"]
 
-_LAZY = {"LlavaForTrimming": "modeling", "llava_segment_starts": "modeling"}
+_LAZY = {"LlavaForTrimming": "modeling", "llava_segment_starts": "modeling", "generate": "generation",
+         "prefill": "generation", "LlavaGeneration": "generation", "KeptCache": "generation"}
 
 
 def __getattr__(name: str):  # modeling is imported on first use (it is cheap, but keeps the plugin minimal)
