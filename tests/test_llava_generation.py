@@ -117,6 +117,9 @@ def test_everything_kept_generates_what_transformers_generates(adapter, model):
         row = stop.tokens[b].tolist()
         assert row[:len(hf)] == hf and all(t == pad for t in row[len(hf):]), (b, row, hf)
     assert stop.tokens[b0].tolist() == row0[:k + 1] + [pad] * (stop.tokens.shape[1] - k - 1)
+    assert stop.generated[b0] == k + 1
+    seq = stop.sequences(x["input_ids"])[b0]
+    assert seq.tolist() == x["input_ids"][b0, :lengths[b0]].tolist() + row0[:k + 1]
 
 
 def test_masked_prefill_equals_removed_prefill(adapter, model):
@@ -259,8 +262,19 @@ def test_batched_generation_with_per_instance_counts_equals_each_alone(adapter, 
             assert alone.cache_lengths == [batch.cache_lengths[b]]
             torch.testing.assert_close(batch.logits[b], alone.logits[0], atol=1e-4, rtol=0)
             assert torch.equal(batch.tokens[b], alone.tokens[0])
+        # the whole batch prefilled in one packed forward: the same caches, logits and tokens
+        packed = generate(tmodel, x["input_ids"], x["pixel_values"], x["attention_mask"], max_new_tokens=T,
+                          eos_token_id=NEVER, return_logits=True, mode="packed")
+        assert packed.cache_lengths == batch.cache_lengths
+        torch.testing.assert_close(packed.logits, batch.logits, atol=1e-4, rtol=0)
+        assert torch.equal(packed.tokens, batch.tokens)
+        _, pkept = prefill(tmodel, x["input_ids"], x["pixel_values"], x["attention_mask"], mode="packed")
+        for i in range(4):
+            torch.testing.assert_close(pkept.cache.layers[i].keys, kept.cache.layers[i].keys, atol=1e-4, rtol=0)
+            torch.testing.assert_close(pkept.cache.layers[i].values, kept.cache.layers[i].values, atol=1e-4, rtol=0)
+            assert torch.equal(pkept.valid[i], kept.valid[i])
         seqs = batch.sequences(x["input_ids"])
-        assert [s.numel() for s in seqs] == [n + T for n in batch.prompt_lengths]
+        assert [s.numel() for s in seqs] == [n + T for n in batch.prompt_lengths] and batch.generated == [T] * 3
     assert differ  # instances kept different counts in some trimmed layer
 
 
@@ -279,7 +293,7 @@ def test_misuse_is_refused_by_name(adapter, model):
     with pytest.raises(ValueError, match="2 images for 1 prompts"):
         generate(tmodel, ids[:1], pixels, mask[:1], max_new_tokens=2)
     with pytest.raises(ValueError, match="mode must be one of"):
-        generate(tmodel, ids, pixels, mask, max_new_tokens=2, mode="packed")
+        generate(tmodel, ids, pixels, mask, max_new_tokens=2, mode="padded")
     with pytest.raises(TypeError, match="expected a trimmed LLaVA"):
         generate(model, ids, pixels, mask, max_new_tokens=2)
     tmodel.train()

@@ -33,7 +33,7 @@ from torch import nn
 
 __all__ = ["KeptCache", "LlavaGeneration", "decode_step", "generate", "prefill"]
 
-_MODES = ("remove", "hard", "off")
+_MODES = ("remove", "packed", "hard", "off")
 
 
 @dataclass
@@ -68,17 +68,21 @@ class LlavaGeneration:
     EOS its row holds ``pad_token_id``, and generation stops early when every row has ended, as
     transformers does); ``cache_lengths``: per instance and decoder layer the keys its prefill
     cached (= the tokens that layer computed: fewer in and after the trimmed layers);
-    ``prompt_lengths``: per instance its real prompt length; ``logits``: ``(B, T, V)`` the
-    next-token logits each token was chosen from (only with ``return_logits=True``)."""
+    ``prompt_lengths``: per instance its real prompt length; ``generated``: per instance its
+    generated tokens up to and including its EOS (the rest of its row is padding); ``logits``:
+    ``(B, T, V)`` the next-token logits each token was chosen from (only with ``return_logits=True``;
+    after an instance's EOS, those of the padding it was fed)."""
 
     tokens: torch.Tensor
     cache_lengths: list[list[int]]
     prompt_lengths: list[int]
+    generated: list[int]
     logits: torch.Tensor | None = None
 
     def sequences(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Per instance its real prompt ids followed by its generated ids (EOS included, padding not)."""
-        return [torch.cat([input_ids[b, :n], self.tokens[b]]) for b, n in enumerate(self.prompt_lengths)]
+        return [torch.cat([input_ids[b, :n], self.tokens[b, :g]])
+                for b, (n, g) in enumerate(zip(self.prompt_lengths, self.generated))]
 
 
 def _cache_kwarg(attention: nn.Module) -> str:
@@ -108,9 +112,11 @@ def _wrapper(tmodel: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _capture(layers: nn.ModuleList, cache: Any, mode: str, valid: dict[int, torch.Tensor]) -> Iterator[None]:
+def _capture(layers: nn.ModuleList, cache: Any, mode: str, valid: dict[int, torch.Tensor],
+             packs: dict[int, Any]) -> Iterator[None]:
     """Hand every decoder layer's attention module ``cache`` for the block (forward pre-hooks), and note
-    which of its keys each layer's attention really reads (mode hard: its key mask)."""
+    which of its keys each layer's attention really reads (mode hard: its key mask; mode packed: the
+    packing of its rows)."""
     name = _cache_kwarg(layers[0].self_attn)
     calls: dict[int, int] = {}
 
@@ -123,9 +129,14 @@ def _capture(layers: nn.ModuleList, cache: Any, mode: str, valid: dict[int, torc
         if calls[i] > 1:
             raise RuntimeError(f"trimkit_llava.generate: decoder layer {i}'s attention ran twice in one prefill")
         trim = kwargs.get("trimkit_trim")
-        if trim is not None and getattr(trim, "packed", None) is not None:
-            raise RuntimeError("trimkit_llava.generate: the prefill ran packed; generation prefills each instance "
-                               "at batch 1 (mode remove)")
+        packed = getattr(trim, "packed", None)
+        if (mode == "packed") != (packed is not None):
+            raise RuntimeError(f"trimkit_llava.generate: decoder layer {i} ran {'packed' if packed is not None else 'unpacked'} "
+                               f"in a prefill of mode {mode!r}")
+        if packed is not None:
+            if packed.k.padded or packed.k.counts != packed.q.counts:
+                raise RuntimeError(f"trimkit_llava.generate: decoder layer {i}'s keys are not its queries' packed rows")
+            packs[i] = packed.k
         key_mask = getattr(trim, "key_mask", None)
         if mode == "remove" and key_mask is not None:
             raise RuntimeError(f"trimkit_llava.generate: decoder layer {i} ran masked in mode remove (its cache would "
@@ -174,8 +185,10 @@ def _check_inputs(input_ids: torch.Tensor, pixel_values: torch.Tensor,
     return lengths
 
 
-def _prefill_one(tmodel: nn.Module, wrapper: nn.Module, ids: torch.Tensor, pixels: torch.Tensor, mode: str):
-    """One instance (batch 1, no padding): (next-token logits (V,), per layer keys, values, valid rows or None)."""
+def _prefill_rows(tmodel: nn.Module, wrapper: nn.Module, ids: torch.Tensor, pixels: torch.Tensor,
+                  mask: torch.Tensor, mode: str) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+    """One forward of ``tmodel`` in ``mode`` with every layer's cache captured: per instance its
+    next-token logits (V,) and per layer (keys (1, Hkv, n, d), values, valid rows (n,) or None)."""
     from transformers import DynamicCache
 
     from .modeling import llava_segment_starts
@@ -183,40 +196,54 @@ def _prefill_one(tmodel: nn.Module, wrapper: nn.Module, ids: torch.Tensor, pixel
     lm = wrapper.model.model.language_model
     cache = DynamicCache()
     valid: dict[int, torch.Tensor] = {}
-    x = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+    packs: dict[int, Any] = {}
+    x = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask,
          "segment_starts": llava_segment_starts(ids, wrapper.image_token_id)}
-    with _capture(lm.layers, cache, mode, valid), tmodel.mode(mode):
+    with _capture(lm.layers, cache, mode, valid, packs), tmodel.mode(mode):
         out = tmodel(**x)
-    last = out[0, -1]  # the question's last token: always kept, so the last row in every mode
+    n_layers = len(lm.layers)
+    if mode == "packed":  # rows of the whole batch: each instance's kept rows, in order, at offsets[b]
+        last_pack = packs[n_layers - 1]
+        logits = [out[b, last_pack.counts[b] - 1] for b in range(ids.shape[0])]  # its question's last token
+        per = [[(cache.layers[i].keys[:, :, packs[i].offsets[b]:packs[i].offsets[b + 1]],
+                 cache.layers[i].values[:, :, packs[i].offsets[b]:packs[i].offsets[b + 1]], None)
+                for i in range(n_layers)] for b in range(ids.shape[0])]
+    else:  # batch 1, no padding: the last row is the question's last token (always kept)
+        if cache.layers[n_layers - 1].keys.shape[-2] != out.shape[1]:
+            raise RuntimeError(f"trimkit_llava.generate: the last decoder layer cached "
+                               f"{cache.layers[n_layers - 1].keys.shape[-2]} keys but the model returned {out.shape[1]} rows")
+        logits = [out[0, -1]]
+        per = [[(cache.layers[i].keys, cache.layers[i].values, valid.get(i)) for i in range(n_layers)]]
     if wrapper.output == "hidden":
-        last = wrapper.model.lm_head(last)
-    layers = []
-    for i in range(len(lm.layers)):
-        k, v = cache.layers[i].keys, cache.layers[i].values
-        if i == len(lm.layers) - 1 and k.shape[-2] != out.shape[1]:
-            raise RuntimeError(f"trimkit_llava.generate: the last decoder layer cached {k.shape[-2]} keys but the "
-                               f"model returned {out.shape[1]} rows")
-        layers.append((k, v, valid.get(i)))
-    return last, layers
+        logits = [wrapper.model.lm_head(h) for h in logits]
+    return logits, per
 
 
 def prefill(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
             attention_mask: torch.Tensor | None = None, mode: str = "remove") -> tuple[torch.Tensor, KeptCache]:
-    """Run the trimmed prefill of every instance (batch 1 each, its real tokens only) and return
-    ``(next-token logits (B, V), KeptCache)``. ``mode``: ``"remove"`` (dropped tokens not computed,
-    the cache holds only kept tokens), ``"hard"`` (masked: full-length cache, dropped keys invalid)
-    or ``"off"`` (the untrimmed model). Right padding only."""
+    """Run the trimmed prefill and return ``(next-token logits (B, V), KeptCache)``. ``mode``:
+    ``"remove"`` (each instance alone at batch 1, its real tokens only; dropped tokens not
+    computed, the cache holds only kept tokens), ``"packed"`` (the same decisions and cache, the
+    whole batch in one forward of mode packed: the kept tokens of every instance in one row
+    matrix), ``"hard"`` (masked, each instance alone: full-length cache, dropped keys invalid) or
+    ``"off"`` (the untrimmed model, each instance alone). Right padding only."""
     from transformers import DynamicCache
 
     if mode not in _MODES:
         raise ValueError(f"trimkit_llava.prefill: mode must be one of {_MODES}, got {mode!r}")
     wrapper = _wrapper(tmodel)
     lengths = _check_inputs(input_ids, pixel_values, attention_mask)
-    logits, per = [], []
-    for b, n in enumerate(lengths):
-        last, layers = _prefill_one(tmodel, wrapper, input_ids[b:b + 1, :n], pixel_values[b:b + 1], mode)
-        logits.append(last)
-        per.append(layers)
+    if mode == "packed":
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        logits, per = _prefill_rows(tmodel, wrapper, input_ids[:, :max(lengths)], pixel_values,
+                                    mask[:, :max(lengths)], mode)
+    else:
+        logits, per = [], []
+        for b, n in enumerate(lengths):
+            ids = input_ids[b:b + 1, :n]
+            one, layers = _prefill_rows(tmodel, wrapper, ids, pixel_values[b:b + 1], torch.ones_like(ids), mode)
+            logits += one
+            per += layers
     data, valid, masked = [], [], []
     counts = [[0] * len(per[0]) for _ in per]
     for i in range(len(per[0])):
@@ -303,5 +330,8 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
                 done = done | torch.isin(token, eos_t)
                 if bool(done.all()):
                     break
-    return LlavaGeneration(torch.stack(tokens, 1), kept.lengths, kept.prompt_lengths,
+    out = torch.stack(tokens, 1)
+    ends = torch.isin(out, eos_t) if eos else torch.zeros_like(out, dtype=torch.bool)
+    generated = [int(row.nonzero()[0]) + 1 if bool(row.any()) else out.shape[1] for row in ends]
+    return LlavaGeneration(out, kept.lengths, kept.prompt_lengths, generated,
                            torch.stack(scores, 1) if return_logits else None)
