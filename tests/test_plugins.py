@@ -228,7 +228,8 @@ def test_plugins_can_be_excluded_by_name(fresh, monkeypatch, capsys):
     monkeypatch.setenv(P.EXCLUDE_ENV, " smarttrim, thirdparty_trim ,blip")
     registry = P.get_registry()
     assert "toy3p" not in registry.adapters and "blip" not in registry.adapters
-    assert len(registry.token_policies) == 0 and len(registry.samplers) == 0  # smarttrim excluded
+    # smarttrim excluded (other installed plugins, e.g. training_free, may still register policies)
+    assert not {"cross_modal", "local", "random"} & set(registry.token_policies.names()) and len(registry.samplers) == 0
     assert BUILTIN_ADAPTERS - {"blip"} <= set(registry.adapters.names())
     assert P.excluded() == ["blip", "smarttrim", "thirdparty_trim"]
 

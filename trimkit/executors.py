@@ -65,14 +65,25 @@ class MaskedExecutor:
             cls = layer._segment_means(lay.gather(seq), seq, member, layer._weights(seq, hstate, spec.stream))
             cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
             if tokens is not None:
-                logits = tokens.logits(seq, cls, member)
+                contexts = None
+                if layer.uses_context:
+                    prot = torch.zeros(B, N, dtype=torch.bool, device=seq.device).scatter_(1, lay.summary.to(seq.device),
+                                                                                         True)
+                    contexts = layer._contexts(seq, hstate, prot, member)
+                logits = tokens.logits(seq, cls, member, contexts)
                 hstate, hidden = rt.token_step(layer.key, spec.stream, logits, hidden, hstate, layer.token_dim,
                                                protected=lay.summary, segments=(layer.segment_names, member))
         elif tokens is not None:
-            logits = tokens(seq, cls_self, cls_ctx)
             protected = None if layer.protected == 1 else list(range(layer.protected))
             if layer.last:
                 protected = layer._protect_last(lay.summary)
+            if layer.uses_context:
+                prot = (torch.arange(N, device=seq.device) < layer.protected).expand(B, -1).clone()
+                if layer.last:
+                    prot.scatter_(1, lay.summary[:, :1].to(seq.device), True)
+                logits = tokens(seq, cls_self, cls_ctx, layer._contexts(seq, hstate, prot)[0])
+            else:
+                logits = tokens(seq, cls_self, cls_ctx)
             hstate, hidden = rt.token_step(layer.key, spec.stream, logits, hidden, hstate, layer.token_dim,
                                            protected=protected)
             a[layer.hidden_name] = hidden
@@ -116,17 +127,29 @@ class RemoveExecutor:
             cls_self, self_ctx = cls[:, 0], SegmentTokenTrimmer.contexts(cls)[0]
             segments = (layer.segment_names, member, lay.host)
             if tokens is not None:
-                logits = tokens.logits(seq, cls, member)
+                contexts = None
+                if layer.uses_context:
+                    prot = torch.zeros(1, seq.shape[1], dtype=torch.bool, device=seq.device)
+                    prot[:, protected.to(seq.device)] = True
+                    contexts = layer._contexts(seq, hstate, prot, member,
+                                               lay.member(torch.arange(length, device=seq.device)))
+                logits = tokens.logits(seq, cls, member, contexts)
         else:
             if layer.last:  # the last real token, wherever the kept tokens put it
                 row = layer._layout(1, length, seq.device).rows(pos)
                 cls_self = seq.index_select(1, row[0])[:, 0]
             if tokens is not None:
-                logits = tokens(seq, cls_self, cls_ctx)
                 if layer.last:
                     protected = layer._protect_last(row)[0]
                 elif layer.protected != 1:  # always kept, so the stream's first tokens are the protected ones
                     protected = torch.arange(layer.protected, device=seq.device)
+                if layer.uses_context:
+                    prot = (torch.arange(seq.shape[1], device=seq.device) < layer.protected)[None].clone()
+                    if layer.last:
+                        prot[:, row[0].to(seq.device)] = True
+                    logits = tokens(seq, cls_self, cls_ctx, layer._contexts(seq, hstate, prot)[0])
+                else:
+                    logits = tokens(seq, cls_self, cls_ctx)
         # the contexts (the layer's, each attention's own) arrive with their dropped tokens already removed
         head_logits = layer._head_logits(cls_self, layer._attn_cls(a, cls_ctx, astates), self_ctx, cls_ctx)
         hstate, hidden, trims = rt.remove_step(layer.key, logits, head_logits, hidden, hstate, layer.token_dim,
@@ -209,6 +232,10 @@ class PackedExecutor:
         if hp is not None and hp.padded and not padded:
             raise RuntimeError(f"layer {spec.path!r}: its stream was unpacked after an earlier layer")
         tokens = layer.trimmers.token
+        if tokens is not None and layer.uses_context:
+            raise NotImplementedError(f"layer {spec.path!r}: its token policy reads a TokenContext (a training-free "
+                                      f"policy such as fastv or visionzip), which mode {rt.mode!r} does not build yet; "
+                                      "use tmodel.inference = 'remove' (batch 1) or 'hard'")
         fetch: list[torch.Tensor] = []
         self_ctx = seg_cls = None
         if hp is None:  # the stream's first described layer: pack it here (padding dropped)

@@ -57,7 +57,9 @@ def trimkit_register_token_policies(registry: TrimkitRegistry) -> None:
     returns a :class:`trimkit.protocols.TokenPolicy`, an ``nn.Module`` whose forward
     ``(hidden, cls_self, cls_context)`` returns per-token logits (B, N); ``cls_context`` is ``None``
     when the layer has no other stream. A token's score may depend only on that token and the [CLS]
-    vectors (so dropping tokens before scoring cannot change other tokens' scores).
+    vectors (so dropping tokens before scoring cannot change other tokens' scores), unless the policy
+    declares ``uses_context = True`` and reads the :class:`trimkit.probe.TokenContext` it is then
+    given as a fourth argument (training-free budgets by attention, e.g. ``fastv``).
     """
 
 

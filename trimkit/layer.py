@@ -30,6 +30,7 @@ from .engine import packed as P
 from .kernels import KernelAttention
 from .executors import EXECUTORS
 from .ops import AttnTrim, Runtime, TokenState, TrimAttention, align
+from .probe import AttentionProbe, TokenContext
 from .segments import SegmentLayout, segment_bounds, segment_layout
 from .spec import AttentionSpec, LayerSpec, StreamSpec
 from .trace import TraceError, fixed_args, param_names, plain_codegen, trace
@@ -102,6 +103,11 @@ class TrimmedLayer(nn.Module):
         self.hidden_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.hidden_token_args.items()}
         self.context_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.context_token_args.items()}
         self.token_dim = 1 if spec.batch_first else 0
+        # token policies that read a TokenContext (training-free ones: budgets, the previous layer's attention)
+        token = trimmers.token if trimmers is not None else None
+        policies = list(token.policies) if hasattr(token, "policies") else [token] if token is not None else []
+        self.uses_context = any(getattr(p, "uses_context", False) for p in policies)
+        self.attention_probe: AttentionProbe | None = None  # set by trim() for such policies (trimkit.probe)
         self.inner = None if tokens_only else self._trace_inner(layer, symbolic, autowrap, constants or {})
 
     def _trace_inner(self, layer: nn.Module, symbolic: set[str], autowrap: Sequence[Callable],
@@ -356,6 +362,37 @@ class TrimmedLayer(nn.Module):
         rt.padding[stream] = torch.cat(parts, 1)
         if rt.mode in ("packed", "padded"):  # real tokens per instance (one host sync, at the stream's first layer)
             rt.real[stream] = P.fetch([rt.padding[stream].sum(-1)])[0]
+
+    def _contexts(self, seq: torch.Tensor, state: TokenState | None, protected: torch.Tensor,
+                  member: torch.Tensor | None = None, member_orig: torch.Tensor | None = None) -> list[TokenContext]:
+        """Masked/remove layouts: the :class:`~trimkit.probe.TokenContext` of each token policy of this
+        layer (one per segment, or one), for ``seq`` (B, n, D). ``protected`` (B, n) bool: the tokens the
+        core always keeps; ``member``: each token's segment ((n,) or (B, n)) and ``member_orig`` the same
+        at the stream's original positions (mode remove)."""
+        rt, stream = self.runtime, self.spec.stream
+        B, n = seq.shape[:2]
+        dev = seq.device
+        removed = state is not None and state.index is not None
+        length = state.length if removed else n
+        pad = rt.padding.get(stream)
+        real0 = (pad.to(dev) != 0) if isinstance(pad, torch.Tensor) and tuple(pad.shape) == (B, length) \
+            else torch.ones(B, length, dtype=torch.bool, device=dev)
+        real = real0.index_select(1, state.index.to(dev)) if removed else real0
+        present = real if removed or state is None or state.mask is None else real & (state.mask.to(dev) > 0)
+        rows = torch.arange(n, device=dev)
+        last = torch.where(real, rows, torch.full_like(rows, -1)).amax(1).clamp_min(0)
+        names = self.segment_names or [None]
+        cur = (member if member is not None else torch.zeros(n, dtype=torch.long, device=dev)).to(dev)
+        orig = (member_orig if member_orig is not None else cur if not removed
+                else torch.zeros(length, dtype=torch.long, device=dev)).to(dev)
+        cur, orig = cur.expand(B, -1), orig.expand(B, -1)
+        out = []
+        for k, name in enumerate(names):
+            key = self.key if name is None else f"{self.key}:{name}"
+            mine = cur == k
+            out.append(TokenContext(key, float(rt.targets.get(key, 1.0)), present & mine, protected & present & mine,
+                                    (real0 & (orig == k)).sum(1), last, self.attention_probe))
+        return out
 
     def _bounds(self, length: int) -> list[int]:
         return segment_bounds(self.segments, self.runtime.sizes, length, self.spec.stream)

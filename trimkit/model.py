@@ -143,6 +143,7 @@ class TrimmedModel(nn.Module):
             return LayerTrimmers(token, heads)
 
         rewritten, trimmers = rewrite(model, spec, example_inputs, self.runtime, make)
+        _attach_probes(spec, rewritten.layers, config.token_policy)
         object.__setattr__(self, "_graph", rewritten.gm)  # shares the model's modules; not re-registered
         self._input_names = rewritten.input_names
         self.trimmers = nn.ModuleDict({_safe(k): v for k, v in trimmers.items()})
@@ -510,6 +511,31 @@ def _check_fits(module: nn.Module, state: dict[str, torch.Tensor], source: str, 
         raise ValueError(f"{source} does not match the model: shape mismatches {bad[:5]}, missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]} ({len(bad)}/{len(missing)}/{len(unexpected)} in all); load "
                          f"it onto a model built like the one it was saved from")
+
+
+def _attach_probes(spec: ModelSpec, layers: dict[str, Any], policy: str) -> None:
+    """Give each layer whose token policy reads a :class:`~trimkit.probe.TokenContext` the attention
+    probe of the layer before it in the same stream (its first self-attention of that stream)."""
+    from .probe import AttentionProbe
+
+    order = [l for l in spec.layers]
+    for i, lspec in enumerate(order):
+        layer = layers.get(lspec.path)
+        if layer is None or not layer.uses_context:
+            continue
+        before = [l for l in order[:i] if l.stream == lspec.stream and l.path in layers]
+        if not before:
+            raise TrimConfigError(
+                f"token_policy {policy!r} reads the attention of the layer before the one it trims, but layer "
+                f"{lspec.path!r} is the first layer of stream {lspec.stream!r}: select a later layer (token_layers)")
+        prev = before[-1]
+        hits = [j for j, (a, (q, k)) in enumerate(zip(prev.attentions, prev.roles()))
+                if a.kind == "self" and q == k == lspec.stream]
+        if not hits:
+            raise TrimConfigError(f"token_policy {policy!r} at layer {lspec.path!r}: the layer before it, "
+                                  f"{prev.path!r}, has no self-attention over stream {lspec.stream!r} to read")
+        inner = layers[prev.path].inner
+        layer.attention_probe = AttentionProbe(inner.get_submodule(f"trimkit_attn_{hits[0]}"), prev.path)
 
 
 def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:

@@ -52,6 +52,17 @@ class TokenPolicy(Protocol):
     ``cls_context`` the other stream's [CLS] ``(B, context_dim)`` or ``None`` when the layer has no
     other stream. A token's score may depend only on that token and the [CLS] vectors (dropping
     tokens before scoring must not change the other tokens' scores).
+
+    Optional, for training-free policies that keep a budget ranked by attention (FastV, VisionZip):
+    a policy with the attribute ``uses_context = True`` (read with ``getattr``) is called with a fourth
+    positional argument, a :class:`trimkit.probe.TokenContext`: the tokens it decides on (``present``),
+    those always kept (``protected``), its keep ratio (``target``) and the segment's original token
+    count (``total``), and ``received("first" | "last")``, the previous layer's attention weights from
+    the stream's first or last real token (:class:`trimkit.probe.AttentionProbe`; the layer before must
+    have a self-attention of the stream). Such a policy may rank the present tokens against each
+    other: the context describes the same tokens in the masked and the removed forward, so masked ==
+    removed still holds. Built in modes ``sample``, ``hard`` and ``remove``; mode ``packed`` refuses
+    such policies (``NotImplementedError``).
     """
 
     def __call__(self, hidden: torch.Tensor, cls_self: torch.Tensor,

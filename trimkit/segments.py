@@ -183,10 +183,15 @@ class SegmentTokenTrimmer(nn.Module):
         total = cls.sum(1)
         return [(total - cls[:, k]) / (K - 1) for k in range(K)]
 
-    def logits(self, hidden: torch.Tensor, cls: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
-        """Masked/remove layouts: hidden (B, n, D), cls (B, K, D), member (B, n) or (n,) -> logits (B, n)."""
+    def logits(self, hidden: torch.Tensor, cls: torch.Tensor, member: torch.Tensor,
+               contexts: Sequence[Any] | None = None) -> torch.Tensor:
+        """Masked/remove layouts: hidden (B, n, D), cls (B, K, D), member (B, n) or (n,) -> logits (B, n).
+        ``contexts``: per segment the :class:`~trimkit.probe.TokenContext` a policy with ``uses_context``
+        gets as its fourth argument."""
         ctx = SegmentTokenTrimmer.contexts(cls)
-        out = torch.stack([p(hidden, cls[:, k], ctx[k]) for k, p in enumerate(self.policies)], 0)  # (K, B, n)
+        out = torch.stack([p(hidden, cls[:, k], ctx[k], contexts[k])
+                           if contexts is not None and getattr(p, "uses_context", False) else p(hidden, cls[:, k], ctx[k])
+                           for k, p in enumerate(self.policies)], 0)  # (K, B, n)
         m = member.expand(hidden.shape[0], -1) if member.dim() == 1 else member
         return out.gather(0, m[None]).squeeze(0)
 

@@ -1,0 +1,215 @@
+"""What a *context-reading* token policy sees besides the hidden states: :class:`TokenContext`, and
+:class:`AttentionProbe`, the attention weights of the layer before it for a few query rows.
+
+Training-free token policies (FastV, VisionZip) do not score each token on its own: they keep a
+budget of tokens (the trimmer's keep ratio times the segment's real tokens) ranked by the attention
+the tokens received in the previous layer. A policy with the attribute ``uses_context = True`` is
+called ``policy(hidden, cls_self, cls_context, context)`` with a :class:`TokenContext` (see
+:class:`trimkit.protocols.TokenPolicy`); the core builds it in the masked and removed modes so that
+both describe the same tokens (masked == removed holds for such policies too).
+
+The probe is backbone-agnostic: at trim time a forward pre-hook is put on trimkit's own attention
+wrapper of the previous layer (the stream's first self-attention of that layer, in its rewritten
+graph), recording that call's inputs. When a policy asks, the queries and keys of that call are
+recomputed by the module's own code (attention at the kernel through transformers'
+``AttentionInterface``: the module runs again under a capturing implementation that stops at the
+attention call, so RoPE, grouped-query heads and the model's masks are its own; attention recomputed
+from its projections: :class:`trimkit.ops.TrimAttention`'s projections) and only the asked rows of
+``softmax(q k^T * scale + mask)`` are formed, with the call's own token mask. The layer's attention
+itself stays on SDPA. Cost: one more q/k/v projection of that one layer and ``H x N`` scores per
+asked row. Not supported: attention intercepted by fx at an ``F.scaled_dot_product_attention`` call
+inside the module (timm with qk-norm), and mode ``packed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["AttentionProbe", "TokenContext", "PROBE_INTERFACE", "row_attention"]
+
+PROBE_INTERFACE = "trimkit_probe"
+"""The name of the capturing implementation in ``transformers.AttentionInterface``."""
+
+
+class _Captured(Exception):
+    """Raised by the capturing attention implementation: the call's queries and keys (after RoPE)."""
+
+    def __init__(self, query, key, mask, scale, causal, trim) -> None:
+        super().__init__("trimkit probe")
+        self.query, self.key, self.mask, self.scale, self.causal, self.trim = query, key, mask, scale, causal, trim
+
+
+def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       is_causal: bool | None = None, trimkit_trim: Any = None, **kwargs: Any):
+    # the same reading of the call as trimkit's own implementation (trimkit.kernels.interface_attention)
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", False)) and attention_mask is None and query.shape[2] > 1
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :, : key.shape[2]]
+    raise _Captured(query, key, attention_mask, scaling, is_causal, trimkit_trim)
+
+
+_REGISTERED = False
+
+
+def _register_interface() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(PROBE_INTERFACE, _capture_attention)
+        _REGISTERED = True
+
+
+def row_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float | None = None,
+                  mask: torch.Tensor | None = None, causal: bool = False,
+                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention weights of one query row per instance, averaged over heads: q (B, H, Nq, d), k
+    (B, Hkv, Nk, d) (Hkv dividing H), ``rows`` (B,) -> (B, Nk), i.e. ``softmax(q_r k^T * scale +
+    mask_r)`` with ``mask`` an sdpa mask (bool: True = may attend, or additive, broadcastable to
+    (B, H, Nq, Nk)), ``causal`` top-left aligned as sdpa's ``is_causal``, ``key_mask`` (B, Nk) trimkit's
+    keep mask (0: neither key nor value). Computed in float32."""
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    if k.shape[1] != H:
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+    b = torch.arange(B, device=q.device)
+    rows = rows.to(q.device)
+    qr = q[b, :, rows].float()  # (B, H, d)
+    s = torch.einsum("bhd,bhnd->bhn", qr, k.float()) * (scale if scale is not None else d ** -0.5)
+    if mask is not None:
+        m = mask
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, device=m.device).masked_fill(~m, float("-inf"))
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        m = m.float().expand(B, m.shape[1], Nq, Nk)[b, :, rows]  # (B, H or 1, Nk)
+        s = s + m
+    if causal:
+        s = s.masked_fill(torch.arange(Nk, device=q.device)[None, None, :] > rows[:, None, None], float("-inf"))
+    if key_mask is not None:
+        from .ops import key_bias
+
+        s = s + key_bias(key_mask.float(), torch.float32)[:, 0]  # (B, 1, Nk)
+    return torch.softmax(s, dim=-1).mean(1)
+
+
+class AttentionProbe:
+    """Records the inputs of one attention call (``module``: trimkit's wrapper of it in a rewritten
+    layer, :class:`~trimkit.ops.TrimAttention` or :class:`~trimkit.kernels.KernelAttention`) and gives
+    that call's attention weights for asked query rows (:meth:`received`). ``where``: the layer path,
+    for messages."""
+
+    def __init__(self, module: nn.Module, where: str) -> None:
+        route = getattr(module, "route", "projections")
+        if route == "fx":
+            raise NotImplementedError(
+                f"trimkit: the attention of layer {where!r} is intercepted at an F.scaled_dot_product_attention "
+                "call inside its module (fx route); a context-reading token policy (fastv, visionzip) cannot read "
+                "its attention weights yet: describe the attention by its projections (via='projections')")
+        if route == "attention_interface":
+            _register_interface()
+        self.module, self.where, self.route = module, where, route
+        self._call: tuple[tuple, dict] | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+        self.handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._call = (args, kwargs)
+        self._cache = {}
+
+    def clear(self) -> None:
+        """Forget the recorded call (its tensors)."""
+        self._call, self._cache = None, {}
+
+    def _qk(self) -> _Captured:
+        if self._call is None:
+            raise RuntimeError(f"trimkit attention probe: the attention of layer {self.where!r} did not run before "
+                               "the policy that reads it (it must be an earlier layer of the same forward)")
+        args, kwargs = self._call
+        trim = kwargs.get("trimkit_trim")
+        if getattr(trim, "packed", None) is not None:
+            raise NotImplementedError("trimkit: context-reading token policies (fastv, visionzip) do not run in mode "
+                                      "'packed'; use tmodel.inference = 'remove' (batch 1) or 'hard'")
+        if self.route == "attention_interface":
+            run = self.module.run
+            cfg = run.config
+            prev = cfg._attn_implementation
+            cfg._attn_implementation = PROBE_INTERFACE
+            try:
+                run(*args, **{k: v for k, v in kwargs.items() if k != "trimkit_trim"}, trimkit_trim=trim)
+            except _Captured as got:
+                return got
+            finally:
+                cfg._attn_implementation = prev
+            raise RuntimeError(f"trimkit attention probe: the attention module of layer {self.where!r} returned "
+                               "without calling its attention function")
+        s = self.module.spec
+        call = s.inputs(args, {k: v for k, v in kwargs.items() if k != "trimkit_trim"})
+        x, ctx = call.x, call.context
+        if ctx is x:
+            ctx = None
+        if not s.batch_first:
+            x = x.transpose(0, 1)
+            ctx = ctx.transpose(0, 1) if ctx is not None else None
+        q, k, _ = self.module._qkv(x, ctx)
+        B, Nq = x.shape[:2]
+        d = q.shape[-1] // s.num_heads
+        q = q.view(B, Nq, s.num_heads, d).transpose(1, 2)
+        k = k.view(B, k.shape[1], s.num_heads, d).transpose(1, 2)
+        return _Captured(q, k, call.bias, s.scale, False, trim)
+
+    def received(self, query: str, rows: torch.Tensor) -> torch.Tensor:
+        """(B, Nk) the mean over heads of the attention each key received from query row ``rows[b]``
+        (``query`` names the row choice, for caching within a forward)."""
+        if query not in self._cache:
+            with torch.no_grad():
+                got = self._qk()
+                key_mask = getattr(got.trim, "key_mask", None)
+                self._cache[query] = row_attention(got.query, got.key, rows, got.scale, got.mask, got.causal, key_mask)
+        return self._cache[query]
+
+
+@dataclass
+class TokenContext:
+    """One token trimmer's view of the tokens it decides on, in the layout of ``hidden`` (B, n).
+
+    * ``key``: the trimmer's record key (``"layer"`` or ``"layer:segment"``); ``target``: its current
+      keep ratio (the configured target, or the scheduled one while training);
+    * ``present`` (B, n) bool: the tokens this trimmer decides on: real (not padding), not dropped by
+      an earlier layer, and of its segment; every other token's logit is ignored;
+    * ``protected`` (B, n) bool: present tokens the core keeps whatever the logits say (a [CLS], a
+      segment's summary token);
+    * ``total`` (B,) long: the segment's (or stream's) real tokens before any trimming, the base of
+      ``target``; :meth:`budget` = ``floor(target * total + 0.5)`` tokens to keep, protected included;
+    * ``last`` (B,) long: the row of the stream's last real token;
+    * :meth:`received`: the attention weights of the previous layer (see :class:`AttentionProbe`).
+    """
+
+    key: str
+    target: float
+    present: torch.Tensor
+    protected: torch.Tensor
+    total: torch.Tensor
+    last: torch.Tensor
+    probe: AttentionProbe | None = field(default=None, repr=False)
+
+    def budget(self) -> torch.Tensor:
+        """(B,) tokens to keep, protected ones included."""
+        return torch.floor(self.target * self.total.double() + 0.5).long()
+
+    def received(self, query: str = "last") -> torch.Tensor:
+        """(B, n) mean over heads of the attention each token received, in the layer before this one,
+        from the stream's first token (``"first"``, its [CLS]) or its last real token (``"last"``)."""
+        if query not in ("first", "last"):
+            raise ValueError(f"TokenContext.received: query must be 'first' or 'last', got {query!r}")
+        if self.probe is None:
+            raise RuntimeError(f"trimkit: trimmer {self.key!r} has no attention probe (its policy does not declare "
+                               "uses_context, or the layer has no previous layer)")
+        rows = torch.zeros_like(self.last) if query == "first" else self.last
+        return self.probe.received(query, rows)
