@@ -138,7 +138,8 @@ def test_masked_prefill_equals_removed_prefill(adapter, model):
             masked, mcache = prefill(tmodel, x["input_ids"], x["pixel_values"], x["attention_mask"], mode="hard")
             with tmodel.mode("hard"):
                 batch = tmodel(**x)[torch.arange(3), last]
-                dropped |= {r.key.split(":")[1] for r in tmodel.records if r.kind == "token" and float(r.keep.min()) < 1}
+                dropped |= {r.key.split(":")[1] for r in tmodel.records
+                            if r.kind == "token" and float(r.keep.min()) < 1}
             with tmodel.mode("off"):
                 full = tmodel(**x)[torch.arange(3), last]
         torch.testing.assert_close(removed, batch, atol=1e-4, rtol=0)

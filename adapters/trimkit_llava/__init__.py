@@ -1,5 +1,6 @@
 """trimkit adapter ``llava``: transformers' ``LlavaForConditionalGeneration`` (a CLIP vision tower,
-a projector and a Llama-style decoder), prefill only.
+a projector and a Llama-style decoder): trimmed prefill, and greedy generation whose KV cache holds
+only the kept tokens.
 
 How trimkit sees it: the decoder's sequence is one stream ``seq`` laid out as LLaVA's
 ``[prompt][image tokens][question][right padding]``, three segments whose bounds differ per
@@ -22,9 +23,32 @@ decoder layers, norm and ``lm_head``; it returns per-token logits (or hidden sta
 original positions: the last token record's ``index``); in ``packed`` mode ``tmodel.kept_mask("seq")``
 says which rows are real; the last row of each instance is always its question's last token.
 
-Not trimmed yet: the CLIP vision tower (it runs whole, as one call); generation (no KV cache:
-the wrapper is a prefill forward, ``use_cache`` is not supported); left padding (pad on the right);
-several images per instance or ``vision_feature_layer`` lists.
+Generation (:func:`trimkit_llava.generate`, in :mod:`trimkit_llava.generation`): greedy decoding
+with a KV cache that holds only what each decoder layer computed. The prefill runs trimmed (mode
+``remove``: each instance alone at batch 1; ``mode="packed"``: the whole batch in one packed
+forward) while every decoder layer's own attention module fills a transformers ``DynamicCache``
+(its ``cache`` argument set by a forward pre-hook): keys after RoPE, of the tokens that layer
+kept, at their original positions, so layer ``i``'s cache is as long as the tokens kept at its
+input. Decode steps then run the model's own decoder layers untrimmed on that cache: new token
+``t`` of an instance with ``n`` real prompt tokens is at RoPE position ``n + t`` (not the kept
+count), and in a batch each layer's cache rows are padded to the longest instance and masked per
+instance. Every fresh (keep-all) trimmer gives transformers' own ``generate(do_sample=False)``.
+
+>>> out = trimkit_llava.generate(tmodel, input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=32)
+>>> out.tokens            # (B, T) new token ids; pad_token_id after an instance's EOS
+>>> out.cache_lengths     # per instance, per decoder layer: keys cached (the tokens that layer computed)
+>>> out.sequences(ids)    # per instance: its prompt and its generated tokens up to its EOS
+
+``mode="hard"`` runs the same prefill masked (full-length cache, each layer's dropped keys masked:
+the reference) and ``mode="off"`` untrimmed; ``trimkit_llava.prefill`` and
+``trimkit_llava.generation.decode_step`` are the two halves. Decoding is untrimmed (new tokens use
+every head and are never dropped); the prompt's dropped heads still cached their keys (the
+projections ran), and decode tokens read them.
+
+Not trimmed yet: the CLIP vision tower (it runs whole, as one call); left padding (pad on the
+right; :func:`generate` refuses left-padded masks by name); several images per instance or
+``vision_feature_layer`` lists; sampling or beam search (greedy only); the wrapper's own forward
+takes no cache (``use_cache`` is not supported there; :func:`generate` is the way to decode).
 
 >>> import trimkit
 >>> from trimkit_llava import llava_segment_starts, wrap

@@ -131,8 +131,8 @@ def _capture(layers: nn.ModuleList, cache: Any, mode: str, valid: dict[int, torc
         trim = kwargs.get("trimkit_trim")
         packed = getattr(trim, "packed", None)
         if (mode == "packed") != (packed is not None):
-            raise RuntimeError(f"trimkit_llava.generate: decoder layer {i} ran {'packed' if packed is not None else 'unpacked'} "
-                               f"in a prefill of mode {mode!r}")
+            how = "packed" if packed is not None else "unpacked"
+            raise RuntimeError(f"trimkit_llava.generate: decoder layer {i} ran {how} in a prefill of mode {mode!r}")
         if packed is not None:
             if packed.k.padded or packed.k.counts != packed.q.counts:
                 raise RuntimeError(f"trimkit_llava.generate: decoder layer {i}'s keys are not its queries' packed rows")
@@ -176,8 +176,8 @@ def _check_inputs(input_ids: torch.Tensor, pixel_values: torch.Tensor,
     bad = (real != prefix).any(1)
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten().tolist()
-        raise ValueError(f"trimkit_llava.generate: rows {rows} of attention_mask are not right-padded (a 0 before a 1): "
-                         "left padding is not supported; pad on the right (tokenizer.padding_side = 'right')")
+        raise ValueError(f"trimkit_llava.generate: rows {rows} of attention_mask are not right-padded (a 0 before "
+                         "a 1): left padding is not supported; pad on the right (tokenizer.padding_side = 'right')")
     lengths = lengths.tolist()
     if min(lengths) == 0:
         raise ValueError(f"trimkit_llava.generate: rows {[b for b, n in enumerate(lengths) if n == 0]} have no real "
@@ -211,7 +211,7 @@ def _prefill_rows(tmodel: nn.Module, wrapper: nn.Module, ids: torch.Tensor, pixe
     else:  # batch 1, no padding: the last row is the question's last token (always kept)
         if cache.layers[n_layers - 1].keys.shape[-2] != out.shape[1]:
             raise RuntimeError(f"trimkit_llava.generate: the last decoder layer cached "
-                               f"{cache.layers[n_layers - 1].keys.shape[-2]} keys but the model returned {out.shape[1]} rows")
+                               f"{cache.layers[-1].keys.shape[-2]} keys but the model returned {out.shape[1]} rows")
         logits = [out[0, -1]]
         per = [[(cache.layers[i].keys, cache.layers[i].values, valid.get(i)) for i in range(n_layers)]]
     if wrapper.output == "hidden":
