@@ -107,7 +107,6 @@ class RemoveExecutor:
     def run(self, layer: "TrimmedLayer", a: dict, hidden, context, hstate, cstate, astates, last: bool,
             last_update: bool = False):
         """Mode remove (batch 1): every decision of the layer first, one host sync, then gather."""
-            trim.dropout = rt.attention_dropout
         rt, spec = layer.runtime, layer.spec
         tokens = layer.trimmers.token
         cls_ctx = layer._cls_context(context, cstate)
