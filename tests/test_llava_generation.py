@@ -295,6 +295,9 @@ def test_misuse_is_refused_by_name(adapter, model):
         generate(tmodel, ids[:1], pixels, mask[:1], max_new_tokens=2)
     with pytest.raises(ValueError, match="mode must be one of"):
         generate(tmodel, ids, pixels, mask, max_new_tokens=2, mode="padded")
+    window = adapter.build(text_config={"sliding_window": 20})  # a Mistral-style decoder's window
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        generate(_trimmed(window), ids, pixels, mask, max_new_tokens=8)
     with pytest.raises(TypeError, match="expected a trimmed LLaVA"):
         generate(model, ids, pixels, mask, max_new_tokens=2)
     tmodel.train()

@@ -156,6 +156,15 @@ def _capture(layers: nn.ModuleList, cache: Any, mode: str, valid: dict[int, torc
         raise RuntimeError(f"trimkit_llava.generate: decoder layers {missing} never ran their attention in the prefill")
 
 
+def _check_window(wrapper: nn.Module, total: int) -> None:
+    """Sliding-window decoders (Mistral-based LLaVA) are decoded as full attention: refused once the
+    sequence could outgrow the window."""
+    window = getattr(wrapper.config.text_config, "sliding_window", None)
+    if window is not None and total > int(window):
+        raise NotImplementedError(f"trimkit_llava.generate: the decoder's sliding window ({window} tokens) is shorter "
+                                  f"than prompt + new tokens ({total}); sliding-window caches are not supported")
+
+
 def _check_inputs(input_ids: torch.Tensor, pixel_values: torch.Tensor,
                   attention_mask: torch.Tensor | None) -> list[int]:
     """Real prompt length per instance; refuses left padding and shapes that do not fit."""
@@ -233,6 +242,7 @@ def prefill(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tens
         raise ValueError(f"trimkit_llava.prefill: mode must be one of {_MODES}, got {mode!r}")
     wrapper = _wrapper(tmodel)
     lengths = _check_inputs(input_ids, pixel_values, attention_mask)
+    _check_window(wrapper, max(lengths))
     if mode == "packed":
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         logits, per = _prefill_rows(tmodel, wrapper, input_ids[:, :max(lengths)], pixel_values,
@@ -295,10 +305,12 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
     ``tmodel``: ``trimkit.trim(trimkit_llava.wrap(model), config)`` in eval mode. ``input_ids``
     ``(B, N)`` with one contiguous run of image tokens per row, ``pixel_values`` ``(B, 3, H, W)``,
     ``attention_mask`` ``(B, N)`` with padding on the right only (left padding raises a
-    ``ValueError``). Each instance is prefilled alone at batch 1 (its own kept counts), decoding is
-    batched. ``eos_token_id`` / ``pad_token_id``: default the model's ``generation_config``'s
-    (else its text config's). ``mode``: ``"remove"`` (default), ``"hard"`` or ``"off"`` (see
-    :func:`prefill`). Returns a :class:`LlavaGeneration` (the new tokens and the cache length of
+    ``ValueError``). ``mode``: ``"remove"`` (default: each instance prefilled alone at batch 1,
+    with its own kept counts), ``"packed"`` (the batch prefilled in one packed forward, the same
+    caches), ``"hard"`` (masked, the reference) or ``"off"`` (untrimmed); see :func:`prefill`.
+    Decoding is batched either way. ``eos_token_id`` / ``pad_token_id``: default the model's
+    ``generation_config``'s (else its text config's); ``eos_token_id=[]``: never stop before
+    ``max_new_tokens``. Returns a :class:`LlavaGeneration` (the new tokens and the cache length of
     every layer)."""
     if int(max_new_tokens) < 1:
         raise ValueError(f"trimkit_llava.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -315,6 +327,8 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
         pad_token_id = text.pad_token_id if pad_token_id is None else pad_token_id
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
+    _check_window(wrapper, int(max_new_tokens) + (int(attention_mask.ne(0).sum(1).max()) if attention_mask is not None
+                                                  else input_ids.shape[-1]))
     with torch.no_grad():
         logits, kept = prefill(tmodel, input_ids, pixel_values, attention_mask, mode)
         eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
