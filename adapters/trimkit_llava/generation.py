@@ -13,7 +13,7 @@ Decode steps then run the model's own decoder layers (untrimmed: the new token i
 every layer with every head) on that cache: the new token ``t`` (0-based) of an instance whose
 prompt has ``n`` real tokens gets the RoPE position ``n + t`` (the original length, not the kept
 count), and reads in layer ``i`` only the keys cached there. In a batch the instances' caches are
-padded per layer to the longest and the padding rows are masked per instance (a boolean
+padded per layer to the longest and the padding rows are masked per instance (an additive
 ``(B, 1, 1, keys)`` mask, one per layer; a layer where every instance kept as many needs none).
 
 ``mode="hard"`` runs the same prefill masked (every token computed, each layer's dropped keys
@@ -290,7 +290,10 @@ def decode_step(tmodel: nn.Module, kept: KeptCache, tokens: torch.Tensor, step: 
     new = torch.ones(B, 1, dtype=torch.bool, device=tokens.device)
     for i, layer in enumerate(lm.layers):
         kept.valid[i] = torch.cat([kept.valid[i], new.to(kept.valid[i].device)], 1)
-        mask = kept.valid[i][:, None, None, :] if kept.masked[i] else None
+        mask = None
+        if kept.masked[i]:  # additive, as every transformers attention function (eager too) takes it
+            mask = torch.zeros(kept.valid[i].shape, dtype=h.dtype, device=h.device).masked_fill(
+                ~kept.valid[i].to(h.device), torch.finfo(h.dtype).min)[:, None, None, :]
         h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=pe, use_cache=True,
                   **{name: kept.cache})
     return llava.lm_head(lm.norm(h))[:, -1]
