@@ -5,7 +5,9 @@ trains a tiny METER on digit-grid (MODE ``trim``: SmartTrim with self-distillati
 backbone), records which training examples this process was given (``OUT_DIR/seen_RANK.json``) and
 writes its final weights (``OUT_DIR/weights_RANK.pt``). With ``TRIMKIT_TEST_NAN_RANK=R`` process R's
 examples turn NaN from its second step: every process must stop with DivergedError
-(``OUT_DIR/diverged_RANK``) instead of waiting for the failed one."""
+(``OUT_DIR/diverged_RANK``) instead of waiting for the failed one. With ``TRIMKIT_TEST_FSDP=1`` the
+model is sharded (``train.fsdp``): ``OUT_DIR/shard_RANK.json`` records how much of the weights this
+process held while training."""
 
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def config(out: Path, mode: str, steps: int) -> ExperimentConfig:
         "model": {"adapter": "meter", "size": "tiny", "overrides": {"dropout": 0.0}},
         "data": {"name": "recording", "train_size": 48, "eval_size": 8},
         "train": {"steps": steps, "batch_size": 8, "eval_batch_size": 8, "macs_instances": 0, "cpu": True,
-                  "out_dir": str(out / "run"), "progress": False, "save_every": 2, "lr": 1e-3},
+                  "out_dir": str(out / "run"), "progress": False, "save_every": 2, "lr": 1e-3,
+                  "fsdp": os.environ.get("TRIMKIT_TEST_FSDP") == "1"},
     }
     if mode == "trim":
         data["trim"] = {"token_target": 0.6, "head_target": 0.8}
@@ -62,6 +65,10 @@ def main() -> None:
     register_dataset("recording", factory)
     trainer = Trainer(config(out, mode, steps=6))
     rank = trainer.accelerator.process_index
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trainer.net.parameters())
+    whole = sum(p.numel() for p in trainer.net.parameters())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"shard_{rank}.json").write_text(json.dumps({"local": local, "whole": whole}))
     try:
         trainer.fit(stop_after=stop_after, resume=resume, overwrite=not resume)
     except DivergedError as err:
@@ -69,7 +76,7 @@ def main() -> None:
         return
     tag = f"{rank}" + ("" if stop_after is None else f"_stop{stop_after}") + ("_resumed" if resume else "")
     (out / f"seen_{tag}.json").write_text(json.dumps(trainer.train_dataset.seen))
-    torch.save({k: v.detach().clone() for k, v in trainer.net.state_dict().items()}, out / f"weights_{tag}.pt")
+    torch.save(trainer.model_state_dict(), out / f"weights_{tag}.pt")  # whole weights on every process
     (out / f"num_processes_{tag}").write_text(str(trainer.accelerator.num_processes))
 
 

@@ -570,6 +570,28 @@ def read_tensors(path: str | Path, meta: CheckpointMeta | None = None) -> dict[s
                               f"interrupted copy or download?): {_REDO}") from None
 
 
+def laid_out_like(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (whole tensors) for ``module.load_state_dict``: a value whose parameter or buffer is
+    sharded (a DTensor, e.g. under FSDP2) is cut into this process's shard, without communication;
+    the rest is returned as is. Lets a checkpoint load into a sharded model like into a plain one."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # torch without distributed: nothing can be sharded
+        return dict(state)
+    own = dict(module.named_parameters(remove_duplicate=False))
+    own.update(module.named_buffers(remove_duplicate=False))
+    if not any(isinstance(v, DTensor) for v in own.values()):
+        return dict(state)
+    out = {}
+    for key, value in state.items():
+        ref = own.get(key)
+        if isinstance(ref, DTensor) and not isinstance(value, DTensor) and tuple(value.shape) == tuple(ref.shape):
+            value = distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements,
+                                      src_data_rank=None)
+        out[key] = value
+    return out
+
+
 def _check_save_id(path: Path, header: Mapping[str, str], meta: CheckpointMeta) -> None:
     got = header.get(SAVE_ID_KEY)
     if got == meta.save_id:

@@ -466,7 +466,7 @@ class TrimmedModel(nn.Module):
         ``strict``, missing or unexpected keys too) and, with ``require_backbone``, a
         checkpoint without a backbone (for callers whose model is freshly built, whose weights
         mean nothing)."""
-        from .checkpoint import TRIMMERS_FILE, CheckpointError, check_backbone, read_meta, read_tensors
+        from .checkpoint import TRIMMERS_FILE, CheckpointError, check_backbone, laid_out_like, read_meta, read_tensors
 
         meta = read_meta(directory)
         if meta.adapter != self.adapter_name:
@@ -481,7 +481,7 @@ class TrimmedModel(nn.Module):
         for module, state, source in loads:  # all checked before any is loaded
             _check_fits(module, state, source, strict)
         for module, state, source in loads:
-            module.load_state_dict(state, strict=strict)
+            module.load_state_dict(laid_out_like(module, state), strict=strict)  # (sharded weights: their shards)
         self.clear_caches()
 
 

@@ -45,6 +45,7 @@ configurable number of instances, next to the untrimmed model's MACs on the same
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -55,6 +56,7 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
@@ -66,7 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from trimkit import ops as _ops
-from trimkit.checkpoint import _fsync_dir, atomic_write_bytes
+from trimkit.checkpoint import _fsync_dir, atomic_write_bytes, laid_out_like
 from trimkit.config import TrimConfig
 from trimkit.macs import count_macs
 from trimkit.model import TrimmedModel, trim
@@ -227,11 +229,18 @@ class TrainConfig(BaseModel):
         False, description="DDP only: allow parameters a step does not use (e.g. task heads of other tasks); "
                           "False is faster when every parameter gets a gradient each step")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    fsdp: bool = Field(
+        False, description="shard the weights, gradients and optimizer state over the processes (FSDP2, the "
+                          "whole model one unit; see docs/fine-tuning.md); also set by an accelerate launch "
+                          "config with distributed_type FSDP")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("train: give exactly one of `steps` or `epochs`")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise ValueError("train.fsdp with mixed_precision fp16 is not supported (its loss scaler does not "
+                             "handle sharded gradients): use bf16")
         return self
 
 
@@ -253,15 +262,6 @@ class RecipeConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="Gumbel-sigmoid temperature (Eq. 8)")
     final_temperature: float | None = Field(
         None, gt=0, description="temperature at the last step (geometric decay from `temperature`); None = fixed")
-
-    @model_validator(mode="after")
-    def _names(self) -> "RecipeConfig":
-        registry = get_registry()
-        for field, reg in (("objective", registry.objectives), ("scheduler", registry.schedulers)):
-            name = getattr(self, field)
-            if name not in reg:
-                raise ValueError(f"{field}: unknown {reg.kind} {name!r}; registered: {reg.names() or 'none'}")
-        return self
     cost_beta: Literal["original", "entering"] = Field(
         "original", description="beta_p of Eq. 10 for a token trimmer: 'original' = kept tokens over the stream's "
         "original (real) token count, [CLS] included, so targets are cumulative keep ratios and a uniform target "
@@ -272,6 +272,15 @@ class RecipeConfig(BaseModel):
         "joint", description="the full pass in the KL term of self-distillation (Eq. 11): 'joint' = with gradients, "
         "so the KL also pulls the full model toward the trimmed one; 'detached' = a fixed teacher (the full pass "
         "gets gradients from its task term only)")
+
+    @model_validator(mode="after")
+    def _names(self) -> "RecipeConfig":
+        registry = get_registry()
+        for field, reg in (("objective", registry.objectives), ("scheduler", registry.schedulers)):
+            name = getattr(self, field)
+            if name not in reg:
+                raise ValueError(f"{field}: unknown {reg.kind} {name!r}; registered: {reg.names() or 'none'}")
+        return self
 
 
 class ExperimentConfig(BaseModel):
@@ -546,7 +555,7 @@ def load_backbone(model: nn.Module, directory: str | Path) -> nn.Module:
     if bad or missing or unexpected:
         raise ValueError(f"{path} does not fit the model built from the config: shape mismatches {bad[:3]}, "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.load_state_dict(state)
+    model.load_state_dict(laid_out_like(model, state))  # (sharded weights: their shards)
     return model
 
 
@@ -875,6 +884,95 @@ class _EpochBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def fsdp_settings(accelerator: Any, train: TrainConfig) -> dict[str, Any] | None:
+    """The keyword arguments of ``torch.distributed.fsdp.fully_shard`` for this launch, or None when
+    the model is not sharded.
+
+    The model is sharded (FSDP2) when ``train.fsdp`` is set on a launch of several processes, or when
+    the accelerate launch config selects ``distributed_type: FSDP`` (then its ``fsdp_config`` gives
+    the offload, mixed precision and reshard options). The whole model is one FSDP unit, so every
+    option that would split it (an auto-wrap policy, activation checkpointing by layer class) or that
+    this trainer does not honour is refused with a :class:`ConfigError` naming it."""
+    plugin = None
+    if accelerator.distributed_type.name == "FSDP":
+        plugin = getattr(accelerator.state, "__dict__", {}).get("fsdp_plugin")
+    if plugin is None:
+        if not train.fsdp:
+            return None
+        if accelerator.num_processes == 1:
+            warnings.warn("train.fsdp on one process: there is nothing to shard over, the model trains unsharded "
+                          "(checkpoints are the same either way)", stacklevel=3)
+            return None
+        if train.mixed_precision == "bf16":  # what accelerate's FSDP2 sets for bf16: bf16 compute, fp32 reduction
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+        return {}
+    where = "the accelerate launch config (fsdp_config)"
+    if int(getattr(plugin, "fsdp_version", 1)) != 2:
+        raise ConfigError(f"{where} selects FSDP version {plugin.fsdp_version}: the trainer shards with FSDP2; set "
+                          f"fsdp_version: 2 (see examples/accelerate/fsdp.yaml)")
+    if plugin.auto_wrap_policy is not None:
+        raise ConfigError(f"{where} sets an auto-wrap policy ({getattr(plugin.auto_wrap_policy, '__name__', plugin.auto_wrap_policy)}): "
+                          f"trimmed layers run traced graphs that call a layer's children, not the layer's forward, "
+                          f"so per-layer FSDP units would never be gathered; set fsdp_auto_wrap_policy: NO_WRAP "
+                          f"(the whole model is one unit)")
+    if plugin.activation_checkpointing:
+        raise ConfigError(f"{where} sets fsdp_activation_checkpointing, which wraps layers by class: not supported "
+                          f"with trimmed layers; set it to false")
+    if getattr(plugin, "cpu_ram_efficient_loading", False):
+        raise ConfigError(f"{where} sets fsdp_cpu_ram_efficient_loading: every process builds (or loads) the model "
+                          f"here; set it to false")
+    settings: dict[str, Any] = {}
+    if getattr(plugin, "mixed_precision_policy", None) is not None:
+        settings["mp_policy"] = plugin.mixed_precision_policy
+    if getattr(plugin, "cpu_offload", None) is not None and type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy":
+        settings["offload_policy"] = plugin.cpu_offload
+    if isinstance(getattr(plugin, "reshard_after_forward", None), bool):
+        settings["reshard_after_forward"] = plugin.reshard_after_forward
+    return settings
+
+
+def _shard(module: nn.Module, accelerator: Any, settings: dict[str, Any]) -> nn.Module:
+    """``module`` sharded in place over all processes as one FSDP2 unit, on this process's device."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    return fully_shard(module.to(accelerator.device), mesh=mesh, **settings)
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def _full(value: Any) -> Any:
+    """A DTensor's whole value as a plain tensor on every process (a collective); anything else as is."""
+    dt = _dtensor_type()
+    return value.full_tensor() if dt is not None and isinstance(value, dt) else value
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a view); a plain tensor as is."""
+    dt = _dtensor_type()
+    return value.to_local() if dt is not None and isinstance(value, dt) else value
+
+
+def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``full`` (every process holds all of it) laid out as ``ref``: sharded like it when ``ref`` is a
+    DTensor (no communication), else as is."""
+    dt = _dtensor_type()
+    if dt is None or not isinstance(ref, dt):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
 def _lr_lambda(total: int, warmup: int, floor: float) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -934,12 +1032,13 @@ class Trainer:
                              # can take longer than the default 10-30 minute collective timeout)
                              InitProcessGroupKwargs(timeout=timedelta(hours=2))])
         acc = self.accelerator
-        if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+        if acc.distributed_type.name in ("DEEPSPEED", "MEGATRON_LM", "XLA"):
             raise ConfigError(
                 f"the accelerate launch config selects {acc.distributed_type.name}, which the trainer does not "
-                f"support yet (checkpoints gather the weights on the main process alone, and the trimmed graph "
-                f"reads the backbone's parameters by attribute): launch data-parallel (DDP) instead, e.g. "
-                f"examples/accelerate/multi_gpu.yaml")
+                f"support: launch data-parallel (DDP, examples/accelerate/multi_gpu.yaml), or sharded "
+                f"(FSDP2, examples/accelerate/fsdp.yaml or train.fsdp: true)")
+        #: keyword arguments of ``fully_shard`` when the model is sharded over the processes (FSDP2), else None
+        self.fsdp: dict[str, Any] | None = fsdp_settings(acc, tc)
         if tc.batch_size % acc.num_processes:
             raise ConfigError(f"train.batch_size={tc.batch_size} (the global batch) must be divisible by the number "
                               f"of processes ({acc.num_processes})")
@@ -973,16 +1072,30 @@ class Trainer:
             self.scheduler = registry.schedulers.get(recipe.scheduler)(recipe)
         else:
             self.objective, self.scheduler = _TaskLoss(self.task), None
-        self.optimizer = torch.optim.AdamW(self._param_groups(), betas=tc.betas)
-        warmup = int(round(tc.warmup_fraction * self.total_steps))
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(self.total_steps, warmup, tc.min_lr_ratio))
+        if tc.freeze_backbone:  # before sharding: FSDP reads requires_grad when it shards
+            if self.tmodel is None:
+                raise ConfigError("train.freeze_backbone needs a trim section (nothing else would train)")
+            self.tmodel.model.requires_grad_(False)
         # one module call runs the trimmed and (for self-distillation) the full pass: under DDP the two
         # forwards then belong to one graph and one gradient reduction
         want_full = self.tmodel is not None and bool(getattr(self.objective, "needs_full_pass", False))
         self.step_module = _StepModule(self.net, want_full)
-        self.model, self.optimizer, self.lr_schedule = self.accelerator.prepare(
-            self.step_module, self.optimizer, self.lr_schedule)
+        if self.fsdp is not None:
+            # the whole step module is one FSDP unit: trimmed layers run traced graphs that call a layer's
+            # children, never the layer's own forward, so per-layer units would never be gathered. The
+            # optimizer is built on the sharded parameters (each process holds and updates its shard).
+            self.step_module = _shard(self.step_module, acc, self.fsdp)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), betas=tc.betas)
+        warmup = int(round(tc.warmup_fraction * self.total_steps))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(self.total_steps, warmup, tc.min_lr_ratio))
+        if self.fsdp is not None and acc.distributed_type.name != "FSDP":
+            # train.fsdp on a data-parallel launch: accelerate must not wrap the sharded module in DDP
+            self.optimizer, self.lr_schedule = acc.prepare(self.optimizer, self.lr_schedule)
+            self.model = self.step_module
+        else:  # DDP, one process, or accelerate's FSDP2 (which keeps a module that is already sharded)
+            self.model, self.optimizer, self.lr_schedule = acc.prepare(
+                self.step_module, self.optimizer, self.lr_schedule)
         # after the (identical) build, each process draws its own noise (Gumbel, random policy, dropout)
         set_seed(tc.seed, device_specific=True)
         self.step = 0
@@ -1001,11 +1114,7 @@ class Trainer:
             trimmer_ids = {id(p) for p in tparams}
             groups.append({"params": tparams, "lr": tc.trimmer_lr, "weight_decay": 0.0, "name": "trimmers"})
         backbone = self.tmodel.model if self.tmodel is not None else self.net
-        if tc.freeze_backbone:
-            if self.tmodel is None:
-                raise ConfigError("train.freeze_backbone needs a trim section (nothing else would train)")
-            backbone.requires_grad_(False)
-        else:
+        if not tc.freeze_backbone:  # (a frozen backbone was frozen in __init__)
             named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad and id(p) not in trimmer_ids]
             decay = [p for n, p in named if p.ndim >= 2]
             no_decay = [p for n, p in named if p.ndim < 2]
@@ -1091,7 +1200,7 @@ class Trainer:
         self.accelerator.backward(terms["loss"])
         grad_norm = None
         if tc.grad_clip is not None:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+            grad_norm = float(_full(self.accelerator.clip_grad_norm_(self.model.parameters(), tc.grad_clip)))
         # fp16: the loss scaler expects overflowing gradients now and then and skips those steps itself
         check_norm = grad_norm if grad_norm is not None or self.accelerator.scaler is not None \
             else _grad_norm(self.model.parameters())
@@ -1166,7 +1275,11 @@ class Trainer:
                   for k, v in s.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
         if not named:
             return
-        flags = torch.stack([~torch.isfinite(t.detach()).all() for _, t in named]).tolist()
+        # sharded (FSDP): each process checks its shards, and the flags are summed over the processes
+        flags_t = torch.stack([~torch.isfinite(_local(t.detach())).all() for _, t in named]).float()
+        if self.fsdp is not None:
+            flags_t = self.accelerator.reduce(flags_t.to(self.accelerator.device), reduction="sum")
+        flags = (flags_t > 0).tolist()
         bad = [n for (n, _), f in zip(named, flags) if f]
         if bad:
             last = self.history[-1] if self.history else {}
@@ -1238,8 +1351,6 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="smarttrim" if self.tmodel else "train",
                    disable=not self.progress or not acc.is_main_process, dynamic_ncols=True)
         t0 = time.perf_counter()
-        import contextlib
-
         # only the main process writes the log (and the run's files); the others hold no handle
         with (open(log_path, "a") if acc.is_main_process else contextlib.nullcontext()) as log:
             def write(rec: dict[str, Any], sync: bool = False) -> None:
@@ -1265,13 +1376,14 @@ class Trainer:
                     bar.set_postfix(post)
                     last = self.step == self.total_steps
                     if last or (tc.eval_every and self.step % tc.eval_every == 0):
-                        if acc.is_main_process:  # on the unwrapped model, once; the others wait
-                            ev = self.evaluate()
-                            ev.update(type="eval", step=self.step, time=time.perf_counter() - t0)
-                            write(ev)
-                            log.flush()
-                            bar.write(_eval_line(ev))
-                        acc.wait_for_everyone()
+                        with self.full_weights():  # sharded (FSDP): every process gathers, the main evaluates
+                            if acc.is_main_process:  # on the unwrapped model, once; the others wait
+                                ev = self.evaluate()
+                                ev.update(type="eval", step=self.step, time=time.perf_counter() - t0)
+                                write(ev)
+                                log.flush()
+                                bar.write(_eval_line(ev))
+                            acc.wait_for_everyone()
                     if last or self.step == end or (tc.save_every and self.step % tc.save_every == 0):
                         if acc.is_main_process:
                             _sync(log)  # the log holds every step the checkpoint does
@@ -1303,7 +1415,75 @@ class Trainer:
             raise ResumeConfigError(_changes_message(path, changes))
         return changes
 
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Within this block the model holds its whole weights (full precision) on every process.
+
+        Sharded training (FSDP) keeps only a shard of every parameter on each process outside the
+        training step; this gathers them (a collective: every process must enter the block) and puts
+        the shards back at its end. Writes to the weights inside the block are lost at its end
+        (load checkpoints outside it: loading cuts whole tensors into shards itself). Without
+        sharding it does nothing. :meth:`evaluate` and reading :attr:`net` outside a training step
+        need it under FSDP; :meth:`model_state_dict` and checkpoints use it.
+
+        Gathered from the full-precision shards (``DTensor.full_tensor``) rather than with FSDP's
+        ``unshard``, which follows the mixed precision policy and would give bf16 weights to
+        checkpoints and evaluation."""
+        if self.fsdp is None:
+            yield
+            return
+        owners = [(m, n, p) for m in self.step_module.modules() for n, p in m._parameters.items() if p is not None]
+        whole: dict[int, nn.Parameter] = {}
+        with torch.no_grad():
+            for _, _, p in owners:  # the same order on every process: each gather is a collective
+                if id(p) not in whole:
+                    whole[id(p)] = nn.Parameter(_full(p.detach()), requires_grad=p.requires_grad)
+        for m, n, p in owners:  # between steps FSDP registers the shards; registered again on exit
+            m._parameters[n] = whole[id(p)]
+        try:
+            yield
+        finally:
+            for m, n, p in owners:
+                m._parameters[n] = p
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole state (backbone and trimmers, plain tensors on the CPU) on every process,
+        sharded or not (under FSDP a collective: call it on every process)."""
+        with self.full_weights():
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict with every sharded (FSDP) state tensor gathered whole: the same
+        layout as unsharded training's, so checkpoints do not depend on sharding. A collective under FSDP."""
+        sd = self.optimizer.state_dict()
+        if self.fsdp is None:
+            return sd
+        # new dicts (state_dict() shares the per-parameter dicts with the live optimizer); the same order on
+        # every process, since each gather is a collective
+        state = {i: {k: _full(v) for k, v in sorted(sd["state"][i].items())} for i in sorted(sd["state"])}
+        return {**sd, "state": state}
+
+    def _load_optimizer_state(self, saved: dict[str, Any]) -> None:
+        if self.fsdp is not None:  # whole tensors in the checkpoint: each process keeps its shards
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            state = {}
+            for i, st in saved["state"].items():
+                ref = params[int(i)] if int(i) < len(params) else None
+                state[i] = {k: _like(v, ref) if ref is not None and isinstance(v, torch.Tensor) and k != "step"
+                            and v.shape == ref.shape else v for k, v in st.items()}
+            saved = {**saved, "state": state}
+        self.optimizer.load_state_dict(saved)
+
+    def _load_weights(self, directory: Path) -> None:
+        # (sharded weights, FSDP: the loaders cut the checkpoint's whole tensors into this process's shards)
+        if self.tmodel is not None:
+            self.tmodel.load_trimmers(directory)
+        else:
+            load_backbone(self.net, directory)
+
     def evaluate(self, dataset: Any = None, instances: int | None = None, macs_instances: int | None = None) -> dict[str, Any]:
+        """The task's metrics, keep ratios and MACs of the current model on ``dataset`` (default: the
+        eval split). Under FSDP call it inside :meth:`full_weights` (which every process enters)."""
         tc = self.config.train
         ev = evaluate(self.net, dataset if dataset is not None else self.eval_dataset, batch_size=tc.eval_batch_size,
                       instances=instances if instances is not None else tc.eval_instances,
@@ -1326,6 +1506,12 @@ class Trainer:
         directory = Path(directory) if directory is not None else self.out_dir / CHECKPOINT_DIR
         acc.wait_for_everyone()
         self._check_state()
+        optimizer_state = self._optimizer_state()  # gathered whole on every process under FSDP
+        with self.full_weights():
+            return self._write_checkpoint(directory, optimizer_state)
+
+    def _write_checkpoint(self, directory: Path, optimizer_state: dict[str, Any]) -> Path:
+        acc = self.accelerator
         tmp, old = _sibling(directory, ".tmp"), _sibling(directory, ".old")
         if acc.is_main_process:
             directory.parent.mkdir(parents=True, exist_ok=True)
@@ -1362,7 +1548,7 @@ class Trainer:
             "step": self.step,
             "total_steps": self.total_steps,
             "num_processes": acc.num_processes,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "lr_schedule": self.lr_schedule.state_dict(),
             "rng": _rng_state(),
         }
@@ -1386,17 +1572,14 @@ class Trainer:
     def load_state(self, directory: str | Path) -> None:
         """Restore weights, optimizer, schedule, step and RNG from a checkpoint directory."""
         directory = Path(directory)
-        if self.tmodel is not None:
-            self.tmodel.load_trimmers(directory)
-        else:
-            load_backbone(self.net, directory)
+        self._load_weights(directory)
         try:
             state = torch.load(directory / STATE_FILE, weights_only=False)
         except Exception as err:  # truncated or garbage file: name it
             raise ValueError(f"{directory / STATE_FILE}: the trainer state cannot be read ({type(err).__name__}: "
                              f"{err}); the checkpoint is damaged: resume from another run or start over with "
                              "--overwrite") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step = int(state["step"])
         self._saved_step = self.step
@@ -1440,8 +1623,10 @@ def _run_entries(directory: Path) -> list[str]:
 
 
 def _grad_norm(params: Iterable[nn.Parameter]) -> float:
-    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(_full(torch.nn.utils.get_total_norm(grads)))  # sharded (FSDP) gradients: over all shards
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
