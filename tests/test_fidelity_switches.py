@@ -267,3 +267,20 @@ def test_random_init_undoes_the_stable_initialisation():
     with torch.no_grad(), tm.mode("hard"):
         tm(**x)
     assert min(float(r.keep.min()) for r in tm.records) < 1.0  # random decisions at step 0
+
+
+def test_per_layer_targets_compound_to_the_cumulative_ones():
+    """The demo/repro convert calibrated (cumulative) targets for cost_beta='entering': products of the
+    per-layer ratios along a stream give back the cumulative ones."""
+    from trimkit_train.demo import per_layer_targets, targets_for
+
+    tm = trim(build_meter("tiny"), TrimConfig())
+    tokens, _ = targets_for(0.3, tm)
+    per = per_layer_targets(tm, tokens)
+    assert set(per) == set(tokens)
+    prod: dict[str, float] = {}
+    for layer in tm.spec.layers:
+        if layer.path in tokens:
+            prod[layer.stream] = prod.get(layer.stream, 1.0) * per[layer.path]
+            assert prod[layer.stream] == pytest.approx(tokens[layer.path])
+    assert any(per[k] != pytest.approx(tokens[k]) for k in tokens)  # not the identity

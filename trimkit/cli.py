@@ -36,6 +36,7 @@ __all__ = ["COMMANDS", "UsageError", "build_parser", "main", "describe_error", "
 #: other distributions add commands through the ``trimkit.commands`` entry-point group.
 BUILTIN_COMMANDS = {
     "demo": "trimkit_train.commands.demo",
+    "repro": "trimkit_train.commands.repro",
     "train": "trimkit_train.commands.train",
     "eval": "trimkit_train.commands.eval",
     "check": "trimkit.commands.check",

@@ -53,8 +53,9 @@ from .trainer import (
 )
 from .trainer import collate_of
 
-__all__ = ["DemoPreset", "FULL", "QUICK", "calibrate", "pretrain_cells", "pretrain_vision", "reinit_for_scratch",
-           "reinit_normal", "run_demo", "targets_for"]
+__all__ = ["Backbone", "DemoPreset", "FULL", "QUICK", "aggregate", "calibrate", "finetune", "measure",
+           "per_layer_targets", "prepare_backbone", "preset_for", "pretrain_cells", "pretrain_vision",
+           "reinit_for_scratch", "reinit_normal", "run_demo", "targets_for"]
 
 
 @dataclass(frozen=True)
@@ -333,40 +334,61 @@ def _selector_targets(tmodel: TrimmedModel, tokens: dict[str, float], heads: dic
 # The demo
 # ------------------------------------------------------------------------------------------------
 def _experiment(preset: DemoPreset, train: dict[str, Any], out_dir: Path, trim_cfg: dict[str, Any] | None,
-                init: str | None, progress: bool | None) -> ExperimentConfig:
+                init: str | None, progress: bool | None, recipe: dict[str, Any] | None = None,
+                seed: int = 0) -> ExperimentConfig:
     return ExperimentConfig(
         model=ModelConfig(adapter="meter", size="tiny", overrides=dict(preset.model), init=init),
         data=DataConfig(name="digit_grid", options=dict(preset.data), train_size=preset.train_size,
                         eval_size=preset.eval_size, seed=0),
-        train=TrainConfig(**{"macs_instances": 0, "eval_batch_size": 256, "seed": 0, **train,
+        train=TrainConfig(**{"macs_instances": 0, "eval_batch_size": 256, "seed": seed, **train,
                              "out_dir": str(out_dir), "progress": progress}),
         trim=TrimConfig(**{**preset.trim, **trim_cfg}) if trim_cfg is not None else None,
-        recipe=RecipeConfig(**preset.recipe),
+        recipe=RecipeConfig(**{**preset.recipe, **(recipe or {})}),
     )
 
 
-def run_demo(out_dir: str | Path = "trimkit-demo", quick: bool = False, progress: bool | None = None,
-             log: Callable[[str], None] = print, finetune_steps: int | None = None) -> dict[str, Any]:
-    """Run the whole demo; returns ``{"rows": [...], "wall_s": ..., ...}`` (also in results.json).
-
-    ``finetune_steps`` overrides the preset's steps of every SmartTrim fine-tune (all methods alike).
-    """
+def preset_for(quick: bool = False, finetune_steps: int | None = None) -> DemoPreset:
+    """:data:`QUICK` or :data:`FULL`, with ``finetune_steps`` overriding every fine-tune's steps."""
     preset = QUICK if quick else FULL
     if finetune_steps is not None:
         if finetune_steps < 1:
             raise ValueError(f"run_demo: finetune_steps must be >= 1, got {finetune_steps}")
         preset = replace(preset, finetune={**preset.finetune, "steps": int(finetune_steps)})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    torch.manual_seed(0)
+    return preset
 
-    def stamp() -> str:
-        return f"[{time.perf_counter() - t_start:6.1f}s]"
 
-    # 1. the backbone ------------------------------------------------------------------------------
+@dataclass
+class Backbone:
+    """Stages 1-2 of the demo, shared by every fine-tune of a run: the trained backbone (the
+    "pretrained" model SmartTrim fine-tunes), its datasets, and the calibrated keep targets."""
+
+    preset: DemoPreset
+    out: Path
+    train_ds: Any
+    test_ds: Any
+    net: torch.nn.Module
+    checkpoint: str
+    calibration: dict[float, dict[str, Any]]
+    targets: dict[float, dict[str, dict]]  # ratio -> TrimConfig token_target/head_target (cumulative ratios)
+    entering_targets: dict[float, dict[str, dict]]  # the same MACs, as per-layer ratios (RecipeConfig.cost_beta)
+    progress: bool | None = None
+    _full: dict[str, Any] | None = None
+
+    def full_eval(self) -> dict[str, Any]:
+        """The untrimmed backbone's accuracy and GMACs (once)."""
+        if self._full is None:
+            self._full = evaluate(self.net, self.test_ds, batch_size=256, macs_instances=self.preset.macs_instances)
+        return self._full
+
+
+def prepare_backbone(preset: DemoPreset, out: Path, ratios: tuple[float, ...], progress: bool | None = None,
+                     log: Callable[[str], None] = print, stamp: Callable[[], str] = lambda: "",
+                     calibration_iterations: int = 12) -> Backbone:
+    """Stage 1 (train the backbone, seed 0) and stage 2 (calibrate keep targets for ``ratios``, bisecting
+    ``calibration_iterations`` times)."""
     log(f"{stamp()} 1/4 training the backbone: METER (tiny sizes) on digit-grid VQA "
         f"({preset.data['grid']}x{preset.data['grid']} cells of {preset.data['cell']} px)")
+    torch.manual_seed(0)
     cfg = _experiment(preset, preset.backbone, out / "runs" / "backbone", None, None, progress)
     train_ds = build_dataset(cfg.data, "train")
     test_ds = build_dataset(cfg.data, "eval")
@@ -381,57 +403,166 @@ def run_demo(out_dir: str | Path = "trimkit-demo", quick: bool = False, progress
     trainer = Trainer(cfg, model=net, train_dataset=train_ds, eval_dataset=test_ds)
     trainer.fit(overwrite=True)  # the demo owns its output directory: a rerun replaces its runs
     net.vit_model.requires_grad_(True)
-    backbone_dir = str(trainer.out_dir / "checkpoint")
     backbone = trainer.net
 
-    # 2. calibrate targets -------------------------------------------------------------------------
-    log(f"{stamp()} 2/4 calibrating keep targets for {', '.join(f'{r:g}x' for r in preset.ratios)} fewer MACs")
+    log(f"{stamp()} 2/4 calibrating keep targets for {', '.join(f'{r:g}x' for r in ratios)} fewer MACs")
     probe = trim(backbone, TrimConfig(**preset.trim), adapter="meter")
-    calib = {r: calibrate(probe, test_ds, r, preset.calibration_instances) for r in preset.ratios}
+    calib = {r: calibrate(probe, test_ds, r, preset.calibration_instances, calibration_iterations) for r in ratios}
     for r, c in calib.items():
         log(f"          {r:g}x: strength {c['strength']:.3f} -> forced MACs ratio {c['forced_ratio']:.2f}")
     targets = {r: _selector_targets(probe, c["token_target"], c["head_target"]) for r, c in calib.items()}
-    del probe
+    entering = {r: _selector_targets(probe, per_layer_targets(probe, c["token_target"]), c["head_target"])
+                for r, c in calib.items()}
+    return Backbone(preset, out, train_ds, test_ds, backbone, str(trainer.out_dir / "checkpoint"), calib, targets,
+                    entering, progress)
+
+
+def per_layer_targets(tmodel: TrimmedModel, tokens: dict[str, float]) -> dict[str, float]:
+    """Cumulative token keep targets (fractions of a stream's original tokens, what ``cost_beta =
+    "original"`` measures) -> the same budget as fractions of the tokens entering each layer
+    (``cost_beta = "entering"``): each layer's target divided by the previous trimmed layer's of its stream."""
+    out: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for layer in tmodel.spec.layers:
+        if layer.path not in tokens:
+            continue
+        cum = tokens[layer.path]
+        prev = last.get(layer.stream, 1.0)
+        out[layer.path] = min(1.0, cum / prev)
+        last[layer.stream] = cum
+    return out
+
+
+def finetune(bb: Backbone, name: str, policy: str, ratio: float, *, seed: int = 0, trim_cfg: dict[str, Any] | None = None,
+             recipe: dict[str, Any] | None = None, stable_init: bool = True, steps: int | None = None,
+             log: Callable[[str], None] = print) -> TrimmedModel:
+    """One SmartTrim fine-tune of the backbone at the calibrated ``ratio`` with token policy ``policy``
+    (fine-tune seed ``seed``); ``trim_cfg``/``recipe`` override TrimConfig/RecipeConfig fields;
+    ``stable_init=False`` re-initialises the trimmers at random (the Table 6 ablation)."""
+    preset = bb.preset
+    rec = {**preset.recipe, **(recipe or {})}
+    targets = bb.entering_targets if rec.get("cost_beta", "original") == "entering" else bb.targets
+    tcfg = {**targets[ratio], "token_policy": policy, **(trim_cfg or {})}
+    train = preset.finetune if steps is None else {**preset.finetune, "steps": int(steps)}
+    cfg = _experiment(preset, train, bb.out / "runs" / name, tcfg, bb.checkpoint, bb.progress, recipe, seed)
+    net = build_model(cfg.model, cfg.data, bb.test_ds)
+    model: torch.nn.Module = net
+    if not stable_init:
+        from trimkit_smarttrim import random_init
+
+        torch.manual_seed(seed)  # the trimmers are made here, before the Trainer seeds the run
+        model = trim(net, cfg.trim, adapter=cfg.model.adapter)
+        random_init(model, torch.Generator().manual_seed(1000 + seed))
+    tr = Trainer(cfg, model=model, train_dataset=bb.train_ds, eval_dataset=bb.test_ds)
+    tr.fit(overwrite=True)
+    return tr.tmodel
+
+
+def measure(bb: Backbone, tm: TrimmedModel, method: str, policy: str | None, ratio: float, latency: bool = True,
+            name: str | None = None) -> dict[str, Any]:
+    """One row: accuracy, GMACs (batch 1, removal), MACs ratio, kept fractions; CPU latency if asked."""
+    preset = bb.preset
+    full_ev = bb.full_eval()
+    ev = evaluate(tm, bb.test_ds, batch_size=256, macs_instances=preset.macs_instances)
+    row = {"method": method, "policy": policy, "target": ratio, "accuracy": ev["accuracy"],
+           "gmacs": ev["gmacs"], "gmacs_full": ev["gmacs_full"],
+           "macs_ratio": full_ev["gmacs"] / ev["gmacs"], "latency_ratio": None, "latency_ms": None,
+           "latency_full_ms": None, "keep_tokens": ev["keep_tokens"], "keep_heads": ev["keep_heads"],
+           "keep_vision": _mean_keep(tm, ev["keep"], "vision"), "keep_text": _mean_keep(tm, ev["keep"], "text")}
+    if latency:
+        lat = interleaved_latency(tm, bb.test_ds, preset.latency_instances, preset.latency_repeats)
+        row.update(latency_ratio=lat["latency_ratio"], latency_ms=lat["latency_ms"],
+                   latency_full_ms=lat["latency_full_ms"])
+    if name is not None:
+        row["checkpoint"] = str(bb.out / "runs" / name / "checkpoint")
+    return row
+
+
+def full_row(bb: Backbone) -> dict[str, Any]:
+    full_ev = bb.full_eval()
+    return {"method": "METER (full)", "policy": None, "target": 1.0, "accuracy": full_ev["accuracy"],
+            "gmacs": full_ev["gmacs"], "macs_ratio": 1.0, "latency_ratio": 1.0, "latency_ms": None,
+            "keep_tokens": 1.0, "keep_heads": 1.0}
+
+
+#: row fields averaged over seeds (mean and std) by :func:`aggregate`
+NUMERIC = ("accuracy", "gmacs", "macs_ratio", "latency_ratio", "keep_tokens", "keep_heads", "keep_vision", "keep_text")
+
+
+def aggregate(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows of several seeds (the same rows in the same order) -> one row each with the mean of every
+    :data:`NUMERIC` field, its sample standard deviation as ``FIELD_std`` (0 for one seed) and ``seeds``."""
+    out = []
+    for rows in zip(*per_seed):
+        row = dict(rows[0])
+        for key in NUMERIC:
+            vals = [r.get(key) for r in rows]
+            if any(v is None for v in vals):
+                continue
+            mean = sum(vals) / len(vals)
+            row[key] = mean
+            row[f"{key}_std"] = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+        row["seeds"] = len(rows)
+        row.pop("checkpoint", None)
+        row["checkpoints"] = [r["checkpoint"] for r in rows if r.get("checkpoint")]
+        out.append(row)
+    return out
+
+
+def run_demo(out_dir: str | Path = "trimkit-demo", quick: bool = False, progress: bool | None = None,
+             log: Callable[[str], None] = print, finetune_steps: int | None = None, seeds: int = 1) -> dict[str, Any]:
+    """Run the whole demo; returns ``{"rows": [...], "wall_s": ..., ...}`` (also in results.json).
+
+    ``finetune_steps`` overrides the preset's steps of every SmartTrim fine-tune (all methods alike).
+    ``seeds`` > 1 repeats every fine-tune with fine-tune seeds 0..seeds-1 on the one backbone (as the
+    paper's seeds are fine-tuning seeds of one pretrained model): the rows then hold the mean over the
+    seeds with ``FIELD_std`` the standard deviation, ``per_seed`` every seed's rows, and the table and
+    plot show mean ± std. One seed (the default) runs and reports exactly as before.
+    """
+    if seeds < 1:
+        raise ValueError(f"run_demo: seeds must be >= 1, got {seeds}")
+    preset = preset_for(quick, finetune_steps)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    def stamp() -> str:
+        return f"[{time.perf_counter() - t_start:6.1f}s]"
+
+    bb = prepare_backbone(preset, out, preset.ratios, progress, log, stamp)
 
     # 3. fine-tune -------------------------------------------------------------------------------------
     runs = [("SmartTrim", "cross_modal", r) for r in preset.ratios]
     top = max(preset.ratios)
     runs += [(name.capitalize(), name, top) for name in preset.baselines]
-    log(f"{stamp()} 3/4 fine-tuning {len(runs)} trimmed copies ({preset.finetune['steps']} steps each)")
-    models: dict[str, TrimmedModel] = {}
-    for method, policy, ratio in runs:
-        name = f"{policy}-{ratio:g}x"
-        tcfg = {**targets[ratio], "token_policy": policy}
-        cfg = _experiment(preset, preset.finetune, out / "runs" / name, tcfg, backbone_dir, progress)
-        net = build_model(cfg.model, cfg.data, test_ds)
-        t0 = time.perf_counter()
-        tr = Trainer(cfg, model=net, train_dataset=train_ds, eval_dataset=test_ds)
-        tr.fit(overwrite=True)
-        log(f"{stamp()}     {method} {ratio:g}x ({policy}) fine-tuned in {time.perf_counter() - t0:.0f}s")
-        models[name] = tr.tmodel
+    log(f"{stamp()} 3/4 fine-tuning {len(runs)} trimmed copies ({preset.finetune['steps']} steps each"
+        f"{f', {seeds} seeds' if seeds > 1 else ''})")
+    models: dict[tuple[int, str], TrimmedModel] = {}
+    for seed in range(seeds):
+        for method, policy, ratio in runs:
+            name = f"{policy}-{ratio:g}x" + (f"-seed{seed}" if seeds > 1 else "")
+            t0 = time.perf_counter()
+            models[(seed, name)] = finetune(bb, name, policy, ratio, seed=seed, log=log)
+            log(f"{stamp()}     {method} {ratio:g}x ({policy}{f', seed {seed}' if seeds > 1 else ''}) fine-tuned in "
+                f"{time.perf_counter() - t0:.0f}s")
 
     # 4. measure -------------------------------------------------------------------------------------
     log(f"{stamp()} 4/4 measuring accuracy, GMACs (batch 1, removal) and interleaved CPU latency")
-    rows = []
-    full_ev = evaluate(backbone, test_ds, batch_size=256, macs_instances=preset.macs_instances)
-    rows.append({"method": "METER (full)", "policy": None, "target": 1.0, "accuracy": full_ev["accuracy"],
-                 "gmacs": full_ev["gmacs"], "macs_ratio": 1.0, "latency_ratio": 1.0, "latency_ms": None,
-                 "keep_tokens": 1.0, "keep_heads": 1.0})
-    for (method, policy, ratio), (name, tm) in zip(runs, models.items()):
-        ev = evaluate(tm, test_ds, batch_size=256, macs_instances=preset.macs_instances)
-        lat = interleaved_latency(tm, test_ds, preset.latency_instances, preset.latency_repeats)
-        rows.append({"method": method, "policy": policy, "target": ratio, "accuracy": ev["accuracy"],
-                     "gmacs": ev["gmacs"], "gmacs_full": ev["gmacs_full"],
-                     "macs_ratio": full_ev["gmacs"] / ev["gmacs"], "latency_ratio": lat["latency_ratio"],
-                     "latency_ms": lat["latency_ms"], "latency_full_ms": lat["latency_full_ms"],
-                     "keep_tokens": ev["keep_tokens"], "keep_heads": ev["keep_heads"],
-                     "keep_vision": _mean_keep(tm, ev["keep"], "vision"), "keep_text": _mean_keep(tm, ev["keep"], "text"),
-                     "checkpoint": str(out / "runs" / name / "checkpoint")})
+    per_seed = []
+    for seed in range(seeds):
+        rows = [full_row(bb)]
+        names = [n for (s, n) in models if s == seed]
+        for (method, policy, ratio), name in zip(runs, names):
+            rows.append(measure(bb, models[(seed, name)], method, policy, ratio, name=name))
+        per_seed.append(rows)
+    rows = per_seed[0] if seeds == 1 else aggregate(per_seed)
     wall = time.perf_counter() - t_start
-    result = {"rows": rows, "wall_s": wall, "quick": quick, "preset": asdict(preset),
-              "calibration": {f"{r:g}x": {k: v for k, v in c.items()} for r, c in calib.items()},
-              "eval_instances": len(test_ds), "macs_instances": preset.macs_instances,
+    result = {"rows": rows, "wall_s": wall, "quick": quick, "preset": asdict(preset), "seeds": seeds,
+              "calibration": {f"{r:g}x": {k: v for k, v in c.items()} for r, c in bb.calibration.items()},
+              "eval_instances": len(bb.test_ds), "macs_instances": preset.macs_instances,
               "torch_threads": torch.get_num_threads()}
+    if seeds > 1:
+        result["per_seed"] = per_seed
     (out / "results.json").write_text(json.dumps(result, indent=2))
     table = results_markdown(rows)
     (out / "results.md").write_text(_report(table, result))
@@ -448,13 +579,25 @@ def _mean_keep(tmodel: TrimmedModel, keep: dict[str, float], stream: str) -> flo
     return sum(vals) / len(vals) if vals else 1.0
 
 
+def cell(row: dict[str, Any], key: str, fmt: str, scale: float = 1.0, suffix: str = "") -> str:
+    """``row[key]`` formatted, with `` ± std`` when the row aggregates seeds (``FIELD_std``); '-' when missing."""
+    value = row.get(key)
+    if value is None:
+        return "-"
+    text = f"{scale * value:{fmt}}{suffix}"
+    if f"{key}_std" in row and row.get("seeds", 1) > 1:
+        text += f" ± {scale * row[key + '_std']:{fmt.lstrip('+')}}"
+    return text
+
+
 def results_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| method | target | accuracy | GMACs / instance | MACs ratio | CPU latency ratio | kept vision tokens | kept heads |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tgt = "-" if r["target"] == 1.0 and r["policy"] is None else f"{r['target']:g}x"
-        lines.append(f"| {r['method']} | {tgt} | {100 * r['accuracy']:.1f} | {r['gmacs']:.4f} | {r['macs_ratio']:.2f}x | "
-                     f"{r['latency_ratio']:.2f}x | {r.get('keep_vision', 1.0):.2f} | {r['keep_heads']:.2f} |")
+        lines.append(f"| {r['method']} | {tgt} | {cell(r, 'accuracy', '.1f', 100)} | {cell(r, 'gmacs', '.4f')} | "
+                     f"{cell(r, 'macs_ratio', '.2f', suffix='x')} | {cell(r, 'latency_ratio', '.2f', suffix='x')} | "
+                     f"{cell(r, 'keep_vision', '.2f') if 'keep_vision' in r else '1.00'} | {cell(r, 'keep_heads', '.2f')} |")
     return "\n".join(lines)
 
 
@@ -466,7 +609,8 @@ def _report(table: str, result: dict[str, Any]) -> str:
             f"mean per instance over {result['macs_instances']} test instances at batch 1 with tokens and heads "
             f"removed (trimkit.macs.count_macs); the latency ratio is the CPU batch-1 median, full vs trimmed, "
             f"measured interleaved on the same inputs ({result['torch_threads']} threads). Total wall time "
-            f"{result['wall_s']:.0f} s.\n\n{table}\n")
+            f"{result['wall_s']:.0f} s." + (f" Mean ± standard deviation over {result['seeds']} fine-tune seeds "
+            f"(one backbone)." if result.get("seeds", 1) > 1 else "") + f"\n\n{table}\n")
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -486,6 +630,10 @@ def plot_pareto(rows: list[dict[str, Any]], path: str | Path) -> Path:
     xs = [r["gmacs"] for r in st] + [full["gmacs"]]
     ys = [100 * r["accuracy"] for r in st] + [100 * full["accuracy"]]
     ax.plot(xs, ys, "o-", color="C0", label="SmartTrim (cross-modal)")
+    if any(r.get("seeds", 1) > 1 for r in rows):  # mean ± std over seeds
+        ax.errorbar([r["gmacs"] for r in st], [100 * r["accuracy"] for r in st],
+                    xerr=[r.get("gmacs_std", 0.0) for r in st], yerr=[100 * r.get("accuracy_std", 0.0) for r in st],
+                    fmt="none", ecolor="C0", capsize=3, lw=1)
     for r in st:
         ax.annotate(f"{r['target']:g}x", (r["gmacs"], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, -10),
                     fontsize=8)
@@ -494,6 +642,9 @@ def plot_pareto(rows: list[dict[str, Any]], path: str | Path) -> Path:
         if r["policy"] in markers:
             m, c, label = markers[r["policy"]]
             ax.plot([r["gmacs"]], [100 * r["accuracy"]], m, color=c, label=f"{label} {r['target']:g}x")
+            if r.get("seeds", 1) > 1:
+                ax.errorbar([r["gmacs"]], [100 * r["accuracy"]], xerr=[r.get("gmacs_std", 0.0)],
+                            yerr=[100 * r.get("accuracy_std", 0.0)], fmt="none", ecolor=c, capsize=3, lw=1)
     ax.plot([full["gmacs"]], [100 * full["accuracy"]], "*", color="k", ms=10)
     ax.set_xlabel("GMACs per instance (batch 1, trimmed tokens/heads removed)")
     ax.set_ylabel("accuracy (%)")

@@ -1,0 +1,114 @@
+"""``trimkit repro``: experiments listed in --help, tables with mean ± std over seeds and their command
+line, plots; ``trimkit demo --seeds`` aggregation (quick sizes: the numbers mean nothing)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from trimkit.cli import build_parser, main
+
+pytestmark = pytest.mark.slow
+
+MEAN_STD = re.compile(r"-?\d+\.\d+ ± \d+\.\d+")
+
+
+def test_help_lists_the_experiments(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["repro", "--help"])
+    text = capsys.readouterr().out
+    for name in ("table6", "fig4a", "fig7", "switches"):
+        assert name in text
+    with pytest.raises(SystemExit) as err:
+        main(["repro", "nonsense"])
+    assert err.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def table6(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro") / "table6"
+    assert main(["repro", "table6", "--quick", "--seeds", "2", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_table6_writes_mean_std_and_the_command(table6):
+    md = (table6 / "table6.md").read_text()
+    command = f"trimkit repro table6 --seeds 2 --out {table6} --quick --steps 2 --no-progress"
+    assert command in md
+    assert (table6 / "command.txt").read_text().strip() == command
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "x |" in line and "METER" not in line]
+    assert len(rows) == 12  # 3 ratios x (SmartTrim, - stable init, - curriculum, - SD)
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert MEAN_STD.fullmatch(cells[2]), line  # accuracy: mean ± std
+        assert MEAN_STD.fullmatch(cells[5].replace("x", "")), line  # MACs ratio
+    labels = {line.split("|")[1].strip() for line in rows}
+    assert labels == {"SmartTrim", "- Stable Initialization", "- Curriculum Scheduler", "- Self-Distillation"}
+
+
+def test_table6_numbers_are_the_measured_seeds(table6):
+    data = json.loads((table6 / "results.json").read_text())
+    assert data["seeds"] == 2 and len(data["per_seed"]) == 2
+    assert data["preset"]["finetune"]["steps"] == 2
+    for i, row in enumerate(data["rows"]):
+        accs = [seed[i]["accuracy"] for seed in data["per_seed"]]
+        assert row["accuracy"] == pytest.approx(sum(accs) / 2)
+        assert row["accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+        ratios = [seed[i]["macs_ratio"] for seed in data["per_seed"]]
+        assert row["macs_ratio"] == pytest.approx(sum(ratios) / 2)
+        assert all(seed[i]["gmacs"] < data["full"]["gmacs"] for seed in data["per_seed"])
+    # the ablations are what they say
+    by = {(r["method"], r["target"]): r for r in data["rows"]}
+    assert by[("- Self-Distillation", 2.0)]["recipe_overrides"] == {"lambda_sd": 0.0}
+    assert by[("- Curriculum Scheduler", 2.0)]["recipe_overrides"] == {"scheduler": "constant"}
+    assert by[("- Stable Initialization", 2.0)]["stable_init"] is False
+    # the runs differ by seed (the seed reached the fine-tunes)
+    assert any(data["per_seed"][0][i]["keep_vision"] != data["per_seed"][1][i]["keep_vision"]
+               for i in range(len(data["rows"])))
+
+
+def test_fig4a_and_fig7_write_their_plots(tmp_path, monkeypatch):
+    from trimkit_train import repro
+
+    monkeypatch.setattr(repro, "FIG4A_RATIOS", (2.0, 3.0))  # two MACs levels keep the test short
+    data = repro.run_experiment("fig4a", tmp_path / "fig4a", seeds=2, quick=True, steps=2, log=lambda s: None)
+    assert {(r["policy"], r["target"]) for r in data["rows"]} == {(p, t) for p in ("cross_modal", "local", "random")
+                                                                  for t in (2.0, 3.0)}
+    assert (tmp_path / "fig4a" / "fig4a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "± " in (tmp_path / "fig4a" / "fig4a.md").read_text()
+
+    data = repro.run_experiment("fig7", tmp_path / "fig7", seeds=1, quick=True, steps=2, log=lambda s: None)
+    f7 = data["fig7"]
+    g = f7["per_seed_gmacs"]["0"] if "0" in f7["per_seed_gmacs"] else f7["per_seed_gmacs"][0]
+    assert len(g) == f7["instances"] > 0
+    assert g[f7["cheapest"][0]] == min(g) and g[f7["dearest"][0]] == max(g)
+    md = (tmp_path / "fig7" / "fig7.md").read_text()
+    assert "Cheapest" in md and "Dearest" in md and "question" in md
+    assert (tmp_path / "fig7" / "fig7.png").stat().st_size > 0
+
+
+def test_demo_seeds_aggregate(tmp_path):
+    from trimkit_train.demo import aggregate, results_markdown
+
+    per_seed = [[{"method": "SmartTrim", "policy": "cross_modal", "target": 2.0, "accuracy": a, "gmacs": 1.0,
+                  "macs_ratio": 2.0, "latency_ratio": 1.5, "keep_tokens": 0.5, "keep_heads": 0.8, "keep_vision": 0.4,
+                  "checkpoint": f"c{i}"}] for i, a in enumerate((0.5, 0.7, 0.6))]
+    (row,) = aggregate(per_seed)
+    assert row["accuracy"] == pytest.approx(0.6) and row["accuracy_std"] == pytest.approx(0.1)
+    assert row["seeds"] == 3 and row["checkpoints"] == ["c0", "c1", "c2"]
+    assert "60.0 ± 10.0" in results_markdown([row])
+    (one,) = aggregate(per_seed[:1])
+    assert "± " not in results_markdown([one])  # one seed: the table as before
+
+
+def test_demo_seeds_option(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--seeds", "2", "--finetune-steps", "2", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["seeds"] == 2 and len(result["per_seed"]) == 2
+    md = (out / "results.md").read_text()
+    assert "2 fine-tune seeds" in md
+    assert sum(1 for line in md.splitlines() if line.startswith("| SmartTrim") and MEAN_STD.search(line)) == 3
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
