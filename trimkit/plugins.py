@@ -41,7 +41,7 @@ EXCLUDE_ENV = "TRIMKIT_EXCLUDE_PLUGINS"
 
 BUILTIN_MODULES = frozenset({
     "trimkit_smarttrim", "trimkit_meter", "trimkit_timm", "trimkit_open_clip", "trimkit_blip", "trimkit_bridgetower",
-    "trimkit_vilt", "trimkit_llava",
+    "trimkit_vilt", "trimkit_llava", "trimkit_qwen2_vl",
     "trimkit_train",  # its tasks plugin (trimkit_train.tasks: losses and metrics; no training extras needed)
 })
 """Top-level modules of the shipped plugins: an entry point whose value is in one of them is a built-in."""

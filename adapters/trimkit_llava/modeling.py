@@ -11,23 +11,25 @@ from torch import nn
 __all__ = ["LlavaForTrimming", "default_trim_layers", "llava_segment_starts"]
 
 
-def llava_segment_starts(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+def llava_segment_starts(input_ids: torch.Tensor, image_token_id: int, *,
+                         caller: str = "llava_segment_starts") -> torch.Tensor:
     """``(B, 3)`` long tensor ``[0, image start, image end]`` per instance: where the segments
     ``prompt`` / ``image`` / ``question`` start in each row of ``input_ids`` (the image placeholders
     are ``image_token_id``, one per image token, as LLaVA's processor expands ``<image>``). Each row
     must hold one contiguous run of at least one placeholder; an empty prompt is refused by trimkit
-    (a segment starts with a token), so keep the BOS token before the image."""
+    (a segment starts with a token), so keep the BOS token before the image. ``caller`` names the
+    function in error messages (``trimkit_qwen2_vl`` shares this one)."""
     is_image = input_ids == image_token_id
     count = is_image.sum(1)
     if bool((count == 0).any()):
-        raise ValueError(f"llava_segment_starts: rows {torch.nonzero(count == 0).flatten().tolist()} hold no image "
+        raise ValueError(f"{caller}: rows {torch.nonzero(count == 0).flatten().tolist()} hold no image "
                          f"token (id {image_token_id})")
     first = is_image.int().argmax(1)
     end = first + count
     span = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     inside = (span >= first[:, None]) & (span < end[:, None])
     if not torch.equal(inside, is_image):
-        raise ValueError("llava_segment_starts: a row's image tokens are not one contiguous run (one image per "
+        raise ValueError(f"{caller}: a row's image tokens are not one contiguous run (one image per "
                          "instance is supported)")
     return torch.stack([torch.zeros_like(first), first, end], 1).long()
 
