@@ -1,7 +1,8 @@
 """``trimkit profile``: per-instance MACs and measured speed of the full and the trimmed model.
 
 ``trimkit profile --adapter NAME [--size tiny|base] [--batch B] [--device cpu|cuda] [--reduction R]
-[--checkpoint DIR] [--json] [--repeats N] [--instances K] [--threads T] [--dtype float32|bfloat16]``
+[--checkpoint DIR] [--json] [--repeats N] [--instances K] [--threads T] [--dtype float32|bfloat16]
+[--new-tokens T]``
 
 * MACs per instance (``count_macs`` at batch 1 over ``--instances`` inputs), full (mode ``off``) and
   trimmed (mode ``remove``).
@@ -12,6 +13,18 @@
   without one, from untrained trimmers set to reach ``--reduction`` (``trimkit.engine.calibrate``:
   random weights, so the kept fraction varies per instance, and final biases found by bisection on
   measured MACs); the output says which.
+
+Decoders (adapters that expose generation, see :func:`generation_of`), with ``--new-tokens T`` >= 1
+(default 8), get a ``decoder`` section too, measured with the adapter's own ``prefill`` and
+``decode_step`` (the KV cache holds what each layer kept):
+
+* MACs per instance (batch 1) of the prefill, full (``mode="off"``) and trimmed (``"remove"``), and of
+  the first decode step on each one's cache (its cost depends on every layer's cache length, which
+  trimming shortens); the cache lengths per layer;
+* speed, interleaved in the same run: prefill latency (median) and decode tokens/s (``T`` greedy steps
+  on a fresh prefill's cache each round, the prefill not timed; batch ``B``: ``B * T`` tokens per
+  round, trimmed prefill in mode ``packed``), full vs trimmed, with ratios = median over rounds of
+  full time / trimmed time.
 """
 
 from __future__ import annotations
@@ -48,6 +61,9 @@ def register(sub) -> None:
                    help="torch CPU threads, >= 1 (default: torch's)")
     p.add_argument("--seed", metavar="S", type=nonneg_int, default=0,
                    help="seed of the build and the inputs (>= 0, default: 0)")
+    p.add_argument("--new-tokens", metavar="T", type=nonneg_int, default=8,
+                   help="decoder adapters (those exposing generation): greedy decode steps timed per round, "
+                        "full vs trimmed cache (>= 0, default: 8; 0: no decoder section)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
 
@@ -67,9 +83,10 @@ def _check_arguments(**values: Any) -> None:
             continue
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"profile: {name} must be an integer >= 1, got {v!r}")
-    seed = values["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"profile: seed must be an integer >= 0, got {seed!r}")
+    for name in ("seed", "new_tokens"):
+        v = values[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"profile: {name} must be an integer >= 0, got {v!r}")
     r = values["reduction"]
     if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r < 1:
         raise ValueError(f"profile: reduction must be a finite number >= 1, got {r!r}")
@@ -77,8 +94,10 @@ def _check_arguments(**values: Any) -> None:
 
 def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu", reduction: float = 2.0,
             checkpoint: str | None = None, repeats: int = 5, instances: int = 3, seed: int = 0,
-            dtype: str | None = None, threads: int | None = None, model: Any = None) -> dict[str, Any]:
-    """Everything ``trimkit profile`` prints, as a dict (see the module docstring)."""
+            dtype: str | None = None, threads: int | None = None, model: Any = None,
+            new_tokens: int = 8) -> dict[str, Any]:
+    """Everything ``trimkit profile`` prints, as a dict (see the module docstring); decoders (adapters
+    with :func:`generation_of`) and ``new_tokens >= 1`` add ``out["decoder"]`` (module docstring)."""
     import torch
 
     from trimkit.config import TrimConfig
@@ -89,7 +108,7 @@ def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu
     from trimkit.plugins import get_registry
 
     _check_arguments(batch=batch, reduction=reduction, repeats=repeats, instances=instances, threads=threads,
-                     seed=seed)
+                     seed=seed, new_tokens=new_tokens)
     if threads is not None:
         torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
@@ -134,6 +153,9 @@ def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu
             tokens = [r for r in tmodel.records if r.kind == "token"]
             keep.append(statistics.mean(float(r.keep) for r in tokens) if tokens else 1.0)
 
+    gen = generation_of(impl) if new_tokens else None
+    decoder_macs = _decoder_macs(gen, tmodel, singles) if gen is not None else None
+
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         dtype or ("bfloat16" if device == "cuda" else "float32")]
     tmodel.to(device=device, dtype=dt)
@@ -175,7 +197,119 @@ def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu
     else:
         out["throughput_full"] = batch / t.median("full")
         out["throughput_trimmed"] = batch / t.median("trimmed")
+    if gen is not None:
+        out["decoder"] = {**decoder_macs, **_decoder_speed(gen, tmodel, runs, mode, new_tokens, repeats, device)}
     return out
+
+
+# --- decoders -----------------------------------------------------------------------------------
+
+def generation_of(impl: Any) -> Any | None:
+    """The generation functions of adapter ``impl``, or ``None`` when it exposes none.
+
+    An adapter exposes generation with an attribute ``generation`` (a module or object), or, failing
+    that, with a ``generation`` submodule of the package that defines its class (``trimkit_llava``'s
+    adapter -> ``trimkit_llava.generation``). It must have ``prefill(tmodel, <inputs>, mode=...) ->
+    (next-token logits (B, V), cache)``, taking the inputs it names from the adapter's
+    ``example_inputs`` (modes ``"off"``: untrimmed, ``"remove"``: batch 1, ``"packed"``: a batch), a
+    cache with ``lengths`` (per instance, per layer: the keys cached), and
+    ``decode_step(tmodel, cache, tokens (B,), step) -> logits (B, V)`` (appends to the cache)."""
+    import importlib
+
+    gen = getattr(impl, "generation", None)
+    if gen is None:
+        module = type(impl).__module__
+        package = module.rpartition(".")[0] or module
+        try:
+            gen = importlib.import_module(f"{package}.generation")
+        except ModuleNotFoundError as e:
+            if e.name not in (f"{package}.generation", package):
+                raise
+            return None
+    if not (callable(getattr(gen, "prefill", None)) and callable(getattr(gen, "decode_step", None))):
+        return None
+    return gen
+
+
+def _prefill_args(gen: Any, x: dict[str, Any]) -> dict[str, Any]:
+    """The inputs of ``x`` that ``gen.prefill`` takes by name."""
+    import inspect
+
+    names = set(inspect.signature(gen.prefill).parameters) - {"mode"}
+    return {k: v for k, v in x.items() if k in names}
+
+
+def _decoder_macs(gen: Any, tmodel: Any, singles: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per instance (batch 1): MACs of the full and the trimmed prefill, of the first decode step on
+    each one's cache, and the cache lengths per layer."""
+    import torch
+
+    from trimkit.macs import count_macs
+
+    res: dict[str, list] = {k: [] for k in ("prefill_macs_full_per_instance", "prefill_macs_trimmed_per_instance",
+                                            "decode_step_macs_full_per_instance",
+                                            "decode_step_macs_trimmed_per_instance",
+                                            "cache_lengths_full_per_instance", "cache_lengths_trimmed_per_instance")}
+    for x in singles:
+        args = _prefill_args(gen, x)
+        for name, m in (("full", "off"), ("trimmed", "remove")):
+            res[f"prefill_macs_{name}_per_instance"].append(count_macs(gen.prefill, tmodel, **args, mode=m).total)
+            with torch.no_grad():
+                logits, cache = gen.prefill(tmodel, **args, mode=m)
+            res[f"cache_lengths_{name}_per_instance"].append([int(n) for n in cache.lengths[0]])
+            step = count_macs(gen.decode_step, tmodel, cache, logits.argmax(-1), 0).total
+            res[f"decode_step_macs_{name}_per_instance"].append(step)
+    out: dict[str, Any] = {}
+    for what in ("prefill_macs", "decode_step_macs"):
+        full = statistics.mean(res[f"{what}_full_per_instance"])
+        trimmed = statistics.mean(res[f"{what}_trimmed_per_instance"])
+        out.update({f"{what}_full": full, f"{what}_trimmed": trimmed, f"{what}_ratio": full / trimmed})
+    out.update(res)
+    return out
+
+
+def _decoder_speed(gen: Any, tmodel: Any, runs: list[dict[str, Any]], mode: str, new_tokens: int, repeats: int,
+                   device: str) -> dict[str, Any]:
+    """Prefill latency and decode tokens/s, full (mode off) vs trimmed (``mode``), interleaved."""
+    import time
+
+    import torch
+
+    from trimkit.engine.timing import Timings, _sync, interleaved
+
+    args = [_prefill_args(gen, x) for x in runs]
+    modes = {"full": "off", "trimmed": mode}
+
+    def prefill(name: str, r: int):
+        return gen.prefill(tmodel, **args[r % len(args)], mode=modes[name])
+
+    pre = interleaved({n: (lambda r, n=n: prefill(n, r)) for n in modes}, repeats=repeats * len(args), warmup=1,
+                      device=device)
+    # decode: each round each variant prefills (not timed), then new_tokens greedy steps are timed
+    times: dict[str, list[float]] = {n: [] for n in modes}
+    names = list(modes)
+    with torch.inference_mode():
+        for r in range(-1, repeats * len(args)):  # round -1: warm-up, not recorded
+            for n in (names if r % 2 == 0 else names[::-1]):
+                logits, cache = prefill(n, max(r, 0))
+                _sync(device)
+                t = time.perf_counter()
+                token = logits.argmax(-1)
+                for step in range(new_tokens):
+                    token = gen.decode_step(tmodel, cache, token, step).argmax(-1)
+                _sync(device)
+                if r >= 0:
+                    times[n].append(time.perf_counter() - t)
+    dec = Timings(times)
+    batch = int(next(iter(args[0].values())).shape[0])
+    return {
+        "engine": mode, "new_tokens": new_tokens, "rounds": len(pre.times["full"]),
+        "prefill_latency_full_ms": pre.median("full") * 1e3, "prefill_latency_trimmed_ms": pre.median("trimmed") * 1e3,
+        "prefill_speed_ratio": pre.ratio("full", "trimmed"),
+        "decode_tokens_per_s_full": batch * new_tokens / dec.median("full"),
+        "decode_tokens_per_s_trimmed": batch * new_tokens / dec.median("trimmed"),
+        "decode_speed_ratio": dec.ratio("full", "trimmed"),
+    }
 
 
 def _fmt(n: float) -> str:
@@ -193,7 +327,7 @@ def run(args) -> int:
               f"--checkpoint {args.checkpoint}", file=sys.stderr)
     out = profile(args.adapter, size=args.size, batch=args.batch, device=args.device, reduction=reduction,
                   checkpoint=args.checkpoint, repeats=args.repeats, instances=args.instances, seed=args.seed,
-                  dtype=args.dtype, threads=args.threads)
+                  dtype=args.dtype, threads=args.threads, new_tokens=args.new_tokens)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -212,4 +346,27 @@ def run(args) -> int:
               f"trimmed {out['throughput_trimmed']:.1f}/s")
     print(f"  speed ratio (full time / trimmed time, interleaved, {out['repeats']} rounds): {out['speed_ratio']:.2f}x "
           f"(MACs ratio {out['macs_ratio']:.2f}x)")
+    if "decoder" in out:
+        print(_decoder_table(out["decoder"], out["batch"]))
     return 0
+
+
+def _decoder_table(d: dict[str, Any], batch: int) -> str:
+    """The ``decoder`` section as a Markdown table (ratios: full / trimmed)."""
+    keys_full = statistics.mean(sum(ls) for ls in d["cache_lengths_full_per_instance"])
+    keys_trimmed = statistics.mean(sum(ls) for ls in d["cache_lengths_trimmed_per_instance"])
+    rows = [
+        ("prefill MACs (batch 1, mean)", _fmt(d["prefill_macs_full"]), _fmt(d["prefill_macs_trimmed"]),
+         d["prefill_macs_ratio"]),
+        ("decode-step MACs (first step, batch 1, mean)", _fmt(d["decode_step_macs_full"]),
+         _fmt(d["decode_step_macs_trimmed"]), d["decode_step_macs_ratio"]),
+        ("KV cache keys (sum over layers, mean)", f"{keys_full:.1f}", f"{keys_trimmed:.1f}", keys_full / keys_trimmed),
+        (f"prefill latency (median, batch {batch}, engine {d['engine']})", f"{d['prefill_latency_full_ms']:.1f} ms",
+         f"{d['prefill_latency_trimmed_ms']:.1f} ms", d["prefill_speed_ratio"]),
+        (f"decode tokens/s (batch {batch}, {d['new_tokens']} steps)", f"{d['decode_tokens_per_s_full']:.1f}",
+         f"{d['decode_tokens_per_s_trimmed']:.1f}", d["decode_speed_ratio"]),
+    ]
+    lines = [f"  decoder (prefill + greedy decode, interleaved, {d['rounds']} rounds; speed ratio = median of "
+             "full time / trimmed time):", "  | | full | trimmed | full/trimmed |", "  |---|---|---|---|"]
+    lines += [f"  | {a} | {b} | {c} | {r:.2f}x |" for a, b, c, r in rows]
+    return "\n".join(lines)
