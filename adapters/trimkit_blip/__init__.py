@@ -27,6 +27,13 @@ BLIP's beam search (:func:`generate_captions`), retrieval by ITC similarity of e
 reranking of the top k (:func:`evaluate_blip_retrieval`; the ITM wrapper's ``image_embeddings`` /
 ``text_embeddings``).
 
+VQA *training* with the answer decoder (``build(task="vqa_decoder")``, ``from_pretrained(...,
+task="vqa_decoder")``; the adapter picks it for a VQA v2 dataset read with ``answer_decoder: true``):
+:class:`BlipVQADecoderForTrimming`, the same model and weights as :class:`BlipVQAForTrimming`,
+whose forward returns the next-token logits of every ground-truth answer row (``(B * K, T - 1,
+V)``, the K answers of a question decoded in one row), for ``trimkit_train``'s ``vqa_decoder`` task
+(BLIP's answer LM loss weighted by the answers' soft scores); evaluated by ranking or generation.
+
 VQA as classification (``build(task="vqa_classifier", num_labels=N)``,
 :class:`BlipVQAClassifierForTrimming`): the VQA model's encoders with a linear head on the question
 [CLS], for datasets with a fixed answer list such as digit-grid (the trainer's ``(B, num_labels)``
@@ -50,7 +57,8 @@ Not supported: the retrieval model's contrastive (``use_itm_head=False``) path a
 (it is available untrimmed, for retrieval's first stage: ``BlipITMForTrimming.itc_similarity``). With masks (modes
 ``hard`` and ``sample``) a VQA batch of B > 1 questions must use K = 1: the core applies a
 question's token mask to B rows, not to its K decoder rows. Ranking K > 1 candidates works at
-batch 1 (mode ``remove``) and with the trimmers off.
+batch 1 (mode ``remove``) and with the trimmers off. (:class:`BlipVQADecoderForTrimming` has no such
+limit: its K answers share one decoder row.)
 """
 
 from __future__ import annotations
@@ -60,11 +68,11 @@ from trimkit.plugins import hookimpl
 from .adapter import TINY, BlipAdapter, wrap
 
 __all__ = ["BlipAdapter", "BlipCaptionForTrimming", "BlipITMForTrimming", "BlipNLVRForTrimming",
-           "BlipVQAClassifierForTrimming", "BlipVQAForTrimming",
+           "BlipVQAClassifierForTrimming", "BlipVQADecoderForTrimming", "BlipVQAForTrimming",
            "QuestionSummary", "TINY", "answer_candidates", "describe_blip", "encoder_states", "evaluate_blip_retrieval",
            "generate", "generate_answers", "generate_captions", "rank_answers", "wrap"]
 
-_LAZY = {"BlipITMForTrimming": "modeling", "BlipVQAForTrimming": "modeling", "BlipVQAClassifierForTrimming": "modeling", "BlipCaptionForTrimming": "modeling",
+_LAZY = {"BlipVQADecoderForTrimming": "modeling", "BlipITMForTrimming": "modeling", "BlipVQAForTrimming": "modeling", "BlipVQAClassifierForTrimming": "modeling", "BlipCaptionForTrimming": "modeling",
          "BlipNLVRForTrimming": "modeling", "QuestionSummary": "modeling", "describe_blip": "spec",
          "generate": "generation", "encoder_states": "generation", "answer_candidates": "evaluation",
          "evaluate_blip_retrieval": "evaluation", "generate_answers": "evaluation", "generate_captions": "evaluation",

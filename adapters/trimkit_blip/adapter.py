@@ -104,7 +104,9 @@ class BlipAdapter:
     def build(self, size: str = "tiny", seed: int = 0, task: str = "vqa", image_size: int | None = None,
               **options: Any) -> nn.Module:
         """A randomly initialised wrapped model: ``task`` ``"vqa"``, ``"itm"``, ``"caption"``, ``"nlvr2"``
-        (:class:`~trimkit_blip.modeling.BlipNLVRForTrimming`; option ``merge_from``) or
+        (:class:`~trimkit_blip.modeling.BlipNLVRForTrimming`; option ``merge_from``), ``"vqa_decoder"``
+        (:class:`~trimkit_blip.modeling.BlipVQADecoderForTrimming`: the VQA model whose forward gives
+        the answer decoder's token logits, for training) or
         ``"vqa_classifier"`` (:class:`~trimkit_blip.modeling.BlipVQAClassifierForTrimming`, the VQA
         encoders with a linear answer head; option ``num_labels``, default 2); ``size`` ``"tiny"`` or
         ``"base"`` (transformers' default ``BlipConfig``: BLIP base, 384px); ``image_size``
@@ -114,13 +116,13 @@ class BlipAdapter:
         from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
                                   BlipForQuestionAnswering)
 
-        from .modeling import BlipNLVRForTrimming, BlipVQAClassifierForTrimming
+        from .modeling import BlipNLVRForTrimming, BlipVQAClassifierForTrimming, BlipVQADecoderForTrimming
 
         if size not in ("tiny", "base"):
             raise ValueError(f"trimkit_blip.build: size must be 'tiny' or 'base', got {size!r}")
         classes = {"vqa": BlipForQuestionAnswering, "itm": BlipForImageTextRetrieval,
                    "caption": BlipForConditionalGeneration, "nlvr2": BlipNLVRForTrimming,
-                   "vqa_classifier": BlipVQAClassifierForTrimming}
+                   "vqa_classifier": BlipVQAClassifierForTrimming, "vqa_decoder": BlipForQuestionAnswering}
         if task not in classes:
             raise ValueError(f"trimkit_blip.build: task must be one of {sorted(classes)}, got {task!r}")
         kwargs = {k: dict(v) for k, v in TINY.items()} if size == "tiny" else {"vision_config": {}, "text_config": {}}
@@ -141,6 +143,8 @@ class BlipAdapter:
         if task == "vqa_classifier":
             num_labels = options.pop("num_labels", 2)
             return BlipVQAClassifierForTrimming(BlipConfig(**kwargs, **options), num_labels).eval()
+        if task == "vqa_decoder":
+            return BlipVQADecoderForTrimming(BlipForQuestionAnswering(BlipConfig(**kwargs, **options)).eval()).eval()
         return wrap(classes[task](BlipConfig(**kwargs, **options)).eval())
 
     def dataset_overrides(self, facts) -> dict[str, Any]:
@@ -162,6 +166,8 @@ class BlipAdapter:
             out["task"] = "nlvr2"
         elif facts.variant == "captioning":
             out["task"] = "caption"
+        elif facts.variant == "vqa_decoder":  # VQA v2 with answer-decoder targets (answer_decoder: true)
+            out["task"] = "vqa_decoder"
         elif facts.variant in ("itm", "retrieval"):
             if facts.num_labels not in (None, 2):
                 raise ValueError(f"trimkit_blip: BLIP's ITM head has 2 classes, the dataset {facts.num_labels}")
@@ -197,7 +203,9 @@ class BlipAdapter:
 
         ``task``: ``"vqa"`` (``BlipForQuestionAnswering``), ``"itm"`` (``BlipForImageTextRetrieval``),
         ``"caption"`` (``BlipForConditionalGeneration``), by default the one the checkpoint was saved
-        as (config ``architectures``); ``"vqa_classifier"`` (the encoders of a VQA or ITM
+        as (config ``architectures``); ``"vqa_decoder"`` (a VQA checkpoint as
+        :class:`~trimkit_blip.modeling.BlipVQADecoderForTrimming`, for answer-decoder training);
+        ``"vqa_classifier"`` (the encoders of a VQA or ITM
         checkpoint and a new random ``classifier`` of ``num_labels``, default 2) and ``"nlvr2"``
         (:meth:`BlipNLVRForTrimming.from_blip` of an ITM checkpoint, option ``merge_from``) are
         built from the checkpoint as Salesforce's fine-tuning starts. ``image_size``: the
@@ -213,7 +221,7 @@ class BlipAdapter:
 
         from trimkit.adapter import PretrainedLoadError, load_transformers_pretrained, transformers_source
 
-        from .modeling import BlipNLVRForTrimming, BlipVQAClassifierForTrimming
+        from .modeling import BlipNLVRForTrimming, BlipVQAClassifierForTrimming, BlipVQADecoderForTrimming
 
         where = f"trimkit_blip.from_pretrained({source!r})"
         if weights is not None:
@@ -240,6 +248,7 @@ class BlipAdapter:
         encoders = ("vision_model.", "text_encoder.")
         plans = {
             "vqa": (BlipForQuestionAnswering, lambda m: wrap(resized(m), interp), None, ()),
+            "vqa_decoder": (BlipForQuestionAnswering, lambda m: BlipVQADecoderForTrimming(resized(m), interp), None, ()),
             "itm": (BlipForImageTextRetrieval, lambda m: wrap(resized(m), interp), None, ("itm_head.",)),
             "caption": (BlipForConditionalGeneration, lambda m: wrap(resized(m), interp), None, ()),
             "vqa_classifier": (BlipForQuestionAnswering, lambda m: BlipVQAClassifierForTrimming.from_blip(

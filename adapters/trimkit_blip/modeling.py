@@ -25,7 +25,7 @@ from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImage
 from transformers.models.blip.modeling_blip_text import (BlipTextAttention, BlipTextEmbeddings, BlipTextIntermediate,
                                                          BlipTextOutput, BlipTextSelfAttention)
 
-__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipVQAClassifierForTrimming", "BlipITMForTrimming", "BlipCaptionForTrimming",
+__all__ = ["QuestionSummary", "BlipVQAForTrimming", "BlipVQADecoderForTrimming", "packed_answer_inputs", "BlipVQAClassifierForTrimming", "BlipITMForTrimming", "BlipCaptionForTrimming",
            "BlipNLVRForTrimming", "BlipTwinCrossAttention", "BlipNLVRTextLayer", "padding_bias", "causal_bias"]
 
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -114,6 +114,58 @@ class BlipVQAForTrimming(_BlipEncoders):
         from .evaluation import vqa_task_evaluator
 
         return vqa_task_evaluator(task, runner, dataset)
+
+
+def packed_answer_inputs(answer_ids: torch.Tensor, answer_attention_mask: torch.Tensor, questions: int,
+                         dtype: torch.dtype, trailing: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``K = rows // questions`` answers of each question in *one* decoder row: ids ``(B, K*T)``,
+    positions ``(B, K*T)`` restarting at 0 for every answer, and the additive ``(B, 1, K*T, K*T)``
+    bias of a block-diagonal causal mask (a token attends to the earlier real tokens of its own
+    answer only). Each packed row computes what its K rows would compute one by one. ``trailing``
+    padding tokens (masked, position 0) are appended to every row."""
+    rows, t = answer_ids.shape
+    k = rows // questions
+    dev = answer_ids.device
+    n = k * t + trailing
+    ids = torch.cat([answer_ids.reshape(questions, k * t), answer_ids.new_zeros(questions, trailing)], dim=1)
+    positions = torch.cat([torch.arange(t, device=dev).repeat(k), torch.zeros(trailing, dtype=torch.long, device=dev)])
+    block = torch.cat([torch.arange(k * t, device=dev) // t, torch.full((trailing,), -1, dtype=torch.long, device=dev)])
+    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    keys = torch.cat([answer_attention_mask.reshape(questions, k * t).bool(),
+                      torch.zeros(questions, trailing, dtype=torch.bool, device=dev)], dim=1)
+    allowed = (causal & (block[:, None] == block[None, :]))[None, None] & keys[:, None, None, :]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+    return ids, positions[None].expand(questions, -1), bias
+
+
+class BlipVQADecoderForTrimming(BlipVQAForTrimming):
+    """BLIP VQA's answer decoder for **training** (the LM loss over each question's ground-truth
+    answers, BLIP's ``train_vqa``): ``forward -> (B * K, T - 1, V)`` next-token logits of every
+    answer row (row ``r`` predicts ``answer_ids[r, 1:]``).
+
+    Same modules, names and weights as :class:`BlipVQAForTrimming` (a checkpoint of one loads into
+    the other); its evaluation is the same (answer ranking or generation, ``task_evaluator``).
+    ``answer_ids`` / ``answer_attention_mask`` ``(B * K, T)``: K answers per question, right-padded
+    (rows of a question with fewer answers: anything, e.g. BOS alone; the task gives them weight 0).
+    The first token of every row is set to the decoder's BOS (``config.text_config.bos_token_id``),
+    as BLIP's ``forward`` does with the tokenizer's [CLS]. The K answers of a question are decoded
+    in one row (:func:`packed_answer_inputs`: block-diagonal causal mask, positions restarting per
+    answer), so the decoder batch is the question batch: the question's token mask (masked modes,
+    ``sample`` in training) applies to its decoder row, for any K and any batch size.
+    """
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_ids: torch.Tensor, answer_attention_mask: torch.Tensor) -> torch.Tensor:
+        self._summary(input_ids, attention_mask)  # traced once; the vision trimmers read it (context_source)
+        question = self.question_states(self._encode(pixel_values, input_ids, attention_mask))
+        b, rows, t = question.shape[0], answer_ids.shape[0], answer_ids.shape[1]
+        bos = torch.full_like(answer_ids[:, :1], self.config.text_config.bos_token_id)
+        answer_ids = torch.cat([bos, answer_ids[:, 1:]], dim=1)
+        # one trailing pad token: the decoder's return_logits drops the last position's logits
+        ids, positions, bias = packed_answer_inputs(answer_ids, answer_attention_mask, b, question.dtype, trailing=1)
+        logits = self.text_decoder(input_ids=ids, position_ids=positions, attention_mask=bias, use_cache=False,
+                                   return_logits=True, encoder_hidden_states=question)  # (B, K*T, V)
+        return logits.reshape(rows, t, logits.shape[-1])[:, :-1]
 
 
 class BlipVQAClassifierForTrimming(_BlipEncoders):

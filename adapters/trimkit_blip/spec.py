@@ -11,7 +11,10 @@ Streams and trimmed layers, in forward order:
   contexts, the layer applies ``output.dense``.
 * ``answer`` (VQA only): ``text_decoder.bert.encoder.layer.N``, declared so that their
   cross-attention to the question tokens honours the text stream's trimming (key masks in
-  training, gathered keys at inference); ``trimmable=False``, so they never get trimmers.
+  training, gathered keys at inference); ``trimmable=False``, so they never get trimmers. The
+  training wrapper (:class:`~trimkit_blip.modeling.BlipVQADecoderForTrimming`) decodes a
+  question's K answers in one row (block-diagonal causal bias, a leaf function), so its decoder
+  batch is the question batch.
 * ``caption`` (captioning only, in place of ``text``): the caption decoder's layers, declared
   like ``answer`` so that their cross-attention reads only the kept image tokens; the vision
   trimmers have no cross-modal input (the prompt is fixed).
@@ -43,7 +46,7 @@ from torch import nn
 from trimkit.spec import AttentionSpec, AttnCall, LayerSpec, ModelSpec, StreamSpec
 
 from .modeling import (BlipCaptionForTrimming, BlipITMForTrimming, BlipNLVRForTrimming, BlipVQAForTrimming, causal_bias,
-                       padding_bias)
+                       packed_answer_inputs, padding_bias)
 
 __all__ = ["describe_blip"]
 
@@ -153,7 +156,7 @@ def describe_blip(model: nn.Module) -> ModelSpec:
     spec = ModelSpec(
         streams=streams, layers=layers, input_names=inputs, leaf_modules=leaves,
         autowrap_functions=(masking_utils.create_causal_mask, masking_utils.create_bidirectional_mask, padding_bias,
-                            causal_bias),
+                            causal_bias, packed_answer_inputs),
     )
     spec.validate()
     return spec

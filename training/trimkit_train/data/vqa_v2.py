@@ -41,8 +41,8 @@ from torch.utils.data import Dataset
 from .common import (CLIP_MEAN, CLIP_STD, ImageFileError, ImageLoader, Ragged, encode_texts, load_tokenizer,
                      pad_collate, per_split, read_json, select)
 
-__all__ = ["VQAv2Dataset", "answer_vocabulary", "normalize_answer", "soft_score", "vqa_predictions",
-           "make_vqa_v2", "COCO_SPLITS"]
+__all__ = ["VQAv2Dataset", "answer_token_ids", "answer_vocabulary", "decoder_collate", "normalize_answer",
+           "soft_score", "vqa_predictions", "make_vqa_v2", "COCO_SPLITS"]
 
 #: split -> (tag of the question / annotation files, COCO image set of its images)
 COCO_SPLITS: dict[str, tuple[str, str]] = {
@@ -156,6 +156,12 @@ class VQAv2Dataset(Dataset):
     scores (all zero for the test splits), ``question_id``. Attributes: ``answers`` (the vocabulary),
     ``num_labels``, ``question_ids``, ``image_ids``, ``questions``, ``input_ids``, ``tokenizer``,
     ``image_size``, ``patch_size`` (None), ``variant = "vqa"``, ``task = "vqa"``.
+
+    ``answer_decoder=True`` (BLIP's answer-decoder training): ``variant`` and ``task`` are
+    ``"vqa_decoder"``, ``answer_tokens`` holds every vocabulary answer tokenised (at most
+    ``max_answer_len`` tokens, [CLS]/[SEP] included, else a ``ValueError`` naming them), and
+    batches carry the decoder targets (:func:`decoder_collate`; ``labels`` a dict whose
+    ``"scores"`` are the soft scores).
     """
 
     variant = "vqa"
@@ -168,7 +174,8 @@ class VQAv2Dataset(Dataset):
                  answer_sources: Sequence[str] | None = None, min_answer_count: int = 9,
                  skip_unanswerable: bool | None = None, tokenizer: Any = None, max_text_len: int = 40,
                  image_size: int = 288, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                 crop: bool = False, check_images: bool = False) -> None:
+                 crop: bool = False, check_images: bool = False, answer_decoder: bool = False,
+                 max_answer_len: int = 16) -> None:
         self.split = split
         self.tokenizer = load_tokenizer(tokenizer)
         self.images = ImageLoader(image_size, mean, std, crop)
@@ -184,6 +191,11 @@ class VQAv2Dataset(Dataset):
         if not self.answers:
             raise ValueError("the answer vocabulary is empty")
         self.num_labels = len(self.answers)
+        self.answer_decoder = bool(answer_decoder)
+        self.answer_tokens: list[list[int]] | None = None
+        if self.answer_decoder:  # BLIP's answer-decoder training: every answer tokenised, [CLS] ... [SEP]
+            self.variant = self.task = "vqa_decoder"
+            self.answer_tokens = answer_token_ids(self.tokenizer, self.answers, max_answer_len)
         skip = "train" in split.split("+") if skip_unanswerable is None else bool(skip_unanswerable)
 
         recs: list[tuple[str, int, int, Path, list[tuple[int, float]]]] = []  # question, qid, iid, image, targets
@@ -277,8 +289,61 @@ class VQAv2Dataset(Dataset):
 
     @property
     def collate_fn(self):
-        """:func:`~trimkit_train.data.common.pad_collate` with the tokenizer's pad id."""
-        return partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id or 0)
+        """:func:`~trimkit_train.data.common.pad_collate` with the tokenizer's pad id; with
+        ``answer_decoder``, :func:`decoder_collate` (the answer-decoder targets)."""
+        pad = self.tokenizer.pad_token_id or 0
+        if self.answer_decoder:
+            return partial(decoder_collate, pad_token_id=pad, answer_tokens=self.answer_tokens)
+        return partial(pad_collate, pad_token_id=pad)
+
+
+def answer_token_ids(tokenizer: Any, answers: Sequence[str], max_answer_len: int) -> list[list[int]]:
+    """Every vocabulary answer tokenised as BLIP's ``train_vqa`` does ([CLS] answer [SEP], the first
+    token later replaced by the decoder's BOS). An answer of more than ``max_answer_len`` tokens
+    (special tokens included) is an error: it would be truncated in training but scored whole by
+    the ranking, so raise ``max_answer_len`` or drop it from the vocabulary."""
+    if int(max_answer_len) < 2:
+        raise ValueError(f"vqa_v2: max_answer_len must be >= 2 (BOS + [SEP]), got {max_answer_len!r}")
+    ids = [list(map(int, tokenizer(str(a))["input_ids"])) for a in answers]
+    long = [(a, len(t)) for a, t in zip(answers, ids) if len(t) > int(max_answer_len)]
+    if long:
+        shown = ", ".join(f"{a!r} ({n} tokens)" for a, n in long[:5])
+        raise ValueError(f"vqa_v2: {len(long)} answer(s) of the vocabulary are longer than max_answer_len="
+                         f"{max_answer_len} tokens ([CLS] and [SEP] included): {shown}; raise max_answer_len or "
+                         "drop them from the answer vocabulary")
+    return ids
+
+
+def decoder_collate(batch: Sequence[dict[str, Any]], pad_token_id: int, answer_tokens: Sequence[Sequence[int]]
+                    ) -> dict[str, Any]:
+    """:func:`pad_collate`, plus the answer decoder's inputs and targets (task ``vqa_decoder``).
+
+    The K rows of question ``b`` (``b * K .. b * K + K - 1``, K = the most answers of a question in
+    the batch) are its vocabulary answers with a soft score > 0, in vocabulary order, right-padded
+    to the longest (``answer_ids`` / ``answer_attention_mask`` ``(B * K, T)``, what the model's
+    forward takes); rows of a question with fewer answers hold [CLS] alone and weigh 0.
+    ``labels`` becomes ``{"scores": (B, A) soft scores, "answer_ids", "answer_attention_mask",
+    "weights": (B, K) each row's soft score}``. A question without an answer in the vocabulary
+    (kept with ``skip_unanswerable: false``) has K rows of weight 0: it adds nothing to the loss."""
+    out = pad_collate(batch, pad_token_id)
+    scores = out["labels"]
+    rows = [torch.nonzero(s > 0).flatten().tolist() for s in scores]
+    k = max(1, max(len(r) for r in rows))
+    width = max([2] + [len(answer_tokens[a]) for r in rows for a in r])
+    first = int(answer_tokens[0][0])
+    ids = torch.full((len(batch) * k, width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[:, 0], mask[:, 0] = first, 1
+    weights = torch.zeros(len(batch), k)
+    for b, r in enumerate(rows):
+        for j, a in enumerate(r):
+            tok = answer_tokens[a]
+            ids[b * k + j, :len(tok)] = torch.tensor(tok)
+            mask[b * k + j, :len(tok)] = 1
+            weights[b, j] = scores[b, a]
+    out["answer_ids"], out["answer_attention_mask"] = ids, mask
+    out["labels"] = {"scores": scores, "answer_ids": ids, "answer_attention_mask": mask, "weights": weights}
+    return out
 
 
 def vqa_predictions(logits: torch.Tensor, question_ids: Sequence[int], answers: Sequence[str]) -> list[dict[str, Any]]:

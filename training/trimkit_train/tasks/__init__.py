@@ -9,6 +9,9 @@ under the names datasets give in their ``task`` attribute:
 * ``vqa``: METER's soft-score BCE, ``vqa_score`` (and accuracy); a model with an answer decoder
   (BLIP) is evaluated by ranking the answer vocabulary (top 128 by first-token probability, then the
   full log-likelihood); ``vqa_generate``: the same task, evaluated on generated free-form answers;
+* ``vqa_decoder``: VQA trained with an answer decoder as BLIP (the LM loss of each ground-truth
+  answer weighted by its soft score, label smoothing 0.1; token KL), evaluated as ``vqa`` (ranking;
+  ``vqa_decoder_generate``: generation);
 * ``captioning``: token cross-entropy, BLEU-4 and CIDEr, on captions the model generates (BLIP's
   beam search of 3, 5 to 20 tokens) where it can, else on the teacher-forced argmax;
   ``captioning_greedy``: greedy decoding;
@@ -28,12 +31,12 @@ from trimkit.plugins import hookimpl
 
 from .caption_metrics import caption_scores, tokenize_caption
 from .core import (BLIP_CAPTION_GENERATION, AccuracyMetric, CaptionMetric, CaptioningTask, ClassificationTask,
-                   RetrievalMetric, RetrievalTask, VQAMetric, VQATask, bernoulli_kl, categorical_kl, model_hook)
+                   RetrievalMetric, RetrievalTask, VQADecoderTask, VQAMetric, VQATask, bernoulli_kl, categorical_kl, model_hook)
 from .retrieval import evaluate_retrieval, itm_score, retrieval_recalls
 
 __all__ = [
     "AccuracyMetric", "BLIP_CAPTION_GENERATION", "CaptionMetric", "CaptioningTask", "ClassificationTask",
-    "DEFAULT_TASK", "RetrievalMetric", "RetrievalTask", "VQAMetric", "VQATask", "bernoulli_kl", "builtin_tasks",
+    "DEFAULT_TASK", "RetrievalMetric", "RetrievalTask", "VQADecoderTask", "VQAMetric", "VQATask", "bernoulli_kl", "builtin_tasks",
     "caption_scores", "categorical_kl", "evaluate_retrieval", "get_task", "itm_score", "model_hook",
     "retrieval_recalls", "tokenize_caption",
 ]
@@ -47,7 +50,9 @@ def builtin_tasks() -> dict[str, Any]:
     greedy = {**BLIP_CAPTION_GENERATION, "num_beams": 1}
     return {"classification": ClassificationTask("classification"), "nlvr2": ClassificationTask("nlvr2"),
             "snli_ve": ClassificationTask("snli_ve"), "vqa": VQATask(),
-            "vqa_generate": VQATask("vqa_generate", inference="generate"), "captioning": CaptioningTask(),
+            "vqa_generate": VQATask("vqa_generate", inference="generate"), "vqa_decoder": VQADecoderTask(),
+            "vqa_decoder_generate": VQADecoderTask("vqa_decoder_generate", inference="generate"),
+            "captioning": CaptioningTask(),
             "captioning_greedy": CaptioningTask(generation=greedy, name="captioning_greedy"),
             "retrieval": RetrievalTask()}
 

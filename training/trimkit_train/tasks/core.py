@@ -48,7 +48,7 @@ IGNORE_INDEX = -100
 
 __all__ = [
     "IGNORE_INDEX", "AccuracyMetric", "BLIP_CAPTION_GENERATION", "CaptionMetric", "CaptioningTask",
-    "ClassificationTask", "RetrievalMetric", "RetrievalTask", "VQAMetric", "VQATask", "categorical_kl",
+    "ClassificationTask", "RetrievalMetric", "RetrievalTask", "VQAMetric", "VQADecoderTask", "VQATask", "categorical_kl",
     "bernoulli_kl", "model_hook",
 ]
 
@@ -132,15 +132,18 @@ class VQAMetric:
 
     def update(self, logits: torch.Tensor | None, batch: dict[str, Any]) -> None:
         generated = batch.get("generated")
+        labels = batch["labels"]
+        if isinstance(labels, dict):  # answer-decoder batches (task vqa_decoder): the soft scores are labels["scores"]
+            labels = labels["scores"]
         if generated is not None:
-            scores = batch["labels"].float()
+            scores = labels.float()
             labels = [self._label(a) for a in generated]
             if len(labels) != scores.shape[0]:
                 raise ValueError(f"VQAMetric: {len(labels)} generated answers for {scores.shape[0]} questions")
             index = torch.tensor([-1 if i is None else i for i in labels], device=scores.device)
             got = scores.gather(1, index.clamp_min(0)[:, None]).squeeze(1).masked_fill(index < 0, 0.0)
         else:
-            scores = batch["labels"].to(logits.device).float()
+            scores = labels.to(logits.device).float()
             got = scores.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
         best = scores.max(-1).values
         self.score += float(got.sum())
@@ -323,6 +326,74 @@ class VQATask:
 
     def __repr__(self) -> str:
         return f"VQATask({self.name!r}, inference={self.inference!r}, k_test={self.k_test})"
+
+
+class VQADecoderTask(VQATask):
+    """VQA trained with an answer decoder, as BLIP's ``train_vqa``: the decoder's LM loss over each
+    question's ground-truth answers, each weighted by its soft score, summed and averaged over the
+    questions (``loss = sum_b sum_k w_bk * NLL(answer_bk) / #questions``; BLIP divides by the batch,
+    here only questions with at least one answer count). ``NLL`` sums the answer's token
+    cross-entropies ([SEP] included, BOS and padding not), with ``label_smoothing`` (BLIP's decoder
+    loss: 0.1, the default; 0: ``-sum_k w_k log p(answer_k)``).
+
+    ``logits``: the model's ``(B * K, T - 1, V)`` next-token logits of the answer rows
+    (:class:`trimkit_blip.BlipVQADecoderForTrimming`); ``labels``: the dict of
+    :func:`trimkit_train.data.vqa_v2.decoder_collate` (``answer_ids``, ``answer_attention_mask``
+    ``(B * K, T)``, ``weights`` ``(B, K)``, ``scores``). Distillation: the KL(trimmed || full) of the
+    two decoders' token distributions, averaged over the real tokens of the answers that weigh
+    (0 when the two are equal). Evaluation is :class:`VQATask`'s (``inference``: BLIP's ranking of
+    the answer list, or generation; ``vqa_score``); no metric on training steps (the logits are
+    token logits, not answer scores).
+
+    Registered as ``vqa_decoder`` (ranking) and ``vqa_decoder_generate``; the VQA v2 reader names it
+    with ``answer_decoder: true``. Another ``label_smoothing`` is a task of your own:
+    ``VQADecoderTask("my_task", label_smoothing=0.0)`` registered by a plugin.
+    """
+
+    metric_on_train_steps = False
+
+    def __init__(self, name: str = "vqa_decoder", label_smoothing: float = 0.1, **options: Any) -> None:
+        super().__init__(name, **options)
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"VQADecoderTask: label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
+
+    def _targets(self, logits: torch.Tensor, labels: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(targets, token mask, weights)`` on the logits' device, checked against the logits."""
+        if not isinstance(labels, dict) or not {"answer_ids", "answer_attention_mask", "weights"} <= set(labels):
+            raise ValueError(f"{self.name}: labels must be the answer-decoder targets (a dict with answer_ids, "
+                             "answer_attention_mask and weights: the vqa_v2 reader with answer_decoder: true), got "
+                             f"{type(labels).__name__}")
+        ids = labels["answer_ids"].to(logits.device)
+        mask = labels["answer_attention_mask"].to(logits.device)
+        weights = labels["weights"].to(logits.device, torch.float32)
+        rows, t = ids.shape
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != (rows, t - 1) or weights.numel() != rows:
+            raise ValueError(f"{self.name}: expected the answer decoder's next-token logits ({rows}, {t - 1}, V) for "
+                             f"answer_ids {tuple(ids.shape)} and weights {tuple(weights.shape)}, got "
+                             f"{tuple(logits.shape)} (a model with an answer decoder: BLIP, build task vqa_decoder)")
+        return ids[:, 1:], mask[:, 1:].bool(), weights
+
+    def loss(self, logits: torch.Tensor, labels: Any) -> torch.Tensor:
+        targets, mask, weights = self._targets(logits, labels)
+        token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none",
+                                label_smoothing=self.label_smoothing).view(targets.shape)
+        nll = (token * mask).sum(-1).view(weights.shape)  # (B, K)
+        answered = int((weights > 0).any(-1).sum())
+        if not answered:
+            return logits.sum() * 0.0
+        return (weights * nll).sum() / answered
+
+    def distill(self, logits: torch.Tensor, full_logits: torch.Tensor, labels: Any) -> torch.Tensor:
+        _, mask, weights = self._targets(logits, labels)
+        keep = mask & (weights.reshape(-1, 1) > 0)
+        if not bool(keep.any()):
+            return logits.sum() * 0.0
+        return categorical_kl(logits[keep], full_logits[keep]).mean()
+
+    def __repr__(self) -> str:
+        return (f"VQADecoderTask({self.name!r}, label_smoothing={self.label_smoothing}, inference={self.inference!r}, "
+                f"k_test={self.k_test})")
 
 
 def _align_tokens(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
