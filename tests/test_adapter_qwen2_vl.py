@@ -305,3 +305,72 @@ def test_training_mode_is_differentiable(adapter):
     grads = {name for name, p in tmodel.trimmers.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any(".token.policies.1." in name for name in grads), sorted(grads)  # segment 1: the image's trimmer
     assert any(".heads." in name for name in grads), sorted(grads)
+
+
+# --- generation: trimkit_llava's, shared (image_grid_thw per instance, M-RoPE deltas in the decode positions)
+
+NEW = 5
+
+
+def _hf_generate(model, x, b):
+    """transformers' greedy generation of instance ``b`` alone: its new tokens and the logits each came from."""
+    from trimkit_qwen2_vl import flat_pixel_values
+
+    n = int(x["attention_mask"][b].sum())
+    ids, grid = x["input_ids"][b:b + 1, :n], x["image_grid_thw"][b:b + 1]
+    with torch.no_grad():
+        out = model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), image_grid_thw=grid,
+                                   pixel_values=flat_pixel_values(x["pixel_values"][b:b + 1], grid),
+                                   mm_token_type_ids=(ids == model.config.image_token_id).int(), max_new_tokens=NEW,
+                                   min_new_tokens=NEW, eos_token_id=None, do_sample=False,
+                                   return_dict_in_generate=True, output_logits=True)
+    return out.sequences[0, n:], torch.cat(out.logits)
+
+
+def _generate(tmodel, x, **kw):
+    from trimkit_qwen2_vl.generation import generate
+
+    return generate(tmodel, x["input_ids"], x["pixel_values"], x["image_grid_thw"], x["attention_mask"],
+                    max_new_tokens=NEW, eos_token_id=[], return_logits=True, **kw)
+
+
+def test_everything_kept_generates_what_transformers_generates(adapter, qwen):
+    from trimkit_llava.generation import decode_step
+    from trimkit_qwen2_vl.generation import prefill
+
+    model, tmodel = qwen
+    x = adapter.example_inputs(model, 3, seed=8)
+    out = _generate(tmodel, x)
+    assert out.tokens.shape == (3, NEW)
+    for b in range(3):
+        tokens, logits = _hf_generate(model, x, b)
+        assert out.tokens[b].tolist() == tokens.tolist()
+        torch.testing.assert_close(out.logits[b], logits, atol=1e-5, rtol=0)
+    # the decode positions need the M-RoPE deltas: without them the first decode step reads other logits
+    logits, kept = prefill(tmodel, x["input_ids"], x["pixel_values"], x["image_grid_thw"], x["attention_mask"])
+    assert all(o < 0 for o in kept.offsets)  # the image's positions are compressed: delta = max + 1 - n
+    with torch.no_grad():
+        kept.offsets = None
+        wrong = decode_step(tmodel, kept, logits.argmax(-1), 0)
+    assert float((wrong - out.logits[:, 1]).abs().max()) > 1e-4
+
+
+def test_trimmed_generation_masked_removed_packed_agree(adapter, qwen):
+    model, tmodel = qwen
+    x = adapter.example_inputs(model, 3, seed=9)
+    saved = {k: v.clone() for k, v in tmodel.trimmers.state_dict().items()}
+    try:
+        randomize_trimmers(tmodel, 21)
+        removed, hard, packed = (_generate(tmodel, x, mode=m) for m in ("remove", "hard", "packed"))
+    finally:
+        tmodel.trimmers.load_state_dict(saved)
+    torch.testing.assert_close(removed.logits, hard.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(packed.logits, removed.logits, atol=1e-4, rtol=0)
+    assert removed.tokens.tolist() == hard.tokens.tolist() == packed.tokens.tolist()
+    assert removed.cache_lengths == hard.cache_lengths == packed.cache_lengths
+    real = x["attention_mask"].sum(1).tolist()
+    for b, lengths in enumerate(removed.cache_lengths):
+        assert lengths[0] == real[b] and lengths[-1] < real[b]  # layer 0 caches every token, the trimmed ones fewer
+    assert len({tuple(l) for l in removed.cache_lengths}) == 3
+    off = _generate(tmodel, x, mode="off")
+    assert float((off.logits - removed.logits).abs().max()) > 1e-3

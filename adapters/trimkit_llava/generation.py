@@ -19,6 +19,12 @@ padded per layer to the longest and the padding rows are masked per instance (an
 ``mode="hard"`` runs the same prefill masked (every token computed, each layer's dropped keys
 masked, the cache full length): the reference the removed cache must agree with.
 ``mode="off"`` is the untrimmed model (its generated tokens are transformers' own greedy ones).
+
+Shared with ``trimkit_qwen2_vl`` (its wrapper defines the two things that differ): ``inputs``
+(further per-instance model inputs, batch first, such as Qwen2-VL's ``image_grid_thw``), and the
+wrapper's ``decode_position_offsets(input_ids, attention_mask, inputs)``: per instance the offset of
+its decode positions (Qwen2-VL's multimodal RoPE delta: new token ``t`` is at ``n + t + delta``;
+LLaVA has none, 0).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class KeptCache:
     masked: list[bool]
     lengths: list[list[int]]
     prompt_lengths: list[int]
+    offsets: list[int] | None = None  # per instance added to its decode positions (M-RoPE deltas); None: 0
 
     @property
     def stored(self) -> list[int]:
@@ -101,7 +108,10 @@ def _wrapper(tmodel: nn.Module) -> nn.Module:
 
     from .modeling import LlavaForTrimming
 
-    if not isinstance(tmodel, TrimmedModel) or not isinstance(tmodel.model, LlavaForTrimming):
+    def known(wrapper: nn.Module) -> bool:  # LLaVA's, or one that declares its decode positions (Qwen2-VL's)
+        return isinstance(wrapper, LlavaForTrimming) or callable(getattr(wrapper, "decode_position_offsets", None))
+
+    if not isinstance(tmodel, TrimmedModel) or not known(tmodel.model):
         raise TypeError(f"trimkit_llava.generate: expected a trimmed LLaVA (trimkit.trim(trimkit_llava.wrap(model)), "
                         f"a TrimmedModel of LlavaForTrimming), got {type(tmodel).__name__}"
                         + (f" of {type(tmodel.model).__name__}" if isinstance(tmodel, TrimmedModel) else ""))
@@ -195,7 +205,7 @@ def _check_inputs(input_ids: torch.Tensor, pixel_values: torch.Tensor,
 
 
 def _prefill_rows(tmodel: nn.Module, wrapper: nn.Module, ids: torch.Tensor, pixels: torch.Tensor,
-                  mask: torch.Tensor, mode: str) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+                  mask: torch.Tensor, mode: str, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], list[list[tuple]]]:
     """One forward of ``tmodel`` in ``mode`` with every layer's cache captured: per instance its
     next-token logits (V,) and per layer (keys (1, Hkv, n, d), values, valid rows (n,) or None)."""
     from transformers import DynamicCache
@@ -207,7 +217,7 @@ def _prefill_rows(tmodel: nn.Module, wrapper: nn.Module, ids: torch.Tensor, pixe
     valid: dict[int, torch.Tensor] = {}
     packs: dict[int, Any] = {}
     x = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask,
-         "segment_starts": llava_segment_starts(ids, wrapper.image_token_id)}
+         "segment_starts": llava_segment_starts(ids, wrapper.image_token_id), **inputs}
     with _capture(lm.layers, cache, mode, valid, packs), tmodel.mode(mode):
         out = tmodel(**x)
     n_layers = len(lm.layers)
@@ -229,29 +239,40 @@ def _prefill_rows(tmodel: nn.Module, wrapper: nn.Module, ids: torch.Tensor, pixe
 
 
 def prefill(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-            attention_mask: torch.Tensor | None = None, mode: str = "remove") -> tuple[torch.Tensor, KeptCache]:
+            attention_mask: torch.Tensor | None = None, mode: str = "remove",
+            inputs: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, KeptCache]:
     """Run the trimmed prefill and return ``(next-token logits (B, V), KeptCache)``. ``mode``:
     ``"remove"`` (each instance alone at batch 1, its real tokens only; dropped tokens not
     computed, the cache holds only kept tokens), ``"packed"`` (the same decisions and cache, the
     whole batch in one forward of mode packed: the kept tokens of every instance in one row
     matrix), ``"hard"`` (masked, each instance alone: full-length cache, dropped keys invalid) or
-    ``"off"`` (the untrimmed model, each instance alone). Right padding only."""
+    ``"off"`` (the untrimmed model, each instance alone). Right padding only. ``inputs``: further
+    model inputs, one row per instance (module docstring)."""
     from transformers import DynamicCache
 
     if mode not in _MODES:
         raise ValueError(f"trimkit_llava.prefill: mode must be one of {_MODES}, got {mode!r}")
     wrapper = _wrapper(tmodel)
     lengths = _check_inputs(input_ids, pixel_values, attention_mask)
+    inputs = dict(inputs or {})
+    for name, value in inputs.items():
+        if not isinstance(value, torch.Tensor) or value.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"trimkit_llava.prefill: inputs[{name!r}] must be a tensor with one row per instance "
+                             f"({input_ids.shape[0]})")
     _check_window(wrapper, max(lengths))
+    offsets = None
+    if callable(getattr(wrapper, "decode_position_offsets", None)):
+        offsets = [int(o) for o in wrapper.decode_position_offsets(input_ids, attention_mask, inputs)]
     if mode == "packed":
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         logits, per = _prefill_rows(tmodel, wrapper, input_ids[:, :max(lengths)], pixel_values,
-                                    mask[:, :max(lengths)], mode)
+                                    mask[:, :max(lengths)], mode, inputs)
     else:
         logits, per = [], []
         for b, n in enumerate(lengths):
             ids = input_ids[b:b + 1, :n]
-            one, layers = _prefill_rows(tmodel, wrapper, ids, pixel_values[b:b + 1], torch.ones_like(ids), mode)
+            one, layers = _prefill_rows(tmodel, wrapper, ids, pixel_values[b:b + 1], torch.ones_like(ids), mode,
+                                        {k: v[b:b + 1] for k, v in inputs.items()})
             logits += one
             per += layers
     data, valid, masked = [], [], []
@@ -270,21 +291,22 @@ def prefill(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tens
         data.append((keys, values))
         valid.append(ok)
         masked.append(not bool(ok.all()))
-    kept = KeptCache(DynamicCache(ddp_cache_data=data), valid, masked, counts, lengths)
+    kept = KeptCache(DynamicCache(ddp_cache_data=data), valid, masked, counts, lengths, offsets)
     return torch.stack(logits), kept
 
 
 def decode_step(tmodel: nn.Module, kept: KeptCache, tokens: torch.Tensor, step: int) -> torch.Tensor:
     """One untrimmed decode step: ``tokens`` (B,) the latest token of each instance, ``step`` its
     index among the generated tokens (0 for the first), so instance ``b`` is at position
-    ``prompt_lengths[b] + step``. Appends its keys and values to every layer of ``kept.cache`` and
+    ``prompt_lengths[b] + step`` (plus ``kept.offsets[b]``, the M-RoPE delta, where there is one). Appends its keys and values to every layer of ``kept.cache`` and
     returns the next-token logits (B, V)."""
     wrapper = _wrapper(tmodel)
     llava = wrapper.model
     lm = llava.model.language_model
     name = _cache_kwarg(lm.layers[0].self_attn)
     B = tokens.shape[0]
-    positions = torch.tensor(kept.prompt_lengths, device=tokens.device)[:, None] + step
+    start = kept.prompt_lengths if kept.offsets is None else [n + o for n, o in zip(kept.prompt_lengths, kept.offsets)]
+    positions = torch.tensor(start, device=tokens.device)[:, None] + step
     h = lm.embed_tokens(tokens[:, None])
     pe = lm.rotary_emb(h, positions)
     new = torch.ones(B, 1, dtype=torch.bool, device=tokens.device)
@@ -302,7 +324,7 @@ def decode_step(tmodel: nn.Module, kept: KeptCache, tokens: torch.Tensor, step: 
 def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
              attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20, *,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, mode: str = "remove",
-             return_logits: bool = False) -> LlavaGeneration:
+             return_logits: bool = False, inputs: dict[str, torch.Tensor] | None = None) -> LlavaGeneration:
     """Greedy generation from a trimmed LLaVA whose KV cache holds only the kept tokens (module docstring).
 
     ``tmodel``: ``trimkit.trim(trimkit_llava.wrap(model), config)`` in eval mode. ``input_ids``
@@ -313,7 +335,8 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
     caches), ``"hard"`` (masked, the reference) or ``"off"`` (untrimmed); see :func:`prefill`.
     Decoding is batched either way. ``eos_token_id`` / ``pad_token_id``: default the model's
     ``generation_config``'s (else its text config's); ``eos_token_id=[]``: never stop before
-    ``max_new_tokens``. Returns a :class:`LlavaGeneration` (the new tokens and the cache length of
+    ``max_new_tokens``. ``inputs``: further model inputs, one row per instance (Qwen2-VL's
+    ``image_grid_thw``; see the module docstring). Returns a :class:`LlavaGeneration` (the new tokens and the cache length of
     every layer)."""
     if int(max_new_tokens) < 1:
         raise ValueError(f"trimkit_llava.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -333,7 +356,7 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
     _check_window(wrapper, int(max_new_tokens) + (int(attention_mask.ne(0).sum(1).max()) if attention_mask is not None
                                                   else input_ids.shape[-1]))
     with torch.no_grad():
-        logits, kept = prefill(tmodel, input_ids, pixel_values, attention_mask, mode)
+        logits, kept = prefill(tmodel, input_ids, pixel_values, attention_mask, mode, inputs)
         eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens, scores = [], []

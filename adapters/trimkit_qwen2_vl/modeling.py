@@ -142,6 +142,14 @@ class Qwen2VLForTrimming(nn.Module):
     def config(self):
         return self.model.config
 
+    def decode_position_offsets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                                inputs: dict) -> torch.Tensor:
+        """Per instance its M-RoPE delta (``trimkit_llava.generation``'s decode positions: the new token
+        ``t`` after ``n`` real prompt tokens is at ``n + t + delta``, as transformers' ``rope_deltas``)."""
+        if "image_grid_thw" not in inputs:
+            raise ValueError("trimkit_qwen2_vl.generate: image_grid_thw is needed (one (t, h, w) row per instance)")
+        return self.positions.deltas(input_ids, inputs["image_grid_thw"], attention_mask)
+
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, image_grid_thw: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, segment_starts: torch.Tensor | None = None) -> torch.Tensor:
         qwen = self.model.model
