@@ -249,3 +249,28 @@ def test_bad_inputs_say_why(files, dataset):
     logits = torch.randn(rows[0], rows[1] - 1, dataset.tokenizer.vocab_size)
     zero = {**labels, "weights": torch.zeros_like(labels["weights"])}
     assert float(task.loss(logits, zero)) == 0.0 and float(task.distill(logits, logits + 1, zero)) == 0.0
+
+
+def test_a_pretrained_vqa_checkpoint_loads_as_the_decoder_training_model(tmp_path):
+    """from_pretrained(task="vqa_decoder") of a BlipForQuestionAnswering directory: the training
+    wrapper with the checkpoint's weights, scoring answers as the ranking wrapper of the same files."""
+    from transformers import BlipConfig, BlipForQuestionAnswering
+
+    from trimkit_blip import TINY, BlipVQADecoderForTrimming
+
+    torch.manual_seed(0)
+    vqa = BlipForQuestionAnswering(BlipConfig(**{k: dict(v) for k, v in TINY.items()}))
+    vqa.save_pretrained(str(tmp_path / "ckpt"))
+    adapter = get_registry().adapters.get("blip")
+    model = adapter.from_pretrained(str(tmp_path / "ckpt"), task="vqa_decoder")
+    ranking = adapter.from_pretrained(str(tmp_path / "ckpt"))
+    assert isinstance(model, BlipVQADecoderForTrimming) and type(ranking).__name__ == "BlipVQAForTrimming"
+    for (n, p), (m, q) in zip(model.state_dict().items(), vqa.state_dict().items()):
+        assert n == m and torch.equal(p, q)
+    x = adapter.example_inputs(ranking, batch_size=2, seed=3, num_answers=3)
+    with torch.no_grad():
+        logits = model.eval()(**x)
+        scores = ranking.eval()(**x)
+    ids, mask = x["answer_ids"], x["answer_attention_mask"]
+    mine = (logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum(-1).view(2, 3)
+    torch.testing.assert_close(mine, scores, atol=1e-5, rtol=1e-5)
