@@ -1,4 +1,56 @@
-"""trimkit adapter ``qwen2_vl`` (placeholder docstring)."""
+"""trimkit adapter ``qwen2_vl``: transformers' ``Qwen2VLForConditionalGeneration`` (Qwen2-VL) and
+``Qwen2_5_VLForConditionalGeneration`` (Qwen2.5-VL): a vision tower whose merged patch features
+replace the ``<|image_pad|>`` placeholders, and a Qwen2 decoder with multimodal RoPE. Trimmed
+prefill, and greedy generation whose KV cache holds only the kept tokens (``trimkit_llava``'s,
+shared).
+
+How trimkit sees it (as ``llava``): the decoder's sequence is one stream ``seq`` laid out as
+``[prompt ... <|vision_start|>][<|image_pad|> x n][<|vision_end|> question][right padding]``, three
+segments whose bounds differ per instance (``StreamSpec(segment_starts="segment_starts")``, an input
+made by :func:`qwen2_vl_segment_starts`): ``prompt`` (summary: its first token), ``image`` (summary:
+the mean of its kept tokens) and ``question`` (summary: its last real token; always kept, so the
+next-token logits are there in every mode). Padding is ``attention_mask``, on the right only (left
+padding is refused by name). Token and head trimmers sit in the decoder layers ``trim_layers`` (a
+build / from_pretrained / :func:`wrap` option; default: the middle half); the others are rewritten
+so the kept-token state reaches them. Attention is trimmed at the kernel (transformers'
+``AttentionInterface``): the model's RoPE, grouped-query heads and causal masking run unchanged.
+
+Multimodal RoPE: image tokens get (temporal, height, width) positions and the text after an image
+continues from the image's largest one, so positions are not token indices. The wrapper computes the
+``(3, B, N)`` position ids once, on the full sequence, with the model's own ``get_rope_index``
+(:class:`~trimkit_qwen2_vl.modeling.MRopePositions`, a leaf), then the rotary table; the table is a
+token argument of every layer, so each kept token keeps its original rotary position (removed,
+packed or masked). With nothing trimmed the logits are the HF model's own.
+
+The wrapper :class:`~trimkit_qwen2_vl.modeling.Qwen2VLForTrimming` (:func:`wrap`, same weights)
+takes ``(pixel_values, input_ids, image_grid_thw, attention_mask, segment_starts)``:
+``pixel_values`` batched ``(B, patches, dim)`` (instance ``b``'s first ``prod(image_grid_thw[b])``
+rows; :func:`batch_pixel_values` makes it from the processor's output) or the processor's flat
+``(total patches, dim)``; ``image_grid_thw`` ``(B, 3)``, one image per instance. It returns per-token
+logits (or hidden states, ``output="hidden"``), with the same row conventions as ``llava``'s.
+
+>>> import trimkit, trimkit_qwen2_vl
+>>> model = trimkit.adapter.load_pretrained("qwen2_vl", "Qwen/Qwen2.5-VL-3B-Instruct")  # offline: a local copy
+>>> tmodel = trimkit.trim(model, trimkit.TrimConfig(token_target={"image": 0.3, "prompt": 0.8, "question": 0.8}))
+>>> starts = trimkit_qwen2_vl.qwen2_vl_segment_starts(ids, model.config.image_token_id)
+>>> logits = tmodel(pixel_values=pv, input_ids=ids, image_grid_thw=grid, attention_mask=mask, segment_starts=starts)
+>>> out = trimkit_qwen2_vl.generate(tmodel.eval(), ids, pv, grid, mask, max_new_tokens=32)
+
+Generation (:mod:`trimkit_qwen2_vl.generation`) is ``trimkit_llava.generation``'s: ``image_grid_thw``
+goes in as a per-instance input and each instance's decode positions are offset by its M-RoPE delta
+(new token ``t`` after ``n`` real prompt tokens is at ``n + t + delta``, transformers'
+``rope_deltas``; the wrapper's ``decode_position_offsets``). Fresh (keep-all) trimmers give
+transformers' own ``generate(do_sample=False)``.
+
+``from_pretrained`` (:meth:`Qwen2VLAdapter.from_pretrained`) reads a ``save_pretrained`` directory or
+a model id in the local HF cache, nothing downloaded; ``config.json``'s ``model_type`` (``qwen2_vl``
+or ``qwen2_5_vl``) picks the class. ``build("tiny", variant="qwen2_vl" | "qwen2_5_vl")`` makes a
+random one.
+
+Not supported yet: videos (refused), several images per instance, trimming inside the vision tower
+(it runs whole, as one call), sliding-window decoder layers (refused), left padding (refused),
+sampling or beam search (greedy only), a cache in the wrapper's own forward.
+"""
 
 from __future__ import annotations
 
