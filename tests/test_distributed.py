@@ -188,3 +188,19 @@ def test_sharded_training_resumes_exactly(fsdp_trim_run, tmp_path):
     _launch(tmp_path, "trim", 2, "6", "resume", env_extra=FSDP)
     for rank in (0, 1):
         assert _max_diff(_weights(fsdp_trim_run, "0"), _weights(tmp_path, f"{rank}_stop6_resumed")) == 0.0
+
+
+def test_a_data_parallel_run_continues_sharded(trim_run, tmp_path):
+    """train.fsdp may change on resume (checkpoints hold whole tensors either way): the first step
+    after a sharded resume of a DDP run's checkpoint is the DDP run's own step (same weights, data
+    and noise)."""
+    _launch(tmp_path, "trim", 2, "2")
+    _launch(tmp_path, "trim", 2, "6", "resume", env_extra=FSDP)
+    resumed = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (trim_run / "run" / "log.jsonl").read_text().splitlines()]
+    loss = {r["step"]: r["loss"] for r in straight if r["type"] == "train"}
+    after = [r for r in resumed if r["type"] == "train" and r["step"] > 2]
+    assert [r["step"] for r in after] == [3, 4, 5, 6]
+    assert abs(after[0]["loss"] - loss[3]) < 1e-6
+    assert json.loads((tmp_path / "shard_0.json").read_text())["local"] < 0.6 * json.loads(
+        (tmp_path / "shard_0.json").read_text())["whole"]

@@ -72,3 +72,29 @@ def test_save_and_load_round_trip(tmp_path):
         load_trimmed(tmp_path / "ckpt", build_meter("tiny", cross_layers=1))
     with pytest.raises(ValueError, match="pixel_values_2"):
         tmodel(**x, pixel_values_2=x["pixel_values"])
+
+
+def test_tensors_the_graph_reads_by_attribute_follow_the_models():
+    """The rewritten graph reads some parameters by attribute (METER's [CLS] and position embeddings);
+    fx keeps its own references to them. When the model's modules get new tensor objects (here
+    ``load_state_dict(assign=True)``; FSDP does it around every step) the trimmed forward must use
+    the new ones, not a stale copy (which would also leave the optimizer's parameters unused)."""
+    torch.manual_seed(0)
+    config = TrimConfig(token_target=0.5, head_target=0.6)
+    model = build_meter("tiny")
+    tmodel = trim(model, config).eval()
+    one = meter_example_inputs(model, batch_size=1, seed=1)
+    read = [n.target for n in tmodel._graph.graph.nodes if n.op == "get_attr"]
+    assert any("embedding" in t for t in read)  # the case this test is about is present
+    with torch.no_grad():
+        before = tmodel(**one)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        for t in read:
+            state[t] = state[t] + torch.randn_like(state[t])
+        model.load_state_dict(state, assign=True)
+        after = tmodel(**one)
+        fresh = trim(model, config).eval()  # traced on the new tensors, same trimmers
+        fresh.trimmers.load_state_dict(tmodel.trimmers.state_dict())
+        reference = fresh(**one)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, reference, atol=0, rtol=0)

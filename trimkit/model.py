@@ -224,6 +224,7 @@ class TrimmedModel(nn.Module):
         if rt.mode in ("packed", "padded") and rt.padding:  # real tokens per instance, once per forward (one host sync)
             names = list(rt.padding)
             rt.real = dict(zip(names, fetch([(rt.padding[n] != 0).sum(-1) for n in names])))
+        self._sync_graph_attrs()
         out = self._graph(*[inputs[n] if n in inputs else self._defaults[n] for n in self._input_names])
         rt.check_finite()
         if rt.checks and bool(torch.stack(rt.checks).any()):
@@ -315,13 +316,37 @@ class TrimmedModel(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): keep the graph's tensor references in sync
         out = super()._apply(fn, recurse)
-        gm = self._graph
-        for target in self._get_attrs:
-            owner_path, _, attr = target.rpartition(".")
-            value = self.model.get_submodule(owner_path) if owner_path else self.model
-            holder = gm.get_submodule(owner_path) if owner_path else gm
-            setattr(holder, attr, getattr(value, attr))
+        self._sync_graph_attrs()
         return out
+
+    def _sync_graph_attrs(self) -> None:
+        """Point the root graph's attribute reads at the model's current tensors.
+
+        fx copies the tensors a graph reads by attribute (``get_attr``: e.g. a [CLS] or position
+        embedding) into the graph's own holder modules, and the root graph is not registered (it
+        shares the model's modules), so those copies would go stale whenever the model's modules
+        get new tensor objects: ``.to()``, ``load_state_dict(assign=True)``, and FSDP, which swaps
+        sharded and gathered parameters on their modules around every step (the graph would train
+        its stale copy, and the optimizer the shards). Run before every forward: an identity check
+        per read attribute."""
+        links = self.__dict__.get("_attr_links")
+        if links is None:
+            gm, links = self._graph, []
+            for target in self._get_attrs:
+                owner_path, _, attr = target.rpartition(".")
+                try:
+                    owner = self.model.get_submodule(owner_path) if owner_path else self.model
+                    holder = gm.get_submodule(owner_path) if owner_path else gm
+                    getattr(owner, attr)
+                except AttributeError:  # a constant of the graph's own (not an attribute of the model)
+                    continue
+                if holder is not owner:
+                    links.append((holder, owner, attr))
+            object.__setattr__(self, "_attr_links", links)
+        for holder, owner, attr in links:
+            value = getattr(owner, attr)
+            if getattr(holder, attr) is not value:
+                setattr(holder, attr, value)
 
     # --- reporting -------------------------------------------------------------------------
     def trimmer_parameters(self) -> int:

@@ -97,6 +97,7 @@ METRICS_FILE = "metrics.json"
 RESUMABLE_FIELDS = frozenset({
     "train.progress", "train.out_dir", "train.eval_every", "train.eval_instances", "train.eval_batch_size",
     "train.macs_instances", "train.save_every", "train.num_workers", "train.find_unused_parameters",
+    "train.fsdp",  # checkpoints hold whole tensors either way: a run may continue sharded, or unsharded
 })
 
 
