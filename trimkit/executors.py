@@ -96,6 +96,7 @@ class MaskedExecutor:
             key_mask = key_state.mask if key_state is not None else None
             trim = rt.head_step(f"{layer.key}.{i}", logits) if logits is not None else AttnTrim()
             trim.key_mask = key_mask
+            trim.dropout = rt.attention_dropout
             trims.append(trim)
         out = layer._run(a, trims)
         return ((out, cstate), hstate) if layer.update_output is not None else (out, hstate)
