@@ -23,7 +23,7 @@ def register(sub) -> None:
     mode.add_argument("--resume", action="store_true",
                       help="continue from DIR/checkpoint (step, optimizer, RNG); the config must match the run's "
                            "except for bookkeeping fields (progress, out_dir, eval_every, eval_instances, "
-                           "eval_batch_size, macs_instances, save_every, num_workers, find_unused_parameters)")
+                           "eval_batch_size, macs_instances, save_every, num_workers, find_unused_parameters, fsdp)")
     mode.add_argument("--overwrite", action="store_true",
                       help="delete the run in DIR (checkpoint/, log.jsonl, experiment.yaml, metrics.json) and start over")
     p.add_argument("--allow-config-change", action="store_true",
