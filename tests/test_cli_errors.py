@@ -238,7 +238,12 @@ HELP = {
     "demo": ["--finetune-steps", ">= 1", "--debug"],
     "plugins": ["--json", "--debug"],
     "train": ["--config", "--debug"],
+    "repro": ["--seeds", "--quick", "--steps", "--out", "table6", "fig4a", "fig7", "switches", "--debug"],
 }
+
+
+def test_every_builtin_command_has_its_help_checked():
+    assert set(HELP) == set(cli.BUILTIN_COMMANDS)
 
 
 @pytest.mark.parametrize("command", sorted(HELP))

@@ -14,7 +14,7 @@ Loading (:mod:`trimkit.plugins`): a third-party plugin that fails to import, imp
 hook or raises in a hook is skipped with a warning, none of its registrations kept, and listed by
 ``trimkit plugins``; the rest load. The built-ins (entry points of the shipped packages
 ``trimkit_smarttrim``, ``trimkit_meter``, ``trimkit_timm``, ``trimkit_open_clip``, ``trimkit_blip``,
-``trimkit_bridgetower``, ``trimkit_vilt``, ``trimkit_llava``, and ``trimkit_train.tasks``) always load, and a failure in one of them raises.
+``trimkit_bridgetower``, ``trimkit_vilt``, ``trimkit_llava``, ``trimkit_qwen2_vl``, and ``trimkit_train.tasks``) always load, and a failure in one of them raises.
 Environment:
 
 ``TRIMKIT_DISABLE_PLUGIN_AUTOLOAD=1``
