@@ -115,6 +115,34 @@ class LlavaAdapter:
                 "input_ids": ids.to(param.device), "attention_mask": mask.to(param.device),
                 "segment_starts": llava_segment_starts(ids, cfg.image_token_id).to(param.device)}
 
+    def dataset_overrides(self, facts) -> dict[str, Any]:
+        """Build options that fit a decoder dataset (:class:`trimkit.adapter.DatasetFacts`; e.g.
+        ``digit_grid_decoder``): the vision tower's ``image_size`` and ``patch_size`` (one image token
+        per patch after the [CLS] crop), the text vocabulary and special ids from the tokenizer
+        (``vocab_size``, ``pad_token_id``, ``bos_token_id``, ``eos_token_id``), ``image_token_id``
+        (the tokenizer's ``image_token_id``) and enough positions for the longest row. A dataset
+        whose tokenizer has no ``image_token_id`` is not a decoder dataset: it gets nothing from
+        the tokenizer (its ids would not name an image placeholder)."""
+        out: dict[str, Any] = {}
+        vision: dict[str, Any] = {}
+        if facts.image_size is not None:
+            vision["image_size"] = int(facts.image_size)
+        if facts.patch_size is not None:
+            vision["patch_size"] = int(facts.patch_size)
+        if vision:
+            out["vision_config"] = vision
+        tok = facts.tokenizer
+        if tok is not None and getattr(tok, "image_token_id", None) is not None:
+            text: dict[str, Any] = {"vocab_size": int(tok.vocab_size)}
+            for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                if getattr(tok, name, None) is not None:
+                    text[name] = int(getattr(tok, name))
+            if facts.longest_text is not None:
+                text["max_position_embeddings"] = max(TINY_TEXT["max_position_embeddings"], int(facts.longest_text) + 32)
+            out["text_config"] = text
+            out["image_token_id"] = int(tok.image_token_id)
+        return out
+
     def build(self, size: str = "tiny", seed: int = 0, output: str = "logits",
               trim_layers: Sequence[int] | None = None, **options: Any) -> nn.Module:
         """A randomly initialised wrapped ``LlavaForConditionalGeneration`` (sdpa attention):

@@ -1,5 +1,6 @@
 """Datasets: the shipped digit-grid task (small, offline: tests, demos, tutorials) and readers of the
-paper's tasks in their released formats (registered names ``vqa_v2``, ``nlvr2``, ``snli_ve``,
+paper's tasks in their released formats (registered names ``digit_grid_decoder`` (digit-grid VQA as
+decoder rows, for LLaVA-style models), ``vqa_v2``, ``nlvr2``, ``snli_ve``,
 ``karpathy`` / ``karpathy_retrieval`` / ``karpathy_caption``, and ``nocaps`` for zero-shot captioning
 evaluation; see docs/datasets.md)."""
 from trimkit_train.data.digit_grid import (
@@ -14,6 +15,7 @@ from trimkit_train.data.digit_grid import (
     default_vocabulary,
     digit_pools,
 )
+from trimkit_train.data.digit_grid_decoder import DecoderWordTokenizer, DigitGridDecoderDataset, decoder_collate
 from trimkit_train.data.common import ImageFileError, load_image, load_tokenizer, pad_collate
 from trimkit_train.data.karpathy import KarpathyCaptioning, KarpathyRetrieval, clean_caption, read_karpathy
 from trimkit_train.data.nlvr2 import NLVR2Dataset
@@ -23,6 +25,9 @@ from trimkit_train.data.vqa_v2 import VQAv2Dataset, answer_vocabulary, normalize
 
 __all__ = [
     "DigitGridDataset",
+    "DigitGridDecoderDataset",
+    "DecoderWordTokenizer",
+    "decoder_collate",
     "WordTokenizer",
     "collate",
     "default_vocabulary",

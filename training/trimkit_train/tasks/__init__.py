@@ -15,6 +15,9 @@ under the names datasets give in their ``task`` attribute:
 * ``captioning``: token cross-entropy, BLEU-4 and CIDEr, on captions the model generates (BLIP's
   beam search of 3, 5 to 20 tokens) where it can, else on the teacher-forced argmax;
   ``captioning_greedy``: greedy decoding;
+* ``decoder_vqa``: VQA with a decoder LM (LLaVA-style): the LM cross-entropy of the answer
+  token(s) only (``labels``: next-token targets, -100 on the prompt, image and question), token KL
+  for self-distillation, ``accuracy`` of the greedy answer (``digit_grid_decoder`` names it);
 * ``retrieval``: ITM cross-entropy, recall@1/5/10 both ways (:func:`evaluate_retrieval` ranks every
   pair or reranks the top-k of a coarse score; BLIP: ITC for every pair, ITM for the top 128).
 
@@ -31,11 +34,13 @@ from trimkit.plugins import hookimpl
 
 from .caption_metrics import caption_scores, tokenize_caption
 from .core import (BLIP_CAPTION_GENERATION, AccuracyMetric, CaptionMetric, CaptioningTask, ClassificationTask,
+                   DecoderAnswerMetric, DecoderVQATask,
                    RetrievalMetric, RetrievalTask, VQADecoderTask, VQAMetric, VQATask, bernoulli_kl, categorical_kl, model_hook)
 from .retrieval import evaluate_retrieval, itm_score, retrieval_recalls
 
 __all__ = [
     "AccuracyMetric", "BLIP_CAPTION_GENERATION", "CaptionMetric", "CaptioningTask", "ClassificationTask",
+    "DecoderAnswerMetric", "DecoderVQATask",
     "DEFAULT_TASK", "RetrievalMetric", "RetrievalTask", "VQADecoderTask", "VQAMetric", "VQATask", "bernoulli_kl", "builtin_tasks",
     "caption_scores", "categorical_kl", "evaluate_retrieval", "get_task", "itm_score", "model_hook",
     "retrieval_recalls", "tokenize_caption",
@@ -54,7 +59,7 @@ def builtin_tasks() -> dict[str, Any]:
             "vqa_decoder_generate": VQADecoderTask("vqa_decoder_generate", inference="generate"),
             "captioning": CaptioningTask(),
             "captioning_greedy": CaptioningTask(generation=greedy, name="captioning_greedy"),
-            "retrieval": RetrievalTask()}
+            "retrieval": RetrievalTask(), "decoder_vqa": DecoderVQATask()}
 
 
 @hookimpl

@@ -10,6 +10,8 @@ the full pass is the same model), ``metric()`` and ``main_metric``.
   per answer (soft-target BCE minus its entropy); ``vqa_score``;
 * captioning: labels long ``(B, T)`` token ids aligned with ``input_ids``, -100 not scored; token
   cross-entropy; distill the token KL; ``cider``;
+* decoder_vqa: labels long ``(B, N)`` next-token targets (-100 not scored: only the answer is);
+  the LM cross-entropy there; distill the token KL there; ``accuracy`` of the greedy answer;
 * retrieval: labels long ``(B,)``, 1 match / 0 not; ITM cross-entropy (BCE for one logit); distill
   the KL of the two-class softmaxes; ``r_mean``.
 
@@ -48,7 +50,7 @@ IGNORE_INDEX = -100
 
 __all__ = [
     "IGNORE_INDEX", "AccuracyMetric", "BLIP_CAPTION_GENERATION", "CaptionMetric", "CaptioningTask",
-    "ClassificationTask", "RetrievalMetric", "RetrievalTask", "VQAMetric", "VQADecoderTask", "VQATask", "categorical_kl",
+    "ClassificationTask", "DecoderAnswerMetric", "DecoderVQATask", "RetrievalMetric", "RetrievalTask", "VQAMetric", "VQADecoderTask", "VQATask", "categorical_kl",
     "bernoulli_kl", "model_hook",
 ]
 
@@ -456,6 +458,143 @@ class CaptioningTask:
     def __repr__(self) -> str:
         return (f"CaptioningTask(label_smoothing={self.label_smoothing}, generation={self.generation}, "
                 f"name={self.name!r})")
+
+
+class DecoderAnswerMetric:
+    """``accuracy``: the fraction of instances whose every scored next-token target (``labels`` not
+    -100) is the argmax of the logits there: with teacher forcing over the answer, exactly the
+    instances greedy decoding answers right (a one-token answer: the greedy next token after the
+    question). ``token_accuracy``: the same per scored token.
+
+    ``logits`` ``(B, N, V)`` aligned with ``labels`` ``(B, N)`` (next-token targets, see
+    :class:`DecoderVQATask`), or ``(B, V)``: each instance's next-token logits at its last real
+    token (what :meth:`DecoderVQATask.evaluator` gives for trimmed layouts whose rows are the kept
+    tokens only), scored against the target there."""
+
+    def __init__(self) -> None:
+        self.correct, self.n, self.tokens_correct, self.tokens = 0, 0, 0, 0
+
+    def update(self, logits: torch.Tensor, batch: dict[str, Any]) -> None:
+        labels = batch["labels"].to(logits.device)
+        scored = labels != IGNORE_INDEX
+        if logits.dim() == 2:
+            target = _last_real_target(labels, batch.get("attention_mask"), "DecoderAnswerMetric")
+            hit = logits.argmax(-1) == target
+            self.correct += int(hit.sum())
+            self.tokens_correct += int(hit.sum())
+            self.tokens += int(hit.numel())
+            self.n += int(hit.numel())
+            return
+        _check_aligned(logits, labels, "DecoderAnswerMetric")
+        hit = (logits.argmax(-1) == labels) | ~scored
+        self.correct += int(hit.all(-1)[scored.any(-1)].sum())
+        self.n += int(scored.any(-1).sum())
+        self.tokens_correct += int((hit & scored).sum())
+        self.tokens += int(scored.sum())
+
+    def compute(self) -> dict[str, float]:
+        nan = float("nan")
+        return {"accuracy": self.correct / self.n if self.n else nan,
+                "token_accuracy": self.tokens_correct / self.tokens if self.tokens else nan}
+
+
+def _check_aligned(logits: torch.Tensor, labels: Any, who: str) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or logits.dim() != 3 \
+            or tuple(logits.shape[:2]) != tuple(labels.shape):
+        raise ValueError(f"{who}: expected next-token logits (B, N, V) for next-token targets (B, N) (labels[b, t] is what "
+                         f"the logits at position t predict, -100 not scored), got logits {tuple(logits.shape)} and "
+                         f"labels {None if not isinstance(labels, torch.Tensor) else tuple(labels.shape)}")
+
+
+def _last_real_target(labels: torch.Tensor, attention_mask: Any, who: str) -> torch.Tensor:
+    """Each row's target at its last real position; every scored target must be there."""
+    n = labels.shape[1]
+    real = attention_mask.to(labels.device).bool() if isinstance(attention_mask, torch.Tensor) \
+        else torch.ones_like(labels, dtype=torch.bool)
+    last = torch.where(real, torch.arange(n, device=labels.device).expand_as(labels), -1).amax(-1)
+    scored = labels != IGNORE_INDEX
+    at_last = torch.zeros_like(scored).scatter_(1, last.clamp_min(0)[:, None], True)
+    if bool((scored & ~at_last).any()) or not bool(scored.gather(1, last.clamp_min(0)[:, None]).all()):
+        raise ValueError(f"{who}: the model returned one row per kept token (a trimmed layout: mode remove or packed), "
+                         "which is scored at each instance's last real token only, but the targets are elsewhere too "
+                         "(a multi-token answer): evaluate it masked (tmodel.inference = 'remove' with batches > 1, or "
+                         "'hard')")
+    return labels.gather(1, last[:, None]).squeeze(1)
+
+
+class DecoderVQATask:
+    """VQA with a decoder LM (LLaVA-style): the language-modelling loss on the answer token(s) only.
+
+    ``labels`` ``(B, N)`` long are **next-token targets** aligned with the model's per-position logits
+    ``(B, N, V)``: ``labels[b, t]`` is the token the logits at position ``t`` should predict, -100
+    (:data:`IGNORE_INDEX`) where nothing is scored: the prompt, image and question positions. (Not
+    Hugging Face's convention, where labels repeat ``input_ids`` and are shifted by the loss: here
+    the answer need not be in the input: ``digit_grid_decoder`` puts its one-token answer as the
+    target of the question's last token, so the question's summary, its last token, never reads
+    the answer; see that module.) Loss: the mean cross-entropy over the scored positions
+    (``label_smoothing``, default 0). Distillation: the mean over the same positions of
+    ``KL(softmax(trimmed) || softmax(full))`` of the two next-token distributions (0 when they are
+    equal). Metric: :class:`DecoderAnswerMetric` (``accuracy``: every answer token the argmax,
+    i.e. the greedy answer; ``token_accuracy``).
+
+    Evaluation (:meth:`evaluator`): a trimmed model's eval forward at batch 1 (mode ``remove``) or
+    packed returns rows for the kept tokens only; those outputs are reduced to each instance's last
+    kept row, its last real token (always kept: the question's summary), and scored there.
+    """
+
+    main_metric = "accuracy"
+
+    def __init__(self, name: str = "decoder_vqa", label_smoothing: float = 0.0) -> None:
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"DecoderVQATask: label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.name, self.label_smoothing = name, float(label_smoothing)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_aligned(logits, labels, self.name)
+        labels = labels.to(logits.device)
+        scored = labels != IGNORE_INDEX
+        if not bool(scored.any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits[scored].float(), labels[scored], label_smoothing=self.label_smoothing)
+
+    def distill(self, logits: torch.Tensor, full_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_aligned(logits, labels, self.name)
+        _check_aligned(full_logits, labels, self.name)
+        scored = labels.to(logits.device) != IGNORE_INDEX
+        if not bool(scored.any()):
+            return logits.sum() * 0.0
+        return categorical_kl(logits[scored], full_logits[scored]).mean()
+
+    def metric(self, dataset: Any = None) -> DecoderAnswerMetric:
+        return DecoderAnswerMetric()
+
+    def evaluator(self, model: Any, dataset: Any) -> Any:
+        """Per batch: the model's forward, as it is when its rows are the positions (masked modes),
+        else (a :class:`trimkit.TrimmedModel` whose rows are its kept tokens: remove, packed) each
+        instance's next-token logits at its last kept row ``(B, V)``."""
+        from trimkit import TrimmedModel
+
+        from ..trainer import _logits, model_inputs
+
+        def step(batch: dict[str, Any]) -> torch.Tensor:
+            logits = _logits(model(**model_inputs(model, batch)))
+            if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(batch["input_ids"].shape):
+                return logits
+            kept = None
+            if isinstance(model, TrimmedModel):
+                streams = [s.name for s in model.spec.streams]
+                kept = model.kept_mask(streams[0]) if len(streams) == 1 else None
+            if kept is None or logits.dim() != 3 or tuple(kept.shape) != tuple(logits.shape[:2]):
+                raise ValueError(f"{self.name}: the model returned {tuple(logits.shape)} for input_ids "
+                                 f"{tuple(batch['input_ids'].shape)} and its kept tokens are not known")
+            n = kept.shape[1]
+            last = torch.where(kept, torch.arange(n, device=kept.device), -1).amax(-1)
+            return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+
+        return step
+
+    def __repr__(self) -> str:
+        return f"DecoderVQATask({self.name!r}, label_smoothing={self.label_smoothing})"
 
 
 class RetrievalTask:
