@@ -23,6 +23,38 @@ decoder layers, norm and ``lm_head``; it returns per-token logits (or hidden sta
 original positions: the last token record's ``index``); in ``packed`` mode ``tmodel.kept_mask("seq")``
 says which rows are real; the last row of each instance is always its question's last token.
 
+**The cross-modal signal in a decoder.** SmartTrim's token trimmer (paper Eq. 3-6) scores a token
+from its own hidden state (the local term) plus a global term ``g W H'^T`` with ``g =
+MLP([cls_self, cls_other])``, the two streams' [CLS]. A decoder has no text [CLS]. trimkit runs one
+trimmer per segment (:class:`trimkit.segments.SegmentTokenTrimmer`): ``cls_self`` is the segment's
+own summary and ``cls_other`` the **mean of the other segments' summaries**, at the trimmed layer's
+input. For LLaVA that means:
+
+* image tokens: ``cls_self`` = the mean of the kept image tokens (``summary="mean"``, declared in
+  :func:`describe_llava`: image tokens have no [CLS], the CLIP [CLS] is cropped by the
+  ``default`` feature strategy); ``cls_other`` = the mean of the prompt's summary (its first token,
+  BOS) and the question's (its last real token);
+* question tokens: ``cls_self`` = the question's last real token; ``cls_other`` = the mean of BOS and
+  the image mean; prompt tokens likewise with BOS as their own summary.
+
+Why the question's *last* token: attention is causal, so it is the only question position that has
+read the whole question (and every image token): it is the decoder's analogue of the text [CLS],
+and the position whose next-token logits answer. The image tokens come *before* the question, so in
+a decoder their own hidden states have never seen it: the local term can only rank image tokens by
+their content, and the question reaches their keep decisions only through ``cls_other``. BOS has
+read nothing but itself, so its hidden state is the same for every instance: it adds a constant to
+``cls_other``, whose instance-dependent part is half the question's last token. (This is the
+design; whether it beats the Local policy is measured in benchmarks/results/decoder_policy.md.)
+In training the answer must not be in the question segment, or its last token would be an answer
+token and the image decisions would read the answer: ``digit_grid_decoder`` makes the answer the
+next-token target of the question's last token instead (task ``decoder_vqa``).
+
+Fine-tuning with SmartTrim: ``trimkit train --config examples/llava_digit_grid.yaml`` (a tiny random
+LLaVA on digit-grid VQA as decoder rows; :meth:`LlavaAdapter.dataset_overrides` sizes the model from
+the dataset: image and patch size, vocabulary, special ids, ``image_token_id``). Loss: the LM
+cross-entropy of the answer token(s) only; self-distillation: KL(trimmed || full) of the next-token
+distributions there; cost loss as for every model.
+
 Generation (:func:`trimkit_llava.generate`, in :mod:`trimkit_llava.generation`): greedy decoding
 with a KV cache that holds only what each decoder layer computed. The prefill runs trimmed (mode
 ``remove``: each instance alone at batch 1; ``mode="packed"``: the whole batch in one packed
