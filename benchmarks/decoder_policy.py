@@ -55,6 +55,27 @@ def run(policy: str | None, seed: int, args) -> dict:
                 "seconds": time.time() - t0}
 
 
+def question_prior(args) -> float:
+    """Accuracy on the evaluation split of answering each question with its most frequent answer in
+    the training split (the question text alone, no image): the level a model reaches without
+    reading the image."""
+    from collections import Counter, defaultdict
+
+    from trimkit_train.trainer import DataConfig, build_dataset
+
+    d = config("cross_modal", args.seeds[0], args)["data"]
+    train, ev = build_dataset(DataConfig(**d), "train"), build_dataset(DataConfig(**d), "eval")
+    seen: dict[str, Counter] = defaultdict(Counter)
+    overall: Counter = Counter()
+    for q, y in zip(train.grid_data.questions, train.grid_data.labels):
+        seen[q][int(y)] += 1
+        overall[int(y)] += 1
+    fallback = overall.most_common(1)[0][0]
+    hits = [(seen[q].most_common(1)[0][0] if q in seen else fallback) == int(y)
+            for q, y in zip(ev.grid_data.questions, ev.grid_data.labels)]
+    return sum(hits) / len(hits)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -66,15 +87,21 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=0.4, help="image tokens' keep ratio (target)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results" / "decoder_policy.md"))
+    p.add_argument("--from-json", default=None, help="rebuild the table from a previous run's JSON (no training; "
+                                                     "give that run's other arguments too)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    rows = []
-    for seed in args.seeds:
-        for policy in ("cross_modal", "local"):
-            rows.append(run(policy, seed, args))
-            print(json.dumps(rows[-1]), flush=True)
-    rows.append(run(None, args.seeds[0], args))
-    print(json.dumps(rows[-1]), flush=True)
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())
+    else:
+        rows = []
+        for seed in args.seeds:
+            for policy in ("cross_modal", "local"):
+                rows.append(run(policy, seed, args))
+                print(json.dumps(rows[-1]), flush=True)
+        rows.append(run(None, args.seeds[0], args))
+        print(json.dumps(rows[-1]), flush=True)
+    prior = question_prior(args)
 
     def stats(name: str, key: str) -> str:
         vals = [r[key] for r in rows if r["policy"] == name]
@@ -82,7 +109,8 @@ def main() -> None:
             return f"{vals[0]:.3f}"
         return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
 
-    cmd = "nice -n 10 .venv/bin/python benchmarks/decoder_policy.py " + " ".join(sys.argv[1:])
+    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--from-json" and (i == 0 or sys.argv[i] != "--from-json")]
+    cmd = "nice -n 10 .venv/bin/python benchmarks/decoder_policy.py " + " ".join(argv)
     lines = [
         "# Decoder cross-modal signal vs the Local policy (tiny LLaVA, digit-grid VQA as decoder rows)",
         "",
@@ -102,7 +130,8 @@ def main() -> None:
         n = sum(r["policy"] == name for r in rows)
         lines.append(f"| {name} | {stats(name, 'accuracy')} | {stats(name, 'keep_image')} | "
                      f"{stats(name, 'macs_ratio')} | {n} |")
-    lines += ["", "Per run:", "", "| policy | seed | accuracy | image keep | seconds |", "|---|---|---|---|---|"]
+    lines += ["", f"Question prior (each evaluation question answered with its most frequent training answer, "
+              f"no image): {prior:.3f}.", "", "Per run:", "", "| policy | seed | accuracy | image keep | seconds |", "|---|---|---|---|---|"]
     lines += [f"| {r['policy']} | {r['seed']} | {r['accuracy']:.3f} | {r['keep_image']:.3f} | {r['seconds']:.0f} |"
               for r in rows]
     out = Path(args.out)
