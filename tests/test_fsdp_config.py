@@ -81,3 +81,8 @@ def test_train_fsdp_settings_on_a_data_parallel_launch():
 def test_fsdp_with_fp16_is_refused():
     with pytest.raises(ValueError, match="fsdp with mixed_precision fp16"):
         TrainConfig(steps=1, fsdp=True, mixed_precision="fp16")
+
+
+def test_fp16_under_an_accelerate_fsdp_launch_is_refused(monkeypatch):
+    with pytest.raises(ConfigError, match="fp16"):
+        _settings(monkeypatch, _launch_env(CONFIG), TrainConfig(steps=1, mixed_precision="fp16"))

@@ -3,6 +3,7 @@ all-masks-1 == the original model. Property-tested over random models, inputs an
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from toyvlm import ToyAdapter, ToyVLM
@@ -202,3 +203,43 @@ def test_token_args_outside_layers_are_gathered():
     bad.trimmers.load_state_dict(tmodel.trimmers.state_dict())
     with torch.no_grad(), bad.mode("remove"), pytest.raises(RuntimeError):
         bad(**x)
+
+
+def test_a_layers_own_parameter_reads_follow_new_tensors():
+    """A layer that reads a parameter directly (here a gate ``x * self.gate``, like BEiT's
+    ``lambda_1`` or EVA's ``q_bias``): its traced graph holds fx's copy of it. When the module gets a
+    new tensor object (``load_state_dict(assign=True)``; FSDP does it around every step) the trimmed
+    layer must read the new one (the stale copy would go on being used and trained)."""
+    import toyvlm
+
+    class GatedLayer(toyvlm.Layer):
+        def __init__(self, dim, heads, cross):
+            super().__init__(dim, heads, cross)
+            self.gate = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x, context=None, bias=None, context_bias=None):
+            return super().forward(x, context, bias, context_bias) * self.gate
+
+    torch.manual_seed(0)
+    model = ToyVLM(dim=32, heads=4, cross=1, uni_v=2).eval()
+    for i, old in enumerate(model.vision):
+        layer = GatedLayer(32, 4, False)
+        layer.load_state_dict(old.state_dict(), strict=False)
+        model.vision[i] = layer
+    config = TrimConfig(token_target=0.5, head_target=0.5)
+    tmodel = trim(model, config, adapter="toy").eval()
+    _randomise(tmodel, 0, 1.0)
+    x = ToyAdapter().example_inputs(model, 1, seed=3)
+    with torch.no_grad():
+        before = tmodel(**x)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        for k in state:
+            if k.endswith(".gate"):
+                state[k] = torch.rand_like(state[k]) + 0.5
+        model.load_state_dict(state, assign=True)
+        after = tmodel(**x)
+        fresh = trim(model, config, adapter="toy").eval()  # traced on the new tensors, same trimmers
+        fresh.trimmers.load_state_dict(tmodel.trimmers.state_dict())
+        reference = fresh(**x)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, reference, atol=0, rtol=0)

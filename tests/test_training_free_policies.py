@@ -95,14 +95,23 @@ def test_fastv_keeps_the_most_attended_image_tokens_by_eager_attention(llava):
     last = x["attention_mask"].sum(1) - 1
     attn = _eager_attentions(model, x)[K - 1]  # (B, H, N, N): layer K - 1, as FastV reads it
     probe = tmodel._graph.get_submodule("trimkit_layer_" + LAYER.replace(".", "_")).attention_probe
+    seen = {}
+    read = probe.received
+
+    def spy(query, rows):  # what the policy was given
+        seen[query] = read(query, rows)
+        return seen[query]
+
+    probe.received = spy
     with torch.no_grad(), tmodel.mode("hard"):
         hard = tmodel(**x)
+    assert probe._call is None and probe._got is None  # nothing recorded is kept past the forward
     record = next(r for r in tmodel.records if r.key == f"{LAYER}:image")
     mask = record.mask
     b = torch.arange(3)
     # the probe's one row per instance is transformers' eager attention row of the last token, mean over heads
     reference = attn.mean(1)[b, last]  # (B, N)
-    torch.testing.assert_close(probe._cache["last"], reference, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(seen["last"], reference, atol=1e-6, rtol=1e-5)
     for i in range(3):
         s, e = starts[i, 1:].tolist()
         n_image = e - s
@@ -225,3 +234,22 @@ def test_visionzip_keeps_the_tokens_cls_attended_most(vit):
         index = next(r for r in tmodel.records if r.kind == "token").index.tolist()
         assert index == sorted(kept)
         torch.testing.assert_close(alone[0], hard[b], atol=1e-5, rtol=0)  # masked == removed (the class logits)
+
+
+def test_fastv_generation_with_a_kept_token_cache(llava):
+    """FastV in the decoder's prefill, then greedy decoding on the cache of kept tokens: the probe reads
+    layer K-1's queries and keys from the call itself (the attention module does not run twice, so its
+    cache holds each key once), and the removed prefill generates what the masked one does."""
+    import trimkit_llava
+
+    adapter, model, tmodel = llava
+    x = adapter.example_inputs(model, 2, seed=4)
+    args = dict(input_ids=x["input_ids"], pixel_values=x["pixel_values"], attention_mask=x["attention_mask"],
+                max_new_tokens=4, eos_token_id=[], return_logits=True)
+    removed = trimkit_llava.generate(tmodel, mode="remove", **args)
+    hard = trimkit_llava.generate(tmodel, mode="hard", **args)
+    assert torch.equal(removed.tokens, hard.tokens)
+    torch.testing.assert_close(removed.logits, hard.logits, atol=1e-4, rtol=1e-4)
+    full = trimkit_llava.generate(tmodel, mode="off", **args)
+    lengths = torch.as_tensor(removed.cache_lengths)
+    assert (lengths[:, K:] < torch.as_tensor(full.cache_lengths)[:, K:]).all()  # the image tokens left the cache

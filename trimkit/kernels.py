@@ -197,6 +197,8 @@ def interface_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         is_causal = bool(getattr(module, "is_causal", False)) and attention_mask is None and query.shape[2] > 1
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :, : key.shape[2]]
+    if trimkit_trim is not None and trimkit_trim.capture is not None:  # an attention probe reads q/k here
+        trimkit_trim.capture(query, key, attention_mask, scaling, is_causal, trimkit_trim)
     y = attend(query, key, value, attention_mask, dropout if module.training else 0.0, is_causal, scaling,
                trimkit_trim)
     return y.transpose(1, 2).contiguous(), None

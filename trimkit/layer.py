@@ -33,7 +33,7 @@ from .ops import AttnTrim, Runtime, TokenState, TrimAttention, align
 from .probe import AttentionProbe, TokenContext
 from .segments import SegmentLayout, segment_bounds, segment_layout
 from .spec import AttentionSpec, LayerSpec, StreamSpec
-from .trace import TraceError, fixed_args, param_names, plain_codegen, trace
+from .trace import TraceError, attribute_links, fixed_args, param_names, plain_codegen, sync_attributes, trace
 
 __all__ = ["LayerTrimmers", "PaddingProbe", "StartsProbe", "TrimmedLayer"]
 
@@ -185,6 +185,13 @@ class TrimmedLayer(nn.Module):
             out = self.layer(*args, **kwargs)
             return (out, trimkit_hidden_state) if self.update_output is None else (out, trimkit_hidden_state,
                                                                                    trimkit_context_state)
+        if self.inner is not None:  # the layer's own attribute reads (fx copies) follow its current tensors
+            links = self.__dict__.get("_attr_links")
+            if links is None:
+                links = attribute_links(self.inner, self.layer)
+                object.__setattr__(self, "_attr_links", links)
+            if links:
+                sync_attributes(links)
         a = self._arguments(args, kwargs)
         hidden = a[self.hidden_name]
         context = a[self.context_name] if self.context_name is not None else trimkit_context
@@ -378,9 +385,12 @@ class TrimmedLayer(nn.Module):
         real0 = (pad.to(dev) != 0) if isinstance(pad, torch.Tensor) and tuple(pad.shape) == (B, length) \
             else torch.ones(B, length, dtype=torch.bool, device=dev)
         real = real0.index_select(1, state.index.to(dev)) if removed else real0
-        present = real if removed or state is None or state.mask is None else real & (state.mask.to(dev) > 0)
+        # dropped by an earlier layer: mask 0 (hard) or below 0.5 (a sampled soft mask is never exactly 0; its
+        # decision is the hard one, as inference takes it)
+        present = real if removed or state is None or state.mask is None else real & (state.mask.to(dev) > 0.5)
         rows = torch.arange(n, device=dev)
-        last = torch.where(real, rows, torch.full_like(rows, -1)).amax(1).clamp_min(0)
+        # the last token still present (remove mode holds only those): the same row in every mode
+        last = torch.where(present, rows, torch.full_like(rows, -1)).amax(1).clamp_min(0)
         names = self.segment_names or [None]
         cur = (member if member is not None else torch.zeros(n, dtype=torch.long, device=dev)).to(dev)
         orig = (member_orig if member_orig is not None else cur if not removed

@@ -143,7 +143,8 @@ class TrimmedModel(nn.Module):
             return LayerTrimmers(token, heads)
 
         rewritten, trimmers = rewrite(model, spec, example_inputs, self.runtime, make)
-        _attach_probes(spec, rewritten.layers, config.token_policy)
+        # attention probes of context-reading token policies (trimkit.probe); emptied after every forward
+        object.__setattr__(self, "_probes", _attach_probes(spec, rewritten.layers, config.token_policy))
         object.__setattr__(self, "_graph", rewritten.gm)  # shares the model's modules; not re-registered
         self._input_names = rewritten.input_names
         self.trimmers = nn.ModuleDict({_safe(k): v for k, v in trimmers.items()})
@@ -225,7 +226,11 @@ class TrimmedModel(nn.Module):
             names = list(rt.padding)
             rt.real = dict(zip(names, fetch([(rt.padding[n] != 0).sum(-1) for n in names])))
         self._sync_graph_attrs()
-        out = self._graph(*[inputs[n] if n in inputs else self._defaults[n] for n in self._input_names])
+        try:
+            out = self._graph(*[inputs[n] if n in inputs else self._defaults[n] for n in self._input_names])
+        finally:
+            for probe in self._probes:  # what they recorded (hidden states, q/k) is not kept past the forward
+                probe.clear()
         rt.check_finite()
         if rt.checks and bool(torch.stack(rt.checks).any()):
             raise NotImplementedError(
@@ -320,33 +325,17 @@ class TrimmedModel(nn.Module):
         return out
 
     def _sync_graph_attrs(self) -> None:
-        """Point the root graph's attribute reads at the model's current tensors.
+        """Point the root graph's attribute reads at the model's current tensors (see
+        :func:`trimkit.trace.attribute_links`: fx copies them, and the root graph is not registered,
+        so under FSDP it would train a stale unsharded copy while the optimizer updates the shards).
+        Run before every forward: an identity check per attribute read."""
+        from .trace import attribute_links, sync_attributes
 
-        fx copies the tensors a graph reads by attribute (``get_attr``: e.g. a [CLS] or position
-        embedding) into the graph's own holder modules, and the root graph is not registered (it
-        shares the model's modules), so those copies would go stale whenever the model's modules
-        get new tensor objects: ``.to()``, ``load_state_dict(assign=True)``, and FSDP, which swaps
-        sharded and gathered parameters on their modules around every step (the graph would train
-        its stale copy, and the optimizer the shards). Run before every forward: an identity check
-        per read attribute."""
         links = self.__dict__.get("_attr_links")
         if links is None:
-            gm, links = self._graph, []
-            for target in self._get_attrs:
-                owner_path, _, attr = target.rpartition(".")
-                try:
-                    owner = self.model.get_submodule(owner_path) if owner_path else self.model
-                    holder = gm.get_submodule(owner_path) if owner_path else gm
-                    getattr(owner, attr)
-                except AttributeError:  # a constant of the graph's own (not an attribute of the model)
-                    continue
-                if holder is not owner:
-                    links.append((holder, owner, attr))
+            links = attribute_links(self._graph, self.model)
             object.__setattr__(self, "_attr_links", links)
-        for holder, owner, attr in links:
-            value = getattr(owner, attr)
-            if getattr(holder, attr) is not value:
-                setattr(holder, attr, value)
+        sync_attributes(links)
 
     # --- reporting -------------------------------------------------------------------------
     def trimmer_parameters(self) -> int:
@@ -538,11 +527,13 @@ def _check_fits(module: nn.Module, state: dict[str, torch.Tensor], source: str, 
                          f"it onto a model built like the one it was saved from")
 
 
-def _attach_probes(spec: ModelSpec, layers: dict[str, Any], policy: str) -> None:
+def _attach_probes(spec: ModelSpec, layers: dict[str, Any], policy: str) -> list[Any]:
     """Give each layer whose token policy reads a :class:`~trimkit.probe.TokenContext` the attention
-    probe of the layer before it in the same stream (its first self-attention of that stream)."""
+    probe of the layer before it in the same stream (its first self-attention of that stream); returns
+    the probes."""
     from .probe import AttentionProbe
 
+    probes = []
     order = [l for l in spec.layers]
     for i, lspec in enumerate(order):
         layer = layers.get(lspec.path)
@@ -560,7 +551,13 @@ def _attach_probes(spec: ModelSpec, layers: dict[str, Any], policy: str) -> None
             raise TrimConfigError(f"token_policy {policy!r} at layer {lspec.path!r}: the layer before it, "
                                   f"{prev.path!r}, has no self-attention over stream {lspec.stream!r} to read")
         inner = layers[prev.path].inner
+        if inner is None:
+            raise TrimConfigError(f"token_policy {policy!r} at layer {lspec.path!r}: the layer before it, "
+                                  f"{prev.path!r}, is described without its attention (tokens only), so its "
+                                  f"attention cannot be read")
         layer.attention_probe = AttentionProbe(inner.get_submodule(f"trimkit_attn_{hits[0]}"), prev.path)
+        probes.append(layer.attention_probe)
+    return probes
 
 
 def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:

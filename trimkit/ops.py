@@ -77,6 +77,9 @@ class AttnTrim:
     # kernel call passes it (route via="kernel"), none where trimkit recomputes attention; "model" = the
     # module's own probability on every route; "none" = never
     dropout: str = "kernel_only"
+    # called as capture(query, key, mask, scale, is_causal, trim) by the kernel before it attends (route
+    # via="kernel"): how an attention probe (trimkit.probe) reads this call's queries and keys
+    capture: Any = None
 
 
 class Record:

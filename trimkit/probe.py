@@ -10,14 +10,14 @@ both describe the same tokens (masked == removed holds for such policies too).
 
 The probe is backbone-agnostic: at trim time a forward pre-hook is put on trimkit's own attention
 wrapper of the previous layer (the stream's first self-attention of that layer, in its rewritten
-graph), recording that call's inputs. When a policy asks, the queries and keys of that call are
-recomputed by the module's own code (attention at the kernel through transformers'
-``AttentionInterface``: the module runs again under a capturing implementation that stops at the
-attention call, so RoPE, grouped-query heads and the model's masks are its own; attention recomputed
-from its projections: :class:`trimkit.ops.TrimAttention`'s projections) and only the asked rows of
-``softmax(q k^T * scale + mask)`` are formed, with the call's own token mask. The layer's attention
-itself stays on SDPA. Cost: one more q/k/v projection of that one layer and ``H x N`` scores per
-asked row. Not supported: attention intercepted by fx at an ``F.scaled_dot_product_attention`` call
+graph), recording that call. Attention at the kernel (transformers' ``AttentionInterface``): trimkit's
+kernel hands the call's queries and keys (after RoPE, grouped-query heads as they are, the model's
+own mask) to the probe as it attends, so nothing runs twice and no hook of the module fires again.
+Attention recomputed from its projections: the queries and keys are recomputed from
+:class:`trimkit.ops.TrimAttention`'s projections when a policy asks (one more q/k projection of that
+layer). Only the asked rows of ``softmax(q k^T * scale + mask)`` are formed, with the call's own
+token mask; the layer's attention itself stays on SDPA. What a probe holds is dropped after every
+forward. Not supported: attention intercepted by fx at an ``F.scaled_dot_product_attention`` call
 inside the module (timm with qk-norm), and mode ``packed``.
 """
 
@@ -29,41 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AttentionProbe", "TokenContext", "PROBE_INTERFACE", "row_attention"]
+__all__ = ["AttentionProbe", "TokenContext", "row_attention"]
 
-PROBE_INTERFACE = "trimkit_probe"
-"""The name of the capturing implementation in ``transformers.AttentionInterface``."""
-
-
-class _Captured(Exception):
-    """Raised by the capturing attention implementation: the call's queries and keys (after RoPE)."""
+class _Call:
+    """One attention call's queries and keys (after RoPE) and how it masks them."""
 
     def __init__(self, query, key, mask, scale, causal, trim) -> None:
-        super().__init__("trimkit probe")
         self.query, self.key, self.mask, self.scale, self.causal, self.trim = query, key, mask, scale, causal, trim
-
-
-def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                       is_causal: bool | None = None, trimkit_trim: Any = None, **kwargs: Any):
-    # the same reading of the call as trimkit's own implementation (trimkit.kernels.interface_attention)
-    if is_causal is None:
-        is_causal = bool(getattr(module, "is_causal", False)) and attention_mask is None and query.shape[2] > 1
-    if attention_mask is not None and attention_mask.dim() == 4:
-        attention_mask = attention_mask[:, :, :, : key.shape[2]]
-    raise _Captured(query, key, attention_mask, scaling, is_causal, trimkit_trim)
-
-
-_REGISTERED = False
-
-
-def _register_interface() -> None:
-    global _REGISTERED
-    if not _REGISTERED:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(PROBE_INTERFACE, _capture_attention)
-        _REGISTERED = True
 
 
 def row_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float | None = None,
@@ -112,22 +84,35 @@ class AttentionProbe:
                 f"trimkit: the attention of layer {where!r} is intercepted at an F.scaled_dot_product_attention "
                 "call inside its module (fx route); a context-reading token policy (fastv, visionzip) cannot read "
                 "its attention weights yet: describe the attention by its projections (via='projections')")
-        if route == "attention_interface":
-            _register_interface()
         self.module, self.where, self.route = module, where, route
         self._call: tuple[tuple, dict] | None = None
+        self._got: _Call | None = None
         self._cache: dict[str, torch.Tensor] = {}
         self.handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
 
-    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._call = (args, kwargs)
-        self._cache = {}
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._call, self._got, self._cache = (args, kwargs), None, {}
+        if self.route != "attention_interface":
+            return None
+        from .ops import AttnTrim
+
+        trim = kwargs.get("trimkit_trim")
+        if trim is None:  # (the kernel's shared default must not carry a capture)
+            trim = AttnTrim()
+            kwargs = {**kwargs, "trimkit_trim": trim}
+        trim.capture = self._store
+        return args, kwargs
+
+    def _store(self, query, key, mask, scale, causal, trim) -> None:
+        trim.capture = None
+        self._got = _Call(query.detach(), key.detach(), mask, scale, causal, trim)
 
     def clear(self) -> None:
-        """Forget the recorded call (its tensors)."""
-        self._call, self._cache = None, {}
+        """Forget the recorded call (its tensors); :class:`~trimkit.model.TrimmedModel` does it after
+        every forward."""
+        self._call, self._got, self._cache = None, None, {}
 
-    def _qk(self) -> _Captured:
+    def _qk(self) -> _Call:
         if self._call is None:
             raise RuntimeError(f"trimkit attention probe: the attention of layer {self.where!r} did not run before "
                                "the policy that reads it (it must be an earlier layer of the same forward)")
@@ -137,18 +122,10 @@ class AttentionProbe:
             raise NotImplementedError("trimkit: context-reading token policies (fastv, visionzip) do not run in mode "
                                       "'packed'; use tmodel.inference = 'remove' (batch 1) or 'hard'")
         if self.route == "attention_interface":
-            run = self.module.run
-            cfg = run.config
-            prev = cfg._attn_implementation
-            cfg._attn_implementation = PROBE_INTERFACE
-            try:
-                run(*args, **{k: v for k, v in kwargs.items() if k != "trimkit_trim"}, trimkit_trim=trim)
-            except _Captured as got:
-                return got
-            finally:
-                cfg._attn_implementation = prev
-            raise RuntimeError(f"trimkit attention probe: the attention module of layer {self.where!r} returned "
-                               "without calling its attention function")
+            if self._got is None:
+                raise RuntimeError(f"trimkit attention probe: the attention module of layer {self.where!r} returned "
+                                   "without calling its attention function")
+            return self._got
         s = self.module.spec
         call = s.inputs(args, {k: v for k, v in kwargs.items() if k != "trimkit_trim"})
         x, ctx = call.x, call.context
@@ -162,7 +139,7 @@ class AttentionProbe:
         d = q.shape[-1] // s.num_heads
         q = q.view(B, Nq, s.num_heads, d).transpose(1, 2)
         k = k.view(B, k.shape[1], s.num_heads, d).transpose(1, 2)
-        return _Captured(q, k, call.bias, s.scale, False, trim)
+        return _Call(q, k, call.bias, s.scale, False, trim)
 
     def received(self, query: str, rows: torch.Tensor) -> torch.Tensor:
         """(B, Nk) the mean over heads of the attention each key received from query row ``rows[b]``

@@ -157,6 +157,38 @@ class Unflatten(nn.Module):
         return pytree.tree_unflatten(flat, self.spec)
 
 
+def attribute_links(gm: fx.GraphModule, root: nn.Module) -> list[tuple[nn.Module, nn.Module, str]]:
+    """``(holder, owner, name)`` for each tensor ``gm`` (traced from ``root``) reads by attribute
+    (``get_attr``: e.g. a [CLS] or position embedding) from a holder module of its own, where
+    ``owner`` is the module of ``root`` the tensor belongs to. fx copies such tensors into holders
+    it creates, so the graph keeps reading the old tensor object once the model's module gets a new
+    one (``.to()``, ``load_state_dict(assign=True)``, FSDP swapping sharded and gathered parameters
+    around every step): :func:`sync_attributes` points the holders at the owners' current tensors.
+    Constants of the graph's own (not attributes of ``root``) are left out."""
+    links = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner_path, _, attr = str(node.target).rpartition(".")
+        try:
+            owner = root.get_submodule(owner_path) if owner_path else root
+            holder = gm.get_submodule(owner_path) if owner_path else gm
+            getattr(owner, attr)
+        except AttributeError:
+            continue
+        if holder is not owner:
+            links.append((holder, owner, attr))
+    return links
+
+
+def sync_attributes(links: Sequence[tuple[nn.Module, nn.Module, str]]) -> None:
+    """Point each holder's attribute at its owner's current tensor (an identity check per link)."""
+    for holder, owner, attr in links:
+        value = getattr(owner, attr)
+        if getattr(holder, attr) is not value:
+            setattr(holder, attr, value)
+
+
 def plain_codegen(graph: fx.Graph) -> Callable[[fx.GraphModule], None]:
     """Give a graph traced with ``concrete_args`` a plain keyword signature.
 

@@ -910,6 +910,9 @@ def fsdp_settings(accelerator: Any, train: TrainConfig) -> dict[str, Any] | None
             return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
         return {}
     where = "the accelerate launch config (fsdp_config)"
+    if train.mixed_precision == "fp16":
+        raise ConfigError(f"{where} selects FSDP and train.mixed_precision is fp16, which is not supported (its loss "
+                          f"scaler does not handle sharded gradients): use bf16")
     if int(getattr(plugin, "fsdp_version", 1)) != 2:
         raise ConfigError(f"{where} selects FSDP version {plugin.fsdp_version}: the trainer shards with FSDP2; set "
                           f"fsdp_version: 2 (see examples/accelerate/fsdp.yaml)")
@@ -1469,9 +1472,19 @@ class Trainer:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             state = {}
             for i, st in saved["state"].items():
-                ref = params[int(i)] if int(i) < len(params) else None
-                state[i] = {k: _like(v, ref) if ref is not None and isinstance(v, torch.Tensor) and k != "step"
-                            and v.shape == ref.shape else v for k, v in st.items()}
+                if not 0 <= int(i) < len(params):
+                    raise ValueError(f"the checkpoint's optimizer state names parameter {i}, but the optimizer has "
+                                     f"{len(params)}: the checkpoint is of another model")
+                ref = params[int(i)]
+                state[i] = {}
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and v.dim() > 0:  # per-element state (exp_avg, ...), not `step`
+                        if tuple(v.shape) != tuple(ref.shape):
+                            raise ValueError(f"the checkpoint's optimizer state {k!r} of parameter {i} has shape "
+                                             f"{tuple(v.shape)}, the parameter {tuple(ref.shape)}: the checkpoint "
+                                             f"is of another model")
+                        v = _like(v, ref)
+                    state[i][k] = v
             saved = {**saved, "state": state}
         self.optimizer.load_state_dict(saved)
 
