@@ -44,21 +44,36 @@ def describe_llava(model: nn.Module) -> ModelSpec:
     if not isinstance(model, LlavaForTrimming):
         raise TypeError(f"trimkit_llava: a {type(model).__name__} cannot be traced as it is; trim "
                         "trimkit_llava.wrap(model) (same weights) instead")
-    text = model.config.text_config
-    attn = AttentionSpec("self_attn", "self", text.num_attention_heads, via="kernel")
-    chosen = set(model.trim_layers)
-    layers = [LayerSpec(f"model.model.language_model.layers.{i}", "seq", hidden="hidden_states",
+    # the vision tower runs as one call (its ModelOutput's hidden_states are indexed after it); the
+    # rotary table as LlamaRoot's
+    return decoder_spec(model.config.text_config, model.trim_layers,
+                        input_names=["pixel_values", "input_ids", "attention_mask", "segment_starts"],
+                        leaf_modules=["model.model.vision_tower", "model.model.language_model.rotary_emb"])
+
+
+def decoder_spec(text_config: Any, trim_layers: Sequence[int], *, input_names: Sequence[str],
+                 leaf_modules: Sequence[str], autowrap_functions: Sequence[Any] = (),
+                 layers_path: str = "model.model.language_model.layers") -> ModelSpec:
+    """The description of a decoder VLM whose LM sequence is prompt / image / question (one stream
+    ``seq`` of three segments with per-instance starts from the input ``segment_starts``, padding from
+    ``attention_mask``; the image summarised by the mean of its kept tokens, the question by its last
+    token): every decoder layer at ``layers_path.{i}`` with its ``self_attn`` at the attention kernel
+    (RoPE and grouped-query heads stay the module's), token trimmers in ``trim_layers``. Shared by
+    the llava and qwen2_vl adapters; ``input_names``, ``leaf_modules`` and ``autowrap_functions`` are
+    the wrapper's."""
+    attn = AttentionSpec("self_attn", "self", text_config.num_attention_heads, via="kernel")
+    chosen = set(trim_layers)
+    layers = [LayerSpec(f"{layers_path}.{i}", "seq", hidden="hidden_states",
                         hidden_token_args={"position_embeddings": 1}, attentions=[attn], trimmable=i in chosen)
-              for i in range(text.num_hidden_layers)]
+              for i in range(text_config.num_hidden_layers)]
     segments = [Segment("prompt"), Segment("image", summary="mean"), Segment("question", summary="last")]
     spec = ModelSpec(
         streams=[StreamSpec("seq", padding_input="attention_mask", segments=segments,
                             segment_starts="segment_starts")],
         layers=layers,
-        input_names=["pixel_values", "input_ids", "attention_mask", "segment_starts"],
-        # the vision tower runs as one call (its ModelOutput's hidden_states are indexed after it);
-        # the rotary table as LlamaRoot's
-        leaf_modules=["model.model.vision_tower", "model.model.language_model.rotary_emb"],
+        input_names=list(input_names),
+        leaf_modules=list(leaf_modules),
+        autowrap_functions=list(autowrap_functions),
     )
     spec.validate()
     return spec

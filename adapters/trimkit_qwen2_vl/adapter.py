@@ -9,7 +9,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from trimkit.spec import AttentionSpec, LayerSpec, ModelSpec, Segment, StreamSpec
+from trimkit.spec import ModelSpec
+from trimkit_llava.adapter import decoder_spec
 
 __all__ = ["TINY_TEXT", "TINY_VISION", "TINY_VISION_2_5", "Qwen2VLAdapter", "describe_qwen2_vl", "wrap"]
 
@@ -62,25 +63,12 @@ def describe_qwen2_vl(model: nn.Module) -> ModelSpec:
     if not isinstance(model, Qwen2VLForTrimming):
         raise TypeError(f"trimkit_qwen2_vl: a {type(model).__name__} cannot be traced as it is; trim "
                         "trimkit_qwen2_vl.wrap(model) (same weights) instead")
-    text = model.config.text_config
-    attn = AttentionSpec("self_attn", "self", text.num_attention_heads, via="kernel")
-    chosen = set(model.trim_layers)
-    layers = [LayerSpec(f"model.model.language_model.layers.{i}", "seq", hidden="hidden_states",
-                        hidden_token_args={"position_embeddings": 1}, attentions=[attn], trimmable=i in chosen)
-              for i in range(text.num_hidden_layers)]
-    segments = [Segment("prompt"), Segment("image", summary="mean"), Segment("question", summary="last")]
-    spec = ModelSpec(
-        streams=[StreamSpec("seq", padding_input="attention_mask", segments=segments,
-                            segment_starts="segment_starts")],
-        layers=layers,
-        input_names=["pixel_values", "input_ids", "image_grid_thw", "attention_mask", "segment_starts"],
-        # the vision tower (its grid arithmetic is host code), the M-RoPE positions (get_rope_index loops
-        # over the rows) and the rotary table run as single calls
-        leaf_modules=["model.model.visual", "positions", "model.model.language_model.rotary_emb"],
-        autowrap_functions=[flat_pixel_values],
-    )
-    spec.validate()
-    return spec
+    # the vision tower (its grid arithmetic is host code), the M-RoPE positions (get_rope_index loops over
+    # the rows) and the rotary table run as single calls
+    return decoder_spec(model.config.text_config, model.trim_layers,
+                        input_names=["pixel_values", "input_ids", "image_grid_thw", "attention_mask", "segment_starts"],
+                        leaf_modules=["model.model.visual", "positions", "model.model.language_model.rotary_emb"],
+                        autowrap_functions=[flat_pixel_values])
 
 
 class Qwen2VLAdapter:
