@@ -48,3 +48,31 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert main(["eval", "--checkpoint", rows[1]["checkpoint"], "--json", "--macs-instances", "1",
                  "--instances", "8"]) == 0
     assert json.loads(capsys.readouterr().out)["trimmed"] is True
+
+
+def test_calibrate_returns_the_nearest_tried_strength(monkeypatch):
+    """MACs fall in steps as the strength knob moves, so bisection ends at a step's edge with its last
+    midpoint possibly beyond it: calibrate must return the tried strength whose ratio is nearest the
+    goal, not the last midpoint. Here the knob keeps ceil(8 s) / 8 of the MACs: a goal of 1.5x is
+    best met by s in (0.5, 0.625] (1.6x); the bisection's last midpoint lies just above 0.625 (1.33x)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from trimkit_train import demo
+
+    full_macs = 1000.0
+
+    class Stub:
+        @contextlib.contextmanager
+        def full(self):
+            yield
+
+    monkeypatch.setattr(demo, "collate_of", lambda ds: lambda items: items)
+    monkeypatch.setattr(demo, "model_inputs", lambda tm, batch: {})
+    monkeypatch.setattr(demo, "count_macs", lambda tm, **x: SimpleNamespace(total=full_macs))
+    monkeypatch.setattr(demo, "targets_for", lambda s, tm: ({"knob": s}, {}))
+    monkeypatch.setattr(demo, "forced_macs",
+                        lambda tm, ds, targets, n: full_macs * math.ceil(8 * targets["knob"]) / 8)
+    out = demo.calibrate(Stub(), [None] * 4, 1.5, instances=2, iterations=12)
+    assert out["forced_ratio"] == pytest.approx(1.6)
+    assert 0.5 < out["strength"] <= 0.625

@@ -291,23 +291,28 @@ def forced_macs(tmodel: TrimmedModel, dataset: Any, targets: dict[str, float], i
 
 def calibrate(tmodel: TrimmedModel, dataset: Any, ratio: float, instances: int = 8,
               iterations: int = 12) -> dict[str, Any]:
-    """Bisect the strength knob of :func:`targets_for` until forced MACs are ``full / ratio``."""
+    """Bisect the strength knob of :func:`targets_for` until forced MACs are ``full / ratio``.
+
+    MACs fall in steps as the knob moves (whole tokens and heads are kept), so the bisection ends at a
+    step's edge and its last midpoint may lie on the far side of it. The strength returned is the one,
+    of all those tried, whose forced ratio is nearest ``ratio`` (in log scale).
+    """
     collate = collate_of(dataset)
     with tmodel.full():
         full = sum(count_macs(tmodel, **model_inputs(tmodel, collate([dataset[i]]))).total
                    for i in range(instances)) / instances
     lo, hi = 1e-3, 1.0
-    best = None
+    tried: list[tuple[float, float, dict[str, float], dict[str, float]]] = []
     for _ in range(iterations):
         mid = (lo + hi) / 2
         tokens, heads = targets_for(mid, tmodel)
         got = full / forced_macs(tmodel, dataset, {**tokens, **heads}, instances)
-        best = (mid, got, tokens, heads)
+        tried.append((mid, got, tokens, heads))
         if got < ratio:
             hi = mid
         else:
             lo = mid
-    strength, got, tokens, heads = best
+    strength, got, tokens, heads = min(tried, key=lambda t: abs(math.log(t[1] / ratio)))
     return {"strength": strength, "forced_ratio": got, "token_target": tokens, "head_target": heads,
             "gmacs_full": full / 1e9}
 
