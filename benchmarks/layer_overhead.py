@@ -8,6 +8,9 @@ calibrated to ``--reduction`` fewer MACs (mode ``remove``), timed interleaved ag
   decisions, no trimmer compute): the difference is what computing the trimmers costs;
 * the same trimmed forward with the kept-head weight cache off (kept heads in runs on weight
   views, trimkit.headcache): the difference is what the cache saves;
+* the same trimmed forward with each trimmer called as its own module instead of the layer's fused
+  inference form (``runtime.fuse_trimmers = False``, trimkit.layer.LayerTrimmers.fused): the
+  difference is what the fusion saves;
 
 and the aten operators each forward dispatches (counted with ``torch.profiler``: top-level ops),
 since at small sizes time follows the number of ops, not the MACs.
@@ -66,6 +69,13 @@ def measure(size: str, reduction: float, repeats: int, instances: int) -> list[s
         with replay:
             tmodel(**xs[r % len(xs)])
 
+    def unfused(r):
+        tmodel.runtime.fuse_trimmers = False
+        try:
+            tmodel(**xs[r % len(xs)])
+        finally:
+            tmodel.runtime.fuse_trimmers = True
+
     def no_cache(r):
         for m in attns:
             m.head_cache.max_elements = 0
@@ -76,15 +86,17 @@ def measure(size: str, reduction: float, repeats: int, instances: int) -> list[s
                 m.head_cache.max_elements = cache_limits[id(m)]
 
     ops_full, ops_trim = _ops(lambda: full(0)), _ops(lambda: trimmed(0))
-    t = interleaved({"full": full, "trimmed": trimmed, "replayed": replayed, "no_cache": no_cache},
+    t = interleaved({"full": full, "trimmed": trimmed, "replayed": replayed, "no_cache": no_cache, "unfused": unfused},
                     repeats=repeats * len(xs), warmup=2)
     f, tr = t.median("full") * 1e3, t.median("trimmed") * 1e3
     speed = t.ratio("full", "trimmed")
     trimmer_ms = tr - t.median("replayed") * 1e3
     cache_ms = t.median("no_cache") * 1e3 - tr
+    fused_ms = t.median("unfused") * 1e3 - tr
     layers = len(tmodel.trimmers)
     return [size, f"{cal.ratio:.2f}x", f"{f:.2f}", f"{tr:.2f}", f"**{speed:.2f}x**", f"{speed / cal.ratio:.2f}",
-            f"{trimmer_ms:.2f} ({100 * trimmer_ms / tr:.0f}%)", f"{cache_ms:+.2f}", f"{ops_full} / {ops_trim}",
+            f"{trimmer_ms:.2f} ({100 * trimmer_ms / tr:.0f}%)", f"{fused_ms:+.2f}", f"{cache_ms:+.2f}",
+            f"{ops_full} / {ops_trim}",
             str(layers)]
 
 
@@ -110,11 +122,12 @@ Command: `{common.command()}`
 Machine: {common.machine()}; {load_start} at start, {common.load()} at end. Date: {common.now()}.
 Untrained trimmers calibrated to {args.reduction:g}x fewer MACs, mode `remove`, interleaved with the full
 model (medians). "trimmer compute": trimmed minus the same forward with the trimmers' outputs replayed;
+"fusion saves": trimmed with each trimmer run as its own module minus the fused form (LayerTrimmers.fused);
 "head cache saves": trimmed with the kept-head weight cache off minus on (trimkit.headcache);
 "aten ops": top-level operators dispatched by one forward, full / trimmed.
 
 {common.table(["size", "MACs ratio", "full ms", "trimmed ms", "speed ratio", "speed/MACs", "trimmer compute ms",
-               "head cache saves ms", "aten ops full / trimmed", "trimmed layers"], rows)}
+               "fusion saves ms", "head cache saves ms", "aten ops full / trimmed", "trimmed layers"], rows)}
 
 Reading: at the tiny and demo sizes a forward is bound by per-op dispatch (tens of tokens, widths
 64-128): the trimmed forward dispatches about twice the operators of the full one (the trimmers'

@@ -32,6 +32,8 @@ class Replay:
             self.mods += list(lt.heads.values())
         self.outs: dict[int, dict[int, list]] = {}
         self.instance = 0
+        self.runtime = tmodel.runtime
+        self._fuse = True
 
     def record(self, tmodel, instance: int, x: dict) -> None:
         rec = {id(m): [] for m in self.mods}
@@ -45,6 +47,8 @@ class Replay:
         self.outs[instance] = rec
 
     def __enter__(self):
+        # the policies' replaced forwards must be what runs, not the layers' fused forms of them
+        self._fuse, self.runtime.fuse_trimmers = self.runtime.fuse_trimmers, False
         for m in self.mods:
             calls = [0]
 
@@ -60,6 +64,7 @@ class Replay:
     def __exit__(self, *exc):
         for m in self.mods:
             del m.forward
+        self.runtime.fuse_trimmers = self._fuse
 
 
 def main() -> None:

@@ -149,6 +149,8 @@ def test_one_host_sync_per_layer(monkeypatch):
     real = P.fetch
     monkeypatch.setattr(P, "fetch", lambda ts: calls.append(len(ts)) or real(ts))
     monkeypatch.setattr("trimkit.model.fetch", lambda ts: calls.append(len(ts)) or real(ts))
+    real_row = P.fetch_row  # mode remove: a batch-1 layer's (1, n) logits
+    monkeypatch.setattr(P, "fetch_row", lambda ts: calls.append(len(ts)) or real_row(ts))
     x = _inputs(3, [7, 4, 2], seed=2)
     with torch.no_grad(), tmodel.mode("packed"):
         tmodel(**x)

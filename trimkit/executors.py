@@ -52,7 +52,7 @@ class MaskedExecutor:
         tokens = layer.trimmers.token
         cls_ctx = layer._cls_context(context, cstate)
         cls_attn = layer._attn_cls(a, cls_ctx, astates)
-        self_ctx = None
+        self_ctx = head_logits = None
         seq = hidden if spec.batch_first else hidden.transpose(0, 1)
         B, N = seq.shape[:2]
         cls_self = layer._pooled(seq, hstate, spec.stream) if layer.pooled else seq[:, 0]  # at the layer's input
@@ -83,15 +83,17 @@ class MaskedExecutor:
                     prot.scatter_(1, lay.summary[:, :1].to(seq.device), True)
                 logits = tokens(seq, cls_self, cls_ctx, layer._contexts(seq, hstate, prot)[0])
             else:
-                logits = tokens(seq, cls_self, cls_ctx)
+                logits, head_logits = layer._decide(seq, cls_self, cls_ctx, cls_attn, self_ctx, cls_ctx)
             hstate, hidden = rt.token_step(layer.key, spec.stream, logits, hidden, hstate, layer.token_dim,
                                            protected=protected)
             a[layer.hidden_name] = hidden
         layer._align_side(a, hstate, cstate)
         if layer.tokens_only:
             return a, hstate
+        if head_logits is None:
+            head_logits = layer._head_logits(cls_self, cls_attn, self_ctx, cls_ctx)
         trims: list[AttnTrim] = []
-        for i, (att, logits) in enumerate(zip(spec.attentions, layer._head_logits(cls_self, cls_attn, self_ctx, cls_ctx))):
+        for i, (att, logits) in enumerate(zip(spec.attentions, head_logits)):
             key_state = layer._key_state(i, hstate, cstate, astates)
             key_mask = key_state.mask if key_state is not None else None
             trim = rt.head_step(f"{layer.key}.{i}", logits) if logits is not None else AttnTrim()
@@ -114,7 +116,7 @@ class RemoveExecutor:
         # [CLS] is always kept: the same before and after trimming; a pooled summary is taken at the input
         cls_self = layer._pooled(hidden if spec.batch_first else hidden.transpose(0, 1), hstate, spec.stream) \
             if layer.pooled else layer._first(hidden)
-        logits = self_ctx = protected = segments = None
+        logits = self_ctx = protected = segments = head_logits = None
         seq = hidden if spec.batch_first else hidden.transpose(0, 1)
         prev = hstate.index if hstate is not None and hstate.index is not None else None
         length = hstate.length if prev is not None else seq.shape[1]
@@ -149,9 +151,11 @@ class RemoveExecutor:
                         prot[:, row[0].to(seq.device)] = True
                     logits = tokens(seq, cls_self, cls_ctx, layer._contexts(seq, hstate, prot)[0])
                 else:
-                    logits = tokens(seq, cls_self, cls_ctx)
-        # the contexts (the layer's, each attention's own) arrive with their dropped tokens already removed
-        head_logits = layer._head_logits(cls_self, layer._attn_cls(a, cls_ctx, astates), self_ctx, cls_ctx)
+                    # the contexts (the layer's, each attention's own) arrive with their dropped tokens removed
+                    logits, head_logits = layer._decide(seq, cls_self, cls_ctx, layer._attn_cls(a, cls_ctx, astates),
+                                                        self_ctx, cls_ctx)
+        if head_logits is None:
+            head_logits = layer._head_logits(cls_self, layer._attn_cls(a, cls_ctx, astates), self_ctx, cls_ctx)
         hstate, hidden, trims = rt.remove_step(layer.key, logits, head_logits, hidden, hstate, layer.token_dim,
                                                protected, segments, stream=spec.stream)
         a[layer.hidden_name] = hidden

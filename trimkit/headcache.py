@@ -22,6 +22,7 @@ bump no version counter and are not seen: :meth:`trimkit.TrimmedModel.clear_cach
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 
@@ -46,9 +47,12 @@ class KeptHeadCache:
 
     @staticmethod
     def _stamp_of(tensors: tuple) -> tuple:
-        # inference tensors (made under torch.inference_mode) keep no version counter: storage only
-        return tuple(None if t is None else (t.data_ptr(), None if t.is_inference() else t._version, t.device, t.dtype)
-                     for t in tensors)
+        present = [t for t in tensors if t is not None]
+        first = present[0]
+        try:  # storage and version counter of each (a device or dtype change gives every tensor new storage)
+            return (first.device, first.dtype, *[(t.data_ptr(), t._version) for t in present])
+        except RuntimeError:  # inference tensors (made under torch.inference_mode) keep no version counter
+            return (first.device, first.dtype, *[(t.data_ptr(), t.is_inference()) for t in present])
 
     def clear(self) -> None:
         """Drop every cached copy (:meth:`trimkit.TrimmedModel.clear_caches`)."""
@@ -63,11 +67,16 @@ class KeptHeadCache:
         n = kept * d
         return 3 * n * width + (n * out_rows if out_rows else 0) <= self.max_elements
 
-    def get(self, heads: tuple[int, ...], d: int, weights: tuple, out_weight: torch.Tensor | None) -> tuple:
-        """``(wq, bq, wk, bk, wv, bv, wo, rows)`` restricted to ``heads`` (``wo``: the output
-        projection's columns, or ``None``; ``rows``: the kept heads' channel indices);
-        ``weights`` are the full ``(wq, bq, wk, bk, wv, bv)``."""
-        stamp = self._stamp_of((*weights, out_weight))
+    def get(self, heads: tuple[int, ...], d: int, sources: tuple, weights: "Callable[[], tuple]",
+            out_weight: torch.Tensor | None) -> tuple:
+        """``(wq, bq, wk, bk, wv, bv, wo, rows, wqkv, bqkv, wkv, bkv)`` restricted to ``heads`` (``wo``: the
+        output projection's columns, or ``None``; ``rows``: the kept heads' channel indices);
+        ``sources``: the parameters the projections are made of (stamped: a change drops every copy);
+        ``weights()`` gives the full ``(wq, bq, wk, bk, wv, bv)`` (called on a miss). When the three projections read inputs of
+        one width (and all or none have a bias), the copy is one ``[q; k; v]`` matrix: ``wqkv``/``bqkv``
+        (one matmul for a self-attention) and ``wkv``/``bkv`` (keys and values of a cross-attention in
+        one matmul) are views of it, as are ``wq``...; otherwise those four are ``None``."""
+        stamp = self._stamp_of((*sources, out_weight))
         if stamp != self._stamp:
             self._sets.clear()
             self._stamp = stamp
@@ -77,10 +86,24 @@ class KeptHeadCache:
             self.hits += 1
             return hit
         self.misses += 1
+        weights = weights()
         device = weights[0].device
         rows = (torch.arange(d, device=device)[None, :] + torch.tensor(heads, device=device)[:, None] * d).reshape(-1)
-        entry = tuple(None if t is None else t.index_select(0, rows) for t in weights)
-        entry += (None if out_weight is None else out_weight.index_select(1, rows), rows)
+        wq, bq, wk, bk, wv, bv = weights
+        biases = (bq, bk, bv)
+        fusable = (wq.shape[1] == wk.shape[1] == wv.shape[1]
+                   and (all(b is None for b in biases) or all(b is not None for b in biases)))
+        if fusable:
+            n = rows.numel()
+            wqkv = torch.cat([w.index_select(0, rows) for w in (wq, wk, wv)])
+            bqkv = None if bq is None else torch.cat([b.index_select(0, rows) for b in biases])
+            sl = [(0, n), (n, 2 * n), (2 * n, 3 * n)]
+            entry = tuple(x for a, b in sl for x in (wqkv[a:b], None if bqkv is None else bqkv[a:b]))
+            fused = (wqkv, bqkv, wqkv[n:], None if bqkv is None else bqkv[n:])
+        else:
+            entry = tuple(None if t is None else t.index_select(0, rows) for t in weights)
+            fused = (None, None, None, None)
+        entry += (None if out_weight is None else out_weight.index_select(1, rows), rows) + fused
         self._sets[heads] = entry
         if len(self._sets) > self.max_sets:
             self._sets.popitem(last=False)

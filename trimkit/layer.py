@@ -321,17 +321,17 @@ class TrimmedLayer(nn.Module):
             out.append(self._cls_context(a.get(name), st if last else None, stream))
         return out
 
-    def _head_logits(self, cls_self: torch.Tensor, cls_ctxs: list[torch.Tensor | None],
-                     self_ctx: torch.Tensor | None = None, ctx_cls: torch.Tensor | None = None) -> list[torch.Tensor | None]:
-        """Per attention, its head trimmer's logits, from its query stream's [CLS] and, for a
-        cross-attention, its keys' [CLS]. ``self_ctx``: what a self-attention's trimmer reads besides
-        (the other segments' summaries, in a segmented stream). ``ctx_cls``: the layer context's [CLS], the
-        queries' summary for the other stream of a two-stream layer."""
+    def _head_inputs(self, cls_self: torch.Tensor, cls_ctxs: list[torch.Tensor | None],
+                     self_ctx: torch.Tensor | None = None,
+                     ctx_cls: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per attention with a head trimmer (by index, as a string): what its trimmer reads, (its query
+        stream's [CLS], for a cross-attention its keys' [CLS]). ``self_ctx``: what a self-attention's
+        trimmer reads besides (the other segments' summaries, in a segmented stream). ``ctx_cls``: the
+        layer context's [CLS], the queries' summary for the other stream of a two-stream layer."""
         heads, spec = self.trimmers.heads, self.spec
-        out = []
+        out = {}
         for i, (att, (q, k)) in enumerate(zip(spec.attentions, self.roles)):
             if str(i) not in heads:
-                out.append(None)
                 continue
             if q == spec.stream:
                 cls_q, other = cls_self, cls_ctxs[i] if att.kind == "cross" else self_ctx
@@ -339,8 +339,33 @@ class TrimmedLayer(nn.Module):
                 cls_q = ctx_cls
                 own = self.attn_context_names[i] is not None
                 other = (cls_ctxs[i] if own else cls_self) if att.kind == "cross" else None
-            out.append(heads[str(i)](cls_q, other))
+            out[str(i)] = (cls_q, other)
         return out
+
+    def _head_logits(self, cls_self: torch.Tensor, cls_ctxs: list[torch.Tensor | None],
+                     self_ctx: torch.Tensor | None = None, ctx_cls: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """Per attention, its head trimmer's logits (None without one), from :meth:`_head_inputs`."""
+        inputs = self._head_inputs(cls_self, cls_ctxs, self_ctx, ctx_cls)
+        heads = self.trimmers.heads
+        return [heads[str(i)](*inputs[str(i)]) if str(i) in inputs else None for i in range(len(self.spec.attentions))]
+
+    def _decide(self, seq: torch.Tensor, cls_self: torch.Tensor, cls_ctx: torch.Tensor | None,
+                cls_ctxs: list[torch.Tensor | None], self_ctx: torch.Tensor | None = None,
+                ctx_cls: torch.Tensor | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """The layer's token logits (B, N) (None without a token trimmer) and per attention its head
+        logits: the policies' fused inference form when they offer one and no gradient is needed
+        (:meth:`LayerTrimmers.fused`), else each policy called."""
+        inputs = self._head_inputs(cls_self, cls_ctxs, self_ctx, ctx_cls)
+        tokens = self.trimmers.token
+        fused = self.trimmers.fused() if self.runtime.fuse_trimmers and tokens is not None else None
+        out = fused(seq, cls_self, cls_ctx, inputs) if fused is not None else None
+        if out is None:
+            heads = self.trimmers.heads
+            logits = tokens(seq, cls_self, cls_ctx) if tokens is not None else None
+            head = {k: heads[k](*v) for k, v in inputs.items()}
+        else:
+            logits, head = out
+        return logits, [head.get(str(i)) for i in range(len(self.spec.attentions))]
 
     def _key_state(self, i: int, hstate: TokenState | None, cstate: TokenState | None,
                    astates: list[TokenState | None]) -> TokenState | None:
@@ -481,3 +506,56 @@ class LayerTrimmers(nn.Module):
         super().__init__()
         self.token = token
         self.heads = nn.ModuleDict(heads)
+        self._fused: tuple[tuple, Any] | None = None  # (weights stamp, the fused form), see fused()
+
+    def fused(self) -> Callable | None:
+        """The fused inference form of this layer's trimmers, or None (then each policy is called).
+
+        A token policy may offer one: a method ``fuse(heads)`` taking this layer's head policies (a
+        dict by attention index) and returning a callable ``(hidden, cls_self, cls_context,
+        head_inputs) -> (token_logits, head_logits by index)`` (or None from the call, for inputs it
+        does not cover) that computes the same logits with fewer operators, from the weights as they
+        are (see :class:`trimkit_smarttrim.policies.FusedTrimmers`). It is used only when no gradient
+        is needed (it holds derived copies of the weights) and no forward hook watches a policy (the
+        policies run then, so that it fires), and rebuilt when a weight changes: an
+        in-place update (optimizer step, ``load_state_dict``) bumps a version counter, ``.to()`` moves
+        the storage; :meth:`trimkit.TrimmedModel.clear_caches` drops it after writes through
+        ``.data`` or a replaced parameter."""
+        if torch.is_grad_enabled():
+            return None
+        fuse = getattr(self.token, "fuse", None)
+        if fuse is None or self._hooked():
+            return None
+        params = self.__dict__.get("_fused_params")
+        if params is None:
+            params = self.__dict__["_fused_params"] = list(self.parameters())
+        first = params[0] if params else None
+        if first is not None and first.is_inference():  # inference tensors keep no version counter
+            stamp = tuple(p.data_ptr() for p in params)
+        else:
+            stamp = (first.data_ptr() if first is not None else 0, first.dtype if first is not None else None,
+                     [p._version for p in params])
+        cached = self._fused
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        form = fuse({k: v for k, v in self.heads.items()})
+        self._fused = (stamp, form)
+        return form
+
+    def _hooked(self) -> bool:
+        """Whether a forward hook watches a policy (then the policies run, so that it fires)."""
+        from torch.nn.modules import module as M
+
+        if M._global_forward_hooks or M._global_forward_pre_hooks:
+            return True
+        mods = self.__dict__.get("_policy_modules")
+        if mods is None:
+            mods = self.__dict__["_policy_modules"] = [m for p in (self.token, *self.heads.values()) if p is not None
+                                                       for m in p.modules()]
+        return any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+
+    def clear_cache(self) -> None:
+        """Drop the fused form (rebuilt at the next inference forward)."""
+        self._fused = None
+        self.__dict__.pop("_fused_params", None)
+        self.__dict__.pop("_policy_modules", None)

@@ -301,7 +301,8 @@ class TrimmedModel(nn.Module):
         self.runtime.temperature = float(temperature)
 
     def clear_caches(self) -> None:
-        """Drop the weight copies cached for inference (kept-head weights, :mod:`trimkit.headcache`).
+        """Drop the weight copies cached for inference (kept-head weights, :mod:`trimkit.headcache`; the
+        trimmers' fused forms, :meth:`trimkit.layer.LayerTrimmers.fused`).
         Weight changes through ``load_state_dict``, an optimizer or ``.to()`` are detected; run this
         after writing weights through ``.data``. Also run by :meth:`train` / :meth:`eval` and when
         trimmers are loaded."""
@@ -314,6 +315,8 @@ class TrimmedModel(nn.Module):
             cache = getattr(m, "head_cache", None)
             if isinstance(cache, KeptHeadCache):
                 cache.clear()
+        for t in (self._modules.get("trimmers") or {}).values():
+            t.clear_cache()
 
     def train(self, mode: bool = True) -> "TrimmedModel":
         self.clear_caches()

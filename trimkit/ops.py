@@ -25,6 +25,7 @@ model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -162,6 +163,7 @@ class Runtime:
     specs: dict[str, Any] = field(default_factory=dict)  # stream -> its StreamSpec (set by the rewrite)
     deferred: list[tuple[str, torch.Tensor, Any]] = field(default_factory=list)  # (message, device flag, values)
     attention_dropout: str = "kernel_only"  # TrimConfig.attention_dropout, handed to each masked attention call
+    fuse_trimmers: bool = True  # inference: a layer's trimmers in their fused form (LayerTrimmers.fused), if any
 
     def begin(self, mode: str) -> None:
         """Reset the per-forward state."""
@@ -189,6 +191,11 @@ class Runtime:
         (:meth:`check_finite`): a NaN logit would silently count as "drop" and the trimmed model
         would answer where the model gives NaN."""
         self.nonfinite.append((key, logits))
+
+    def _watch_host(self, key: str, logits: torch.Tensor, values: list[float]) -> None:
+        """:meth:`watch` for logits already on the host (mode remove): noted only if one is not finite."""
+        if not math.isfinite(sum(values)):  # a NaN or inf anywhere makes the sum non-finite
+            self.nonfinite.append((key, logits))
 
     def check_finite(self) -> None:
         """After a forward: raise ``ValueError`` for an input a deferred check refused (:meth:`defer`),
@@ -303,61 +310,64 @@ class Runtime:
         """Mode remove (batch 1): a layer's token decision and all its head decisions, taken with one
         host synchronisation. Returns (new token state, hidden with the kept tokens gathered, per
         attention an :class:`AttnTrim` with the kept heads' runs, or ``None`` without a head trimmer)."""
+        # every logit goes to the host as it is (no comparison or finiteness op per trimmer on the device):
+        # the decisions, the kept index and the NaN check are taken there, from one transfer
         parts: list[torch.Tensor] = []
-        keep = None
+        pad = None
         if token_logits is not None:
             token_logits = self.forced.get(key, token_logits)
-            self.watch(key, token_logits)
             if token_logits.shape[0] != 1:
                 raise RuntimeError("trimkit: physical token removal runs at batch 1 (use mode 'packed' for batches)")
-            keep = token_logits[0] > 0
-            if protected is None:
-                keep[0] = True  # [CLS] is always kept
-            else:
-                keep.index_fill_(0, protected, True)  # every segment's summary is always kept
-            parts.append(keep)
+            parts.append(token_logits)
+            if protected is not None:
+                parts.append(protected.view(1, -1))  # the always-kept positions (segment summaries, a last token)
             if segments is not None:
-                parts.append(segments[1])  # each token's segment, fetched in the same synchronisation
+                parts.append(segments[1].reshape(1, -1))  # each token's segment, fetched in the same synchronisation
             pad = self.padding.get(stream) if stream is not None else None
             prev_index = state.index if state is not None and state.index is not None else None
-            length0 = state.length if prev_index is not None else keep.numel()
+            length0 = state.length if prev_index is not None else token_logits.shape[1]
             if pad is not None and tuple(pad.shape) == (1, length0):  # padding counts neither as kept nor as total
-                real0 = pad[0] != 0 if pad.device == keep.device else pad[0].to(keep.device) != 0
-                parts.append(real0.index_select(0, prev_index) if prev_index is not None else real0)
-                parts.append(real0)
+                real0 = pad[0] != 0 if pad.device == token_logits.device else pad[0].to(token_logits.device) != 0
+                parts.append((real0.index_select(0, prev_index) if prev_index is not None else real0).view(1, -1))
+                parts.append(real0.view(1, -1))
             else:
                 pad = None
         heads = []
         for i, h in enumerate(head_logits):
             if h is not None:
                 h = self.forced.get(f"{key}.{i}", h)
-                self.watch(f"{key}.{i}", h)
-                parts.append(h[0] > 0)
+                parts.append(h)
             heads.append(h)
-        host = P.fetch(parts)  # the one host synchronisation of this layer
-        if keep is not None:
-            flags = host.pop(0)
+        host = P.fetch_row(parts)  # the one host synchronisation of this layer
+        if token_logits is not None:
+            values = host.pop(0)
+            self._watch_host(key, token_logits, values)
+            flags = [v > 0 for v in values]  # NaN: dropped (and reported after the forward)
+            for j in (host.pop(0) if protected is not None else (0,)):  # [CLS] / the summaries: always kept
+                flags[int(j)] = True
             seg_of = host.pop(0) if segments is not None else None
             real_cur = host.pop(0) if pad is not None else [1] * len(flags)
             real_all = host.pop(0) if pad is not None else None
-            n_cur, n_kept = len(flags), sum(flags)
+            n_cur = len(flags)
+            kept_at = [j for j, f in enumerate(flags) if f]
+            n_kept = len(kept_at)
             prev = state.index if state is not None and state.index is not None else None
             length = state.length if prev is not None else n_cur
             if n_kept < n_cur:
-                local = P.nonzero(keep, n_kept)
+                local = torch.tensor(kept_at, dtype=torch.long, device=hidden.device)
                 hidden = hidden.index_select(token_dim, local)  # a contiguous copy of the kept tokens
                 index = prev.index_select(0, local) if prev is not None else local
             else:
-                index = prev if prev is not None else torch.arange(n_cur, device=keep.device)
+                index = prev if prev is not None else torch.arange(n_cur, device=hidden.device)
             n_real = sum(real_all) if real_all is not None else length
             if segments is None:
-                kept_real = sum(f * r for f, r in zip(flags, real_cur))
+                kept_real = sum(r for f, r in zip(flags, real_cur) if f)
                 self.records.append(Record(key, "token", self.targets.get(key, 1.0), [kept_real / max(n_real, 1)],
                                            index=index, total=length))
             else:
                 names, _, bounds = segments
                 for k, name in enumerate(names):
-                    n_k = sum(f * r for f, g, r in zip(flags, seg_of, real_cur) if g == k)
+                    n_k = sum(r for f, g, r in zip(flags, seg_of, real_cur) if f and g == k)
                     total_k = (sum(real_all[bounds[k]:bounds[k + 1]]) if real_all is not None
                                else bounds[k + 1] - bounds[k])
                     seg_key = f"{key}:{name}"
@@ -370,9 +380,11 @@ class Runtime:
             if h is None:
                 trims.append(None)
                 continue
-            flags = host.pop(0)
-            index = [j for j, f in enumerate(flags) if f]
+            values = host.pop(0)
             k = f"{key}.{i}"
+            self._watch_host(k, h, values)
+            flags = [v > 0 for v in values]
+            index = [j for j, f in enumerate(flags) if f]
             self.records.append(Record(k, "head", self.targets.get(k, 1.0), [len(index) / len(flags)],
                                        index=index, total=len(flags)))
             # every head kept: the plain dense path (no slicing at all)
@@ -485,6 +497,16 @@ class TrimAttention(nn.Module):
             return getattr(m, f"{s.in_proj}_weight"), getattr(m, f"{s.in_proj}_bias", None)
         return None
 
+    def _sources(self) -> tuple[torch.Tensor | None, ...]:
+        """The parameters the q/k/v projections are made of, as stored (no chunking): what the
+        kept-head cache stamps."""
+        fused = self._fused()
+        if fused is not None:
+            return fused
+        m, s = self.module, self.spec
+        q, k, v = (m.get_submodule(n) for n in (s.q, s.k, s.v))
+        return q.weight, q.bias, k.weight, k.bias, v.weight, v.bias
+
     def _weights(self) -> tuple[torch.Tensor, ...]:
         fused = self._fused()
         if fused is not None:
@@ -572,9 +594,8 @@ class TrimAttention(nn.Module):
         as much memory traffic as the matmuls it saves).
         """
         s = self.spec
-        wq, bq, wk, bk, wv, bv = self._weights()
         heads = s.num_heads
-        d = wq.shape[0] // heads
+        d = self._width() // heads
         if ctx is None:
             ctx = x
         B, Nq, _ = x.shape
@@ -587,17 +608,25 @@ class TrimAttention(nn.Module):
             # small attention: one run on a gathered copy (cached per kept set) beats several runs on views
             # (and even one run: slicing six weight views is six dispatches per call)
             heads_kept = tuple(h for a, e in runs for h in range(a, e))
-            wq, bq, wk, bk, wv, bv, wo, rows = self.head_cache.get(
-                heads_kept, d, (wq, bq, wk, bk, wv, bv), out.weight if out is not None else None)
-            q = F.linear(x, wq, bq).view(B, Nq, kept, d).transpose(1, 2)
-            k = F.linear(ctx, wk, bk).view(B, Nk, kept, d).transpose(1, 2)
-            v = F.linear(ctx, wv, bv).view(B, Nk, kept, d).transpose(1, 2)
+            wq, bq, wk, bk, wv, bv, wo, rows, wqkv, bqkv, wkv, bkv = self.head_cache.get(
+                heads_kept, d, self._sources(), self._weights, out.weight if out is not None else None)
+            if wqkv is not None and ctx is x:  # self-attention: q, k and v in one matmul
+                q, k, v = F.linear(x, wqkv, bqkv).view(B, Nq, 3, kept, d).permute(2, 0, 3, 1, 4).unbind(0)
+            elif wqkv is not None:  # cross-attention: keys and values in one matmul
+                q = F.linear(x, wq, bq).view(B, Nq, kept, d).transpose(1, 2)
+                k, v = F.linear(ctx, wkv, bkv).view(B, Nk, 2, kept, d).permute(2, 0, 3, 1, 4).unbind(0)
+            else:
+                q = F.linear(x, wq, bq).view(B, Nq, kept, d).transpose(1, 2)
+                k = F.linear(ctx, wk, bk).view(B, Nk, kept, d).transpose(1, 2)
+                v = F.linear(ctx, wv, bv).view(B, Nk, kept, d).transpose(1, 2)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale).transpose(1, 2)
             y = y.reshape(B, Nq, kept * d)
             if out is not None:
                 return F.linear(y, wo, out.bias)
             # the model applies the output projection itself: every head's slot, zeros where dropped
-            return x.new_zeros(B, Nq, heads * d).index_copy_(2, rows, y.to(x.dtype))  # autocast: y may be lower
+            y = y if y.dtype == x.dtype else y.to(x.dtype)  # autocast: y may be lower
+            return x.new_zeros(B, Nq, heads * d).index_copy_(2, rows, y)
+        wq, bq, wk, bk, wv, bv = self._weights()
         if out is not None:
             acc = None
         else:  # the model applies the output projection itself: give it every head's slot (zeros when dropped)
@@ -665,6 +694,7 @@ class TrimAttention(nn.Module):
         return y if s.batch_first else y.transpose(0, 1)
 
     def _width(self) -> int:
+        """The q projection's output width (all heads)."""
         s = self.spec
         if s.qkv is not None:
             return self.module.get_submodule(s.qkv).weight.shape[0] // 3

@@ -90,6 +90,11 @@ class CrossModalTokenPolicy(nn.Module):
         wg = F.linear(g, self.bilinear.weight)  # (B, D')
         return torch.baddbmm(local.unsqueeze(-1), h, wg.unsqueeze(-1)).squeeze(-1)  # local + <W_k g, h_n>
 
+    def fuse(self, heads: dict[str, nn.Module]) -> "FusedTrimmers | None":
+        """This layer's trimmers (this policy and its head policies ``heads``, by attention index) as one
+        :class:`FusedTrimmers` for inference with the current weights; None if they do not fit it."""
+        return _fuse(self, heads)
+
 
 class LocalTokenPolicy(nn.Module):
     """The Local baseline (§6.1): pi_t = MLP(Linear(H)), no [CLS] of either stream."""
@@ -102,6 +107,10 @@ class LocalTokenPolicy(nn.Module):
 
     def forward(self, hidden, cls_self, cls_context):
         return _run(self.local, F.linear(hidden, self.proj.weight, self.proj.bias)).squeeze(-1)
+
+    def fuse(self, heads: dict[str, nn.Module]) -> "FusedTrimmers | None":
+        """See :meth:`CrossModalTokenPolicy.fuse`."""
+        return _fuse(self, heads)
 
 
 class RandomTokenPolicy(nn.Module):
@@ -136,3 +145,165 @@ class CrossModalHeadPolicy(nn.Module):
     def forward(self, cls_self: torch.Tensor, cls_context: torch.Tensor | None) -> torch.Tensor:
         x = cls_self if not self.context_dim else torch.cat([cls_self, cls_context], dim=-1)
         return _run(self.net, x)
+
+
+# --- inference: one layer's trimmers as one fused computation ---------------------------------------------
+
+
+def _mlp_parts(layers: nn.Sequential) -> tuple[nn.Linear, str, nn.Linear] | None:
+    """(first linear, GELU approximation, second linear) of a Linear-GELU-Linear stack, else None."""
+    if (len(layers) == 3 and type(layers[0]) is nn.Linear and type(layers[1]) is nn.GELU
+            and type(layers[2]) is nn.Linear):
+        return layers[0], layers[1].approximate, layers[2]
+    return None
+
+
+class FusedTrimmers:
+    """The inference form of one layer's trimmers: a :class:`CrossModalTokenPolicy` (or
+    :class:`LocalTokenPolicy`) and its :class:`CrossModalHeadPolicy` heads, computed with a few
+    operators instead of one small MLP each (made by :meth:`CrossModalTokenPolicy.fuse`; trimkit
+    calls it instead of the policies when no gradient is needed, see
+    :meth:`trimkit.layer.LayerTrimmers.fused`).
+
+    At batch 1 a trimmer's cost is the number of operators it dispatches, not its arithmetic
+    (benchmarks/RESULTS.md, "Fixed cost per trimmed layer"). Folded here, with the weights frozen:
+
+    * the summary side: every MLP that reads [CLS] vectors (the token policy's ``g``, each head
+      policy) is one matmul over the distinct [CLS] inputs, one GELU, and one block-diagonal matmul;
+      ``W_k`` and the token projection's transpose are folded into the token policy's block, so it
+      outputs ``u = W_p^T W_k g`` and ``c = b_p . W_k g`` directly;
+    * the token side: ``MLP(W_p h + b_p)`` with its first layer folded into ``W_p`` (one matmul of
+      ``D -> D'/2`` instead of two) and ``<W_k g, W_p h + b_p> = h . u + c``, one batched matmul.
+
+    The result equals the policies' up to float rounding (the products are formed in float64 once);
+    it is rebuilt whenever a weight changes.
+    """
+
+    def __init__(self, token: nn.Module, heads: dict[str, "CrossModalHeadPolicy"]) -> None:
+        with torch.no_grad():
+            wp, bp = token.proj.weight.double(), token.proj.bias.double()
+            l1, self.token_act, l2 = _mlp_parts(token.local)
+            dtype = token.proj.weight.dtype
+            self.A = (l1.weight.double() @ wp).to(dtype)  # (D'/2, D): local MLP's first layer after W_p
+            self.a = (l1.weight.double() @ bp + l1.bias.double()).to(dtype)
+            self.w2, self.b2 = l2.weight.detach().clone(), l2.bias.detach().clone()  # (1, D'/2), (1,)
+            self.w2t = self.w2.t().unsqueeze(0).contiguous()  # (1, D'/2, 1), for baddbmm
+            self.cross = isinstance(token, CrossModalTokenPolicy)
+            # summary-side MLPs: (first weight split by input, first bias, second weight, second bias), token's first
+            self.blocks: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+            self.head_keys = sorted(heads, key=int)
+            act = None
+            if self.cross:
+                g1, act, g2 = _mlp_parts(token.glob)
+                wk = token.bilinear.weight.double()
+                w1, cd = g1.weight.detach(), token.context_dim
+                split = [w1] if not cd else [w1[:, : w1.shape[1] - cd], w1[:, w1.shape[1] - cd:]]
+                self.token_reads_context = bool(cd)
+                # rows: u (D) then c (1); b2 of the local MLP folded into c's bias
+                m = wk @ g2.weight.double()  # (D', D')
+                mb = wk @ g2.bias.double()
+                w_out = torch.cat([wp.t() @ m, (bp @ m)[None]], 0).to(dtype)
+                b_out = torch.cat([wp.t() @ mb, (bp @ mb + l2.bias.double()).reshape(1)], 0).to(dtype)
+                self.blocks.append((split, g1.bias.detach(), w_out, b_out))
+            self.head_dims: list[int] = []
+            for k in self.head_keys:
+                h1, h_act, h2 = _mlp_parts(heads[k].net)
+                if act is not None and h_act != act:
+                    raise ValueError("summary MLPs with different GELU approximations")
+                act = h_act
+                w1 = h1.weight.detach()
+                cd = heads[k].context_dim
+                split = [w1] if not cd else [w1[:, : w1.shape[1] - cd], w1[:, w1.shape[1] - cd:]]
+                self.blocks.append((split, h1.bias.detach(), h2.weight.detach(), h2.bias.detach()))
+                self.head_dims.append(h2.weight.shape[0])
+            self.summary_act = act or "none"
+            self.out_sizes = ([wp.shape[1], 1] if self.cross else []) + self.head_dims
+            hidden = [b[1].numel() for b in self.blocks]
+            if self.blocks:
+                self.b1 = torch.cat([b[1] for b in self.blocks])
+                self.b_out = torch.cat([b[3] for b in self.blocks])
+                w2 = torch.zeros(sum(self.out_sizes), sum(hidden), dtype=dtype, device=wp.device)
+                r = c = 0
+                for (_, _, wo, _), n in zip(self.blocks, hidden):
+                    w2[r:r + wo.shape[0], c:c + n] = wo
+                    r, c = r + wo.shape[0], c + n
+                self.W2 = w2
+            self._first: dict[tuple, torch.Tensor] = {}  # input layout -> first summary matmul's weight
+
+    def _first_weight(self, layout: tuple, dims: list[int]) -> torch.Tensor:
+        """The first summary matmul's weight for one assignment of MLP inputs to distinct [CLS] tensors:
+        ``layout[j]`` lists, per MLP, the source index of each of its inputs."""
+        w = self._first.get(layout)
+        if w is None:
+            offs = [sum(dims[:i]) for i in range(len(dims))]
+            rows = []
+            for (split, _, _, _), srcs in zip(self.blocks, layout):
+                row = split[0].new_zeros(split[0].shape[0], sum(dims))
+                for part, s in zip(split, srcs):
+                    if s is not None:
+                        row[:, offs[s]:offs[s] + dims[s]] += part
+                rows.append(row)
+            w = self._first[layout] = torch.cat(rows, 0)
+        return w
+
+    def __call__(self, hidden: torch.Tensor, cls_self: torch.Tensor, cls_context: torch.Tensor | None,
+                 head_inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Token logits (B, N) and head logits by attention key, as the policies would give them; None
+        when the inputs do not fit this fused form (the caller then runs the policies)."""
+        if sorted(head_inputs, key=int) != self.head_keys:
+            return None
+        sources = [cls_self] + ([cls_context] if cls_context is not None else [])
+
+        def src(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            for i, s in enumerate(sources):
+                if s is t:
+                    return i
+            sources.append(t)
+            return len(sources) - 1
+
+        layout = []
+        if self.cross:  # a missing context reads as zeros; a policy without context_dim ignores it
+            layout.append((0, 1 if cls_context is not None else None) if self.token_reads_context else (0,))
+        for k, (block) in zip(self.head_keys, self.blocks[1:] if self.cross else self.blocks):
+            q, other = head_inputs[k]
+            if (other is None) != (len(block[0]) == 1):
+                return None  # a cross-attention's head policy without its context (or the reverse)
+            layout.append((src(q), src(other)))
+        B = hidden.shape[0]
+        head_out: dict[str, torch.Tensor] = {}
+        if self.blocks:
+            dims = [s.shape[-1] for s in sources]
+            z = sources[0] if len(sources) == 1 else torch.cat(sources, -1)
+            w1 = self._first_weight(tuple(layout), dims)
+            g = F.gelu(F.linear(z, w1, self.b1), approximate=self.summary_act)
+            parts = F.linear(g, self.W2, self.b_out).split(self.out_sizes, -1)
+            for k, p in zip(self.head_keys, parts[2:] if self.cross else parts):
+                head_out[k] = p
+        t = F.gelu(F.linear(hidden, self.A, self.a), approximate=self.token_act)  # (B, N, D'/2)
+        if self.cross:
+            u, c = parts[0], parts[1]
+            z = torch.baddbmm(c.unsqueeze(-1), hidden, u.unsqueeze(-1))  # h . u + c + b2: (B, N, 1)
+            w2t = self.w2t if B == 1 else self.w2t.expand(B, -1, -1)
+            logits = torch.baddbmm(z, t, w2t)
+        else:
+            logits = F.linear(t, self.w2, self.b2)
+        return logits.squeeze(-1), head_out
+
+
+def _fusable_heads(heads: dict[str, nn.Module]) -> bool:
+    return all(type(h) is CrossModalHeadPolicy and _mlp_parts(h.net) is not None for h in heads.values())
+
+
+def _fuse(token: nn.Module, heads: dict[str, nn.Module]) -> FusedTrimmers | None:
+    if _mlp_parts(token.local) is None or not _fusable_heads(heads):
+        return None
+    if isinstance(token, CrossModalTokenPolicy) and _mlp_parts(token.glob) is None:
+        return None
+    try:
+        return FusedTrimmers(token, heads)
+    except ValueError:  # e.g. summary MLPs with different activations
+        return None
+

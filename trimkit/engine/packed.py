@@ -135,6 +135,22 @@ def fetch(tensors: list[torch.Tensor]) -> list[list[int]]:
     return out
 
 
+def fetch_row(tensors: list[torch.Tensor]) -> list[list[float]]:
+    """:func:`fetch` for (1, n_i) tensors (a batch-1 layer's logits, as the trimmers give them): one
+    cat along the last dimension and one copy, no reshape per part. Half-precision floats are widened
+    to float32 first, so integer parts (positions) cat into values that stay exact."""
+    if not tensors:
+        return []
+    parts = [t.float() if t.is_floating_point() and t.element_size() < 4 else t for t in tensors]
+    flat = (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).tolist()[0]
+    out, i = [], 0
+    for t in tensors:
+        n = t.shape[-1]
+        out.append(flat[i:i + n])
+        i += n
+    return out
+
+
 def _cu(counts_dev: torch.Tensor) -> torch.Tensor:
     cu = torch.zeros(counts_dev.numel() + 1, dtype=torch.int32, device=counts_dev.device)
     cu[1:] = counts_dev.cumsum(0)
