@@ -315,3 +315,14 @@ def test_cuda_varlen_packed_matches_hard_bf16():
     finally:
         tmodel.runtime.forced = {}
     torch.testing.assert_close(b.float(), a.float(), atol=1e-1, rtol=1e-1)  # bf16 through several layers
+
+
+def test_fetch_row_keeps_positions_exact_next_to_low_precision_logits():
+    """Mode remove sends a layer's logits and integer parts (positions, segment ids) in one transfer:
+    bfloat16 logits must not drag the positions into bfloat16 (301 is not a bfloat16 value)."""
+    logits = torch.tensor([[0.5, -1.25, 3.0]], dtype=torch.bfloat16)
+    positions = torch.tensor([[300, 301, 16777215]])
+    flags = torch.tensor([[True, False]])
+    out = P.fetch_row([logits, positions, flags])
+    assert out == [[0.5, -1.25, 3.0], [300, 301, 16777215], [1, 0]]
+    assert P.fetch_row([]) == []
