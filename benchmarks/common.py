@@ -92,5 +92,28 @@ def trimmed(model, adapter: str = "meter"):
     return trim(model, TrimConfig(token_target=0.5, head_target=0.5), adapter=adapter).eval()
 
 
+def run_mode(tmodel, mode: str, x: dict) -> None:
+    with tmodel.mode(mode):
+        tmodel(**x)
+
+
+def batch_speed(tmodel, x: dict, repeats: int, padded: bool = False):
+    """One batch ``x``, full (mode ``off``) against trimmed (``remove`` at batch 1, else ``packed``; and
+    ``padded`` when asked), timed interleaved: (engine, full MACs / trimmed MACs counted on this batch,
+    the :class:`~trimkit.engine.timing.Timings`)."""
+    from trimkit.engine.timing import interleaved
+    from trimkit.macs import count_macs
+
+    engine = "remove" if next(iter(x.values())).shape[0] == 1 else "packed"
+    with tmodel.full():
+        mf = count_macs(tmodel, **x).total
+    with tmodel.mode(engine):
+        mp = count_macs(tmodel, **x).total
+    fns = {"full": lambda r: run_mode(tmodel, "off", x), engine: lambda r: run_mode(tmodel, engine, x)}
+    if padded and engine == "packed":
+        fns["padded"] = lambda r: run_mode(tmodel, "padded", x)
+    return engine, mf / mp, interleaved(fns, repeats=repeats, warmup=1)
+
+
 def gmacs(n: float) -> str:
     return f"{n / 1e9:.1f}"

@@ -32,7 +32,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from trimkit.engine.calibrate import calibrate
     from trimkit.engine.timing import interleaved
-    from trimkit.macs import count_macs
 
     load_start = common.load()
     sections = []
@@ -44,19 +43,11 @@ def main() -> None:
         rows = []
         for B in args.batches:
             x = impl.example_inputs(model, batch_size=B, seed=100 + B)
-            engine = "remove" if B == 1 else "packed"
-            with tmodel.full():
-                mf = count_macs(tmodel, **x).total
-            with tmodel.mode(engine):
-                mp = count_macs(tmodel, **x).total
-            fns = {"full": lambda r: _run(tmodel, "off", x), engine: lambda r, e=engine: _run(tmodel, e, x)}
-            if B > 1:
-                fns["padded"] = lambda r: _run(tmodel, "padded", x)
-            t = interleaved(fns, repeats=args.repeats, warmup=1)
-            rows.append([str(B), f"{mf / mp:.2f}x", f"{B / t.median('full'):.2f}",
+            engine, macs_ratio, t = common.batch_speed(tmodel, x, args.repeats, padded=True)
+            rows.append([str(B), f"{macs_ratio:.2f}x", f"{B / t.median('full'):.2f}",
                          f"{B / t.median(engine):.2f}", f"**{t.ratio('full', engine):.2f}x**",
                          f"{t.ratio('full', 'padded'):.2f}x" if B > 1 else "-",
-                         f"{t.ratio('full', engine) / (mf / mp):.2f}"])
+                         f"{t.ratio('full', engine) / macs_ratio:.2f}"])
             print(rows[-1], flush=True)
         sections.append(("d_scaling_batch", "Speed vs batch size (CPU, packed engine)", f"""Batch size (METER {args.model} 288px; trimmers calibrated to {cal.ratio:.2f}x fewer MACs at batch 1;
 MACs ratio of each batch counted on the packed forward; {args.repeats} interleaved rounds, medians):
@@ -71,8 +62,9 @@ MACs ratio of each batch counted on the packed forward; {args.repeats} interleav
             tmodel = common.trimmed(model)
             xs = [impl.example_inputs(model, batch_size=1, seed=i) for i in range(2)]
             cal = calibrate(tmodel, xs, args.reduction, steps=7)
-            t = interleaved({"full": lambda r: _run(tmodel, "off", xs[r % 2]),
-                             "remove": lambda r: _run(tmodel, "remove", xs[r % 2])}, repeats=2 * args.repeats, warmup=1)
+            t = interleaved({"full": lambda r: common.run_mode(tmodel, "off", xs[r % 2]),
+                             "remove": lambda r: common.run_mode(tmodel, "remove", xs[r % 2])}, repeats=2 * args.repeats,
+                            warmup=1)
             tokens = (size // 16) ** 2 + 1
             rows.append([f"{size}px ({tokens} tokens)", common.gmacs(cal.macs_full), f"{cal.ratio:.2f}x",
                          f"{t.median('full') * 1e3:.0f}", f"{t.median('remove') * 1e3:.0f}",
@@ -92,11 +84,6 @@ Machine: {common.machine()}; {load_start} at start, {common.load()} at end. Date
         print(body)
         if not args.no_write:
             common.write_section(name, body)
-
-
-def _run(tmodel, mode: str, x: dict) -> None:
-    with tmodel.mode(mode):
-        tmodel(**x)
 
 
 if __name__ == "__main__":

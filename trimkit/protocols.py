@@ -63,6 +63,17 @@ class TokenPolicy(Protocol):
     other: the context describes the same tokens in the masked and the removed forward, so masked ==
     removed still holds. Built in modes ``sample``, ``hard`` and ``remove``; mode ``packed`` refuses
     such policies (``NotImplementedError``).
+
+    Optional, for speed at inference: a method ``fuse(heads)`` taking the layer's head policies (a dict
+    by attention index, as strings) and returning a callable ``(hidden, cls_self, cls_context,
+    head_inputs) -> (token_logits, {index: head_logits})``, or ``None`` when it cannot fuse them;
+    ``head_inputs`` maps each attention index to the ``(cls_self, cls_context)`` its head policy would be
+    called with, and the callable may return ``None`` for inputs it does not cover (the policies then
+    run). It must give the policies' logits (up to float rounding) from the weights as they were at the
+    call to ``fuse``; trimkit rebuilds it when a weight changes and uses it only without autograd and
+    without forward hooks on the policies (:meth:`trimkit.layer.LayerTrimmers.fused`; SmartTrim's
+    :class:`trimkit_smarttrim.policies.FusedTrimmers` is the example). A layer's trimmers cost their
+    operators, not their arithmetic, at small sizes (benchmarks/RESULTS.md, "Fixed cost per trimmed layer").
     """
 
     def __call__(self, hidden: torch.Tensor, cls_self: torch.Tensor,

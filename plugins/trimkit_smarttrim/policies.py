@@ -189,6 +189,7 @@ class FusedTrimmers:
             self.w2, self.b2 = l2.weight.detach().clone(), l2.bias.detach().clone()  # (1, D'/2), (1,)
             self.w2t = self.w2.t().unsqueeze(0).contiguous()  # (1, D'/2, 1), for baddbmm
             self.cross = isinstance(token, CrossModalTokenPolicy)
+            self.token_reads_context = False  # the cross-modal policy's g reads the context's [CLS]
             # summary-side MLPs: (first weight split by input, first bias, second weight, second bias), token's first
             self.blocks: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
             self.head_keys = sorted(heads, key=int)
@@ -267,7 +268,7 @@ class FusedTrimmers:
         layout = []
         if self.cross:  # a missing context reads as zeros; a policy without context_dim ignores it
             layout.append((0, 1 if cls_context is not None else None) if self.token_reads_context else (0,))
-        for k, (block) in zip(self.head_keys, self.blocks[1:] if self.cross else self.blocks):
+        for k, block in zip(self.head_keys, self.blocks[1:] if self.cross else self.blocks):
             q, other = head_inputs[k]
             if (other is None) != (len(block[0]) == 1):
                 return None  # a cross-attention's head policy without its context (or the reverse)
