@@ -246,3 +246,27 @@ def test_example_config_loads():
 
     cfg = ExperimentConfig.load(Path(__file__).parents[1] / "examples" / "digit_grid.yaml")
     assert cfg.model.adapter == "meter" and cfg.trim is not None and cfg.data.name == "digit_grid"
+
+
+@pytest.mark.slow
+def test_compiled_training_steps_equal_eager(tmp_path):
+    """train.compile: the step runs under torch.compile (backend aot_eager here: the same capture and
+    autograd tracing as inductor, no code generation) with the same losses as eager, in a few graphs
+    (no recompilation per trimmed layer: that would mean dynamo broke the graph inside a layer)."""
+    import torch._dynamo
+
+    runs = {}
+    for comp in ("no", "aot_eager"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        trainer = Trainer(_config(tmp_path / comp, steps=2, compile=comp, macs_instances=0))
+        trainer.fit()
+        runs[comp] = [v for r in trainer.history for v in (r["loss"], r["task"], r["cost"])]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        if comp == "no":
+            assert graphs == 0
+        else:
+            assert type(trainer.model).__name__ == "OptimizedModule" and 1 <= graphs <= 4
+    assert runs["aot_eager"] == pytest.approx(runs["no"], rel=1e-5)
+    with pytest.raises(ValueError, match="compile"):
+        _config(tmp_path, compile="fast")

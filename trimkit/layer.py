@@ -109,6 +109,9 @@ class TrimmedLayer(nn.Module):
         self.uses_context = any(getattr(p, "uses_context", False) for p in policies)
         self.attention_probe: AttentionProbe | None = None  # set by trim() for such policies (trimkit.probe)
         self.inner = None if tokens_only else self._trace_inner(layer, symbolic, autowrap, constants or {})
+        # the layer's own attribute reads (fx copies them), found once here: a forward only syncs them (and
+        # builds nothing torch.compile would have to break its graph for)
+        self.__dict__["_attr_links"] = attribute_links(self.inner, layer) if self.inner is not None else []
 
     def _trace_inner(self, layer: nn.Module, symbolic: set[str], autowrap: Sequence[Callable],
                      constants: dict[str, Any]) -> fx.GraphModule:
@@ -185,13 +188,9 @@ class TrimmedLayer(nn.Module):
             out = self.layer(*args, **kwargs)
             return (out, trimkit_hidden_state) if self.update_output is None else (out, trimkit_hidden_state,
                                                                                    trimkit_context_state)
-        if self.inner is not None:  # the layer's own attribute reads (fx copies) follow its current tensors
-            links = self.__dict__.get("_attr_links")
-            if links is None:
-                links = attribute_links(self.inner, self.layer)
-                object.__setattr__(self, "_attr_links", links)
-            if links:
-                sync_attributes(links)
+        links = self.__dict__["_attr_links"]  # the layer's own attribute reads (fx copies) follow its current tensors
+        if links:
+            sync_attributes(links)
         a = self._arguments(args, kwargs)
         hidden = a[self.hidden_name]
         context = a[self.context_name] if self.context_name is not None else trimkit_context

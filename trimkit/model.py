@@ -27,6 +27,7 @@ from .plugins import get_registry, select_adapter
 from .rewrite import LayerTrimmers, rewrite
 from .segments import SegmentTokenTrimmer
 from .spec import LayerSpec, ModelSpec
+from .trace import attribute_links
 
 
 def _layer_index(spec: ModelSpec) -> dict[str, tuple[str, str, int]]:
@@ -146,6 +147,7 @@ class TrimmedModel(nn.Module):
         # attention probes of context-reading token policies (trimkit.probe); emptied after every forward
         object.__setattr__(self, "_probes", _attach_probes(spec, rewritten.layers, config.token_policy))
         object.__setattr__(self, "_graph", rewritten.gm)  # shares the model's modules; not re-registered
+        object.__setattr__(self, "_attr_links", attribute_links(rewritten.gm, self.model))  # see _sync_graph_attrs
         self._input_names = rewritten.input_names
         self.trimmers = nn.ModuleDict({_safe(k): v for k, v in trimmers.items()})
         self.runtime.targets = dict(self.final_targets)
@@ -332,13 +334,11 @@ class TrimmedModel(nn.Module):
         :func:`trimkit.trace.attribute_links`: fx copies them, and the root graph is not registered,
         so under FSDP it would train a stale unsharded copy while the optimizer updates the shards).
         Run before every forward: an identity check per attribute read."""
-        from .trace import attribute_links, sync_attributes
+        from .trace import sync_attributes
 
-        links = self.__dict__.get("_attr_links")
-        if links is None:
-            links = attribute_links(self._graph, self.model)
-            object.__setattr__(self, "_attr_links", links)
-        sync_attributes(links)
+        links = self.__dict__.get("_attr_links")  # found at construction
+        if links:
+            sync_attributes(links)
 
     # --- reporting -------------------------------------------------------------------------
     def trimmer_parameters(self) -> int:

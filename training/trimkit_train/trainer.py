@@ -230,6 +230,11 @@ class TrainConfig(BaseModel):
         False, description="DDP only: allow parameters a step does not use (e.g. task heads of other tasks); "
                           "False is faster when every parameter gets a gradient each step")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    compile: Literal["no", "inductor", "aot_eager"] = Field(
+        "no", description="torch.compile the training step (accelerate's dynamo backend): 'inductor' generates "
+                          "fused kernels (minutes of compilation; benchmarks/compile_train.py measures the "
+                          "step time), 'aot_eager' traces without code generation (to check that a model "
+                          "compiles). Evaluation and inference stay eager (their kept counts vary per input)")
     fsdp: bool = Field(
         False, description="shard the weights, gradients and optimizer state over the processes (FSDP2, the "
                           "whole model one unit; see docs/fine-tuning.md); also set by an accelerate launch "
@@ -1100,6 +1105,10 @@ class Trainer:
         else:  # DDP, one process, or accelerate's FSDP2 (which keeps a module that is already sharded)
             self.model, self.optimizer, self.lr_schedule = acc.prepare(
                 self.step_module, self.optimizer, self.lr_schedule)
+        if tc.compile != "no":
+            # compiled here, after DDP/FSDP wrapping (the order torch.compile wants), not through accelerate's
+            # dynamo backend: that one is process-wide state, fixed by the first Accelerator of the process
+            self.model = torch.compile(self.model, backend=tc.compile)
         # after the (identical) build, each process draws its own noise (Gumbel, random policy, dropout)
         set_seed(tc.seed, device_specific=True)
         self.step = 0
