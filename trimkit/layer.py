@@ -529,11 +529,11 @@ class LayerTrimmers(nn.Module):
         if params is None:
             params = self.__dict__["_fused_params"] = list(self.parameters())
         first = params[0] if params else None
-        if first is not None and first.is_inference():  # inference tensors keep no version counter
-            stamp = tuple(p.data_ptr() for p in params)
-        else:
+        try:
             stamp = (first.data_ptr() if first is not None else 0, first.dtype if first is not None else None,
                      [p._version for p in params])
+        except RuntimeError:  # inference tensors (made under torch.inference_mode) keep no version counter
+            stamp = tuple(p.data_ptr() for p in params)
         cached = self._fused
         if cached is not None and cached[0] == stamp:
             return cached[1]
