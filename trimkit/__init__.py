@@ -11,10 +11,13 @@ ensure_torchvision()
 from .config import TrimConfig, TrimConfigError  # noqa: E402
 from .model import TrimmedModel, load_trimmed, trim  # noqa: E402
 from .plugins import get_registry, hookimpl  # noqa: E402
-from .spec import AttentionSpec, AttnCall, LayerSpec, ModelSpec, Segment, StreamSpec, StreamUpdate, TokenArg  # noqa: E402
+from .entry import restore_tokens  # noqa: E402
+from .spec import (AttentionSpec, AttnCall, LayerSpec, ModelSpec, Segment, StreamSpec, StreamUpdate,  # noqa: E402
+                   TokenArg, TokensFrom)
 
 __version__ = "0.1.0"
 __all__ = [
     "trim", "TrimConfig", "TrimConfigError", "TrimmedModel", "load_trimmed", "get_registry", "hookimpl",
     "AttentionSpec", "AttnCall", "LayerSpec", "ModelSpec", "Segment", "StreamSpec", "StreamUpdate", "TokenArg",
+    "TokensFrom", "restore_tokens",
 ]

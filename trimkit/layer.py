@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from .engine import packed as P
+from .entry import enter
 from .kernels import KernelAttention
 from .executors import EXECUTORS
 from .ops import AttnTrim, Runtime, TokenState, TrimAttention, align
@@ -86,6 +87,7 @@ class TrimmedLayer(nn.Module):
         # summary: the last real token (per instance, always kept), found from the stream's layout
         self.last = bool(stream is not None and not stream.segments and stream.summary == "last")
         self.stream_specs = {st.name: st for st in (stream, context_stream) if st is not None}
+        self.stream_spec = stream
         self.ctx_pooled = bool(context_stream is not None and context_stream.summary == "mean")
         self.segment_names = [g.name for g in self.segments]
         self.pooled_segments = [k for k, g in enumerate(self.segments) if g.summary == "mean"]
@@ -180,7 +182,8 @@ class TrimmedLayer(nn.Module):
 
     def forward(self, *args: Any, trimkit_hidden_state: TokenState | None = None, trimkit_context_state: TokenState | None = None,
                 trimkit_context: torch.Tensor | None = None, trimkit_attn_states: list[TokenState | None] | None = None,
-                trimkit_last: bool = False, trimkit_last_update: bool = False, **kwargs: Any) -> tuple:
+                trimkit_last: bool = False, trimkit_last_update: bool = False,
+                trimkit_entry_states: list[TokenState | None] | None = None, **kwargs: Any) -> tuple:
         rt = self.runtime
         if rt.mode == "off":
             if self.tokens_only:
@@ -197,6 +200,10 @@ class TrimmedLayer(nn.Module):
         astates = list(trimkit_attn_states) if trimkit_attn_states is not None else [None] * len(self.spec.attentions)
         if self.segments and trimkit_hidden_state is None and self.spec.stream in rt.segment_padding:
             self._join_segment_padding(hidden)
+        if trimkit_entry_states is not None and trimkit_hidden_state is None:
+            # segments whose tokens are another stream's (TokensFrom): they start as that stream left them
+            hidden, trimkit_hidden_state = enter(self, hidden, trimkit_entry_states)
+            a[self.hidden_name] = hidden
         out, state = EXECUTORS[rt.mode].run(self, a, hidden, context, trimkit_hidden_state, trimkit_context_state,
                                             astates, trimkit_last, trimkit_last_update)
         rt.streams[self.spec.stream] = state  # what TrimmedModel.kept_mask reports

@@ -39,6 +39,9 @@ def stream_plan(s, input_names=()) -> StreamPlan:
     for g in s.segments:
         parts = [] if per_instance else ["rest" if g.length is None else str(g.length)]
         parts += [_SEGMENT_SUMMARY[g.summary]] if g.summary in _SEGMENT_SUMMARY else []
+        src = getattr(g, "tokens_from", None)
+        if src is not None:
+            parts.append(f"tokens from stream {src.stream!r} from its token {src.skip}, dropped where it dropped them")
         rules.append((g.name, ", ".join(parts)))
     starts = None
     if per_instance:

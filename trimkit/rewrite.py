@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .entry import restore_tokens
 from .layer import LayerTrimmers, PaddingProbe, StartsProbe, TrimmedLayer, _arg_name, _contains_node
 from .ops import Runtime, align
 from .spec import LayerSpec, ModelSpec
@@ -262,6 +263,15 @@ def rewrite(
             steps.add(pre)
             call_node_args = tuple(replaced.get(n, v) for n, v in zip(names, node.args))
             call_node_kwargs = {k: replaced.get(k, v) for k, v in call_node_kwargs.items()}
+        entering = [g.tokens_from for g in spec.stream(lspec.stream).segments if g.tokens_from is not None]
+        if entering and extra["trimkit_hidden_state"] is None:  # the stream's first layer: its entering tokens
+            found = [state_of(call_args[hidden_name], src.stream) for src in entering]
+            lost = [src.stream for src, f in zip(entering, found) if f is None]
+            if lost:
+                raise TraceError(f"layer {lspec.path!r}, the first of stream {lspec.stream!r}: its segments take tokens "
+                                 f"from stream(s) {lost} (Segment.tokens_from), but no layer of theirs feeds its "
+                                 "hidden states in the traced forward")
+            extra["trimkit_entry_states"] = found
         if lspec.context is None and context_node is not None:
             extra["trimkit_context"] = context_node
         if any(n is not None for n in attn_nodes):
@@ -305,6 +315,17 @@ def rewrite(
                 node.args = node.args[:pos] + (aligned,) + node.args[pos + 1:]
             else:
                 node.kwargs = {**node.kwargs, name: aligned}
+    # where a stream's kept tokens are put back at their places (trimkit.restore_tokens): its state there
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is restore_tokens:
+            stream = node.args[1] if len(node.args) > 1 else node.kwargs.get("stream")
+            if stream not in runtime.specs:
+                raise TraceError(f"trimkit.restore_tokens: unknown stream {stream!r} (declared: {sorted(runtime.specs)})")
+            st = state_of(node.args[0], stream)
+            if st is None:
+                raise TraceError(f"trimkit.restore_tokens({stream!r}): no layer of stream {stream!r} feeds its input "
+                                 "in the traced forward")
+            node.kwargs = {**node.kwargs, "trimkit_state": st}
     # padding masks the model builds itself (StreamSpec.padding_source): recorded where they are made
     for stream, (module, index) in sources.items():
         made = [n for n in graph.nodes if n.op == "call_module" and n.target == module]

@@ -262,6 +262,29 @@ real tokens, or its last real token."""
 
 
 @dataclass(frozen=True)
+class TokensFrom:
+    """Where a segment's tokens come from when they are another stream's tokens, carried into this
+    sequence by the model (a decoder VLM's image placeholders filled with its vision tower's
+    output): ``stream``'s tokens from position ``skip`` on, one per segment token and in order
+    (``skip=1`` when the model crops the tower's [CLS]). A token that stream dropped starts
+    dropped in the segment, in every mode, so the trimmed model computes what it would with that
+    token gone from both. In modes ``remove`` and ``packed`` the source stream's output holds only
+    its kept tokens: the model puts them back at their places with :func:`trimkit.restore_tokens`
+    before it fills the segment (zeros where a token was dropped, which the segment then drops).
+
+    The segment's first token must never be dropped by the source (it is the segment's summary
+    anchor, always kept): the source stream's ``protected`` must cover position ``skip``.
+    """
+
+    stream: str
+    skip: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.skip, int) or self.skip < 0:
+            raise ValueError(f"TokensFrom({self.stream!r}).skip must be an int >= 0, got {self.skip!r}")
+
+
+@dataclass(frozen=True)
 class Segment:
     """One modality inside a stream that holds several in one sequence (single-stream models: ViLT's
     text tokens then image tokens, each part with its own [CLS]; a decoder's prompt, image tokens and
@@ -281,12 +304,15 @@ class Segment:
     padding_input: a model input (B, length) with 1 for the segment's real tokens, when the model
     concatenates the segments' masks itself (VisualBERT: ``attention_mask`` for the text,
     ``visual_attention_mask`` for the regions); segments without one count as all real.
+    tokens_from: the segment's tokens are another stream's (:class:`TokensFrom`): a token that
+    stream dropped starts dropped here (a decoder's image segment after a trimmed vision tower).
     """
 
     name: str
     length: int | str | None = None
     summary: str = "first"
     padding_input: str | None = None
+    tokens_from: TokensFrom | None = None
 
     def __post_init__(self) -> None:
         ok = self.length is None or (isinstance(self.length, int) and self.length > 0) or (
@@ -296,6 +322,14 @@ class Segment:
                              f"got {self.length!r}")
         if self.summary not in SUMMARIES:
             raise ValueError(f"Segment({self.name!r}).summary must be 'first', 'mean' or 'last', got {self.summary!r}")
+        if self.tokens_from is not None:
+            if not isinstance(self.tokens_from, TokensFrom):
+                raise TypeError(f"Segment({self.name!r}).tokens_from must be a TokensFrom, got "
+                                f"{type(self.tokens_from).__name__}")
+            if self.summary == "last":
+                raise ValueError(f"Segment({self.name!r}): a segment whose tokens come from another stream "
+                                 "(tokens_from) cannot be summarised by its last token (the source may drop it); "
+                                 "use summary='first' or 'mean'")
 
 
 @dataclass(frozen=True)
@@ -421,6 +455,22 @@ class ModelSpec:
         clash = sorted(set(segment_names) & names) or sorted({n for n in segment_names if segment_names.count(n) > 1})
         if clash:
             raise ValueError(f"segment names {clash} are used twice (as streams or segments); targets address them by name")
+        for st in self.streams:
+            for g in st.segments:
+                src = g.tokens_from
+                if src is None:
+                    continue
+                if src.stream not in names or src.stream == st.name:
+                    raise ValueError(f"stream {st.name!r}, segment {g.name!r}: tokens_from names stream {src.stream!r}, "
+                                     f"which is not another declared stream ({sorted(names - {st.name})})")
+                if self.stream(src.stream).protected <= src.skip:
+                    raise ValueError(f"stream {st.name!r}, segment {g.name!r}: its first token is {src.stream!r}'s "
+                                     f"token {src.skip}, which that stream may drop (protected="
+                                     f"{self.stream(src.stream).protected}); a segment's first token is always kept, "
+                                     f"so declare StreamSpec({src.stream!r}, protected={src.skip + 1})")
+                if not any(l.stream == src.stream for l in self.layers):
+                    raise ValueError(f"stream {st.name!r}, segment {g.name!r}: tokens_from stream {src.stream!r} has "
+                                     "no described layer")
         seen: set[str] = set()
         for layer in self.layers:
             if layer.stream not in names:

@@ -77,7 +77,12 @@ the reference) and ``mode="off"`` untrimmed; ``trimkit_llava.prefill`` and
 every head and are never dropped); the prompt's dropped heads still cached their keys (the
 projections ran), and decode tokens read them.
 
-Not trimmed yet: the CLIP vision tower (it runs whole, as one call); left padding (pad on the
+The CLIP vision tower is trimmed too with ``vision_trim_layers`` (``wrap``/``build``/
+``from_pretrained``): its layers become stream ``vision`` and the LM's image segment starts from
+its kept tokens (:class:`trimkit.TokensFrom`, :func:`trimkit.restore_tokens`); generation caches
+only the tokens the tower kept and the LM layers then kept.
+
+Not supported yet: left padding (pad on the
 right; :func:`generate` refuses left-padded masks by name); several images per instance or
 ``vision_feature_layer`` lists; sampling or beam search (greedy only); the wrapper's own forward
 takes no cache (``use_cache`` is not supported there; :func:`generate` is the way to decode).

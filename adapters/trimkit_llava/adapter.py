@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from trimkit.spec import AttentionSpec, LayerSpec, ModelSpec, Segment, StreamSpec
+from trimkit.spec import AttentionSpec, LayerSpec, ModelSpec, Segment, StreamSpec, TokensFrom
 
 __all__ = ["TINY_TEXT", "TINY_VISION", "LlavaAdapter", "describe_llava", "wrap"]
 
@@ -21,10 +21,11 @@ TINY_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden
 """``build("tiny")``'s Llama: 4 decoder layers of width 32, 4 query heads over 2 key/value heads."""
 IMAGE_TOKEN = 3  # the tiny vocabulary's image placeholder (BOS 1, EOS 2, PAD 0)
 
-_OWN_OPTIONS = ("output", "trim_layers")
+_OWN_OPTIONS = ("output", "trim_layers", "vision_trim_layers")
 
 
-def wrap(model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | None = None) -> nn.Module:
+def wrap(model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | None = None,
+         vision_trim_layers: Sequence[int] | None = None) -> nn.Module:
     """The traceable wrapper of a ``LlavaForConditionalGeneration`` (weights shared, not copied)."""
     from transformers import LlavaForConditionalGeneration
 
@@ -34,7 +35,7 @@ def wrap(model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | 
         return model
     if not isinstance(model, LlavaForConditionalGeneration):
         raise TypeError(f"trimkit_llava.wrap: expected a LlavaForConditionalGeneration, got {type(model).__name__}")
-    return LlavaForTrimming(model, output=output, trim_layers=trim_layers)
+    return LlavaForTrimming(model, output=output, trim_layers=trim_layers, vision_trim_layers=vision_trim_layers)
 
 
 def describe_llava(model: nn.Module) -> ModelSpec:
@@ -44,33 +45,50 @@ def describe_llava(model: nn.Module) -> ModelSpec:
     if not isinstance(model, LlavaForTrimming):
         raise TypeError(f"trimkit_llava: a {type(model).__name__} cannot be traced as it is; trim "
                         "trimkit_llava.wrap(model) (same weights) instead")
-    # the vision tower runs as one call (its ModelOutput's hidden_states are indexed after it); the
-    # rotary table as LlamaRoot's
-    return decoder_spec(model.config.text_config, model.trim_layers,
-                        input_names=["pixel_values", "input_ids", "attention_mask", "segment_starts"],
-                        leaf_modules=["model.model.vision_tower", "model.model.language_model.rotary_emb"])
+    inputs = ["pixel_values", "input_ids", "attention_mask", "segment_starts"]
+    if not model.vision_trim_layers:
+        # the vision tower runs as one call (its ModelOutput's hidden_states are indexed after it); the
+        # rotary table as LlamaRoot's
+        return decoder_spec(model.config.text_config, model.trim_layers, input_names=inputs,
+                            leaf_modules=["model.model.vision_tower", "model.model.language_model.rotary_emb"])
+    # the tower trimmed too: its encoder layers (up to the feature layer) are stream "vision"; its first
+    # patch is protected with its [CLS]: it is the LM image segment's first token, which is always kept
+    vision = model.config.vision_config
+    crop = int(model.crop_cls)
+    attn = AttentionSpec("self_attn", "self", vision.num_attention_heads, via="kernel")
+    chosen = set(model.vision_trim_layers)
+    path = f"model.{model.tower_path}"
+    tower = [LayerSpec(f"{path}.encoder.layers.{i}", "vision", site="vision", hidden="hidden_states",
+                       attentions=[attn], trimmable=i in chosen) for i in range(model.vision_layers)]
+    return decoder_spec(model.config.text_config, model.trim_layers, input_names=inputs,
+                        leaf_modules=[f"{path}.embeddings", "model.model.language_model.rotary_emb"],
+                        vision=(StreamSpec("vision", protected=crop + 1), tower, TokensFrom("vision", skip=crop)))
 
 
 def decoder_spec(text_config: Any, trim_layers: Sequence[int], *, input_names: Sequence[str],
                  leaf_modules: Sequence[str], autowrap_functions: Sequence[Any] = (),
-                 layers_path: str = "model.model.language_model.layers") -> ModelSpec:
+                 layers_path: str = "model.model.language_model.layers",
+                 vision: tuple[StreamSpec, Sequence[LayerSpec], TokensFrom] | None = None) -> ModelSpec:
     """The description of a decoder VLM whose LM sequence is prompt / image / question (one stream
     ``seq`` of three segments with per-instance starts from the input ``segment_starts``, padding from
     ``attention_mask``; the image summarised by the mean of its kept tokens, the question by its last
     token): every decoder layer at ``layers_path.{i}`` with its ``self_attn`` at the attention kernel
     (RoPE and grouped-query heads stay the module's), token trimmers in ``trim_layers``. Shared by
     the llava and qwen2_vl adapters; ``input_names``, ``leaf_modules`` and ``autowrap_functions`` are
-    the wrapper's."""
+    the wrapper's. ``vision``: a trimmed vision tower (its stream, its layers, and where the image
+    segment's tokens come from in it); ``None``: the tower is not described."""
     attn = AttentionSpec("self_attn", "self", text_config.num_attention_heads, via="kernel")
     chosen = set(trim_layers)
     layers = [LayerSpec(f"{layers_path}.{i}", "seq", hidden="hidden_states",
                         hidden_token_args={"position_embeddings": 1}, attentions=[attn], trimmable=i in chosen)
               for i in range(text_config.num_hidden_layers)]
-    segments = [Segment("prompt"), Segment("image", summary="mean"), Segment("question", summary="last")]
+    source = vision[2] if vision is not None else None
+    segments = [Segment("prompt"), Segment("image", summary="mean", tokens_from=source),
+                Segment("question", summary="last")]
     spec = ModelSpec(
         streams=[StreamSpec("seq", padding_input="attention_mask", segments=segments,
-                            segment_starts="segment_starts")],
-        layers=layers,
+                            segment_starts="segment_starts")] + ([vision[0]] if vision is not None else []),
+        layers=(list(vision[1]) if vision is not None else []) + layers,
         input_names=list(input_names),
         leaf_modules=list(leaf_modules),
         autowrap_functions=list(autowrap_functions),
@@ -159,10 +177,12 @@ class LlavaAdapter:
         return out
 
     def build(self, size: str = "tiny", seed: int = 0, output: str = "logits",
-              trim_layers: Sequence[int] | None = None, **options: Any) -> nn.Module:
+              trim_layers: Sequence[int] | None = None, vision_trim_layers: Sequence[int] | None = None,
+              **options: Any) -> nn.Module:
         """A randomly initialised wrapped ``LlavaForConditionalGeneration`` (sdpa attention):
         ``output`` ``"logits"`` or ``"hidden"``; ``trim_layers`` the decoder layers that get
-        trimmers (default: the middle half); ``options`` override ``LlavaConfig`` fields (a dict
+        trimmers (default: the middle half); ``vision_trim_layers`` the vision tower's layers that
+        get them (default none: the tower runs whole); ``options`` override ``LlavaConfig`` fields (a dict
         for ``vision_config``/``text_config`` updates those sub-configs)."""
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -177,15 +197,16 @@ class LlavaAdapter:
         config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), **options)
         config._attn_implementation = "sdpa"
         torch.manual_seed(seed)
-        return wrap(LlavaForConditionalGeneration(config).eval(), output=output, trim_layers=trim_layers)
+        return wrap(LlavaForConditionalGeneration(config).eval(), output=output, trim_layers=trim_layers,
+                    vision_trim_layers=vision_trim_layers)
 
     def from_pretrained(self, source: str, *, revision: str | None = None, weights: str | None = None,
                         output: str = "logits", trim_layers: Sequence[int] | None = None,
-                        **options: Any) -> nn.Module:
+                        vision_trim_layers: Sequence[int] | None = None, **options: Any) -> nn.Module:
         """A pretrained wrapped LLaVA, read offline: ``source`` is a directory written by
         ``save_pretrained`` (of a ``LlavaForConditionalGeneration`` or this wrapper's ``model``) or
         a Hugging Face model id in the local HF cache (at ``revision``); loaded with sdpa attention.
-        ``output``/``trim_layers`` as in :meth:`build`; other ``options`` set ``LlavaConfig`` fields
+        ``output``/``trim_layers``/``vision_trim_layers`` as in :meth:`build`; other ``options`` set ``LlavaConfig`` fields
         that do not change weight shapes. ``weights`` is not used (the source holds them)."""
         from transformers import LlavaForConditionalGeneration
 
@@ -200,7 +221,7 @@ class LlavaAdapter:
             model.config._attn_implementation = "sdpa"
             for sub in (model.config.text_config, model.config.vision_config):
                 sub._attn_implementation = "sdpa"
-            return wrap(model, output=output, trim_layers=trim_layers)
+            return wrap(model, output=output, trim_layers=trim_layers, vision_trim_layers=vision_trim_layers)
 
         return load_transformers_pretrained(src, LlavaForConditionalGeneration, overrides=options,
                                             accepted=_OWN_OPTIONS, wrap=_wrap)

@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from trimkit.entry import restore_tokens
+
 __all__ = ["LlavaForTrimming", "default_trim_layers", "llava_segment_starts"]
 
 
@@ -56,9 +58,18 @@ class LlavaForTrimming(nn.Module):
     keeps real tokens from reading it, so the outputs at real positions are the model's own. Rows
     of left padding would be wrong. ``trim_layers``: indices of the decoder layers that get
     trimmers (default :func:`default_trim_layers`); the others are only rewritten.
+
+    ``vision_trim_layers``: indices of the vision tower's encoder layers that get token and head
+    trimmers (default: none, and the tower runs as one call). With any, the wrapper runs the tower's
+    own modules one by one (embeddings, pre-norm, encoder layers up to ``vision_feature_layer``; the
+    layers after it, whose output LLaVA never reads, are not run) so trimkit can trim them as stream
+    ``vision``; the LM's image segment then starts from the tower's kept tokens
+    (:class:`trimkit.TokensFrom`), and in modes remove/packed :func:`trimkit.restore_tokens` puts the
+    projected kept tokens back at their placeholders.
     """
 
-    def __init__(self, model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | None = None) -> None:
+    def __init__(self, model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | None = None,
+                 vision_trim_layers: Sequence[int] | None = None) -> None:
         super().__init__()
         if output not in ("logits", "hidden"):
             raise ValueError(f"trimkit_llava: output must be 'logits' or 'hidden', got {output!r}")
@@ -77,6 +88,21 @@ class LlavaForTrimming(nn.Module):
         self.feature_layer = layer
         self.crop_cls = cfg.vision_feature_select_strategy == "default"
         self.image_token_id = cfg.image_token_id
+        depth = cfg.vision_config.num_hidden_layers
+        if not -(depth + 1) <= layer <= depth:
+            raise ValueError(f"trimkit_llava: vision_feature_layer {layer} is outside the tower's hidden states "
+                             f"(0..{depth}, or negative from the end)")
+        self.vision_layers = layer % (depth + 1)  # hidden_states[i] is the output of the first i encoder layers
+        chosen = sorted(set(int(i) for i in (vision_trim_layers or ())))
+        late = [i for i in chosen if not 0 <= i < self.vision_layers]
+        if late:
+            raise ValueError(f"trimkit_llava: vision_trim_layers {late} are not run: LLaVA reads the tower's hidden "
+                             f"states after {self.vision_layers} of its {depth} layers (vision_feature_layer {layer}); "
+                             f"choose among 0..{self.vision_layers - 1}")
+        self.vision_trim_layers = chosen
+        # the CLIP vision transformer's own modules (transformers < 5 nests them under .vision_model)
+        self.tower_path = "model.vision_tower" + (".vision_model" if hasattr(model.model.vision_tower, "vision_model")
+                                                  else "")
 
     @property
     def config(self):
@@ -86,12 +112,20 @@ class LlavaForTrimming(nn.Module):
                 segment_starts: torch.Tensor | None = None) -> torch.Tensor:
         llava = self.model.model
         lm = llava.language_model
-        vision = llava.vision_tower(pixel_values.to(llava.multi_modal_projector.linear_1.weight.dtype),
-                                    output_hidden_states=True, return_dict=True)
-        features = vision.hidden_states[self.feature_layer]
+        pixels = pixel_values.to(llava.multi_modal_projector.linear_1.weight.dtype)
+        if self.vision_trim_layers:  # the tower's modules one by one, as its own forward runs them
+            tower = self.model.get_submodule(self.tower_path)
+            features = tower.pre_layrnorm(tower.embeddings(pixels))
+            for block in tower.encoder.layers[:self.vision_layers]:
+                features = block(features, None)
+        else:
+            features = llava.vision_tower(pixels, output_hidden_states=True, return_dict=True).hidden_states[
+                self.feature_layer]
         if self.crop_cls:
             features = features[:, 1:]
         features = llava.multi_modal_projector(features)
+        if self.vision_trim_layers:  # the kept tokens back at their places (the tower's drops start dropped in the LM)
+            features = restore_tokens(features, "vision", skip=int(self.crop_cls))
         h = lm.embed_tokens(input_ids)
         is_image = (input_ids == self.image_token_id)[..., None].expand_as(h)
         h = h.masked_scatter(is_image, features.to(h.dtype))
