@@ -19,7 +19,7 @@ def test_help_lists_the_experiments(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["repro", "--help"])
     text = capsys.readouterr().out
-    for name in ("table6", "fig4a", "fig7", "switches"):
+    for name in ("table6", "fig4a", "fig7", "fig2", "fig5", "fig6", "switches"):
         assert name in text
     with pytest.raises(SystemExit) as err:
         main(["repro", "nonsense"])
@@ -87,6 +87,38 @@ def test_fig4a_and_fig7_write_their_plots(tmp_path, monkeypatch):
     md = (tmp_path / "fig7" / "fig7.md").read_text()
     assert "Cheapest" in md and "Dearest" in md and "question" in md
     assert (tmp_path / "fig7" / "fig7.png").stat().st_size > 0
+
+
+def test_analysis_figures_write_what_they_measured(tmp_path):
+    """fig2 (no fine-tune: the backbone's similarities), fig5 (cross-modal vs Local, question pairs)
+    and fig6 (head retention per module): tables, plots, and results.json holding the measurements."""
+    from trimkit_train import repro
+
+    data = repro.run_experiment("fig2", tmp_path / "fig2", seeds=1, quick=True, steps=2, log=lambda s: None)
+    f2 = data["fig2"]
+    assert data["rows"] == [] and f2["instances"] > 0
+    assert all(len(v) == f2["instances"] and all(-1 <= x <= 1 for x in v) for v in f2["tokens"].values())
+    assert {k.rsplit(".", 2)[0] for k in f2["heads"]} >= {"cross_modal_image_layers.0", "cross_modal_text_layers.0"}
+    md = (tmp_path / "fig2" / "fig2.md").read_text()
+    assert MEAN_STD.search(md) and "rises with depth" in md
+    assert (tmp_path / "fig2" / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    data = repro.run_experiment("fig5", tmp_path / "fig5", seeds=2, quick=True, steps=2, log=lambda s: None)
+    f5 = data["fig5"]
+    assert set(f5["aggregate"]) == {"cross_modal", "local"} and f5["images"] > 0
+    assert all(len(v) == 2 for v in f5["per_seed"].values())
+    assert all(0 <= s["question_sensitivity"] <= 1 for v in f5["per_seed"].values() for s in v)
+    md = (tmp_path / "fig5" / "fig5.md").read_text()
+    assert "relevance lift" in md and "Local" in md and (tmp_path / "fig5" / "fig5.png").stat().st_size > 0
+
+    data = repro.run_experiment("fig6", tmp_path / "fig6", seeds=1, quick=True, steps=2, log=lambda s: None)
+    f6 = data["fig6"]
+    seed0 = f6["per_seed"]["0"] if "0" in f6["per_seed"] else f6["per_seed"][0]
+    assert seed0 and all(len(v) == f6["instances"] for v in seed0.values())
+    for key, s in f6["summary"].items():
+        assert s["mean"] == pytest.approx(sum(seed0[key]) / len(seed0[key]))
+    assert data["rows"][0]["trim_overrides"] == {"head_target": 0.5}
+    assert "attention module" in (tmp_path / "fig6" / "fig6.md").read_text()
 
 
 def test_demo_seeds_aggregate(tmp_path):

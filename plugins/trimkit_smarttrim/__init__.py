@@ -1,6 +1,7 @@
 """SmartTrim's method parts as a trimkit plugin (registered through the ``trimkit`` entry point).
 
-Policies ``cross_modal`` (Eq. 3-7), ``local`` and ``random`` (the §6.1 baselines); samplers
+Policies ``cross_modal`` (Eq. 3-7), ``local`` and ``random`` (the §6.1 token baselines), head policy
+``static`` (fixed heads: the §6.1 head baselines); samplers
 ``gumbel`` (Eq. 8), ``hard_st`` and ``sharpen`` (noise shrinking with the temperature); objective
 ``smarttrim`` (Eq. 9-12); schedulers ``linear`` (the curriculum) and ``constant``. A third-party
 plugin registers its own parts the same way.
@@ -11,13 +12,14 @@ from __future__ import annotations
 from trimkit.plugins import hookimpl
 
 from .objectives import SmartTrimObjective, cost_loss, self_distillation, softmax_kl
-from .policies import CrossModalHeadPolicy, CrossModalTokenPolicy, LocalTokenPolicy, RandomTokenPolicy, random_init
+from .policies import (CrossModalHeadPolicy, CrossModalTokenPolicy, LocalTokenPolicy, RandomTokenPolicy,
+                       StaticHeadPolicy, random_init)
 from .samplers import gumbel_sigmoid, hard_straight_through, sharpened
 from .schedulers import ConstantTargets, LinearCurriculum
 
 __all__ = [
     "SmartTrimObjective", "cost_loss", "self_distillation", "softmax_kl", "CrossModalHeadPolicy", "CrossModalTokenPolicy",
-    "LocalTokenPolicy", "RandomTokenPolicy", "gumbel_sigmoid", "hard_straight_through", "sharpened", "ConstantTargets",
+    "LocalTokenPolicy", "RandomTokenPolicy", "StaticHeadPolicy", "gumbel_sigmoid", "hard_straight_through", "sharpened", "ConstantTargets",
     "LinearCurriculum", "random_init",
 ]
 
@@ -32,6 +34,7 @@ def trimkit_register_token_policies(registry):
 @hookimpl
 def trimkit_register_head_policies(registry):
     registry.head_policies.register("cross_modal", CrossModalHeadPolicy)
+    registry.head_policies.register("static", StaticHeadPolicy)
 
 
 @hookimpl

@@ -147,6 +147,34 @@ class CrossModalHeadPolicy(nn.Module):
         return _run(self.net, x)
 
 
+class StaticHeadPolicy(nn.Module):
+    """Fixed heads, the same for every instance: the static head-pruning baselines of §6.1 / Fig. 4b
+    (Random, Grad-Layer, Grad-All). Which heads are kept is the boolean buffer ``keep``
+    ``(num_heads,)`` (all kept at construction), set with :meth:`set_heads` by whoever picks them
+    (``trimkit_train.head_baselines``); it is saved with the trimmers. The logits are
+    ``±LOGIT``, far beyond any sampler's noise, so training masks are exactly 0 or 1 as inference's
+    are with samplers ``sharpen`` and ``hard_st``; ``gumbel`` (``RelaxedBernoulli``) clamps its
+    probabilities to float eps, which leaves up to ~1e-6 of a dropped head. No parameters: the cost
+    loss cannot move it (its target is met by construction)."""
+
+    LOGIT = 1.0e4
+
+    def __init__(self, dim: int, context_dim: int | None, num_heads: int, config) -> None:
+        super().__init__()
+        self.register_buffer("keep", torch.ones(num_heads, dtype=torch.bool))
+
+    def set_heads(self, keep: torch.Tensor) -> None:
+        """Keep the heads where ``keep`` (``(num_heads,)`` bool) is true."""
+        keep = torch.as_tensor(keep, dtype=torch.bool)
+        if keep.shape != self.keep.shape:
+            raise ValueError(f"StaticHeadPolicy.set_heads: expected {tuple(self.keep.shape)} heads, got {tuple(keep.shape)}")
+        self.keep.copy_(keep.to(self.keep.device))
+
+    def forward(self, cls_self: torch.Tensor, cls_context: torch.Tensor | None) -> torch.Tensor:
+        logits = torch.where(self.keep, self.LOGIT, -self.LOGIT).to(cls_self.dtype)
+        return logits.expand(cls_self.shape[0], -1)
+
+
 # --- inference: one layer's trimmers as one fused computation ---------------------------------------------
 
 

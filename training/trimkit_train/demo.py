@@ -410,7 +410,8 @@ def prepare_backbone(preset: DemoPreset, out: Path, ratios: tuple[float, ...], p
     net.vit_model.requires_grad_(True)
     backbone = trainer.net
 
-    log(f"{stamp()} 2/4 calibrating keep targets for {', '.join(f'{r:g}x' for r in ratios)} fewer MACs")
+    if ratios:
+        log(f"{stamp()} 2/4 calibrating keep targets for {', '.join(f'{r:g}x' for r in ratios)} fewer MACs")
     probe = trim(backbone, TrimConfig(**preset.trim), adapter="meter")
     calib = {r: calibrate(probe, test_ds, r, preset.calibration_instances, calibration_iterations) for r in ratios}
     for r, c in calib.items():
@@ -440,24 +441,32 @@ def per_layer_targets(tmodel: TrimmedModel, tokens: dict[str, float]) -> dict[st
 
 def finetune(bb: Backbone, name: str, policy: str, ratio: float, *, seed: int = 0, trim_cfg: dict[str, Any] | None = None,
              recipe: dict[str, Any] | None = None, stable_init: bool = True, steps: int | None = None,
+             prepare: Callable[[TrimmedModel], None] | None = None,
              log: Callable[[str], None] = print) -> TrimmedModel:
     """One SmartTrim fine-tune of the backbone at the calibrated ``ratio`` with token policy ``policy``
     (fine-tune seed ``seed``); ``trim_cfg``/``recipe`` override TrimConfig/RecipeConfig fields;
-    ``stable_init=False`` re-initialises the trimmers at random (the Table 6 ablation)."""
+    ``stable_init=False`` re-initialises the trimmers at random (the Table 6 ablation); ``prepare``
+    is called on the trimmed model before training (e.g. to install static heads). ``ratio`` 1.0:
+    no calibrated targets (``trim_cfg`` gives them)."""
     preset = bb.preset
     rec = {**preset.recipe, **(recipe or {})}
     targets = bb.entering_targets if rec.get("cost_beta", "original") == "entering" else bb.targets
-    tcfg = {**targets[ratio], "token_policy": policy, **(trim_cfg or {})}
+    if ratio not in targets and ratio != 1.0:
+        raise KeyError(f"finetune: no keep targets calibrated for {ratio:g}x (calibrated: {sorted(targets)})")
+    tcfg = {**targets.get(ratio, {}), "token_policy": policy, **(trim_cfg or {})}
     train = preset.finetune if steps is None else {**preset.finetune, "steps": int(steps)}
     cfg = _experiment(preset, train, bb.out / "runs" / name, tcfg, bb.checkpoint, bb.progress, recipe, seed)
     net = build_model(cfg.model, cfg.data, bb.test_ds)
     model: torch.nn.Module = net
+    if not stable_init or prepare is not None:
+        torch.manual_seed(seed)  # the trimmers are made here, before the Trainer seeds the run
+        model = trim(net, cfg.trim, adapter=cfg.model.adapter)
     if not stable_init:
         from trimkit_smarttrim import random_init
 
-        torch.manual_seed(seed)  # the trimmers are made here, before the Trainer seeds the run
-        model = trim(net, cfg.trim, adapter=cfg.model.adapter)
         random_init(model, torch.Generator().manual_seed(1000 + seed))
+    if prepare is not None:
+        prepare(model)
     tr = Trainer(cfg, model=model, train_dataset=bb.train_ds, eval_dataset=bb.test_ds)
     tr.fit(overwrite=True)
     return tr.tmodel

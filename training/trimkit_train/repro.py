@@ -18,6 +18,13 @@ Experiments (:data:`EXPERIMENTS`):
 * ``fig4a``: token policies cross_modal, local and random at 1.5x/2x/2.5x/3x, accuracy vs GMACs curves.
 * ``fig7``: SmartTrim 2x, the distribution of per-instance GMACs over the test split (batch 1, tokens
   and heads removed) with the cheapest and dearest instances shown.
+* ``fig4b``: head trimming alone in the co-attention layers at retention 0.7/0.5/0.3 without
+  self-distillation: adaptive head trimmers vs static heads (Random, Grad Layer, Grad All with Michel
+  et al.'s importance; :mod:`trimkit_train.head_baselines`).
+* ``fig2``: token and head similarity per layer of the untrimmed backbone (Appendix A; no fine-tune).
+* ``fig5``: kept patches through the layers for one image asked two questions, cross-modal vs Local,
+  with two measures over many images (relevance lift, question sensitivity).
+* ``fig6``: head retention per attention module over instances at head target 0.5.
 * ``switches``: SmartTrim 2x with each fidelity switch flipped from its default (issue 12.2):
   ``cost_beta``, ``sd_teacher``, ``attention_dropout`` and the sampler, to measure what each changes.
 
@@ -52,6 +59,7 @@ class Run:
     trim: dict[str, Any] = field(default_factory=dict)  # TrimConfig fields over the preset's
     recipe: dict[str, Any] = field(default_factory=dict)  # RecipeConfig fields over the preset's
     stable_init: bool = True
+    heads: str | None = None  # a static head baseline (head_baselines.METHODS) installed before fine-tuning
 
     @property
     def name(self) -> str:
@@ -106,7 +114,7 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
         f" --steps {steps}" if steps is not None else "")
     preset = preset_for(quick, steps)
     runs = exp.runs()
-    ratios = tuple(sorted({r.ratio for r in runs}))
+    ratios = tuple(sorted({r.ratio for r in runs} - {1.0}))  # 1.0: the run gives its own targets
     t0 = time.perf_counter()
 
     def stamp() -> str:
@@ -118,21 +126,24 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
     bb = prepare_backbone(preset, out, ratios, progress, log, stamp, calibration_iterations=6 if quick else 12)
     models: dict[tuple[int, str], Any] = {}
     per_seed: list[list[dict[str, Any]]] = []
+    extra: dict[str, Any] = {}
     for seed in range(seeds):
         rows = []
         for run in runs:
             t = time.perf_counter()
             key = f"{run.name}-seed{seed}"
+            prepare = _static_heads(bb, run, seed, extra, log, stamp) if run.heads else None
             tm = finetune(bb, key, run.policy, run.ratio, seed=seed, trim_cfg=run.trim, recipe=run.recipe,
-                          stable_init=run.stable_init, log=log)
+                          stable_init=run.stable_init, prepare=prepare, log=log)
             row = measure(bb, tm, run.method, run.policy, run.ratio, latency=False, name=key)
-            row.update(run=run.name, trim_overrides=run.trim, recipe_overrides=run.recipe, stable_init=run.stable_init)
+            row.update(run=run.name, trim_overrides=run.trim, recipe_overrides=run.recipe, stable_init=run.stable_init,
+                       heads_baseline=run.heads)
             rows.append(row)
             models[(seed, run.name)] = tm
             log(f"{stamp()}     seed {seed}: {run.method} {run.ratio:g}x ({run.policy}) in {time.perf_counter() - t:.0f}s: "
                 f"accuracy {100 * row['accuracy']:.1f}, {row['macs_ratio']:.2f}x fewer MACs")
         per_seed.append(rows)
-    result = Result(exp, out, command, seeds, _full(bb), aggregate(per_seed), per_seed, models, bb)
+    result = Result(exp, out, command, seeds, _full(bb), aggregate(per_seed), per_seed, models, bb, extra=extra)
     files = exp.write(result)
     result.wall_s = time.perf_counter() - t0
     data = {"experiment": name, "command": command, "seeds": seeds, "quick": quick, "wall_s": result.wall_s,
@@ -144,20 +155,51 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
     return data
 
 
+def _static_heads(bb: Backbone, run: Run, seed: int, extra: dict[str, Any], log: Callable[[str], None],
+                  stamp: Callable[[], str]) -> Callable[[Any], None]:
+    """The ``prepare`` of a static head baseline: Michel et al.'s importance (once per backbone, on
+    the train split with pseudo-labels, for the layers the run trims heads in), then the run's masks
+    (``random``: drawn with the fine-tune seed)."""
+    import torch
+
+    from trimkit.plugins import get_registry
+
+    from .head_baselines import head_importance, install_static_heads, static_head_masks
+
+    spec = get_registry().adapters.get("meter").describe(bb.net)
+    sites = set(run.trim.get("head_layers") or [])
+    layers = {layer.path for layer in spec.layers if not sites or layer.site in sites or layer.path in sites}
+    if "importance" not in extra:
+        t = time.perf_counter()
+        n = min(len(bb.train_ds), 8 * bb.preset.macs_instances)
+        imp = head_importance(bb.net, spec, bb.train_ds, layers=layers, instances=n)
+        extra["importance"] = {k: v.tolist() for k, v in imp.items()}
+        extra["importance_instances"] = n
+        log(f"{stamp()}     head importance (Michel et al.) over {n} train instances in {time.perf_counter() - t:.0f}s")
+    imp = {k: torch.tensor(v) for k, v in extra["importance"].items()}
+    masks = static_head_masks(imp, float(run.trim["head_target"]), run.heads, torch.Generator().manual_seed(seed))
+    extra.setdefault("static_heads", {})[f"{run.name}-seed{seed}"] = {k: v.int().tolist() for k, v in masks.items()}
+    return lambda tm: install_static_heads(tm, masks)
+
+
 def _full(bb: Backbone) -> dict[str, Any]:
     ev = bb.full_eval()
     return {"accuracy": ev["accuracy"], "gmacs": ev["gmacs"]}
 
 
-def _header(res: Result, what: str) -> str:
+def _header(res: Result, what: str, finetuned: bool = True) -> str:
     p = res.backbone.preset
-    return (f"# {res.experiment.title}\n\n{what}\n\nDigit-grid VQA ({p.data['grid']}x{p.data['grid']} cells of "
-            f"{p.data['cell']} px), METER-architecture backbone (trained once, seed 0) at accuracy "
-            f"{100 * res.full['accuracy']:.1f} and {res.full['gmacs']:.4f} GMACs per instance; SmartTrim fine-tunes of "
-            f"{p.finetune['steps']} steps. Cells are mean ± standard deviation over {res.seeds} fine-tune seed(s) "
-            f"(0..{res.seeds - 1}); accuracy on {len(res.backbone.test_ds)} test questions, GMACs the mean over "
-            f"{p.macs_instances} test instances at batch 1 with tokens and heads removed.\n\n"
-            f"Command:\n\n```\n{res.command}\n```\n\n")
+    setting = (f"# {res.experiment.title}\n\n{what}\n\nDigit-grid VQA ({p.data['grid']}x{p.data['grid']} cells of "
+               f"{p.data['cell']} px), METER-architecture backbone (trained once, seed 0) at accuracy "
+               f"{100 * res.full['accuracy']:.1f} and {res.full['gmacs']:.4f} GMACs per instance")
+    if finetuned:
+        setting += (f"; SmartTrim fine-tunes of {p.finetune['steps']} steps. Cells are mean ± standard deviation over "
+                    f"{res.seeds} fine-tune seed(s) (0..{res.seeds - 1}); accuracy on {len(res.backbone.test_ds)} test "
+                    f"questions, GMACs the mean over {p.macs_instances} test instances at batch 1 with tokens and heads "
+                    "removed")
+    else:
+        setting += "; no fine-tune (the measurement is of the backbone itself, so --seeds changes nothing)"
+    return setting + f".\n\nCommand:\n\n```\n{res.command}\n```\n\n"
 
 
 def _table(rows: list[dict[str, Any]], full: dict[str, Any], first: str = "method") -> str:
@@ -245,6 +287,66 @@ def _fig4a_write(res: Result) -> list[Path]:
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     png = res.out / "fig4a.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return [md, png]
+
+
+# ------------------------------------------------------------------------------------------------
+# Figure 4b
+# ------------------------------------------------------------------------------------------------
+FIG4B_METHODS = ((None, "SmartTrim (adaptive)"), ("random", "Random"), ("grad_layer", "Grad Layer"),
+                 ("grad_all", "Grad All"))
+FIG4B_RETENTION = (0.7, 0.5, 0.3)
+
+
+def _fig4b_runs() -> list[Run]:
+    runs = []
+    for heads, label in FIG4B_METHODS:
+        for p in FIG4B_RETENTION:
+            trim = {"trim_tokens": False, "token_target": 1.0, "head_layers": ["cross"], "head_target": p,
+                    "head_policy": "cross_modal" if heads is None else "static"}
+            runs.append(Run(f"{label} {p:g}", "cross_modal", 1.0, trim=trim, recipe={"lambda_sd": 0.0}, heads=heads))
+    return runs
+
+
+def _fig4b_write(res: Result) -> list[Path]:
+    from .demo import cell
+
+    what = ("The paper's Fig. 4b: head trimming alone (no token trimming) in the co-attention layers, at head "
+            f"retention ratios {', '.join(f'{p:g}' for p in FIG4B_RETENTION)}, fine-tuned without self-distillation: "
+            "SmartTrim's adaptive head trimmers (the cost loss aims at the ratio) against static heads fine-tuned the "
+            "same way: Random (that share of each module's heads at random, per seed), Grad Layer (the top share of "
+            "each module by Michel et al.'s importance on pseudo-labels) and Grad All (the top share of all modules "
+            "together, importance L2-normalised per module). 'kept heads' is the measured mean retention over the "
+            "co-attention modules (static: exactly the ratio up to rounding per module).")
+    lines = ["| method | retention target | accuracy | Δ vs full | kept heads | GMACs / instance | MACs ratio |",
+             "|---|---|---|---|---|---|---|",
+             f"| METER (full) | 1.0 | {100 * res.full['accuracy']:.1f} | - | 1.00 | {res.full['gmacs']:.4f} | 1.00x |"]
+    for r in res.rows:
+        delta = dict(r, delta=r["accuracy"] - res.full["accuracy"], delta_std=r.get("accuracy_std", 0.0))
+        lines.append(f"| {r['method'].rsplit(' ', 1)[0]} | {r['trim_overrides']['head_target']:g} | "
+                     f"{cell(r, 'accuracy', '.1f', 100)} | {cell(delta, 'delta', '+.1f', 100)} | "
+                     f"{cell(r, 'keep_heads', '.2f')} | {cell(r, 'gmacs', '.4f')} | "
+                     f"{cell(r, 'macs_ratio', '.2f', suffix='x')} |")
+    md = res.out / "fig4b.md"
+    md.write_text(_header(res, what) + "\n".join(lines) + "\n\n![fig4b](fig4b.png)\n")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.axhline(100 * res.full["accuracy"], color="gray", ls="--", lw=1, label="METER (full)")
+    for i, (heads, label) in enumerate(FIG4B_METHODS):
+        rs = sorted((r for r in res.rows if r.get("heads_baseline") == heads), key=lambda r: r["trim_overrides"]["head_target"])
+        ax.errorbar([r["trim_overrides"]["head_target"] for r in rs], [100 * r["accuracy"] for r in rs],
+                    yerr=[100 * r.get("accuracy_std", 0.0) for r in rs], fmt="o-", color=f"C{i}", capsize=3, lw=1.2,
+                    label=label)
+    ax.set_xlabel("head retention ratio (co-attention layers)")
+    ax.set_ylabel("accuracy (%)")
+    ax.invert_xaxis()
+    ax.set_title(f"head trimming (mean ± std, {res.seeds} seeds, no SD)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    png = res.out / "fig4b.png"
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return [md, png]
@@ -366,6 +468,290 @@ def _switches_write(res: Result) -> list[Path]:
     return [path]
 
 
+# ------------------------------------------------------------------------------------------------
+# Figure 2: token and head similarity per layer (Appendix A), on the untrimmed backbone
+# ------------------------------------------------------------------------------------------------
+def _fig2_runs() -> list[Run]:
+    return []  # no fine-tune: the measurement is of the trained backbone itself
+
+
+def _label(path: str) -> str:
+    """Short layer/module names for tables and axes: ``cross_modal_image_layers.1.attention.self`` ->
+    ``image.1 self``."""
+    for long, short in (("cross_modal_image_layers.", "image."), ("cross_modal_text_layers.", "text."),
+                        ("vit_model.transformer.resblocks.", "vit.")):
+        path = path.replace(long, short)
+    return path.replace(".crossattention.self", " cross").replace(".attention.self", " self").replace(".attn", " self")
+
+
+def _fig2_write(res: Result) -> list[Path]:
+    from trimkit.plugins import get_registry
+
+    from .analysis import mean_std, similarity_profile
+
+    bb = res.backbone
+    n = min(len(bb.test_ds), 4 * bb.preset.macs_instances)
+    spec = get_registry().adapters.get("meter").describe(bb.net)
+    prof = similarity_profile(bb.net, spec, bb.test_ds, instances=n)
+    res.extra["fig2"] = {"instances": n, **prof}
+    rows = ["| layer | stream | token similarity S_T | head similarity S_A (self-attention) | "
+            "head similarity S_A (cross-attention) |", "|---|---|---|---|---|"]
+
+    def fmt(vals: list[float] | None) -> str:
+        if not vals:
+            return "-"
+        m, sd = mean_std(vals)
+        return f"{m:.3f} ± {sd:.3f}"
+
+    trend: dict[str, list[float]] = {}
+    for layer in spec.layers:
+        atts = {a.kind: prof["heads"].get(f"{layer.path}.{a.path}") for a in layer.attentions}
+        rows.append(f"| {_label(layer.path)} | {layer.stream} | {fmt(prof['tokens'][layer.path])} | "
+                    f"{fmt(atts.get('self'))} | {fmt(atts.get('cross'))} |")
+        if layer.site == "cross":
+            trend.setdefault(layer.stream, []).append(mean_std(prof["tokens"][layer.path])[0])
+    rising = {s: all(b >= a for a, b in zip(v, v[1:])) for s, v in trend.items()}
+    res.extra["fig2"]["token_similarity_rises_with_depth"] = rising
+    what = ("The paper's Fig. 2 (Appendix A): on the trained, untrimmed backbone, the mean pairwise cosine "
+            "similarity of each layer's output tokens (S_T; text padding left out) and of each attention module's "
+            "heads' attention distributions per query row (S_A; text padding rows left out), for every described "
+            f"layer. Cells are mean ± standard deviation over {n} test instances (no fine-tune seeds: one backbone); "
+            "the spread over instances is the paper's third observation.\n\n"
+            "Token similarity in the co-attention layers rises with depth: " +
+            ", ".join(f"{s}: {'yes' if r else 'no'} ({' -> '.join(f'{v:.3f}' for v in trend[s])})"
+                      for s, r in rising.items()) + ".")
+    md = res.out / "fig2.md"
+    md.write_text(_header(res, what, finetuned=False) + "\n".join(rows) + "\n\n![fig2](fig2.png)\n")
+    plt = _plt()
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.75 * len(spec.layers) + 2), 6.5))
+    labels = [_label(layer.path) for layer in spec.layers]
+    axes[0].boxplot([prof["tokens"][layer.path] for layer in spec.layers], showfliers=False)
+    axes[0].set_xticks(range(1, len(labels) + 1), labels, rotation=30, fontsize=7)
+    axes[0].set_ylabel("token similarity S_T")
+    keys = list(prof["heads"])
+    axes[1].boxplot([prof["heads"][k] for k in keys], showfliers=False)
+    axes[1].set_xticks(range(1, len(keys) + 1), [_label(k) for k in keys], rotation=30, fontsize=7)
+    axes[1].set_ylabel("head similarity S_A")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"similarity per layer over {n} test instances (boxes: quartiles)")
+    fig.tight_layout()
+    png = res.out / "fig2.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return [md, png]
+
+
+# ------------------------------------------------------------------------------------------------
+# Figure 5: which patches are kept, for two questions about one image; cross-modal vs Local
+# ------------------------------------------------------------------------------------------------
+FIG5_RATIO = 3.0
+FIG5_POLICIES = (("cross_modal", "SmartTrim (cross-modal)"), ("local", "Local"))
+FIG5_IMAGES = 64
+
+
+def _fig5_runs() -> list[Run]:
+    return [Run(label, policy, FIG5_RATIO) for policy, label in FIG5_POLICIES]
+
+
+def question_pairs(ds: Any, images: int) -> list[dict[str, Any]]:
+    """Test images whose question asks for the digit in one cell, each with a second question of the
+    same form about another cell holding a digit: ``{"index", "items": [item q1, item q2], "questions",
+    "patches": [relevant patch indices per question]}``."""
+    import torch
+
+    from .data.digit_grid import VQA_TEMPLATES
+
+    out = []
+    for i in range(len(ds)):
+        if len(out) >= images:
+            break
+        d = ds.describe(i)
+        if d["qtype"] != "position" or not d["relevant_cells"]:
+            continue
+        (r, c), = d["relevant_cells"]
+        others = [(int(a), int(b)) for a, b in zip(*(d["grid"] >= 0).nonzero()) if (a, b) != (r, c)]
+        if not others:
+            continue
+        r2, c2 = others[len(out) % len(others)]
+        q2 = VQA_TEMPLATES["position"].format(row=r2 + 1, col=c2 + 1)
+        item = ds[i]
+        second = {**item, "input_ids": torch.tensor(ds.tokenizer.encode(q2), dtype=torch.long)}
+        out.append({"index": i, "items": [item, second], "questions": [d["question"], q2],
+                    "patches": [ds.cell_patches([(r, c)]), ds.cell_patches([(r2, c2)])]})
+    return out
+
+
+def _kept_sets(tm: Any, pairs: list[dict[str, Any]], ds: Any) -> list[list[dict[str, Any]]]:
+    """Per pair, per question: the vision keep masks of every trimmed vision layer ((N,) bool, [CLS] first)."""
+    from .analysis import vision_keep_masks
+    from .trainer import collate_of
+
+    collate = collate_of(ds)
+    items = [it for p in pairs for it in p["items"]]
+    masks = vision_keep_masks(tm, collate(items))
+    out = []
+    for j in range(len(pairs)):
+        out.append([{k: m[2 * j + q] > 0.5 for k, m in masks.items()} for q in (0, 1)])
+    return out
+
+
+def _fig5_metrics(kept: list[list[dict[str, Any]]], pairs: list[dict[str, Any]]) -> dict[str, float]:
+    """At the last trimmed vision layer: relevance lift (kept rate of the asked cell's patches over the
+    kept rate of all patches) and question sensitivity (1 - IoU of the kept patches of the two questions)."""
+    lifts, sens = [], []
+    for k, p in zip(kept, pairs):
+        last = list(k[0])[-1]
+        for q in (0, 1):
+            m = k[q][last][1:].float()  # patches, [CLS] left out
+            if m.sum() > 0:  # nothing kept: no lift to speak of
+                lifts.append(float(m[p["patches"][q]].mean() / m.mean()))
+        a, b = k[0][last][1:], k[1][last][1:]
+        union = int((a | b).sum())
+        sens.append(1.0 - int((a & b).sum()) / union if union else 0.0)  # both empty: the same patches
+    return {"relevance_lift": sum(lifts) / len(lifts) if lifts else float("nan"),
+            "question_sensitivity": sum(sens) / len(sens)}
+
+
+def _fig5_write(res: Result) -> list[Path]:
+    import torch
+
+    from .demo import cell
+
+    ds = res.backbone.test_ds
+    pairs = question_pairs(ds, FIG5_IMAGES)
+    if not pairs:
+        raise RuntimeError("fig5: no test image has a position question and a second digit to ask about")
+    per_policy: dict[str, list[dict[str, float]]] = {}
+    shown: dict[str, list[dict[str, Any]]] = {}
+    for seed in range(res.seeds):
+        for run in _fig5_runs():
+            kept = _kept_sets(res.models[(seed, run.name)], pairs, ds)
+            per_policy.setdefault(run.policy, []).append(_fig5_metrics(kept, pairs))
+            if seed == 0:
+                shown[run.policy] = kept[0]
+    agg: dict[str, dict[str, float]] = {}
+    for policy, vals in per_policy.items():
+        a: dict[str, float] = {"seeds": len(vals)}
+        for key in ("relevance_lift", "question_sensitivity"):
+            xs = [v[key] for v in vals]
+            m = sum(xs) / len(xs)
+            a[key] = m
+            a[f"{key}_std"] = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+        agg[policy] = a
+    res.extra["fig5"] = {"images": len(pairs), "per_seed": per_policy, "aggregate": agg,
+                         "shown": {"index": pairs[0]["index"], "questions": pairs[0]["questions"]}}
+    rows = ["| policy | accuracy | MACs ratio | kept vision tokens | relevance lift | question sensitivity |",
+            "|---|---|---|---|---|---|"]
+    by = {r["policy"]: r for r in res.rows}
+    for policy, label in FIG5_POLICIES:
+        r, a = by[policy], agg[policy]
+        rows.append(f"| {label} | {cell(r, 'accuracy', '.1f', 100)} | {cell(r, 'macs_ratio', '.2f', suffix='x')} | "
+                    f"{cell(r, 'keep_vision', '.2f')} | {cell(a, 'relevance_lift', '.2f', suffix='x')} | "
+                    f"{cell(a, 'question_sensitivity', '.3f')} |")
+    what = (f"The paper's Fig. 5: which image patches the trimmed model keeps through its layers, for one image asked "
+            f"two questions, cross-modal (SmartTrim) vs Local, both fine-tuned at the {FIG5_RATIO:g}x target. Over "
+            f"{len(pairs)} test images whose question asks for the digit in one cell (each also asked about another "
+            "cell holding a digit), at the last trimmed vision layer: *relevance lift* = kept rate of the asked cell's "
+            "patches / kept rate of all patches (1 = the question does not steer which patches are kept); *question "
+            "sensitivity* = 1 - IoU of the patches kept for the two questions (0 = the same patches whatever the "
+            "question). Mean ± std over the seeds. The figure shows seed 0 on the first such image: kept patches "
+            "bright, dropped ones dark, the asked cell outlined.")
+    md = res.out / "fig5.md"
+    md.write_text(_header(res, what) + "\n".join(rows) + "\n\n![fig5](fig5.png)\n")
+    plt = _plt()
+    first = pairs[0]
+    layers = list(shown[FIG5_POLICIES[0][0]][0])
+    panels = [(p, q) for p, _ in FIG5_POLICIES for q in (0, 1)]
+    fig, axes = plt.subplots(len(panels), len(layers) + 1, figsize=(1.9 * (len(layers) + 1), 2.0 * len(panels)),
+                             squeeze=False)
+    img = first["items"][0]["pixel_values"].float()
+    img = ((img - img.min()) / (img.max() - img.min()).clamp_min(1e-6))[0].numpy()
+    side = ds.image_size // ds.patch_size
+    labels = dict(FIG5_POLICIES)
+    for row, (policy, q) in enumerate(panels):
+        axes[row, 0].imshow(img, cmap="gray")
+        axes[row, 0].set_title(f"{labels[policy]}\n{first['questions'][q]}", fontsize=6)
+        for col, layer in enumerate(layers, start=1):
+            keep = shown[policy][q][layer][1:].float().view(side, side)
+            shade = torch.kron(keep, torch.ones(ds.patch_size, ds.patch_size)).numpy()
+            axes[row, col].imshow(img * (0.25 + 0.75 * shade), cmap="gray", vmin=0, vmax=1)
+            for pidx in first["patches"][q]:
+                y, x = divmod(pidx, side)
+                axes[row, col].add_patch(plt.Rectangle((x * ds.patch_size - 0.5, y * ds.patch_size - 0.5), ds.patch_size,
+                                                       ds.patch_size, fill=False, color="red", lw=1))
+            axes[row, col].set_title(f"{_label(layer)}: {int(keep.sum())}/{keep.numel()}", fontsize=6)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    png = res.out / "fig5.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return [md, png]
+
+
+# ------------------------------------------------------------------------------------------------
+# Figure 6: head retention per attention module, over instances
+# ------------------------------------------------------------------------------------------------
+FIG6_HEAD_TARGET = 0.5
+
+
+def _fig6_runs() -> list[Run]:
+    return [Run("SmartTrim heads 0.5", "cross_modal", 2.0, trim={"head_target": FIG6_HEAD_TARGET})]
+
+
+def _head_label(tm: Any, key: str) -> str:
+    layer, idx = key.rsplit(".", 1)
+    spec = next(layer_spec for layer_spec in tm.spec.layers if layer_spec.path == layer)
+    return _label(f"{layer}.{spec.attentions[int(idx)].path}")
+
+
+def _fig6_write(res: Result) -> list[Path]:
+    from .analysis import head_retention, mean_std
+
+    bb = res.backbone
+    n = min(len(bb.test_ds), 4 * bb.preset.macs_instances)
+    run = _fig6_runs()[0].name
+    per_seed = {s: head_retention(res.models[(s, run)], bb.test_ds, instances=n) for s in range(res.seeds)}
+    keys = list(per_seed[0])
+    tm0 = res.models[(0, run)]
+    rows = ["| attention module | heads kept (mean over instances) | std over instances | min - max over instances |",
+            "|---|---|---|---|"]
+    summary = {}
+    for key in keys:
+        means = [mean_std(per_seed[s][key])[0] for s in range(res.seeds)]
+        spreads = [mean_std(per_seed[s][key])[1] for s in range(res.seeds)]
+        m, sd = mean_std(means)
+        sp, sp_sd = mean_std(spreads)
+        lo = min(min(per_seed[s][key]) for s in range(res.seeds))
+        hi = max(max(per_seed[s][key]) for s in range(res.seeds))
+        summary[key] = {"mean": m, "mean_std": sd, "instance_std": sp, "instance_std_std": sp_sd, "min": lo, "max": hi}
+        rows.append(f"| {_head_label(tm0, key)} | {m:.3f} ± {sd:.3f} | {sp:.3f} ± {sp_sd:.3f} | {lo:.2f} - {hi:.2f} |")
+    res.extra["fig6"] = {"instances": n, "per_seed": per_seed, "summary": summary}
+    what = (f"The paper's Fig. 6: with a head retention target of {FIG6_HEAD_TARGET:g} (token targets of the 2x "
+            f"calibration), the fraction of heads each attention module keeps per instance over {n} test instances "
+            "(eval mode). Columns: mean over instances (mean ± std over seeds), the standard deviation over instances "
+            "(how much the retention varies between instances; mean ± std over seeds) and the range over every seed's "
+            "instances. The figure shows seed 0's distributions.")
+    md = res.out / "fig6.md"
+    md.write_text(_header(res, what) + _table(res.rows, res.full) + "\n\n" + "\n".join(rows) + "\n\n![fig6](fig6.png)\n")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(keys) + 2), 4.2))
+    ax.violinplot([per_seed[0][k] for k in keys], showmeans=True)
+    ax.axhline(FIG6_HEAD_TARGET, color="gray", ls="--", lw=1, label=f"target {FIG6_HEAD_TARGET:g}")
+    ax.set_xticks(range(1, len(keys) + 1), [_head_label(tm0, k) for k in keys], rotation=30, fontsize=7)
+    ax.set_ylabel("fraction of heads kept")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("head retention per attention module, over instances (seed 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = res.out / "fig6.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return [md, png]
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     "table6": Experiment("table6", "Table 6: ablations of SmartTrim's training strategies",
                          "SmartTrim at 1.5x/2x/2.5x, minus stable init, minus curriculum, minus self-distillation",
@@ -373,9 +759,21 @@ EXPERIMENTS: dict[str, Experiment] = {
     "fig4a": Experiment("fig4a", "Fig. 4a: token trimming policies",
                         "token policies cross_modal/local/random at 1.5x/2x/2.5x/3x fewer MACs, as curves",
                         _fig4a_runs, _fig4a_write),
+    "fig4b": Experiment("fig4b", "Fig. 4b: head trimming, adaptive vs static",
+                        "head trimming alone at retention 0.7/0.5/0.3: adaptive vs Random, Grad Layer, Grad All "
+                        "(Michel et al.), no self-distillation", _fig4b_runs, _fig4b_write),
     "fig7": Experiment("fig7", "Fig. 7: compute per instance",
                        "SmartTrim 2x: histogram of per-instance GMACs, cheapest and dearest instances",
                        _fig7_runs, _fig7_write),
+    "fig2": Experiment("fig2", "Fig. 2: token and head similarity per layer",
+                       "token and head similarity per layer of the untrimmed backbone (Appendix A)",
+                       _fig2_runs, _fig2_write),
+    "fig5": Experiment("fig5", "Fig. 5: kept patches for two questions about one image",
+                       "kept patches through the layers for two questions about one image, cross-modal vs Local at "
+                       "3x, with relevance lift and question sensitivity", _fig5_runs, _fig5_write),
+    "fig6": Experiment("fig6", "Fig. 6: head retention per attention module",
+                       "head retention per attention module over instances, head target 0.5", _fig6_runs,
+                       _fig6_write),
     "switches": Experiment("switches", "Fidelity switches at 2x",
                            "SmartTrim 2x with each fidelity switch (cost_beta, sd_teacher, attention_dropout, "
                            "sampler) flipped", _switches_runs, _switches_write),
