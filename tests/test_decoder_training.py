@@ -169,6 +169,31 @@ def test_checkpoint_evaluates_with_trimkit_eval(tmp_path, capsys):
     assert metrics["accuracy"] == pytest.approx(saved["accuracy"])
 
 
+def test_fine_tuning_with_the_vision_tower_trimmed_and_its_checkpoint(tmp_path, capsys):
+    """``vision_trim_layers`` as a model override: the tower's trimmers train with the LM's (their
+    records reach the cost loss), the checkpoint rebuilds the layer-by-layer tower, and ``trimkit
+    eval`` scores it (its batch-1 rows are the kept tokens of both)."""
+    from trimkit.cli import main
+
+    run = tmp_path / "run"
+    cfg = _config(run, 3)
+    cfg.model.overrides = {"vision_config": {"num_hidden_layers": 3}, "vision_trim_layers": [0, 1]}
+    cfg.trim.token_target = {"image": 0.5, "vision": 0.5}
+    trainer = Trainer(cfg)
+    tm = trainer.tmodel
+    before = {n: p.detach().clone() for n, p in tm.trimmers.named_parameters() if "vision_tower" in n}
+    trainer.fit()
+    assert tm.model.vision_trim_layers == [0, 1]
+    tower = [r for r in tm.records if r.kind == "token" and "vision_tower" in r.key]
+    assert len(tower) == 2 and all(r.target < 1 for r in tower)  # in the cost loss, with their targets
+    after = dict(tm.trimmers.named_parameters())
+    assert before and any(not torch.equal(before[n], after[n]) for n in before), "the tower's trimmers did not train"
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--checkpoint", str(run), "--output", str(out), "--macs-instances", "1", "--json"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["n"] == 12 and metrics["gmacs"] > 0
+
+
 def test_vocabulary_file_is_written_then_read(tmp_path, data):
     path = tmp_path / "vocab" / "decoder_vocab.json"
     first = DigitGridDecoderDataset("test", size=4, seed=1, grid=3, vocab_file=path)
