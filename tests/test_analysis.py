@@ -40,6 +40,9 @@ def test_head_similarity_is_the_mean_over_head_pairs_and_real_rows():
     attn = torch.rand(2, 3, 4, 5, generator=gen).softmax(-1)
     rows = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0]], dtype=torch.bool)
     got = head_similarity(attn, rows)
+    nan_row = attn.clone()
+    nan_row[1, :, 1] = float("nan")  # a padded row whose keys were all masked
+    torch.testing.assert_close(head_similarity(nan_row, rows), got)
     for b in range(2):
         per_row = []
         for k in rows[b].nonzero().flatten().tolist():
@@ -48,19 +51,20 @@ def test_head_similarity_is_the_mean_over_head_pairs_and_real_rows():
         assert float(got[b]) == pytest.approx(float(sum(per_row) / len(per_row)), abs=1e-6)
 
 
-@pytest.mark.parametrize("case", ["additive", "bool", "causal", "gqa", "scale"])
+@pytest.mark.parametrize("case", ["additive", "bool", "causal", "causal_longer_keys", "gqa", "scale"])
 def test_recorded_weights_are_what_sdpa_attends_with(case):
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(2, 4, 5, 8, generator=gen)
-    k = torch.randn(2, 2 if case == "gqa" else 4, 5, 8, generator=gen)
-    v = torch.randn(2, k.shape[1], 5, 8, generator=gen)
+    nk = 7 if case == "causal_longer_keys" else 5  # SDPA aligns a causal mask top-left
+    k = torch.randn(2, 2 if case == "gqa" else 4, nk, 8, generator=gen)
+    v = torch.randn(2, k.shape[1], nk, 8, generator=gen)
     kw: dict = {}
     if case == "additive":
         kw["attn_mask"] = torch.randn(2, 1, 5, 5, generator=gen)
     elif case == "bool":
         kw["attn_mask"] = torch.rand(2, 1, 5, 5, generator=gen) > 0.3
         kw["attn_mask"][..., 0] = True  # every row reads something
-    elif case == "causal":
+    elif case.startswith("causal"):
         kw["is_causal"] = True
     elif case == "scale":
         kw["scale"] = 0.3

@@ -191,7 +191,12 @@ def test_fine_tuning_with_the_vision_tower_trimmed_and_its_checkpoint(tmp_path, 
     out = tmp_path / "metrics.json"
     assert main(["eval", "--checkpoint", str(run), "--output", str(out), "--macs-instances", "1", "--json"]) == 0
     metrics = json.loads(out.read_text())
-    assert metrics["n"] == 12 and metrics["gmacs"] > 0
+    assert metrics["n"] == 12 and metrics["gmacs"] > 0 and metrics["gmacs_full"] > 0  # 3 steps: little or nothing dropped yet
+    saved = json.loads((run / "metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(saved["accuracy"])
+    from trimkit_train.trainer import load_checkpoint
+
+    assert load_checkpoint(run)[0].model.vision_trim_layers == [0, 1]  # rebuilt with the tower trimmed
 
 
 def test_vocabulary_file_is_written_then_read(tmp_path, data):

@@ -92,6 +92,13 @@ def test_the_three_ways_of_choosing_heads():
     skew = {"a.0": torch.tensor([1.0, 1.0, 1.0, 1.0]), "b.0": torch.tensor([8.0, 1.0, 1.0, 1.0])}
     kept = static_head_masks(skew, 0.25, "grad_all")
     assert sum(int(v.sum()) for v in kept.values()) == 2 and kept["b.0"][0]  # 2 of 8 heads, b's dominant one
+    # a global ranking gives modules unequal counts where a per-module one cannot
+    uneven = {"a.0": torch.tensor([1.0, 1.0, 1.0, 1.0]), "b.0": torch.tensor([10.0, 1.0, 1.0, 1.0])}
+    g = static_head_masks(uneven, 0.5, "grad_all")
+    assert int(g["a.0"].sum()) == 3 and g["b.0"].tolist() == [True, False, False, False]
+    assert [int(v.sum()) for v in static_head_masks(uneven, 0.5, "grad_layer").values()] == [2, 2]
+    emptied = static_head_masks({"a.0": torch.tensor([1.0, 1.0]), "b.0": torch.tensor([10.0, 0.0])}, 0.25, "grad_all")
+    assert int(emptied["a.0"].sum()) == 0  # Grad All may empty a module
     r0 = static_head_masks(imp, 0.5, "random", torch.Generator().manual_seed(0))
     assert all(int(v.sum()) == 2 for v in r0.values())
     draws = {tuple(static_head_masks(imp, 0.5, "random", torch.Generator().manual_seed(s))["a.0"].tolist())

@@ -122,6 +122,51 @@ def test_everything_kept_generates_what_transformers_generates(adapter, model):
     assert seq.tolist() == x["input_ids"][b0, :lengths[b0]].tolist() + row0[:k + 1]
 
 
+def test_sampling_with_everything_kept_is_transformers_sampling(adapter, model):
+    """``do_sample=True`` under the same global seed samples transformers' own tokens (its warpers,
+    its order, its multinomial draw), and is not greedy decoding."""
+    from trimkit_llava import generate
+
+    tmodel = _trimmed(model)
+    x = adapter.example_inputs(model, 3, seed=21)
+    opts = {"temperature": 0.7, "top_k": 20, "top_p": 0.9}
+    pad = model.config.text_config.pad_token_id
+    differ = False
+    for b in range(3):
+        ids, pixels = _alone(x, b)
+        torch.manual_seed(100 + b)
+        ours = generate(tmodel, ids, pixels, max_new_tokens=8, do_sample=True, **opts).tokens[0].tolist()
+        torch.manual_seed(100 + b)
+        with torch.no_grad():
+            hf = model.model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=8, do_sample=True, **opts)[0, ids.shape[1]:].tolist()
+        assert ours[:len(hf)] == hf and all(t == pad for t in ours[len(hf):]), (b, ours, hf)
+        differ |= ours != generate(tmodel, ids, pixels, max_new_tokens=8).tokens[0].tolist()
+    assert differ
+
+
+def test_sampled_generation_removed_equals_masked(adapter, model):
+    """With random trimmers, the removed (short) cache and the masked full-length one sample the
+    same tokens from the same random source."""
+    from trimkit_llava import generate
+
+    tmodel = _trimmed(model, 61)
+    x = adapter.example_inputs(model, 3, seed=62)
+    args = (x["input_ids"], x["pixel_values"], x["attention_mask"])
+    kw = {"max_new_tokens": 6, "eos_token_id": NEVER, "do_sample": True, "top_k": 0, "return_logits": True}
+    removed = generate(tmodel, *args, generator=torch.Generator().manual_seed(5), **kw)
+    masked = generate(tmodel, *args, generator=torch.Generator().manual_seed(5), mode="hard", **kw)
+    assert any(c < n for row, n in zip(removed.cache_lengths, removed.prompt_lengths) for c in row)
+    torch.testing.assert_close(removed.logits, masked.logits, atol=1e-4, rtol=0)
+    assert torch.equal(removed.tokens, masked.tokens)
+    other = generate(tmodel, *args, generator=torch.Generator().manual_seed(6), **kw)
+    assert not torch.equal(other.tokens, removed.tokens)  # the generator is what the draws come from
+    with pytest.raises(ValueError, match="pass do_sample=True"):
+        generate(tmodel, *args, max_new_tokens=2, temperature=0.5)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        generate(tmodel, *args, max_new_tokens=2, do_sample=True, temperature=0.0)
+
+
 def test_masked_prefill_equals_removed_prefill(adapter, model):
     """Random trimmers: the next-token logits of the removed prefill (each instance alone) are those of
     the masked batch forward at each instance's last real token, and of the masked prefill; the

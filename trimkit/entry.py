@@ -65,8 +65,10 @@ def _restore_packed(x: torch.Tensor, pack: P.Packing, stream: str, skip: int) ->
     instance's kept tokens first (``lead`` of them before position ``skip``, cropped by the model)."""
     lead = (pack.pos < skip).long()
     n_lead = torch.zeros(pack.batch, dtype=torch.long, device=lead.device).index_add_(0, pack.bidx, lead)
-    widths = {pack.max - c for c in range(skip + 1)}
-    if x.shape[0] != pack.batch or x.shape[1] not in widths:
+    # every instance keeps its first `skip` tokens (the source's protected prefix), so the cropped
+    # rows are exactly `skip` shorter than the longest kept row; any other width is a model that
+    # cropped differently (or not at all) and would put every token at its neighbour's place
+    if x.shape[0] != pack.batch or x.shape[1] != pack.max - skip:
         raise ValueError(f"trimkit.restore_tokens({stream!r}, skip={skip}): got {tuple(x.shape)}, expected ("
                          f"{pack.batch}, {pack.max - skip}, ...): the stream's unpacked output (each instance's "
                          f"kept tokens first) after dropping its first {skip} positions")

@@ -273,7 +273,9 @@ class TokensFrom:
     before it fills the segment (zeros where a token was dropped, which the segment then drops).
 
     The segment's first token must never be dropped by the source (it is the segment's summary
-    anchor, always kept): the source stream's ``protected`` must cover position ``skip``.
+    anchor, always kept): the source stream's ``protected`` must cover position ``skip``. The
+    segment's keep target counts its original tokens, the source's drops included (set it at or
+    below the source's), and its cost gradient reaches the source's masks too.
     """
 
     stream: str

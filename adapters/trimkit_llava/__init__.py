@@ -84,7 +84,7 @@ only the tokens the tower kept and the LM layers then kept.
 
 Not supported yet: left padding (pad on the
 right; :func:`generate` refuses left-padded masks by name); several images per instance or
-``vision_feature_layer`` lists; sampling or beam search (greedy only); the wrapper's own forward
+``vision_feature_layer`` lists; beam search (greedy and sampled decoding only); the wrapper's own forward
 takes no cache (``use_cache`` is not supported there; :func:`generate` is the way to decode).
 
 >>> import trimkit

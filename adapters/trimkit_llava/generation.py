@@ -1,4 +1,4 @@
-"""Greedy generation for a trimmed LLaVA with a KV cache that holds only the kept tokens.
+"""Greedy or sampled generation for a trimmed LLaVA with a KV cache that holds only the kept tokens.
 
 Prefill runs the trimmed model (:class:`~trimkit.model.TrimmedModel` of
 :class:`~trimkit_llava.modeling.LlavaForTrimming`) once per instance at batch 1 in mode
@@ -321,11 +321,41 @@ def decode_step(tmodel: nn.Module, kept: KeptCache, tokens: torch.Tensor, step: 
     return llava.lm_head(lm.norm(h))[:, -1]
 
 
+def _warpers(gen_cfg, temperature: float | None, top_k: int | None, top_p: float | None):
+    """transformers' sampling warpers, in the order its ``generate`` applies them; unset values from
+    ``gen_cfg`` (a ``GenerationConfig``), else transformers' defaults."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    def pick(value, name, default):
+        if value is not None:
+            return value
+        got = getattr(gen_cfg, name, None)
+        return default if got is None else got
+
+    temperature, top_k, top_p = pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 50), pick(top_p, "top_p", 1.0)
+    if not float(temperature) > 0:
+        raise ValueError(f"trimkit_llava.generate: temperature must be > 0 for sampling, got {temperature}")
+    if int(top_k) < 0 or not 0 < float(top_p) <= 1:
+        raise ValueError(f"trimkit_llava.generate: need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    warpers = LogitsProcessorList()
+    if float(temperature) != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(temperature)))
+    if int(top_k) != 0:
+        warpers.append(TopKLogitsWarper(int(top_k)))
+    if float(top_p) < 1.0:
+        warpers.append(TopPLogitsWarper(float(top_p)))
+    return warpers
+
+
 def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
              attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20, *,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, mode: str = "remove",
-             return_logits: bool = False, inputs: dict[str, torch.Tensor] | None = None) -> LlavaGeneration:
-    """Greedy generation from a trimmed LLaVA whose KV cache holds only the kept tokens (module docstring).
+             return_logits: bool = False, inputs: dict[str, torch.Tensor] | None = None, do_sample: bool = False,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None) -> LlavaGeneration:
+    """Greedy or sampled generation from a trimmed LLaVA whose KV cache holds only the kept tokens
+    (module docstring).
 
     ``tmodel``: ``trimkit.trim(trimkit_llava.wrap(model), config)`` in eval mode. ``input_ids``
     ``(B, N)`` with one contiguous run of image tokens per row, ``pixel_values`` ``(B, 3, H, W)``,
@@ -337,11 +367,22 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
     ``generation_config``'s (else its text config's); ``eos_token_id=[]``: never stop before
     ``max_new_tokens``. ``inputs``: further model inputs, one row per instance (Qwen2-VL's
     ``image_grid_thw``; see the module docstring). Returns a :class:`LlavaGeneration` (the new tokens and the cache length of
-    every layer)."""
+    every layer).
+
+    ``do_sample=True``: multinomial sampling as transformers' ``generate(do_sample=True)`` does it,
+    with its own logits warpers in its order (temperature, top-k, top-p); ``temperature``/``top_k``/
+    ``top_p`` default to the model's ``generation_config`` (transformers' defaults: 1.0, 50, 1.0).
+    ``generator``: the random source (default the global one, as transformers uses, so under the same
+    ``torch.manual_seed`` an untrimmed model samples transformers' own tokens). ``logits`` are the raw
+    next-token logits either way."""
     if int(max_new_tokens) < 1:
         raise ValueError(f"trimkit_llava.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     wrapper = _wrapper(tmodel)
     gen_cfg = getattr(wrapper.model, "generation_config", None)
+    if not do_sample and any(v is not None for v in (temperature, top_k, top_p, generator)):
+        raise ValueError("trimkit_llava.generate: temperature, top_k, top_p and generator apply to sampling; "
+                         "pass do_sample=True (greedy decoding ignores them)")
+    warp = _warpers(gen_cfg, temperature, top_k, top_p) if do_sample else None
     text = wrapper.config.text_config
     if eos_token_id is None:
         eos_token_id = getattr(gen_cfg, "eos_token_id", None)
@@ -364,7 +405,12 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
             if t:
                 logits = decode_step(tmodel, kept, tokens[-1], t - 1)
             scores.append(logits)
-            token = torch.where(done, torch.full_like(done, int(pad_token_id), dtype=torch.long), logits.argmax(-1))
+            if warp is None:
+                choice = logits.argmax(-1)
+            else:
+                probs = torch.softmax(warp(input_ids, logits.float()), dim=-1)
+                choice = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+            token = torch.where(done, torch.full_like(done, int(pad_token_id), dtype=torch.long), choice)
             tokens.append(token)
             if eos:
                 done = done | torch.isin(token, eos_t)

@@ -100,9 +100,14 @@ class LlavaForTrimming(nn.Module):
                              f"states after {self.vision_layers} of its {depth} layers (vision_feature_layer {layer}); "
                              f"choose among 0..{self.vision_layers - 1}")
         self.vision_trim_layers = chosen
-        # the CLIP vision transformer's own modules (transformers < 5 nests them under .vision_model)
-        self.tower_path = "model.vision_tower" + (".vision_model" if hasattr(model.model.vision_tower, "vision_model")
-                                                  else "")
+        self.tower_path = "model.vision_tower"
+        if chosen and hasattr(model.model.vision_tower, "vision_model"):
+            import transformers
+
+            raise NotImplementedError(
+                f"trimkit_llava: vision_trim_layers needs transformers >= 5 (installed {transformers.__version__}): "
+                "its CLIP encoder layers are called as block(hidden, mask) there; the 4.x layers take a causal mask "
+                "and return tuples")
 
     @property
     def config(self):

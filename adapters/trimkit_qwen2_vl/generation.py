@@ -35,9 +35,10 @@ def prefill(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tens
 
 def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
              attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20, **options) -> LlavaGeneration:
-    """Greedy generation from ``trimkit.trim(trimkit_qwen2_vl.wrap(model), config)`` (eval mode) whose
-    KV cache holds only the kept tokens; ``options`` as ``trimkit_llava.generate``'s (``mode``,
-    ``eos_token_id``, ``pad_token_id``, ``return_logits``). Every fresh (keep-all) trimmer gives
-    transformers' own ``generate(do_sample=False)``."""
+    """Greedy or sampled generation from ``trimkit.trim(trimkit_qwen2_vl.wrap(model), config)`` (eval
+    mode) whose KV cache holds only the kept tokens; ``options`` as ``trimkit_llava.generate``'s
+    (``mode``, ``eos_token_id``, ``pad_token_id``, ``return_logits``, ``do_sample``, ``temperature``,
+    ``top_k``, ``top_p``, ``generator``). Every fresh (keep-all) trimmer gives transformers' own
+    ``generate(do_sample=False)``."""
     return _generate(tmodel, input_ids, _batched(pixel_values, image_grid_thw), attention_mask, max_new_tokens,
                      inputs={"image_grid_thw": image_grid_thw}, **options)

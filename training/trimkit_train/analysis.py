@@ -50,7 +50,7 @@ def head_similarity(attn: torch.Tensor, real_rows: torch.Tensor | None = None) -
     off = (gram.sum((2, 3)) - gram.diagonal(dim1=2, dim2=3).sum(-1)) / (H * (H - 1)) if H > 1 else \
         torch.full((B, Nq), float("nan"), device=attn.device)
     rows = torch.ones(B, Nq, dtype=torch.bool, device=attn.device) if real_rows is None else real_rows.bool()
-    return (off * rows).sum(1) / rows.sum(1).clamp_min(1)
+    return torch.where(rows, off, 0.0).sum(1) / rows.sum(1).clamp_min(1)  # where: a padded row may be NaN
 
 
 def _weights(q: torch.Tensor, k: torch.Tensor, attn_mask: Any = None, is_causal: bool = False,
@@ -61,8 +61,8 @@ def _weights(q: torch.Tensor, k: torch.Tensor, attn_mask: Any = None, is_causal:
     s = (q.float() @ k.float().transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if is_causal:
         Nq, Nk = s.shape[-2:]
-        s = s.masked_fill(torch.ones(Nq, Nk, dtype=torch.bool, device=s.device).tril(Nk - Nq).logical_not(),
-                          float("-inf"))
+        # top-left aligned, as F.scaled_dot_product_attention(is_causal=True) builds it
+        s = s.masked_fill(torch.ones(Nq, Nk, dtype=torch.bool, device=s.device).tril(0).logical_not(), float("-inf"))
     if attn_mask is not None:
         s = s.masked_fill(attn_mask.logical_not(), float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
     return s.softmax(-1)

@@ -7,7 +7,8 @@
 * :func:`static_head_masks`: which heads to keep for a retention ratio ``p``: ``random`` (p of the
   heads of each attention module, at random), ``grad_layer`` (the top p of each module by
   importance) or ``grad_all`` (the top p of all the modules together, importance normalised per
-  module by its L2 norm as Michel et al. do, so modules of different scales compare).
+  module by its L2 norm so modules of different scales compare; Michel et al. normalise per layer,
+  which differs where a layer has several attention modules, as METER's co-attention layers do).
 * :func:`install_static_heads`: writes them into a trimmed model whose head policy is ``static``
   (:class:`trimkit_smarttrim.StaticHeadPolicy`), which then drops those heads for every instance.
 
@@ -36,6 +37,9 @@ def _modules(spec: Any, layers: set[str] | None) -> list[tuple[str, int, str, in
         if layers is not None and layer.path not in layers:
             continue
         for j, a in enumerate(layer.attentions):
+            if not (layer.batch_first and a.batch_first):
+                raise ValueError(f"head_importance: attention {layer.path}.{a.path} is not batch-first; its output "
+                                 "must be (B, N, heads * head_dim) to gate each instance's heads")
             if a.out is not None:
                 raise ValueError(f"head_importance: attention {layer.path}.{a.path} applies its output projection itself "
                                  f"(AttentionSpec.out={a.out!r}), so its heads' contexts cannot be gated at its output")
@@ -57,6 +61,10 @@ def head_importance(model: nn.Module, spec: Any, dataset: Any, *, layers: set[st
 
     def gate(key: str, heads: int):
         def hook(module, args, out):
+            if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[-1] % heads:
+                raise TypeError(f"head_importance: {key}'s attention module returned "
+                                f"{type(out).__name__ if not isinstance(out, torch.Tensor) else tuple(out.shape)}; "
+                                f"expected its {heads} heads' contexts side by side, (B, N, {heads} * head_dim)")
             B, N, D = out.shape
             g = torch.ones(B, heads, dtype=out.dtype, device=out.device, requires_grad=True)
             gates[key] = g
@@ -89,7 +97,8 @@ def head_importance(model: nn.Module, spec: Any, dataset: Any, *, layers: set[st
 def static_head_masks(importance: dict[str, torch.Tensor], ratio: float, method: str,
                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Which heads to keep (``{key: (heads,) bool}``) at retention ``ratio`` in (0, 1] by ``method``
-    (module docstring). Per-module methods keep ``round(ratio * heads)`` heads, at least one."""
+    (module docstring). Per-module methods keep ``round(ratio * heads)`` heads, at least one;
+    ``grad_all`` may keep none of a module (a static head policy then drops all of its heads)."""
     if method not in METHODS:
         raise ValueError(f"static_head_masks: method must be one of {METHODS}, got {method!r}")
     if not 0 < ratio <= 1:
