@@ -42,6 +42,23 @@ def randomize_trimmers(tmodel, seed: int) -> None:
                 torch.nn.init.zeros_(p)
 
 
+class TensorItems:
+    """A batch dict ``{name: (B, ...) tensor}`` as a dataset of ``B`` items with its own collate
+    (what ``trimkit_train``'s evaluation helpers take). Import it from conftest."""
+
+    def __init__(self, batch: dict) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return next(iter(self.batch.values())).shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.batch.items()}
+
+    def collate_fn(self, items: list) -> dict:
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
 @pytest.fixture
 def toy_registry():
     return _register_toy()

@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_trimmers
+from conftest import TensorItems, randomize_trimmers
 
 from trimkit import TrimConfig, trim
 from trimkit_train.analysis import (_weights, attention_recorder, head_retention, head_similarity,
@@ -119,18 +119,8 @@ def test_similarity_profile_leaves_text_padding_out(meter):
 
     spec = get_registry().adapters.get("meter").describe(model)
 
-    class Items:
-        def __len__(self):
-            return 3
-
-        def __getitem__(self, i):
-            return {k: v[i] for k, v in x.items()}
-
-        def collate_fn(self, items):
-            return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
     assert not bool(x["attention_mask"].all())  # the example has padding
-    prof = similarity_profile(model, spec, Items(), instances=3, batch_size=3)
+    prof = similarity_profile(model, spec, TensorItems(x), instances=3, batch_size=3)
     layer = "cross_modal_text_layers.0"
     outs = {}
     h = model.get_submodule(layer).register_forward_hook(lambda m, a, o: outs.update(out=o))
@@ -149,17 +139,7 @@ def test_head_retention_and_keep_masks_are_the_records(meter):
     tm = trim(model, TrimConfig(token_target=0.5, head_target=0.5), adapter="meter").eval()
     randomize_trimmers(tm, 3)
 
-    class Items:
-        def __len__(self):
-            return 3
-
-        def __getitem__(self, i):
-            return {k: v[i] for k, v in x.items()}
-
-        def collate_fn(self, items):
-            return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-    kept = head_retention(tm, Items(), instances=3, batch_size=2)  # two batches: 2 + 1 instances
+    kept = head_retention(tm, TensorItems(x), instances=3, batch_size=2)  # two batches: 2 + 1 instances
     with torch.no_grad(), tm.mode("hard"):
         tm(**x)
     heads = {r.key: r.mask.float().mean(-1).tolist() for r in tm.records if r.kind == "head"}

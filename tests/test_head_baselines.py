@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TensorItems
 
 from trimkit import TrimConfig, trim
 from trimkit.plugins import get_registry
@@ -32,24 +33,10 @@ def meter():
     return model, x, get_registry().adapters.get("meter").describe(model)
 
 
-class _Items:
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return self.x["input_ids"].shape[0]
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.x.items()}
-
-    def collate_fn(self, items):
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
 def test_importance_is_the_mean_of_per_instance_absolute_taylor_terms(meter):
     model, x, spec = meter
     cross = {layer.path for layer in spec.layers if layer.site == "cross"}
-    imp = head_importance(model, spec, _Items(x), layers=cross, instances=3, batch_size=2)
+    imp = head_importance(model, spec, TensorItems(x), layers=cross, instances=3, batch_size=2)
     assert set(imp) == {f"{p}.{j}" for p in cross for j in (0, 1)}
     attn = model.get_submodule(MODULE)
     H = attn.num_heads
@@ -79,7 +66,7 @@ def test_importance_is_the_mean_of_per_instance_absolute_taylor_terms(meter):
 def test_importance_refuses_modules_that_project_their_own_output(meter):
     model, x, spec = meter
     with pytest.raises(ValueError, match=r"vit_model\.transformer\.resblocks\.0\.attn applies its output projection"):
-        head_importance(model, spec, _Items(x), layers={"vit_model.transformer.resblocks.0"})
+        head_importance(model, spec, TensorItems(x), layers={"vit_model.transformer.resblocks.0"})
 
 
 def test_the_three_ways_of_choosing_heads():

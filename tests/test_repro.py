@@ -89,6 +89,23 @@ def test_fig4a_and_fig7_write_their_plots(tmp_path, monkeypatch):
     assert (tmp_path / "fig7" / "fig7.png").stat().st_size > 0
 
 
+def test_fig4b_static_head_baselines_keep_what_they_chose(tmp_path, monkeypatch):
+    """fig4b at one retention: every method fine-tuned; each static baseline's model keeps exactly the
+    heads results.json says were chosen for it."""
+    from trimkit_train import repro
+
+    monkeypatch.setattr(repro, "FIG4B_RETENTION", (0.5,))
+    data = repro.run_experiment("fig4b", tmp_path / "fig4b", seeds=1, quick=True, steps=2, log=lambda s: None)
+    assert [r["heads_baseline"] for r in data["rows"]] == [None, "random", "grad_layer", "grad_all"]
+    assert data["importance"] and set(data["static_heads"]) == {f"{r['run']}-seed0" for r in data["rows"][1:]}
+    for r in data["rows"][1:]:
+        chosen = data["static_heads"][f"{r['run']}-seed0"]
+        kept = sum(map(sum, chosen.values())) / sum(map(len, chosen.values()))
+        assert r["keep_heads"] == pytest.approx(kept)  # measured retention == the installed heads
+    assert "retention target" in (tmp_path / "fig4b" / "fig4b.md").read_text()
+    assert (tmp_path / "fig4b" / "fig4b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_analysis_figures_write_what_they_measured(tmp_path):
     """fig2 (no fine-tune: the backbone's similarities), fig5 (cross-modal vs Local, question pairs)
     and fig6 (head retention per module): tables, plots, and results.json holding the measurements."""

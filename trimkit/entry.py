@@ -92,15 +92,16 @@ def enter(layer: "TrimmedLayer", hidden: torch.Tensor, sources: list[TokenState 
         raise NotImplementedError(f"layer {spec.path!r}: tokens entering from another stream (TokensFrom) need "
                                   "batch-first hidden states")
     B, N = hidden.shape[:2]
-    entering = [(k, g.tokens_from) for k, g in enumerate(layer.stream_spec.segments) if g.tokens_from is not None]
+    stream = layer.stream_specs[spec.stream]
+    entering = [(k, g.tokens_from) for k, g in enumerate(stream.segments) if g.tokens_from is not None]
     pairs = [(k, src, st) for (k, src), st in zip(entering, sources)]
     pairs = [(k, src, st) for k, src, st in pairs if st is not None and (
         st.mask is not None or st.index is not None or st.packing is not None)]
     if not pairs:
         return hidden, None
     lay = layer._layout(B, N, hidden.device)
-    name = layer.stream_spec.name
-    seg_names = [g.name for g in layer.stream_spec.segments]
+    name = stream.name
+    seg_names = [g.name for g in stream.segments]
     if rt.mode == "remove":
         bounds = lay.host if lay.host is not None else P.fetch([lay.bounds[0]])[0]
         parts, at = [], 0

@@ -87,7 +87,6 @@ class TrimmedLayer(nn.Module):
         # summary: the last real token (per instance, always kept), found from the stream's layout
         self.last = bool(stream is not None and not stream.segments and stream.summary == "last")
         self.stream_specs = {st.name: st for st in (stream, context_stream) if st is not None}
-        self.stream_spec = stream
         self.ctx_pooled = bool(context_stream is not None and context_stream.summary == "mean")
         self.segment_names = [g.name for g in self.segments]
         self.pooled_segments = [k for k, g in enumerate(self.segments) if g.summary == "mean"]

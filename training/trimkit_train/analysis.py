@@ -137,9 +137,7 @@ def similarity_profile(model: nn.Module, spec: Any, dataset: Any, instances: int
     paths = [layer.path for layer in spec.layers]
     attn_paths = [f"{layer.path}.{a.path}" for layer in spec.layers for a in layer.attentions]
     streams = {layer.path: layer.stream for layer in spec.layers}
-    for a in attn_paths:
-        streams[a] = streams[a.rsplit(".", 1)[0]] if a.rsplit(".", 1)[0] in streams else next(
-            s for p, s in streams.items() if a.startswith(p + "."))
+    streams.update({f"{layer.path}.{a.path}": layer.stream for layer in spec.layers for a in layer.attentions})
     padding = {s.name: s.padding_input for s in spec.streams}
     tokens: dict[str, list[float]] = {p: [] for p in paths}
     heads: dict[str, list[float]] = {p: [] for p in attn_paths}
@@ -166,7 +164,7 @@ def similarity_profile(model: nn.Module, spec: Any, dataset: Any, instances: int
                 for layer in spec.layers:
                     pad = padding.get(layer.stream)
                     for out in outputs.get(layer.path, []):
-                        h = out if getattr(layer, "batch_first", True) else out.transpose(0, 1)
+                        h = out if layer.batch_first else out.transpose(0, 1)
                         real = x[pad].bool() if pad and pad in x and x[pad].shape[1] == h.shape[1] else None
                         tokens[layer.path] += token_similarity(h, real).tolist()
                 for a in attn_paths:

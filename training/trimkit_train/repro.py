@@ -219,6 +219,15 @@ def _table(rows: list[dict[str, Any]], full: dict[str, Any], first: str = "metho
     return "\n".join(lines)
 
 
+def _save(plt, fig, res: Result, name: str) -> Path:
+    """Write ``fig`` as ``NAME.png`` into the experiment's directory and close it."""
+    fig.tight_layout()
+    png = res.out / f"{name}.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
 def _plt():
     from ._extras import require_extras
 
@@ -285,11 +294,7 @@ def _fig4a_write(res: Result) -> list[Path]:
     ax.set_title(f"token policies (mean ± std, {res.seeds} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    png = res.out / "fig4a.png"
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return [md, png]
+    return [md, _save(plt, fig, res, "fig4a")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,11 +350,7 @@ def _fig4b_write(res: Result) -> list[Path]:
     ax.set_title(f"head trimming (mean ± std, {res.seeds} seeds, no SD)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    png = res.out / "fig4b.png"
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return [md, png]
+    return [md, _save(plt, fig, res, "fig4b")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,11 +440,7 @@ def _fig7_write(res: Result) -> list[Path]:
         q = ds.describe(i).get("question", "") if hasattr(ds, "describe") else ""
         sub.set_title(f"{'cheapest' if i in cheap else 'dearest'}: {g0[i]:.4f} G\n{q}", fontsize=6)
         sub.axis("off")
-    fig.tight_layout()
-    png = res.out / "fig7.png"
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return [md, png]
+    return [md, _save(plt, fig, res, "fig7")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -535,11 +532,7 @@ def _fig2_write(res: Result) -> list[Path]:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].set_title(f"similarity per layer over {n} test instances (boxes: quartiles)")
-    fig.tight_layout()
-    png = res.out / "fig2.png"
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return [md, png]
+    return [md, _save(plt, fig, res, "fig2")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -616,6 +609,7 @@ def _fig5_metrics(kept: list[list[dict[str, Any]]], pairs: list[dict[str, Any]])
 def _fig5_write(res: Result) -> list[Path]:
     import torch
 
+    from .analysis import mean_std
     from .demo import cell
 
     ds = res.backbone.test_ds
@@ -634,10 +628,7 @@ def _fig5_write(res: Result) -> list[Path]:
     for policy, vals in per_policy.items():
         a: dict[str, float] = {"seeds": len(vals)}
         for key in ("relevance_lift", "question_sensitivity"):
-            xs = [v[key] for v in vals]
-            m = sum(xs) / len(xs)
-            a[key] = m
-            a[f"{key}_std"] = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+            a[key], a[f"{key}_std"] = mean_std([v[key] for v in vals])
         agg[policy] = a
     res.extra["fig5"] = {"images": len(pairs), "per_seed": per_policy, "aggregate": agg,
                          "shown": {"index": pairs[0]["index"], "questions": pairs[0]["questions"]}}
@@ -683,11 +674,7 @@ def _fig5_write(res: Result) -> list[Path]:
             axes[row, col].set_title(f"{_label(layer)}: {int(keep.sum())}/{keep.numel()}", fontsize=6)
     for ax in axes.flat:
         ax.axis("off")
-    fig.tight_layout()
-    png = res.out / "fig5.png"
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return [md, png]
+    return [md, _save(plt, fig, res, "fig5")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -745,11 +732,7 @@ def _fig6_write(res: Result) -> list[Path]:
     ax.set_title("head retention per attention module, over instances (seed 0)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = res.out / "fig6.png"
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return [md, png]
+    return [md, _save(plt, fig, res, "fig6")]
 
 
 EXPERIMENTS: dict[str, Experiment] = {
