@@ -19,7 +19,7 @@ def test_help_lists_the_experiments(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["repro", "--help"])
     text = capsys.readouterr().out
-    for name in ("table6", "fig4a", "fig7", "fig2", "fig5", "fig6", "switches"):
+    for name in ("table6", "static", "fig4a", "fig7", "fig2", "fig5", "fig6", "switches"):
         assert name in text
     with pytest.raises(SystemExit) as err:
         main(["repro", "nonsense"])
@@ -104,6 +104,27 @@ def test_fig4b_static_head_baselines_keep_what_they_chose(tmp_path, monkeypatch)
         assert r["keep_heads"] == pytest.approx(kept)  # measured retention == the installed heads
     assert "retention target" in (tmp_path / "fig4b" / "fig4b.md").read_text()
     assert (tmp_path / "fig4b" / "fig4b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_static_baselines_run_and_are_what_they_say(tmp_path, monkeypatch):
+    """static at one ratio: SmartTrim, TRIPS-style (fixed share of the ViT's vision tokens, no heads, no
+    cost loss) and FTKD (a plain shallower model: every token and head, fewer MACs by depth)."""
+    from trimkit_train import repro
+
+    monkeypatch.setattr(repro, "STATIC_RATIOS", (2.0,))
+    data = repro.run_experiment("static", tmp_path / "static", seeds=1, quick=True, steps=2, log=lambda s: None)
+    by = {r["method"]: r for r in data["rows"]}
+    assert set(by) == {"SmartTrim", "TRIPS-style", "FTKD"}
+    ftkd, trips = by["FTKD"], by["TRIPS-style"]
+    depth = data["ftkd_depths"]["2x"]
+    assert ftkd["keep_tokens"] == 1.0 and ftkd["keep_heads"] == 1.0
+    assert ftkd["macs_ratio"] == pytest.approx(depth["macs_ratio"], rel=0.05) and ftkd["macs_ratio"] > 1.2
+    assert trips["keep_heads"] == 1.0 and trips["keep_text"] == 1.0 and trips["keep_vision"] < 1.0
+    assert trips["recipe_overrides"] == repro.TRIPS_RECIPE and trips["macs_ratio"] > 1.2
+    (own,) = data["own_calibration"].values()
+    assert set(own["token_target"]) == {f"vision.uni.{i}" for i in range(len(own["token_target"]))}
+    md = (tmp_path / "static" / "static.md").read_text()
+    assert "FTKD 2x | layers kept" in md and (tmp_path / "static" / "static.png").stat().st_size > 0
 
 
 def test_analysis_figures_write_what_they_measured(tmp_path):

@@ -108,6 +108,9 @@ class TrimmedLayer(nn.Module):
         token = trimmers.token if trimmers is not None else None
         policies = list(token.policies) if hasattr(token, "policies") else [token] if token is not None else []
         self.uses_context = any(getattr(p, "uses_context", False) for p in policies)
+        # ... and of those, the ones that read the previous layer's attention (TokenContext.received)
+        self.reads_attention = any(getattr(p, "uses_context", False) and getattr(p, "reads_attention", True)
+                                   for p in policies)
         self.attention_probe: AttentionProbe | None = None  # set by trim() for such policies (trimkit.probe)
         self.inner = None if tokens_only else self._trace_inner(layer, symbolic, autowrap, constants or {})
         # the layer's own attribute reads (fx copies them), found once here: a forward only syncs them (and

@@ -531,8 +531,8 @@ def _check_fits(module: nn.Module, state: dict[str, torch.Tensor], source: str, 
 
 
 def _attach_probes(spec: ModelSpec, layers: dict[str, Any], policy: str) -> list[Any]:
-    """Give each layer whose token policy reads a :class:`~trimkit.probe.TokenContext` the attention
-    probe of the layer before it in the same stream (its first self-attention of that stream); returns
+    """Give each layer whose token policy reads a :class:`~trimkit.probe.TokenContext` and the attention
+    it offers (``reads_attention``, default ``True``) the attention probe of the layer before it in the same stream (its first self-attention of that stream); returns
     the probes."""
     from .probe import AttentionProbe
 
@@ -540,7 +540,7 @@ def _attach_probes(spec: ModelSpec, layers: dict[str, Any], policy: str) -> list
     order = [l for l in spec.layers]
     for i, lspec in enumerate(order):
         layer = layers.get(lspec.path)
-        if layer is None or not layer.uses_context:
+        if layer is None or not layer.reads_attention:
             continue
         before = [l for l in order[:i] if l.stream == lspec.stream and l.path in layers]
         if not before:

@@ -31,6 +31,15 @@ from torch import nn
 
 __all__ = ["AttentionProbe", "TokenContext", "row_attention"]
 
+def _rank(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(B, n) rank of each candidate by descending score (0 = best; ties: the earlier token first);
+    non-candidates rank after every candidate."""
+    s = scores.float().masked_fill(~candidates, float("-inf"))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    ranks = torch.arange(s.shape[1], device=s.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)
+
+
 class _Call:
     """One attention call's queries and keys (after RoPE) and how it masks them."""
 
@@ -179,6 +188,15 @@ class TokenContext:
     def budget(self) -> torch.Tensor:
         """(B,) tokens to keep, protected ones included."""
         return torch.floor(self.target * self.total.double() + 0.5).long()
+
+    def top(self, scores: torch.Tensor, budget: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n) bool: the protected present tokens plus the best-``scores`` other present tokens,
+        ``budget`` (B,) tokens in all (default :meth:`budget`); ties go to the earlier token, so masked
+        and removed forwards (which see the same tokens in the same order) pick the same ones."""
+        budget = self.budget() if budget is None else budget
+        candidates = self.present & ~self.protected
+        free = (budget - self.protected.sum(1)).clamp_min(0)
+        return self.protected | (candidates & (_rank(scores, candidates) < free[:, None]))
 
     def received(self, query: str = "last") -> torch.Tensor:
         """(B, n) mean over heads of the attention each token received, in the layer before this one,

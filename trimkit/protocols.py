@@ -57,9 +57,11 @@ class TokenPolicy(Protocol):
     a policy with the attribute ``uses_context = True`` (read with ``getattr``) is called with a fourth
     positional argument, a :class:`trimkit.probe.TokenContext`: the tokens it decides on (``present``),
     those always kept (``protected``), its keep ratio (``target``) and the segment's original token
-    count (``total``), and ``received("first" | "last")``, the previous layer's attention weights from
+    count (``total``), :meth:`~trimkit.probe.TokenContext.top` (a budget of the best-scored tokens),
+    and ``received("first" | "last")``, the previous layer's attention weights from
     the stream's first or last real token (:class:`trimkit.probe.AttentionProbe`; the layer before must
-    have a self-attention of the stream). Such a policy may rank the present tokens against each
+    have a self-attention of the stream; a policy that ranks by its own scores and never calls
+    ``received`` sets ``reads_attention = False`` and may then trim a stream's first layer). Such a policy may rank the present tokens against each
     other: the context describes the same tokens in the masked and the removed forward, so masked ==
     removed still holds. Built in modes ``sample``, ``hard`` and ``remove``; mode ``packed`` refuses
     such policies (``NotImplementedError``).

@@ -1,6 +1,7 @@
 """SmartTrim's method parts as a trimkit plugin (registered through the ``trimkit`` entry point).
 
-Policies ``cross_modal`` (Eq. 3-7), ``local`` and ``random`` (the §6.1 token baselines), head policy
+Policies ``cross_modal`` (Eq. 3-7), ``local`` and ``random`` (the §6.1 token baselines), ``trips`` (a
+TRIPS-style static baseline: a fixed share of tokens by a text-guided score), head policy
 ``static`` (fixed heads: the §6.1 head baselines); samplers
 ``gumbel`` (Eq. 8), ``hard_st`` and ``sharpen`` (noise shrinking with the temperature); objective
 ``smarttrim`` (Eq. 9-12); schedulers ``linear`` (the curriculum) and ``constant``. A third-party
@@ -13,13 +14,13 @@ from trimkit.plugins import hookimpl
 
 from .objectives import SmartTrimObjective, cost_loss, self_distillation, softmax_kl
 from .policies import (CrossModalHeadPolicy, CrossModalTokenPolicy, LocalTokenPolicy, RandomTokenPolicy,
-                       StaticHeadPolicy, random_init)
+                       StaticHeadPolicy, TripsTokenPolicy, random_init)
 from .samplers import gumbel_sigmoid, hard_straight_through, sharpened
 from .schedulers import ConstantTargets, LinearCurriculum
 
 __all__ = [
     "SmartTrimObjective", "cost_loss", "self_distillation", "softmax_kl", "CrossModalHeadPolicy", "CrossModalTokenPolicy",
-    "LocalTokenPolicy", "RandomTokenPolicy", "StaticHeadPolicy", "gumbel_sigmoid", "hard_straight_through", "sharpened", "ConstantTargets",
+    "LocalTokenPolicy", "RandomTokenPolicy", "StaticHeadPolicy", "TripsTokenPolicy", "gumbel_sigmoid", "hard_straight_through", "sharpened", "ConstantTargets",
     "LinearCurriculum", "random_init",
 ]
 
@@ -29,6 +30,7 @@ def trimkit_register_token_policies(registry):
     registry.token_policies.register("cross_modal", CrossModalTokenPolicy)
     registry.token_policies.register("local", LocalTokenPolicy)
     registry.token_policies.register("random", RandomTokenPolicy)
+    registry.token_policies.register("trips", TripsTokenPolicy)
 
 
 @hookimpl

@@ -133,6 +133,63 @@ class RandomTokenPolicy(nn.Module):
         return self.SCALE * self.bias + torch.log(u) - torch.log1p(-u)  # bias + logistic noise
 
 
+class TripsTokenPolicy(nn.Module):
+    """A TRIPS-style static baseline (Jiang et al. 2022, "text-relevant image patch selection"; the
+    paper's Table 1 runs it with task fine-tuning only): every instance keeps the same share of its
+    tokens, the trimmer's keep ratio, chosen by a learned text-guided attention score.
+
+    The score of token ``n`` is ``<q, k_n> / sqrt(D')`` with ``q = W_q [cls_self; cls_context]`` (the
+    stream's [CLS] as query, shifted by the other stream's [CLS]: TRIPS's text-aware query) and
+    ``k_n = W_k h_n``. Of the present tokens the protected ones plus the best-scored others are
+    kept, ``floor(ratio * tokens + 0.5)`` in all (:meth:`trimkit.probe.TokenContext.top`): a fixed
+    count per layer, where SmartTrim's count varies per instance.
+
+    The logits are each token's margin to the cut (the midpoint between the lowest kept and the
+    highest dropped score, held constant), at least ``MARGIN`` on the right side: decisions
+    (``logit > 0``) are exactly the top-k, while training's sampled masks are sigmoids of the
+    scores, so the task loss trains ``W_q``/``W_k`` (TRIPS trains them through its fused token,
+    which trimkit's mask contract leaves out: a dropped token is neither key nor value). With a
+    temperature decaying to ~0 (sampler ``sharpen``) the training masks converge to the decision.
+    """
+
+    uses_context = True  # for TokenContext.top (present, protected, budget) ...
+    reads_attention = False  # ... not for the previous layer's attention: any layer may be trimmed
+    MARGIN = 1e-3
+
+    def __init__(self, dim: int, context_dim: int | None, config) -> None:
+        super().__init__()
+        d = _hidden(dim, config)
+        self.context_dim = context_dim or 0
+        self.query = nn.Linear(dim + self.context_dim, d)
+        self.key = nn.Linear(dim, d)
+        self.scale = d ** -0.5
+
+    def forward(self, hidden: torch.Tensor, cls_self: torch.Tensor, cls_context: torch.Tensor | None,
+                context=None) -> torch.Tensor:
+        if context is None:
+            raise RuntimeError("TripsTokenPolicy keeps a fixed share of the tokens and needs trimkit's TokenContext "
+                               "(the core passes it to policies with uses_context = True, in modes sample, hard and "
+                               "remove)")
+        if self.context_dim:
+            ctx = cls_context if cls_context is not None else cls_self.new_zeros(cls_self.shape[0], self.context_dim)
+            cls_self = torch.cat([cls_self, ctx], dim=-1)
+        q = F.linear(cls_self, self.query.weight, self.query.bias)  # (B, D')
+        k = F.linear(hidden, self.key.weight, self.key.bias)  # (B, N, D')
+        scores = torch.bmm(k, q.unsqueeze(-1)).squeeze(-1) * self.scale  # (B, N)
+        big = torch.finfo(scores.dtype).max
+        if context.target >= 1.0:
+            return torch.full_like(scores, 100.0)
+        keep = context.top(scores.detach(), None)
+        free = context.present & ~context.protected
+        with torch.no_grad():
+            low = scores.masked_fill(~(keep & free), big).amin(1)  # lowest kept free score
+            high = scores.masked_fill(~(free & ~keep), -big).amax(1)  # highest dropped score
+            cut = torch.where(low >= big, high, torch.where(high <= -big, low, (low + high) / 2))
+        margin = scores - cut[:, None]
+        logits = torch.where(keep, margin.clamp_min(self.MARGIN), margin.clamp_max(-self.MARGIN))
+        return logits.masked_fill(context.protected, 100.0)
+
+
 class CrossModalHeadPolicy(nn.Module):
     """pi_h = P(cls_self) for self-attention, P([cls_self, cls_context]) for cross-attention (Eq. 7)."""
 

@@ -23,22 +23,10 @@ LOGIT = 100.0
 decision up to the sampler's own clamping (the gumbel sampler clamps probabilities to float eps)."""
 
 
-def _rank(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """(B, n) rank of each candidate by descending score (0 = best; ties: the earlier token first);
-    non-candidates rank after every candidate."""
-    s = scores.float().masked_fill(~candidates, float("-inf"))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
-    ranks = torch.arange(s.shape[1], device=s.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ranks)
-
-
 def top_budget(scores: torch.Tensor, context, budget: torch.Tensor | None = None) -> torch.Tensor:
     """(B, n) bool: the protected present tokens plus the best-scored other present tokens, ``budget``
-    (B,) tokens in all (default ``context.budget()``)."""
-    budget = context.budget() if budget is None else budget
-    candidates = context.present & ~context.protected
-    free = (budget - context.protected.sum(1)).clamp_min(0)
-    return context.protected | (candidates & (_rank(scores, candidates) < free[:, None]))
+    (B,) tokens in all (default ``context.budget()``): :meth:`trimkit.probe.TokenContext.top`."""
+    return context.top(scores, budget)
 
 
 class _TrainingFree(nn.Module):

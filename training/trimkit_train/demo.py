@@ -587,7 +587,9 @@ def run_demo(out_dir: str | Path = "trimkit-demo", quick: bool = False, progress
     return result
 
 
-def _mean_keep(tmodel: TrimmedModel, keep: dict[str, float], stream: str) -> float:
+def _mean_keep(tmodel: torch.nn.Module, keep: dict[str, float], stream: str) -> float:
+    if not isinstance(tmodel, TrimmedModel):  # a plain model (a static baseline) keeps every token
+        return 1.0
     paths = {layer.path for layer in tmodel.spec.layers if layer.stream == stream}
     vals = [v for k, v in keep.items() if k in paths]
     return sum(vals) / len(vals) if vals else 1.0

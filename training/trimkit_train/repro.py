@@ -15,6 +15,10 @@ Experiments (:data:`EXPERIMENTS`):
 * ``table6``: SmartTrim at 1.5x/2x/2.5x, and each without stable initialisation (trimmers initialised
   at random: :func:`trimkit_smarttrim.random_init`), without the curriculum (scheduler ``constant``: the
   targets in force from step 0) and without self-distillation (``lambda_sd = 0``).
+* ``static``: the static baselines of Table 1 at 1.5x/2x/3x next to SmartTrim: FTKD (a shallower
+  copy of the backbone's layers distilled from it: :mod:`trimkit_train.static_baselines`) and
+  TRIPS-style (token policy ``trips``: a fixed share of the ViT's vision tokens by a text-guided
+  score, task loss only).
 * ``fig4a``: token policies cross_modal, local and random at 1.5x/2x/2.5x/3x, accuracy vs GMACs curves.
 * ``fig7``: SmartTrim 2x, the distribution of per-instance GMACs over the test split (batch 1, tokens
   and heads removed) with the cheapest and dearest instances shown.
@@ -60,6 +64,10 @@ class Run:
     recipe: dict[str, Any] = field(default_factory=dict)  # RecipeConfig fields over the preset's
     stable_init: bool = True
     heads: str | None = None  # a static head baseline (head_baselines.METHODS) installed before fine-tuning
+    kind: str = "trim"  # "trim": a trimmed fine-tune; "ftkd": a shallower copy distilled from the backbone
+    # TrimConfig fields of the model the run's own keep targets are calibrated on (None: the backbone's
+    # calibration); the run trims with them too (e.g. TRIPS-style: vision tokens of the ViT only, no heads)
+    calibrate: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -132,9 +140,15 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
         for run in runs:
             t = time.perf_counter()
             key = f"{run.name}-seed{seed}"
-            prepare = _static_heads(bb, run, seed, extra, log, stamp) if run.heads else None
-            tm = finetune(bb, key, run.policy, run.ratio, seed=seed, trim_cfg=run.trim, recipe=run.recipe,
-                          stable_init=run.stable_init, prepare=prepare, log=log)
+            if run.kind == "ftkd":
+                tm = _ftkd(bb, run, key, seed, extra, log, stamp)
+            else:
+                prepare = _static_heads(bb, run, seed, extra, log, stamp) if run.heads else None
+                trim_cfg, ratio = run.trim, run.ratio
+                if run.calibrate is not None:  # the run's own targets, given in full (ratio 1.0: none calibrated)
+                    trim_cfg, ratio = {**_own_targets(bb, run, extra, log), **run.trim}, 1.0
+                tm = finetune(bb, key, run.policy, ratio, seed=seed, trim_cfg=trim_cfg, recipe=run.recipe,
+                              stable_init=run.stable_init, prepare=prepare, log=log)
             row = measure(bb, tm, run.method, run.policy, run.ratio, latency=False, name=key)
             row.update(run=run.name, trim_overrides=run.trim, recipe_overrides=run.recipe, stable_init=run.stable_init,
                        heads_baseline=run.heads)
@@ -180,6 +194,75 @@ def _static_heads(bb: Backbone, run: Run, seed: int, extra: dict[str, Any], log:
     masks = static_head_masks(imp, float(run.trim["head_target"]), run.heads, torch.Generator().manual_seed(seed))
     extra.setdefault("static_heads", {})[f"{run.name}-seed{seed}"] = {k: v.int().tolist() for k, v in masks.items()}
     return lambda tm: install_static_heads(tm, masks)
+
+
+def _own_targets(bb: Backbone, run: Run, extra: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """TrimConfig fields of a run with its own calibration (``run.calibrate``): the backbone trimmed with
+    those fields, its keep targets bisected to ``run.ratio`` (once per backbone, kept in ``extra``)."""
+    from trimkit import TrimConfig, trim
+
+    from .demo import _selector_targets, calibrate
+
+    cache = extra.setdefault("own_calibration", {})
+    key = f"{json.dumps(run.calibrate, sort_keys=True)} {run.ratio:g}x"
+    if key not in cache:
+        preset = bb.preset
+        probe = trim(bb.net, TrimConfig(**{**preset.trim, **run.calibrate}), adapter="meter")
+        c = calibrate(probe, bb.test_ds, run.ratio, preset.calibration_instances)
+        cache[key] = {"calibrate": run.calibrate, "ratio": run.ratio, "forced_ratio": c["forced_ratio"],
+                      **_selector_targets(probe, c["token_target"], c["head_target"])}
+        log(f"          {run.method}: own targets for {run.ratio:g}x ({run.calibrate}) -> forced MACs ratio "
+            f"{c['forced_ratio']:.2f}")
+    c = cache[key]
+    return {**run.calibrate, "token_target": c["token_target"], "head_target": c["head_target"] or 1.0}
+
+
+#: FTKD's layer stacks of the demo's METER, as groups that keep the same layers (the co-attention
+#: model's two streams are cut alike); the text encoder (one layer in the demo) is kept whole
+FTKD_GROUPS = (("vit_model.transformer.resblocks",), ("cross_modal_image_layers", "cross_modal_text_layers"))
+
+
+def _ftkd(bb: Backbone, run: Run, name: str, seed: int, extra: dict[str, Any], log: Callable[[str], None],
+          stamp: Callable[[], str]) -> Any:
+    """FTKD (the paper's Table 1): the layer counts whose MACs are nearest ``run.ratio`` fewer
+    (:func:`~trimkit_train.static_baselines.choose_depths`, once per backbone), those layers copied from
+    the backbone (TinyBERT's uniform mapping) and fine-tuned with the task loss plus distillation from
+    the backbone (logits and each kept layer's output); returns the fine-tuned student."""
+    import copy
+
+    import torch
+
+    from trimkit.macs import count_macs
+
+    from .demo import _experiment
+    from .static_baselines import FTKDObjective, choose_depths, layer_pairs, select_layers
+    from .trainer import Trainer, collate_of, model_inputs, task_of
+
+    preset = bb.preset
+    cache = extra.setdefault("ftkd_depths", {})
+    key = f"{run.ratio:g}x"
+    if key not in cache:
+        collate = collate_of(bb.test_ds)
+        xs = [model_inputs(bb.net, collate([bb.test_ds[i]])) for i in range(preset.calibration_instances)]
+
+        def macs(model: torch.nn.Module) -> float:
+            model.eval()
+            with torch.no_grad():
+                return sum(count_macs(model, **x).total for x in xs) / len(xs)
+
+        cache[key] = choose_depths(bb.net, FTKD_GROUPS, run.ratio, macs)
+        log(f"{stamp()}     FTKD {run.ratio:g}x: layers {cache[key]['layers']} -> {cache[key]['macs_ratio']:.2f}x "
+            "fewer MACs")
+    layers = cache[key]["layers"]
+    teacher = copy.deepcopy(bb.net)  # frozen by the Trainer; the backbone itself stays as it is
+    student = select_layers(bb.net, layers)
+    cfg = _experiment(preset, preset.finetune, bb.out / "runs" / name, None, None, bb.progress, run.recipe, seed)
+    objective = FTKDObjective(task_of(cfg.data, bb.train_ds), student, teacher, layer_pairs(layers))
+    tr = Trainer(cfg, model=student, train_dataset=bb.train_ds, eval_dataset=bb.test_ds, objective=objective,
+                 teacher=teacher)
+    tr.fit(overwrite=True)
+    objective.remove()
+    return tr.net
 
 
 def _full(bb: Backbone) -> dict[str, Any]:
@@ -263,6 +346,62 @@ def _table6_write(res: Result) -> list[Path]:
     path = res.out / "table6.md"
     path.write_text(_header(res, what) + _table(res.rows, res.full) + "\n")
     return [path]
+
+
+# ------------------------------------------------------------------------------------------------
+# Table 1's static baselines
+# ------------------------------------------------------------------------------------------------
+STATIC_RATIOS = (1.5, 2.0, 3.0)
+#: TRIPS-style: vision tokens trimmed in the ViT only (TRIPS selects patches during image encoding), no
+#: heads, a fixed share per layer, task fine-tuning only (no cost loss: the share is fixed by
+#: construction; no self-distillation), the targets in force from step 0
+TRIPS_CALIBRATE = {"token_layers": ["vision.uni"], "trim_heads": False}
+TRIPS_RECIPE = {"lambda_cost": 0.0, "lambda_sd": 0.0, "scheduler": "constant"}
+STATIC_METHODS = (("SmartTrim", "#1f77b4"), ("TRIPS-style", "#ff7f0e"), ("FTKD", "#2ca02c"))
+
+
+def _static_runs() -> list[Run]:
+    runs = []
+    for ratio in STATIC_RATIOS:
+        runs += [Run("SmartTrim", "cross_modal", ratio),
+                 Run("TRIPS-style", "trips", ratio, recipe=TRIPS_RECIPE, calibrate=TRIPS_CALIBRATE),
+                 Run("FTKD", "none", ratio, kind="ftkd")]
+    return runs
+
+
+def _static_write(res: Result) -> list[Path]:
+    depths = res.extra.get("ftkd_depths", {})
+    own = res.extra.get("own_calibration", {})
+    what = ("The paper's Table 1 baselines that need only task fine-tuning, at the same MACs reductions: "
+            "SmartTrim (adaptive tokens and heads, the full recipe); **TRIPS-style** (token policy `trips`: a learned "
+            "text-guided score, the ViT's vision tokens only, the same share kept for every instance, task loss "
+            "only); **FTKD** (a shallower METER of layers copied from the backbone, TinyBERT's uniform mapping, "
+            "fine-tuned with the task loss plus distillation of the backbone's logits and of each kept layer's "
+            "output). FTKD's depth is chosen by counted MACs, so its MACs ratio is the nearest a whole number "
+            "of layers gives.")
+    lines = ["", "| run | what was calibrated | MACs ratio of that choice |", "|---|---|---|"]
+    for k, d in depths.items():
+        lines.append(f"| FTKD {k} | layers kept: {d['layers']} | {d['macs_ratio']:.2f}x |")
+    for k, c in own.items():
+        lines.append(f"| TRIPS-style {c['ratio']:g}x | token targets {c['token_target']} | {c['forced_ratio']:.2f}x "
+                     "(forced) |")
+    md = res.out / "static.md"
+    md.write_text(_header(res, what) + _table(res.rows, res.full) + "\n" + "\n".join(lines)
+                  + "\n\n![static](static.png)\n")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.axhline(100 * res.full["accuracy"], color="gray", ls="--", lw=1, label="METER (full)")
+    for method, color in STATIC_METHODS:
+        rs = sorted((r for r in res.rows if r["method"] == method), key=lambda r: r["gmacs"])
+        ax.errorbar([r["gmacs"] for r in rs], [100 * r["accuracy"] for r in rs],
+                    xerr=[r.get("gmacs_std", 0.0) for r in rs], yerr=[100 * r.get("accuracy_std", 0.0) for r in rs],
+                    fmt="o-", color=color, capsize=3, lw=1.2, label=method)
+    ax.set_xlabel("GMACs per instance (batch 1)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"static baselines vs SmartTrim (mean ± std, {res.seeds} seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return [md, _save(plt, fig, res, "static")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -739,6 +878,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "table6": Experiment("table6", "Table 6: ablations of SmartTrim's training strategies",
                          "SmartTrim at 1.5x/2x/2.5x, minus stable init, minus curriculum, minus self-distillation",
                          _table6_runs, _table6_write),
+    "static": Experiment("static", "Table 1: static baselines FTKD and TRIPS-style",
+                         "FTKD (layers of the backbone + distillation) and TRIPS-style (text-guided fixed-share patch "
+                         "selection, task loss only) vs SmartTrim at 1.5x/2x/3x", _static_runs, _static_write),
     "fig4a": Experiment("fig4a", "Fig. 4a: token trimming policies",
                         "token policies cross_modal/local/random at 1.5x/2x/2.5x/3x fewer MACs, as curves",
                         _fig4a_runs, _fig4a_write),

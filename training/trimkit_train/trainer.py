@@ -1000,6 +1000,15 @@ class Trainer:
             wrapped with :func:`trimkit.trim` unless it already is a :class:`TrimmedModel`.
         train_dataset / eval_dataset: prebuilt datasets (else built from ``config.data``).
         out_dir: overrides ``config.train.out_dir``.
+        objective: the training objective, called ``objective(logits, labels, records,
+            full_logits=...)`` and returning loss terms with ``"loss"`` (see
+            :class:`trimkit.protocols.Objective`); default: the recipe's (trimmed model) or the
+            task loss (plain model).
+        teacher: a model run on every training batch without gradients (in eval mode, on the
+            training device, never checkpointed) whose logits the objective gets as
+            ``full_logits``: distillation from another model (e.g.
+            :class:`trimkit_train.static_baselines.FTKDObjective`). Not with an objective that asks for
+            the full pass of a trimmed model (``needs_full_pass``): there is one teacher per step.
 
     ``fit(resume=True)`` continues from ``out_dir/checkpoint`` and is bit-exact: N steps straight and
     k steps, checkpoint, then a new Trainer resumed to N give identical weights (backbone and
@@ -1018,7 +1027,8 @@ class Trainer:
     """
 
     def __init__(self, config: ExperimentConfig, *, model: nn.Module | None = None, train_dataset: Any = None,
-                 eval_dataset: Any = None, out_dir: str | Path | None = None) -> None:
+                 eval_dataset: Any = None, out_dir: str | Path | None = None, objective: Any = None,
+                 teacher: nn.Module | None = None) -> None:
         require_extras("accelerate", feature="the Trainer")
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -1081,6 +1091,20 @@ class Trainer:
             self.scheduler = registry.schedulers.get(recipe.scheduler)(recipe)
         else:
             self.objective, self.scheduler = _TaskLoss(self.task), None
+        if objective is not None:
+            if not callable(objective):
+                raise TypeError(f"Trainer: objective must be callable (logits, labels, records, full_logits=None), "
+                                f"got {type(objective).__name__}")
+            self.objective = objective
+        #: run without gradients on every training batch; its logits are the objective's ``full_logits``
+        self.teacher: nn.Module | None = None
+        if teacher is not None:
+            if self.tmodel is not None and getattr(self.objective, "needs_full_pass", False):
+                raise ConfigError("Trainer: a teacher model and an objective that needs the trimmed model's own full "
+                                  "pass (self-distillation: recipe.lambda_sd > 0) both give full_logits; choose one")
+            if teacher is model or teacher is self.net:
+                raise ConfigError("Trainer: the teacher is the model being trained; pass a separate (frozen) copy")
+            self.teacher = teacher.to(acc.device).eval().requires_grad_(False)
         if tc.freeze_backbone:  # before sharding: FSDP reads requires_grad when it shards
             if self.tmodel is None:
                 raise ConfigError("train.freeze_backbone needs a trim section (nothing else would train)")
@@ -1190,6 +1214,9 @@ class Trainer:
         failure: BaseException | None = None
         try:
             out, records, full_out = self.model(**inputs)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    full_out = self.teacher(**inputs)
             logits = _logits(out)
             full_logits = _logits(full_out) if full_out is not None else None
         except Exception as err:  # noqa: BLE001 - re-raised below, on every process

@@ -1,0 +1,172 @@
+"""FTKD, the static depth baseline of the paper's Table 1: a smaller model made of layers taken from the
+backbone, fine-tuned with knowledge distillation from the backbone (Jiao et al. 2020, TinyBERT).
+
+* :func:`select_layers`: a copy of any model with some of its layer stacks (``nn.ModuleList`` s,
+  by module path) cut down to chosen layers, their weights copied from the model.
+* :func:`uniform_layers`: TinyBERT's uniform layer mapping (student layer ``i`` <- teacher layer
+  ``(i + 1) * n / k - 1``: every ``n/k``-th layer, the last one included).
+* :func:`choose_depths`: the kept layer counts whose MACs (counted, batch 1) are nearest a target
+  reduction.
+* :class:`FTKDObjective`: task loss + the task's distillation discrepancy between student and
+  teacher logits (TinyBERT's prediction-layer loss) + the mean squared error between each student
+  layer's output and the teacher layer it was copied from (TinyBERT's hidden-state loss). The
+  teacher is run by the :class:`~trimkit_train.trainer.Trainer` (``teacher=``) without gradients.
+
+TinyBERT's attention-map loss is left out: trimkit's models attend through fused SDPA kernels, which
+never form the attention matrix (it would be recomputed for every layer pair, for a term TinyBERT
+reports as the smallest of its ablations). The TRIPS-style baseline is a token policy
+(``trimkit_smarttrim.TripsTokenPolicy``, ``token_policy: trips``) and is trained by the Trainer as
+any trimmed model.
+
+The model's forward must iterate over the stacks (``for layer in self.layers``), as transformers',
+timm's and trimkit's adapters' models do; a model that indexes a stack by a configured count
+(``range(config.num_layers)``) cannot be cut this way.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["FTKDObjective", "choose_depths", "layer_pairs", "select_layers", "uniform_layers"]
+
+
+def uniform_layers(n: int, k: int) -> list[int]:
+    """TinyBERT's uniform mapping: ``k`` of ``n`` layers, every ``n/k``-th, the last one included
+    (``uniform_layers(4, 2) == [1, 3]``; ``k == n`` keeps all)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"uniform_layers: keep between 1 and {n} layers, got {k}")
+    return [int(math.floor((i + 1) * n / k)) - 1 for i in range(k)]
+
+
+def _stack(model: nn.Module, path: str) -> nn.ModuleList:
+    try:
+        stack = model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"select_layers: {type(model).__name__} has no module {path!r}") from None
+    if not isinstance(stack, nn.ModuleList):
+        raise ValueError(f"select_layers: {path!r} is a {type(stack).__name__}, not an nn.ModuleList of layers")
+    return stack
+
+
+def select_layers(model: nn.Module, layers: dict[str, Sequence[int]]) -> nn.Module:
+    """A deep copy of ``model`` whose stack at each path of ``layers`` (an ``nn.ModuleList``) holds only
+    the layers at the given indices (ascending, distinct), with their weights; the model is unchanged."""
+    for path, idx in layers.items():
+        n = len(_stack(model, path))
+        idx = list(idx)
+        if not idx:
+            raise ValueError(f"select_layers: {path!r}: keep at least one layer")
+        if any(not 0 <= i < n for i in idx) or idx != sorted(set(idx)):
+            raise ValueError(f"select_layers: {path!r} has {n} layers; indices must be ascending, distinct and "
+                             f"in 0..{n - 1}, got {idx}")
+    student = copy.deepcopy(model)
+    for path, idx in layers.items():
+        parent_path, _, name = path.rpartition(".")
+        parent = student.get_submodule(parent_path) if parent_path else student
+        stack = getattr(parent, name)
+        setattr(parent, name, nn.ModuleList(stack[i] for i in idx))
+    return student
+
+
+def layer_pairs(layers: dict[str, Sequence[int]]) -> list[tuple[str, str]]:
+    """``(student module path, teacher module path)`` of every kept layer: student ``path.j`` is
+    teacher ``path.layers[path][j]``."""
+    return [(f"{path}.{j}", f"{path}.{i}") for path, idx in layers.items() for j, i in enumerate(idx)]
+
+
+def choose_depths(model: nn.Module, groups: Sequence[Sequence[str]], ratio: float,
+                  macs: Callable[[nn.Module], float]) -> dict[str, Any]:
+    """The layer counts per group of stacks (stacks of one group keep the same layers, e.g. a
+    co-attention model's two streams) whose student MACs, ``macs(student)``, are nearest
+    ``macs(model) / ratio`` (in log scale), layers picked by :func:`uniform_layers`. Returns
+    ``{"layers": {path: indices}, "macs_ratio": measured, "counts": [...]}``."""
+    sizes = []
+    for group in groups:
+        ns = {len(_stack(model, p)) for p in group}
+        if len(ns) != 1:
+            raise ValueError(f"choose_depths: the stacks of one group must have as many layers, got {group} with {ns}")
+        sizes.append(ns.pop())
+    full = macs(model)
+    best: dict[str, Any] | None = None
+    for counts in itertools.product(*(range(1, n + 1) for n in sizes)):
+        layers = {p: uniform_layers(n, k) for group, n, k in zip(groups, sizes, counts) for p in group}
+        got = full / macs(select_layers(model, layers))
+        if best is None or abs(math.log(got / ratio)) < abs(math.log(best["macs_ratio"] / ratio)):
+            best = {"layers": layers, "macs_ratio": got, "counts": list(counts)}
+    assert best is not None
+    return best
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"FTKDObjective: a matched layer returned {type(out).__name__}, not a tensor (or a tuple "
+                        "starting with one)")
+    return out
+
+
+class FTKDObjective:
+    """``task(student) + alpha_pred * distill(student, teacher) + alpha_hidden * mean_l MSE(h_l, h'_l)``.
+
+    ``pairs`` are ``(student module path, teacher module path)`` whose outputs (their first tensor)
+    are matched; forward hooks on those modules record them on every forward of either model (the
+    objective reads the latest ones, then clears them). ``task`` is a
+    :class:`trimkit.protocols.Task` (its ``loss`` and ``distill``). Logged terms: ``task``, ``kd``
+    (prediction layer) and ``hidden``."""
+
+    needs_full_pass = False  # the teacher is another model, run by the Trainer (teacher=)
+
+    def __init__(self, task: Any, student: nn.Module, teacher: nn.Module, pairs: Sequence[tuple[str, str]],
+                 alpha_pred: float = 1.0, alpha_hidden: float = 1.0) -> None:
+        for name, v in (("alpha_pred", alpha_pred), ("alpha_hidden", alpha_hidden)):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"FTKDObjective: {name} must be finite and >= 0, got {v}")
+        self.task, self.alpha_pred, self.alpha_hidden = task, float(alpha_pred), float(alpha_hidden)
+        self.pairs = list(pairs)
+        self._out: dict[tuple[str, str], torch.Tensor] = {}
+        self.handles = []
+        for side, model in (("student", student), ("teacher", teacher)):
+            for j, pair in enumerate(self.pairs):
+                path = pair[0] if side == "student" else pair[1]
+                try:
+                    module = model.get_submodule(path)
+                except AttributeError:
+                    raise ValueError(f"FTKDObjective: the {side} has no module {path!r}") from None
+                self.handles.append(module.register_forward_hook(self._hook(side, j)))
+
+    def _hook(self, side: str, j: int) -> Callable:
+        def record(module: nn.Module, args: Any, out: Any) -> None:
+            self._out[(side, str(j))] = _first_tensor(out)
+        return record
+
+    def remove(self) -> None:
+        """Take the hooks off both models."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, records: Sequence = (),
+                 full_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if full_logits is None:
+            raise ValueError("FTKDObjective needs the teacher's logits: pass teacher= to the Trainer")
+        task = self.task.loss(logits, labels)
+        kd = self.task.distill(logits, full_logits.detach(), labels)
+        hidden = logits.new_zeros(())
+        if self.pairs:
+            terms = []
+            for j in range(len(self.pairs)):
+                s, t = self._out.get(("student", str(j))), self._out.get(("teacher", str(j)))
+                if s is None or t is None:
+                    raise RuntimeError(f"FTKDObjective: layer pair {self.pairs[j]} did not run in this step's forward")
+                terms.append(torch.nn.functional.mse_loss(s.float(), t.detach().float()))
+            hidden = torch.stack(terms).mean()
+        self._out.clear()
+        loss = task + self.alpha_pred * kd + self.alpha_hidden * hidden
+        return {"loss": loss, "task": task, "kd": kd, "hidden": hidden}
