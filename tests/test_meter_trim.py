@@ -98,3 +98,37 @@ def test_tensors_the_graph_reads_by_attribute_follow_the_models():
         reference = fresh(**one)
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(after, reference, atol=0, rtol=0)
+
+
+def test_borrowed_modules_are_registered_once_and_copied_with_the_model():
+    """Rewritten layers, attention wrappers and the root graph reference the backbone's modules
+    (trimkit.refs): every parameter is listed once, under model.* or trimmers.*, and a deep copy's
+    wrappers call the copy's modules (not the original's, which would train the wrong weights)."""
+    import copy
+
+    from trimkit.layer import TrimmedLayer
+    from trimkit.ops import TrimAttention
+
+    torch.manual_seed(0)
+    tmodel = trim(build_meter("tiny"), TrimConfig(token_target=0.5, head_target=0.5))
+    names = [n for n, _ in tmodel.named_parameters(remove_duplicate=False)]
+    assert len(names) == len(set(names)) == len({id(p) for p in tmodel.parameters()})
+    assert all(n.startswith(("model.", "trimmers.")) for n in tmodel.state_dict())
+    layers = [m for m in tmodel._graph.modules() if isinstance(m, TrimmedLayer)]
+    attns = [m for m in tmodel._graph.modules() if isinstance(m, TrimAttention)]
+    assert layers and attns
+    own = {id(m) for m in tmodel.model.modules()}
+    assert all(id(l.layer) in own for l in layers) and all(id(a.module) in own for a in attns)
+    assert {id(l.trimmers) for l in layers} <= {id(t) for t in tmodel.trimmers.values()}
+    twin = copy.deepcopy(tmodel)
+    twin_own = {id(m) for m in twin.model.modules()}
+    twin_layers = [m for m in twin._graph.modules() if isinstance(m, TrimmedLayer)]
+    assert all(id(l.layer) in twin_own for l in twin_layers)
+    assert all(id(a.module) in twin_own for a in twin._graph.modules() if isinstance(a, TrimAttention))
+    x = meter_example_inputs(tmodel.model, batch_size=2, seed=0)
+    tmodel.eval(), twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**x), tmodel(**x), atol=0, rtol=0)
+        for p in twin.model.parameters():
+            p.add_(0.1)
+        assert not torch.allclose(twin(**x), tmodel(**x))  # the copy runs its own weights

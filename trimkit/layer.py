@@ -32,6 +32,7 @@ from .kernels import KernelAttention
 from .executors import EXECUTORS
 from .ops import AttnTrim, Runtime, TokenState, TrimAttention, align
 from .probe import AttentionProbe, TokenContext
+from .refs import Borrowed, borrowed
 from .segments import SegmentLayout, segment_bounds, segment_layout
 from .spec import AttentionSpec, LayerSpec, StreamSpec
 from .trace import TraceError, attribute_links, fixed_args, param_names, plain_codegen, sync_attributes, trace
@@ -72,6 +73,9 @@ def _call_arguments(node: fx.Node, module: nn.Module) -> tuple[dict[str, Any], s
 class TrimmedLayer(nn.Module):
     """One described layer, trimmed. Holds references (not copies) to the layer and its trimmers."""
 
+    layer = borrowed("layer", "The backbone's layer (registered in the backbone).")
+    trimmers = borrowed("trimmers", "This layer's :class:`LayerTrimmers` (registered in ``TrimmedModel.trimmers``).")
+
     def __init__(self, key: str, layer: nn.Module, spec: LayerSpec, symbolic: set[str], runtime: Runtime,
                  trimmers: nn.Module, autowrap: Sequence[Callable], constants: dict[str, Any] | None = None,
                  stream: StreamSpec | None = None, tokens_only: bool = False,
@@ -92,9 +96,8 @@ class TrimmedLayer(nn.Module):
         self.pooled_segments = [k for k, g in enumerate(self.segments) if g.summary == "mean"]
         self.key = key
         self.spec = spec
-        object.__setattr__(self, "layer", layer)
-        object.__setattr__(self, "trimmers", trimmers)
-        object.__setattr__(self, "runtime", runtime)
+        self._borrowed = Borrowed(layer=layer, trimmers=trimmers)  # owned by the backbone and TrimmedModel.trimmers
+        self.runtime = runtime
         self.names = param_names(layer)
         self.hidden_name = _arg_name(spec.hidden, self.names, spec.path)
         self.context_name = _arg_name(spec.context, self.names, spec.path) if spec.context is not None else None
@@ -115,7 +118,7 @@ class TrimmedLayer(nn.Module):
         self.inner = None if tokens_only else self._trace_inner(layer, symbolic, autowrap, constants or {})
         # the layer's own attribute reads (fx copies them), found once here: a forward only syncs them (and
         # builds nothing torch.compile would have to break its graph for)
-        self.__dict__["_attr_links"] = attribute_links(self.inner, layer) if self.inner is not None else []
+        self._attr_links = attribute_links(self.inner, layer) if self.inner is not None else []
 
     def _trace_inner(self, layer: nn.Module, symbolic: set[str], autowrap: Sequence[Callable],
                      constants: dict[str, Any]) -> fx.GraphModule:
@@ -193,7 +196,7 @@ class TrimmedLayer(nn.Module):
             out = self.layer(*args, **kwargs)
             return (out, trimkit_hidden_state) if self.update_output is None else (out, trimkit_hidden_state,
                                                                                    trimkit_context_state)
-        links = self.__dict__["_attr_links"]  # the layer's own attribute reads (fx copies) follow its current tensors
+        links = self._attr_links  # the layer's own attribute reads (fx copies) follow its current tensors
         if links:
             sync_attributes(links)
         a = self._arguments(args, kwargs)
@@ -515,6 +518,8 @@ class LayerTrimmers(nn.Module):
         self.token = token
         self.heads = nn.ModuleDict(heads)
         self._fused: tuple[tuple, Any] | None = None  # (weights stamp, the fused form), see fused()
+        self._fused_params: list[nn.Parameter] | None = None  # found on first use (fused())
+        self._policy_modules: list[nn.Module] | None = None  # found on first use (_hooked())
 
     def fused(self) -> Callable | None:
         """The fused inference form of this layer's trimmers, or None (then each policy is called).
@@ -534,9 +539,9 @@ class LayerTrimmers(nn.Module):
         fuse = getattr(self.token, "fuse", None)
         if fuse is None or self._hooked():
             return None
-        params = self.__dict__.get("_fused_params")
+        params = self._fused_params
         if params is None:
-            params = self.__dict__["_fused_params"] = list(self.parameters())
+            params = self._fused_params = list(self.parameters())
         first = params[0] if params else None
         try:
             stamp = (first.data_ptr() if first is not None else 0, first.dtype if first is not None else None,
@@ -556,14 +561,13 @@ class LayerTrimmers(nn.Module):
 
         if M._global_forward_hooks or M._global_forward_pre_hooks:
             return True
-        mods = self.__dict__.get("_policy_modules")
+        mods = self._policy_modules
         if mods is None:
-            mods = self.__dict__["_policy_modules"] = [m for p in (self.token, *self.heads.values()) if p is not None
+            mods = self._policy_modules = [m for p in (self.token, *self.heads.values()) if p is not None
                                                        for m in p.modules()]
         return any(m._forward_hooks or m._forward_pre_hooks for m in mods)
 
     def clear_cache(self) -> None:
         """Drop the fused form (rebuilt at the next inference forward)."""
         self._fused = None
-        self.__dict__.pop("_fused_params", None)
-        self.__dict__.pop("_policy_modules", None)
+        self._fused_params = self._policy_modules = None

@@ -24,6 +24,7 @@ from .engine.packed import fetch
 from .ops import MODES, Record, Runtime
 from .plan import AttentionPlan, LayerPlan, TrimPlan, stream_plan
 from .plugins import get_registry, select_adapter
+from .refs import Borrowed, borrowed
 from .rewrite import LayerTrimmers, rewrite
 from .segments import SegmentTokenTrimmer
 from .spec import LayerSpec, ModelSpec
@@ -73,6 +74,8 @@ class MaskedBatchWarning(UserWarning):
 
 class TrimmedModel(nn.Module):
     """A model with trimmers inserted (see :func:`trim`). ``.model`` is the original model."""
+
+    _graph = borrowed("graph", "The rewritten root graph (it calls the modules of ``.model``).")
 
     def __init__(self, model: nn.Module, config: TrimConfig, adapter_name: str, spec: ModelSpec,
                  example_inputs: dict[str, Any]) -> None:
@@ -145,9 +148,9 @@ class TrimmedModel(nn.Module):
 
         rewritten, trimmers = rewrite(model, spec, example_inputs, self.runtime, make)
         # attention probes of context-reading token policies (trimkit.probe); emptied after every forward
-        object.__setattr__(self, "_probes", _attach_probes(spec, rewritten.layers, config.token_policy))
-        object.__setattr__(self, "_graph", rewritten.gm)  # shares the model's modules; not re-registered
-        object.__setattr__(self, "_attr_links", attribute_links(rewritten.gm, self.model))  # see _sync_graph_attrs
+        self._probes = _attach_probes(spec, rewritten.layers, config.token_policy)
+        self._borrowed = Borrowed(graph=rewritten.gm)  # calls the model's modules, which are registered under .model
+        self._attr_links = attribute_links(rewritten.gm, self.model)  # see _sync_graph_attrs
         self._input_names = rewritten.input_names
         self.trimmers = nn.ModuleDict({_safe(k): v for k, v in trimmers.items()})
         self.runtime.targets = dict(self.final_targets)
@@ -310,7 +313,7 @@ class TrimmedModel(nn.Module):
         trimmers are loaded."""
         from .headcache import KeptHeadCache
 
-        graph = self.__dict__.get("_graph")
+        graph = getattr(self.__dict__.get("_borrowed"), "graph", None)
         if graph is None:
             return
         for m in graph.modules():

@@ -35,6 +35,7 @@ from torch import nn
 
 from .engine import packed as P
 from .headcache import KeptHeadCache
+from .refs import Borrowed, borrowed
 from .engine.packed import Packing, PackedCall
 from .spec import AttentionSpec
 
@@ -481,10 +482,12 @@ class TrimAttention(nn.Module):
     It holds a reference to the original module (not a copy): parameters stay shared.
     """
 
+    module = borrowed("module", "The model's attention module (registered in the model).")
+
     def __init__(self, module: nn.Module, spec: AttentionSpec) -> None:
         super().__init__()
         self.spec = spec
-        object.__setattr__(self, "module", module)  # shared, not re-registered
+        self._borrowed = Borrowed(module=module)  # the model's own module: parameters stay shared
         self.head_cache = KeptHeadCache()  # small attentions: kept-head weights gathered once per kept set
 
     def _fused(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:

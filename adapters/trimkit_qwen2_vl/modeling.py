@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from trimkit.refs import Borrowed, borrowed
+
 from trimkit_llava.modeling import default_trim_layers, llava_segment_starts
 
 __all__ = ["MRopePositions", "Qwen2VLForTrimming", "batch_pixel_values", "flat_pixel_values",
@@ -66,9 +68,11 @@ class MRopePositions(nn.Module):
     token is dropped, so kept tokens keep their original rotary positions). It also refuses what the
     wrapper cannot run: left padding, videos, one image grid per instance missing."""
 
+    _owner = borrowed("owner", "The Qwen2VLModel whose get_rope_index runs (registered in the wrapper).")
+
     def __init__(self, owner: nn.Module, image_token_id: int, video_token_id: int | None) -> None:
         super().__init__()
-        self.__dict__["_owner"] = owner  # the Qwen2VLModel; not registered again (its weights are the wrapper's)
+        self._borrowed = Borrowed(owner=owner)  # the Qwen2VLModel, registered in the wrapper
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
 
