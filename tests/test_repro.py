@@ -19,7 +19,7 @@ def test_help_lists_the_experiments(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["repro", "--help"])
     text = capsys.readouterr().out
-    for name in ("table6", "static", "fig4a", "fig7", "fig2", "fig5", "fig6", "switches"):
+    for name in ("table6", "table5", "static", "fig4a", "fig7", "fig2", "fig5", "fig6", "switches"):
         assert name in text
     with pytest.raises(SystemExit) as err:
         main(["repro", "nonsense"])
@@ -125,6 +125,28 @@ def test_static_baselines_run_and_are_what_they_say(tmp_path, monkeypatch):
     assert set(own["token_target"]) == {f"vision.uni.{i}" for i in range(len(own["token_target"]))}
     md = (tmp_path / "static" / "static.md").read_text()
     assert "FTKD 2x | layers kept" in md and (tmp_path / "static" / "static.png").stat().st_size > 0
+
+
+def test_table5_trims_the_higher_resolution_to_the_lower_ones_macs(tmp_path):
+    """table5: a second backbone on images of twice the resolution (4x the patches; the vision pretraining
+    pools each cell's 2x2 patches), measured untrimmed and SmartTrim-trimmed with targets calibrated to
+    the default backbone's MACs; ratios reported against the default backbone."""
+    from trimkit_train import repro
+
+    data = repro.run_experiment("table5", tmp_path / "t5", seeds=1, quick=True, steps=2, log=lambda s: None)
+    by = {r["method"]: r for r in data["rows"]}
+    full_hi, trimmed = by["METER (full), higher resolution"], by["SmartTrim, higher resolution"]
+    assert full_hi["data"] == trimmed["data"] == {"cell": 32}
+    assert full_hi["keep_tokens"] == 1.0 and full_hi["macs_ratio_own"] == pytest.approx(1.0)
+    # 65 vision tokens instead of 17: the untrimmed higher resolution costs well over the default
+    assert full_hi["gmacs"] > 2.5 * data["full"]["gmacs"] and full_hi["macs_ratio"] < 0.4
+    (calib,) = data["own_calibration"].values()
+    assert calib["ratio"] == pytest.approx(full_hi["gmacs"] / data["full"]["gmacs"], rel=0.02)
+    # the quick model's floors (text and heads keep at least half) stop short of the goal; it still cuts a lot
+    assert calib["data"] == {"cell": 32} and calib["forced_ratio"] > 2.0
+    assert trimmed["gmacs"] < full_hi["gmacs"] and trimmed["macs_ratio_own"] > 1.0
+    md = (tmp_path / "t5" / "table5.md").read_text()
+    assert "| METER (full) | 64 px |" in md and "| SmartTrim | 128 px |" in md
 
 
 def test_analysis_figures_write_what_they_measured(tmp_path):

@@ -127,8 +127,8 @@ def pretrain_cells(tower: torch.nn.Module, encode: Callable[[torch.Tensor], torc
                    steps: int, lr: float = 1e-3, batch_size: int = 32, seed: int = 0) -> float:
     """Pretrain a vision tower on digit-grid cells, as CLIP pretraining would have taught it to see.
 
-    ``encode(pixels) -> (B, cells, width)`` runs ``tower`` and returns its patch tokens (one patch
-    per cell, no [CLS]); each predicts its cell's content (digit or empty) and its cell's position
+    ``encode(pixels) -> (B, cells, width)`` runs ``tower`` and returns one token per cell (no [CLS];
+    :func:`pretrain_vision` averages a cell's patches when a cell holds several); each predicts its cell's content (digit or empty) and its cell's position
     with two linear heads, thrown away after. Only ``tower``'s parameters (and the heads) are
     trained. Returns the last batch's cell accuracy.
     """
@@ -149,8 +149,8 @@ def pretrain_cells(tower: torch.nn.Module, encode: Callable[[torch.Tensor], torc
         idx = torch.randint(0, len(dataset), (batch_size,), generator=gen)
         v = encode(torch.stack([dataset.render(int(i)) for i in idx]))
         if v.shape[1] != cells:
-            raise ValueError(f"pretrain_cells: the tower gave {v.shape[1]} patch tokens for {cells} cells "
-                             f"(one patch per cell of {dataset.cell} px is needed)")
+            raise ValueError(f"pretrain_cells: the tower gave {v.shape[1]} cell tokens for {cells} cells "
+                             f"(one per cell of {dataset.cell} px is needed)")
         pred = content(v)
         loss = F.cross_entropy(pred.reshape(-1, 11), labels[idx].reshape(-1)) + \
             F.cross_entropy(position(v).reshape(-1, cells), where.repeat(batch_size))
@@ -172,15 +172,21 @@ def pretrain_vision(model: torch.nn.Module, dataset: Any, steps: int, lr: float 
     not teach the tower to recognise digits (the model settles on the answer prior).
     """
     vit = model.vit_model
-    if dataset.cell != model.config.patch_size:
-        raise ValueError(f"pretrain_vision: cells of {dataset.cell} px need patches of the same size "
-                         f"(model patch_size {model.config.patch_size})")
+    patch = model.config.patch_size
+    if dataset.cell % patch:
+        raise ValueError(f"pretrain_vision: cells of {dataset.cell} px must be a whole number of the model's "
+                         f"{patch} px patches")
+    k, grid = dataset.cell // patch, dataset.grid  # k x k patches per cell (a higher resolution: k > 1)
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         v = model.embed_image(pixels)
         for block in vit.transformer.resblocks:
             v = block(v)
-        return vit.ln_post(v)[:, 1:]
+        v = vit.ln_post(v)[:, 1:]  # (B, (grid k)^2, W), row-major patches
+        if k == 1:
+            return v
+        B, _, W = v.shape  # a cell's token: the mean of its k x k patches
+        return v.view(B, grid, k, grid, k, W).mean(dim=(2, 4)).reshape(B, grid * grid, W)
 
     return pretrain_cells(vit, encode, model.config.vision_width, dataset, steps, lr, batch_size, seed)
 

@@ -15,6 +15,9 @@ Experiments (:data:`EXPERIMENTS`):
 * ``table6``: SmartTrim at 1.5x/2x/2.5x, and each without stable initialisation (trimmers initialised
   at random: :func:`trimkit_smarttrim.random_init`), without the curriculum (scheduler ``constant``: the
   targets in force from step 0) and without self-distillation (``lambda_sd = 0``).
+* ``table5``: Table 5, a higher resolution trimmed against a lower one untrimmed: a second backbone on
+  images of twice the resolution (the same grids and questions), SmartTrim's targets calibrated to
+  the MACs of the default backbone's full model.
 * ``static``: the static baselines of Table 1 at 1.5x/2x/3x next to SmartTrim: FTKD (a shallower
   copy of the backbone's layers distilled from it: :mod:`trimkit_train.static_baselines`) and
   TRIPS-style (token policy ``trips``: a fixed share of the ViT's vision tokens by a text-guided
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -64,7 +67,16 @@ class Run:
     recipe: dict[str, Any] = field(default_factory=dict)  # RecipeConfig fields over the preset's
     stable_init: bool = True
     heads: str | None = None  # a static head baseline (head_baselines.METHODS) installed before fine-tuning
-    kind: str = "trim"  # "trim": a trimmed fine-tune; "ftkd": a shallower copy distilled from the backbone
+    # "trim": a trimmed fine-tune; "ftkd": a shallower copy distilled from the backbone; "full": the backbone
+    # itself, measured as it is (no fine-tune)
+    kind: str = "trim"
+    # digit-grid options over the preset's (e.g. {"cell": 32}: a higher resolution): the run uses a backbone
+    # trained on that data (once per distinct options, like the default one); its MACs ratio is reported
+    # against the default backbone's full model
+    data: dict[str, Any] = field(default_factory=dict)
+    # keep targets calibrated so that the run's MACs equal the default backbone's full model (ratio: its own
+    # backbone's MACs over those), instead of ``ratio`` (Table 5: a higher resolution at the MACs of a lower)
+    match_default_macs: bool = False
     # TrimConfig fields of the model the run's own keep targets are calibrated on (None: the backbone's
     # calibration); the run trims with them too (e.g. TRIPS-style: vision tokens of the ViT only, no heads)
     calibrate: dict[str, Any] | None = None
@@ -74,7 +86,8 @@ class Run:
         slug = "".join(c if c.isalnum() else "-" for c in self.method.lower()).strip("-")
         while "--" in slug:
             slug = slug.replace("--", "-")
-        return f"{slug}-{self.policy}-{self.ratio:g}x"
+        data = "".join(f"-{k}{v}" for k, v in sorted(self.data.items()))
+        return f"{slug}-{self.policy}-{self.ratio:g}x{data}"
 
 
 @dataclass(frozen=True)
@@ -135,21 +148,40 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
     models: dict[tuple[int, str], Any] = {}
     per_seed: list[list[dict[str, Any]]] = []
     extra: dict[str, Any] = {}
+    backbones: dict[str, Backbone] = {"": bb}
+
+    def backbone_of(run: Run) -> Backbone:
+        """The default backbone, or one trained on the run's data options (once per options)."""
+        key = json.dumps(run.data, sort_keys=True) if run.data else ""
+        if key not in backbones:
+            slug = "data" + "".join(f"-{k}{v}" for k, v in sorted(run.data.items()))
+            log(f"{stamp()}     a second backbone for data options {run.data}")
+            backbones[key] = prepare_backbone(replace(preset, data={**preset.data, **run.data}), out / "runs" / slug,
+                                              (), progress, log, stamp)
+        return backbones[key]
+
     for seed in range(seeds):
         rows = []
         for run in runs:
             t = time.perf_counter()
             key = f"{run.name}-seed{seed}"
-            if run.kind == "ftkd":
-                tm = _ftkd(bb, run, key, seed, extra, log, stamp)
+            rb = backbone_of(run)
+            if run.kind == "full":
+                tm = rb.net
+            elif run.kind == "ftkd":
+                tm = _ftkd(rb, run, key, seed, extra, log, stamp)
             else:
-                prepare = _static_heads(bb, run, seed, extra, log, stamp) if run.heads else None
+                prepare = _static_heads(rb, run, seed, extra, log, stamp) if run.heads else None
                 trim_cfg, ratio = run.trim, run.ratio
-                if run.calibrate is not None:  # the run's own targets, given in full (ratio 1.0: none calibrated)
-                    trim_cfg, ratio = {**_own_targets(bb, run, extra, log), **run.trim}, 1.0
-                tm = finetune(bb, key, run.policy, ratio, seed=seed, trim_cfg=trim_cfg, recipe=run.recipe,
+                if run.calibrate is not None or run.match_default_macs:  # its own targets (ratio 1.0: none calibrated)
+                    goal = rb.full_eval()["gmacs"] / bb.full_eval()["gmacs"] if run.match_default_macs else run.ratio
+                    trim_cfg, ratio = {**_own_targets(rb, run, extra, log, goal), **run.trim}, 1.0
+                tm = finetune(rb, key, run.policy, ratio, seed=seed, trim_cfg=trim_cfg, recipe=run.recipe,
                               stable_init=run.stable_init, prepare=prepare, log=log)
-            row = measure(bb, tm, run.method, run.policy, run.ratio, latency=False, name=key)
+            row = measure(rb, tm, run.method, run.policy, run.ratio, latency=False, name=key if run.kind != "full" else None)
+            if rb is not bb:  # MACs against the default backbone's full model, the table's reference row
+                row.update(macs_ratio_own=row["macs_ratio"], macs_ratio=bb.full_eval()["gmacs"] / row["gmacs"],
+                           data=run.data, full_accuracy_own=rb.full_eval()["accuracy"])
             row.update(run=run.name, trim_overrides=run.trim, recipe_overrides=run.recipe, stable_init=run.stable_init,
                        heads_baseline=run.heads)
             rows.append(row)
@@ -196,25 +228,29 @@ def _static_heads(bb: Backbone, run: Run, seed: int, extra: dict[str, Any], log:
     return lambda tm: install_static_heads(tm, masks)
 
 
-def _own_targets(bb: Backbone, run: Run, extra: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    """TrimConfig fields of a run with its own calibration (``run.calibrate``): the backbone trimmed with
-    those fields, its keep targets bisected to ``run.ratio`` (once per backbone, kept in ``extra``)."""
+def _own_targets(bb: Backbone, run: Run, extra: dict[str, Any], log: Callable[[str], None],
+                 ratio: float) -> dict[str, Any]:
+    """TrimConfig fields of a run with its own calibration: the backbone trimmed with ``run.calibrate``'s
+    fields (none: the preset's), its keep targets bisected to ``ratio`` fewer MACs (once per backbone
+    and ratio, kept in ``extra``)."""
     from trimkit import TrimConfig, trim
 
     from .demo import _selector_targets, calibrate
 
+    fields = run.calibrate or {}
     cache = extra.setdefault("own_calibration", {})
-    key = f"{json.dumps(run.calibrate, sort_keys=True)} {run.ratio:g}x"
+    data = f" {json.dumps(run.data, sort_keys=True)}" if run.data else ""
+    key = f"{json.dumps(fields, sort_keys=True)} {ratio:.4g}x{data}"
     if key not in cache:
         preset = bb.preset
-        probe = trim(bb.net, TrimConfig(**{**preset.trim, **run.calibrate}), adapter="meter")
-        c = calibrate(probe, bb.test_ds, run.ratio, preset.calibration_instances)
-        cache[key] = {"calibrate": run.calibrate, "ratio": run.ratio, "forced_ratio": c["forced_ratio"],
+        probe = trim(bb.net, TrimConfig(**{**preset.trim, **fields}), adapter="meter")
+        c = calibrate(probe, bb.test_ds, ratio, preset.calibration_instances)
+        cache[key] = {"calibrate": fields, "data": run.data, "ratio": ratio, "forced_ratio": c["forced_ratio"],
                       **_selector_targets(probe, c["token_target"], c["head_target"])}
-        log(f"          {run.method}: own targets for {run.ratio:g}x ({run.calibrate}) -> forced MACs ratio "
-            f"{c['forced_ratio']:.2f}")
+        log(f"          {run.method}: own targets for {ratio:.2f}x ({fields or 'the preset'}{data}) -> forced MACs "
+            f"ratio {c['forced_ratio']:.2f}")
     c = cache[key]
-    return {**run.calibrate, "token_target": c["token_target"], "head_target": c["head_target"] or 1.0}
+    return {**fields, "token_target": c["token_target"], "head_target": c["head_target"] or 1.0}
 
 
 #: FTKD's layer stacks of the demo's METER, as groups that keep the same layers (the co-attention
@@ -346,6 +382,54 @@ def _table6_write(res: Result) -> list[Path]:
     path = res.out / "table6.md"
     path.write_text(_header(res, what) + _table(res.rows, res.full) + "\n")
     return [path]
+
+
+# ------------------------------------------------------------------------------------------------
+# Table 5: a higher resolution, trimmed, at the MACs of a lower one
+# ------------------------------------------------------------------------------------------------
+#: the higher resolution: cells of twice the pixels (2 x 2 patches per cell, 4x the vision tokens); the
+#: same grids, digits and questions (the datasets draw them from the same seeds)
+TABLE5_SCALE = 2
+
+
+def _table5_runs() -> list[Run]:
+    from .demo import FULL
+
+    hi = {"cell": FULL.data["cell"] * TABLE5_SCALE}
+    return [Run("METER (full), higher resolution", "none", 1.0, kind="full", data=hi),
+            Run("SmartTrim, higher resolution", "cross_modal", 1.0, data=hi, match_default_macs=True)]
+
+
+def _table5_write(res: Result) -> list[Path]:
+    from .demo import cell
+
+    p = res.backbone.preset
+    lo = p.data["cell"] * p.data["grid"]
+    hi_rows = [r for r in res.rows if r.get("data")]
+    hi = hi_rows[0]["data"]["cell"] * p.data["grid"] if hi_rows else lo * TABLE5_SCALE
+    what = (f"The paper's Table 5: a model at a higher input resolution, trimmed to the MACs of the model at a "
+            f"lower resolution, against that lower-resolution model untrimmed. Lower resolution: the default "
+            f"backbone ({lo} px images, one 16 px patch per cell). Higher resolution: a second backbone trained "
+            f"the same way on {hi} px images of the same grids and questions ({hi // lo}x{hi // lo} patches per "
+            f"cell); SmartTrim's keep targets are calibrated so that its MACs equal the lower-resolution full "
+            f"model's. MACs ratios are against the lower-resolution full model (below 1: more MACs).")
+    lines = ["| model | resolution | accuracy | Δ vs lower-resolution full | GMACs / instance | MACs ratio | "
+             "kept vision tokens | kept heads |", "|---|---|---|---|---|---|---|---|",
+             f"| METER (full) | {lo} px | {100 * res.full['accuracy']:.1f} | - | {res.full['gmacs']:.4f} | 1.00x | "
+             "1.00 | 1.00 |"]
+    for r in res.rows:
+        d = dict(r, delta=r["accuracy"] - res.full["accuracy"], delta_std=r.get("accuracy_std", 0.0))
+        px = r["data"]["cell"] * p.data["grid"] if r.get("data") else lo
+        lines.append(f"| {r['method'].split(',')[0]} | {px} px | {cell(r, 'accuracy', '.1f', 100)} | "
+                     f"{cell(d, 'delta', '+.1f', 100)} | {cell(r, 'gmacs', '.4f')} | "
+                     f"{cell(r, 'macs_ratio', '.2f', suffix='x')} | {cell(r, 'keep_vision', '.2f')} | "
+                     f"{cell(r, 'keep_heads', '.2f')} |")
+    calib = [f"| {c['ratio']:.2f}x fewer MACs than its own full model | {c['forced_ratio']:.2f}x (forced) |"
+             for c in res.extra.get("own_calibration", {}).values()]
+    md = res.out / "table5.md"
+    md.write_text(_header(res, what) + "\n".join(lines) + "\n\n| SmartTrim's calibration goal | reached by the "
+                  "calibrated targets |\n|---|---|\n" + "\n".join(calib) + "\n")
+    return [md]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -878,6 +962,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "table6": Experiment("table6", "Table 6: ablations of SmartTrim's training strategies",
                          "SmartTrim at 1.5x/2x/2.5x, minus stable init, minus curriculum, minus self-distillation",
                          _table6_runs, _table6_write),
+    "table5": Experiment("table5", "Table 5: higher resolution trimmed vs lower resolution full",
+                         "a backbone at twice the image resolution, SmartTrim-trimmed to the MACs of the default "
+                         "backbone, vs that backbone untrimmed", _table5_runs, _table5_write),
     "static": Experiment("static", "Table 1: static baselines FTKD and TRIPS-style",
                          "FTKD (layers of the backbone + distillation) and TRIPS-style (text-guided fixed-share patch "
                          "selection, task loss only) vs SmartTrim at 1.5x/2x/3x", _static_runs, _static_write),
