@@ -374,3 +374,25 @@ def test_trimmed_generation_masked_removed_packed_agree(adapter, qwen):
     assert len({tuple(l) for l in removed.cache_lengths}) == 3
     off = _generate(tmodel, x, mode="off")
     assert float((off.logits - removed.logits).abs().max()) > 1e-3
+
+
+def test_left_padded_batch_generates_transformers_tokens(adapter, qwen):
+    """transformers' batched generation pads on the left (its M-RoPE index skips the padding): with
+    everything kept, trimkit's generate on that batch gives its own generate()'s tokens."""
+    from trimkit_qwen2_vl import flat_pixel_values
+
+    model, tmodel = qwen
+    x = adapter.example_inputs(model, 3, seed=8)
+    shifts = [int((m == 0).sum()) for m in x["attention_mask"]]
+    assert max(shifts) > 0
+    ids = torch.stack([r.roll(s) for r, s in zip(x["input_ids"], shifts)])
+    mask = torch.stack([r.roll(s) for r, s in zip(x["attention_mask"], shifts)])
+    grid = x["image_grid_thw"]
+    with torch.no_grad():
+        hf = model.model.generate(input_ids=ids, attention_mask=mask, image_grid_thw=grid,
+                                  pixel_values=flat_pixel_values(x["pixel_values"], grid),
+                                  mm_token_type_ids=(ids == model.config.image_token_id).int(), max_new_tokens=NEW,
+                                  min_new_tokens=NEW, eos_token_id=None, do_sample=False)
+    ours = _generate(tmodel, dict(x, input_ids=ids, attention_mask=mask))
+    assert ours.tokens.tolist() == hf[:, ids.shape[1]:].tolist()
+    assert ours.tokens.tolist() == _generate(tmodel, x).tokens.tolist()  # its right-padded twin's

@@ -324,16 +324,55 @@ def test_batched_generation_with_per_instance_counts_equals_each_alone(adapter, 
     assert differ  # instances kept different counts in some trimmed layer
 
 
+def _left_padded(ids, mask):
+    """A right-padded batch with each row's padding moved to its left (transformers' padding_side='left')."""
+    shifts = [int((row == 0).sum()) for row in mask]
+    return (torch.stack([row.roll(s) for row, s in zip(ids, shifts)]),
+            torch.stack([row.roll(s) for row, s in zip(mask, shifts)]))
+
+
+def test_left_padded_batches_generate_transformers_tokens(adapter, model):
+    """transformers' batched generation pads on the left: with everything kept, our tokens are its own
+    generate() on that batch; trimmed, a left-padded batch generates exactly what its right-padded
+    twin does (the same positions), and sequences() reads the prompt where it sits."""
+    from trimkit_llava import generate, right_align
+
+    x = adapter.example_inputs(model, 3, seed=11)
+    ids, mask = _left_padded(x["input_ids"], x["attention_mask"])
+    assert not bool(mask[:, 0].all()) and bool(mask[:, -1].all())  # padding on the left of some rows
+    back, back_mask, starts = right_align(ids, mask)
+    assert torch.equal(back, x["input_ids"]) and torch.equal(back_mask, x["attention_mask"])
+    assert starts == [int((m == 0).sum()) for m in x["attention_mask"]] and max(starts) > 0
+    T = 6
+    with torch.no_grad():
+        hf = model.model.generate(input_ids=ids, pixel_values=x["pixel_values"], attention_mask=mask,
+                                  max_new_tokens=T, do_sample=False, min_new_tokens=T)
+    ours = generate(_trimmed(model), ids, x["pixel_values"], mask, max_new_tokens=T, eos_token_id=NEVER)
+    assert ours.tokens.tolist() == hf[:, ids.shape[1]:].tolist()
+    trimmed = _trimmed(model, seed=2)
+    left = generate(trimmed, ids, x["pixel_values"], mask, max_new_tokens=T, eos_token_id=NEVER, return_logits=True)
+    right = generate(trimmed, x["input_ids"], x["pixel_values"], x["attention_mask"], max_new_tokens=T,
+                     eos_token_id=NEVER, return_logits=True)
+    assert torch.equal(left.tokens, right.tokens) and torch.equal(left.logits, right.logits)
+    assert left.cache_lengths == right.cache_lengths and any(
+        c < n for cs, n in zip(left.cache_lengths, left.prompt_lengths) for c in cs)  # trimming happened
+    assert [s.tolist() for s in left.sequences(ids)] == [s.tolist() for s in right.sequences(x["input_ids"])]
+
+
 def test_misuse_is_refused_by_name(adapter, model):
-    from trimkit_llava import generate
+    from trimkit_llava import generate, prefill
 
     tmodel = _trimmed(model)
     x = adapter.example_inputs(model, 2, seed=3)
     ids, pixels, mask = x["input_ids"], x["pixel_values"], x["attention_mask"]
     assert not bool(mask.all())
-    left = torch.stack([row.roll(int((row == 0).sum())) for row in mask])  # the padding moved to the left
-    with pytest.raises(ValueError, match="left padding is not supported"):
-        generate(tmodel, ids, pixels, left, max_new_tokens=2)
+    inside = mask.clone()
+    inside[0, 1] = 0  # padding inside a prompt: neither left nor right padding
+    with pytest.raises(ValueError, match=r"rows \[0\] of attention_mask are not right-padded"):
+        generate(tmodel, ids, pixels, inside, max_new_tokens=2)
+    left_ids, left = _left_padded(ids, mask)
+    with pytest.raises(ValueError, match="left padding is not supported by the prefill"):
+        prefill(tmodel, left_ids, pixels, left)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(tmodel, ids, pixels, mask, max_new_tokens=0)
     with pytest.raises(ValueError, match="2 images for 1 prompts"):

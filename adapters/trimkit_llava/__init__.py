@@ -82,8 +82,11 @@ The CLIP vision tower is trimmed too with ``vision_trim_layers`` (``wrap``/``bui
 its kept tokens (:class:`trimkit.TokensFrom`, :func:`trimkit.restore_tokens`); generation caches
 only the tokens the tower kept and the LM layers then kept.
 
-Not supported yet: left padding (pad on the
-right; :func:`generate` refuses left-padded masks by name); several images per instance or
+Left padding: :func:`generate` takes left-padded batches (transformers' batched-generation layout) and
+prefills them right-aligned (:func:`right_align`: the same positions, so the same tokens); the wrapper's
+own forward and :func:`prefill` take right padding only and refuse left padding by name.
+
+Not supported yet: several images per instance or
 ``vision_feature_layer`` lists; beam search (greedy and sampled decoding only); the wrapper's own forward
 takes no cache (``use_cache`` is not supported there; :func:`generate` is the way to decode).
 
@@ -105,10 +108,11 @@ from trimkit.plugins import hookimpl
 from .adapter import TINY_TEXT, TINY_VISION, LlavaAdapter, describe_llava, wrap
 
 __all__ = ["TINY_TEXT", "TINY_VISION", "KeptCache", "LlavaAdapter", "LlavaForTrimming", "LlavaGeneration",
-           "describe_llava", "generate", "llava_segment_starts", "prefill", "wrap"]
+           "describe_llava", "generate", "llava_segment_starts", "prefill", "right_align", "wrap"]
 
 _LAZY = {"LlavaForTrimming": "modeling", "llava_segment_starts": "modeling", "generate": "generation",
-         "prefill": "generation", "LlavaGeneration": "generation", "KeptCache": "generation"}
+         "prefill": "generation", "LlavaGeneration": "generation", "KeptCache": "generation",
+         "right_align": "generation"}
 
 
 def __getattr__(name: str):  # modeling is imported on first use (it is cheap, but keeps the plugin minimal)

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["KeptCache", "LlavaGeneration", "decode_step", "generate", "prefill"]
+__all__ = ["KeptCache", "LlavaGeneration", "decode_step", "generate", "prefill", "right_align"]
 
 _MODES = ("remove", "packed", "hard", "off")
 
@@ -75,7 +75,9 @@ class LlavaGeneration:
     EOS its row holds ``pad_token_id``, and generation stops early when every row has ended, as
     transformers does); ``cache_lengths``: per instance and decoder layer the keys its prefill
     cached (= the tokens that layer computed: fewer in and after the trimmed layers);
-    ``prompt_lengths``: per instance its real prompt length; ``generated``: per instance its
+    ``prompt_lengths``: per instance its real prompt length; ``prompt_starts``: per instance the
+    column of its first real prompt token in the ``input_ids`` given (0, or its left padding);
+    ``generated``: per instance its
     generated tokens up to and including its EOS (the rest of its row is padding); ``logits``:
     ``(B, T, V)`` the next-token logits each token was chosen from (only with ``return_logits=True``;
     after an instance's EOS, those of the padding it was fed)."""
@@ -85,11 +87,37 @@ class LlavaGeneration:
     prompt_lengths: list[int]
     generated: list[int]
     logits: torch.Tensor | None = None
+    prompt_starts: list[int] | None = None
 
     def sequences(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Per instance its real prompt ids followed by its generated ids (EOS included, padding not)."""
-        return [torch.cat([input_ids[b, :n], self.tokens[b, :g]])
-                for b, (n, g) in enumerate(zip(self.prompt_lengths, self.generated))]
+        """Per instance its real prompt ids (from the ``input_ids`` given to :func:`generate`, left- or
+        right-padded) followed by its generated ids (EOS included, padding not)."""
+        starts = self.prompt_starts or [0] * len(self.prompt_lengths)
+        return [torch.cat([input_ids[b, s:s + n], self.tokens[b, :g]])
+                for b, (s, n, g) in enumerate(zip(starts, self.prompt_lengths, self.generated))]
+
+
+def right_align(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """A left-padded batch (``padding_side="left"``, what transformers' batched generation uses) in the
+    right-padded layout the trimmed prefill reads: each row's real tokens moved to its start, the
+    padding after them. Returns ``(input_ids, attention_mask, starts)``, ``starts`` the column where
+    each row's real tokens began. Nothing else changes: transformers numbers a left-padded row's
+    positions from its first real token (position ids from the mask's running count), as a
+    right-padded row's are numbered, so the generated tokens are the same. A row whose real tokens are
+    not one contiguous run (padding inside the prompt) is left as it is, for the prefill to refuse."""
+    if attention_mask is None or input_ids.dim() != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        return input_ids, attention_mask, [0] * (input_ids.shape[0] if input_ids.dim() else 0)
+    real = attention_mask != 0
+    N = real.shape[1]
+    starts = torch.where(real.any(1), real.int().argmax(1), torch.zeros_like(real[:, 0], dtype=torch.long))
+    lengths = real.sum(1)
+    cols = torch.arange(N, device=real.device)[None]
+    run = (cols >= starts[:, None]) & (cols < (starts + lengths)[:, None])
+    shift = torch.where((run == real).all(1), starts, torch.zeros_like(starts))  # contiguous rows only
+    if not bool(shift.any()):
+        return input_ids, attention_mask, [0] * real.shape[0]
+    take = (cols + shift[:, None]) % N  # row b's column j reads column j + shift_b: the real run first
+    return input_ids.gather(1, take), attention_mask.gather(1, take), shift.tolist()
 
 
 def _cache_kwarg(attention: nn.Module) -> str:
@@ -195,8 +223,10 @@ def _check_inputs(input_ids: torch.Tensor, pixel_values: torch.Tensor,
     bad = (real != prefix).any(1)
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten().tolist()
-        raise ValueError(f"trimkit_llava.generate: rows {rows} of attention_mask are not right-padded (a 0 before "
-                         "a 1): left padding is not supported; pad on the right (tokenizer.padding_side = 'right')")
+        raise ValueError(f"trimkit_llava: rows {rows} of attention_mask are not right-padded (a 0 before a 1): "
+                         "left padding is not supported by the prefill; pad on the right "
+                         "(tokenizer.padding_side = 'right'), or call generate(), which right-aligns left-padded "
+                         "rows (padding inside a prompt is refused there too)")
     lengths = lengths.tolist()
     if min(lengths) == 0:
         raise ValueError(f"trimkit_llava.generate: rows {[b for b, n in enumerate(lengths) if n == 0]} have no real "
@@ -359,8 +389,9 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
 
     ``tmodel``: ``trimkit.trim(trimkit_llava.wrap(model), config)`` in eval mode. ``input_ids``
     ``(B, N)`` with one contiguous run of image tokens per row, ``pixel_values`` ``(B, 3, H, W)``,
-    ``attention_mask`` ``(B, N)`` with padding on the right only (left padding raises a
-    ``ValueError``). ``mode``: ``"remove"`` (default: each instance prefilled alone at batch 1,
+    ``attention_mask`` ``(B, N)``: padding on the right or on the left (a left-padded batch is
+    prefilled in the right-padded layout, :func:`right_align`: the same positions, the same tokens;
+    padding inside a prompt raises a ``ValueError``). ``mode``: ``"remove"`` (default: each instance prefilled alone at batch 1,
     with its own kept counts), ``"packed"`` (the batch prefilled in one packed forward, the same
     caches), ``"hard"`` (masked, the reference) or ``"off"`` (untrimmed); see :func:`prefill`.
     Decoding is batched either way. ``eos_token_id`` / ``pad_token_id``: default the model's
@@ -394,6 +425,7 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
         pad_token_id = text.pad_token_id if pad_token_id is None else pad_token_id
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
+    input_ids, attention_mask, starts = right_align(input_ids, attention_mask)
     _check_window(wrapper, int(max_new_tokens) + (int(attention_mask.ne(0).sum(1).max()) if attention_mask is not None
                                                   else input_ids.shape[-1]))
     with torch.no_grad():
@@ -420,4 +452,4 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
     ends = torch.isin(out, eos_t) if eos else torch.zeros_like(out, dtype=torch.bool)
     generated = [int(row.nonzero()[0]) + 1 if bool(row.any()) else out.shape[1] for row in ends]
     return LlavaGeneration(out, kept.lengths, kept.prompt_lengths, generated,
-                           torch.stack(scores, 1) if return_logits else None)
+                           torch.stack(scores, 1) if return_logits else None, starts)

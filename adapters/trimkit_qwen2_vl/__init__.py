@@ -49,7 +49,8 @@ random one.
 
 Not supported yet: videos (refused), several images per instance, trimming inside the vision tower
 (it runs whole, as one call: its merger makes one LM token of each 2x2 patch group, which
-:class:`trimkit.TokensFrom`'s one-to-one contract does not cover), sliding-window decoder layers (refused), left padding (refused),
+:class:`trimkit.TokensFrom`'s one-to-one contract does not cover), sliding-window decoder layers (refused), left padding in the wrapper's forward (refused by
+name; :func:`generate` right-aligns a left-padded batch),
 beam search (greedy and sampled decoding only), a cache in the wrapper's own forward.
 """
 
