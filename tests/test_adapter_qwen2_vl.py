@@ -396,3 +396,28 @@ def test_left_padded_batch_generates_transformers_tokens(adapter, qwen):
     ours = _generate(tmodel, dict(x, input_ids=ids, attention_mask=mask))
     assert ours.tokens.tolist() == hf[:, ids.shape[1]:].tolist()
     assert ours.tokens.tolist() == _generate(tmodel, x).tokens.tolist()  # its right-padded twin's
+
+
+def test_beam_search_is_transformers_beam_search(adapter, qwen):
+    """num_beams=3, everything kept, a batch with per-instance M-RoPE deltas (repeated per beam and
+    reordered with the cache): transformers' generate(num_beams=3) tokens of each instance alone."""
+    from trimkit_qwen2_vl import flat_pixel_values
+
+    model, tmodel = qwen
+    x = adapter.example_inputs(model, 3, seed=8)
+    from trimkit_qwen2_vl.generation import generate
+
+    ours = generate(tmodel, x["input_ids"], x["pixel_values"], x["image_grid_thw"], x["attention_mask"],
+                    max_new_tokens=NEW, eos_token_id=[], num_beams=3)
+    greedy = _generate(tmodel, x)
+    for b in range(3):
+        n = int(x["attention_mask"][b].sum())
+        ids, grid = x["input_ids"][b:b + 1, :n], x["image_grid_thw"][b:b + 1]
+        with torch.no_grad():
+            hf = model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), image_grid_thw=grid,
+                                      pixel_values=flat_pixel_values(x["pixel_values"][b:b + 1], grid),
+                                      mm_token_type_ids=(ids == model.config.image_token_id).int(),
+                                      max_new_tokens=NEW, min_new_tokens=NEW, eos_token_id=None, do_sample=False,
+                                      num_beams=3)
+        assert ours.tokens[b].tolist() == hf[0, n:].tolist(), b
+    assert ours.tokens.tolist() != greedy.tokens.tolist()

@@ -393,3 +393,55 @@ def test_misuse_is_refused_by_name(adapter, model):
     # the cache hooks are removed after each call
     generate(tmodel, ids, pixels, mask, max_new_tokens=1)
     assert all(not layer.self_attn._forward_pre_hooks for layer in model.model.model.language_model.layers)
+
+
+def _hf_beams(model, ids, pixels, mask, T, k, **kw):
+    with torch.no_grad():
+        out = model.model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=T,
+                                   num_beams=k, do_sample=False, **kw)
+    return out[:, ids.shape[1]:]
+
+
+def test_beam_search_is_transformers_beam_search(adapter, model):
+    """num_beams=3 with everything kept: transformers' generate(num_beams=3) tokens, alone and in a
+    left-padded batch, without an EOS and with one that ends beams early (finished hypotheses, length
+    penalty); trimmed: removed prefill == masked prefill, and the beams differ from greedy."""
+    from trimkit_llava import generate
+
+    x = adapter.example_inputs(model, 3, seed=11)
+    T, k = 6, 3
+    tmodel = _trimmed(model)
+    pad = model.config.text_config.pad_token_id
+    for b in range(3):
+        ids, pixels = _alone(x, b)
+        hf = _hf_beams(model, ids, pixels, torch.ones_like(ids), T, k, eos_token_id=None)
+        ours = generate(tmodel, ids, pixels, max_new_tokens=T, num_beams=k, eos_token_id=NEVER)
+        assert ours.tokens.tolist() == hf.tolist() and ours.generated == [T]
+    left_ids, left = _left_padded(x["input_ids"], x["attention_mask"])
+    hf = _hf_beams(model, left_ids, x["pixel_values"], left, T, k, eos_token_id=None)
+    ours = generate(tmodel, left_ids, x["pixel_values"], left, max_new_tokens=T, num_beams=k, eos_token_id=NEVER)
+    assert ours.tokens.tolist() == hf.tolist()
+    greedy = generate(tmodel, left_ids, x["pixel_values"], left, max_new_tokens=T, eos_token_id=NEVER)
+    assert ours.tokens.tolist() != greedy.tokens.tolist()  # beams found other sequences somewhere
+    # an EOS that some beam reaches: finished hypotheses compete with running ones (length penalty 1.0)
+    eos = int(ours.tokens[0, 2])
+    for lp in (1.0, -0.5):
+        hf = _hf_beams(model, left_ids, x["pixel_values"], left, T, k, eos_token_id=eos, pad_token_id=pad,
+                       length_penalty=lp)
+        got = generate(tmodel, left_ids, x["pixel_values"], left, max_new_tokens=T, num_beams=k, eos_token_id=eos,
+                       pad_token_id=pad, length_penalty=lp)
+        assert any(g < T for g in got.generated)  # some instance ended at its EOS
+        for b, g in enumerate(got.generated):
+            # transformers fills after the EOS with pad_token_id, or the EOS when the pad id is 0; ours: pad
+            assert got.tokens[b, :g].tolist() == hf[b, :g].tolist() and bool(torch.isin(hf[b, g:], torch.tensor([pad, eos])).all())
+            assert (got.tokens[b, g:] == pad).all() and (g == T or int(got.tokens[b, g - 1]) == eos)
+    trimmed = _trimmed(model, seed=2)
+    args = (x["input_ids"], x["pixel_values"], x["attention_mask"])
+    removed = generate(trimmed, *args, max_new_tokens=T, num_beams=k, eos_token_id=NEVER)
+    masked = generate(trimmed, *args, max_new_tokens=T, num_beams=k, eos_token_id=NEVER, mode="hard")
+    assert removed.tokens.tolist() == masked.tokens.tolist()
+    assert removed.cache_lengths == masked.cache_lengths and len(removed.cache_lengths) == 3
+    with pytest.raises(ValueError, match="beam sampling"):
+        generate(tmodel, *args, max_new_tokens=2, num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="apply to beam search"):
+        generate(tmodel, *args, max_new_tokens=2, length_penalty=2.0)

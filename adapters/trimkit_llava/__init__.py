@@ -87,7 +87,7 @@ prefills them right-aligned (:func:`right_align`: the same positions, so the sam
 own forward and :func:`prefill` take right padding only and refuse left padding by name.
 
 Not supported yet: several images per instance or
-``vision_feature_layer`` lists; beam search (greedy and sampled decoding only); the wrapper's own forward
+``vision_feature_layer`` lists; beam sampling (greedy, sampled and beam-search decoding are supported); the wrapper's own forward
 takes no cache (``use_cache`` is not supported there; :func:`generate` is the way to decode).
 
 >>> import trimkit

@@ -61,6 +61,17 @@ class KeptCache:
     prompt_lengths: list[int]
     offsets: list[int] | None = None  # per instance added to its decode positions (M-RoPE deltas); None: 0
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the instances at ``rows`` (B',) of the batch, in that order, repeats allowed (beam search:
+        each instance's cache repeated per beam, then reordered to the beams that continue)."""
+        self.cache.reorder_cache(rows)
+        self.valid = [v.index_select(0, rows.to(v.device)) for v in self.valid]
+        idx = rows.tolist()
+        self.prompt_lengths = [self.prompt_lengths[r] for r in idx]
+        self.lengths = [self.lengths[r] for r in idx]
+        if self.offsets is not None:
+            self.offsets = [self.offsets[r] for r in idx]
+
     @property
     def stored(self) -> list[int]:
         """Rows stored per layer (the batch's longest instance, padding included; it grows by one per step)."""
@@ -378,12 +389,78 @@ def _warpers(gen_cfg, temperature: float | None, top_k: int | None, top_p: float
     return warpers
 
 
+def _beam_search(tmodel: nn.Module, hf: nn.Module, logits: torch.Tensor, kept: KeptCache, max_new_tokens: int,
+                 num_beams: int, eos: list[int], pad_token_id: int, length_penalty: float,
+                 early_stopping: bool | str) -> tuple[torch.Tensor, list[int]]:
+    """Beam search over a kept-token cache, with transformers' own beam-search steps (the
+    ``GenerationMixin`` helpers its ``generate(num_beams=k)`` runs: top-k continuations, running and
+    finished beams, length penalty, early-stopping heuristic), on generated tokens only (its
+    ``decoder_prompt_len`` = 0: every rule there counts generated tokens, so per-instance prompt
+    lengths need no common padded length). ``logits``: (B, V) prefill next-token logits; the cache is
+    repeated per beam and reordered to the continuing beams after every step. Returns the best beam's
+    tokens (B, T) and its generated length per instance."""
+    steps = ("_get_top_k_continuations", "_get_running_beams_for_next_iteration", "_update_finished_beams",
+             "_check_early_stop_heuristic", "_beam_search_has_unfinished_sequences")
+    if not all(callable(getattr(hf, s, None)) for s in steps):
+        import transformers
+
+        raise NotImplementedError(f"trimkit_llava.generate: num_beams > 1 runs transformers' beam-search steps "
+                                  f"({', '.join(steps)}), which transformers {transformers.__version__} does not have "
+                                  "(they came with its 4.50 beam-search rewrite); use greedy or sampled decoding")
+    B, V = logits.shape
+    k, T, dev = num_beams, max_new_tokens, logits.device
+    kept.select(torch.arange(B, device=dev).repeat_interleave(k))
+    logits = logits.repeat_interleave(k, 0)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
+    keep = max(2, 1 + len(eos)) * k
+    top_mask = torch.cat([torch.ones(k, dtype=torch.bool), torch.zeros(keep - k, dtype=torch.bool)]).to(dev)
+    running = torch.full((B, k, T), pad_token_id, dtype=torch.long, device=dev)
+    finished = running.clone()
+    running_scores = torch.zeros(B, k, device=dev)
+    running_scores[:, 1:] = -1e9  # only the first beam continues at step 0 (the beams are identical)
+    scores = torch.full((B, k), -1e9, device=dev)
+    ended = torch.zeros(B, k, dtype=torch.bool, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    running_idx = torch.full((B, k, T), -1, dtype=torch.int32, device=dev)
+    finished_idx = running_idx.clone()
+    cur = 0
+    while True:
+        log_probs = torch.log_softmax(logits.float(), dim=-1).view(B, k, V) + running_scores[:, :, None]
+        top_lp, top_seq, top_idx = hf._get_top_k_continuations(
+            accumulated_log_probs=log_probs.reshape(B, k * V), running_sequences=running, running_beam_indices=running_idx,
+            cur_len=cur, decoder_prompt_len=0, do_sample=False, beams_to_keep=keep, num_beams=k, batch_size=B)
+        hits = torch.isin(top_seq[:, :, cur], eos_t) | (cur + 1 >= T)  # transformers' EOS and max-length criteria
+        running, running_scores, running_idx = hf._get_running_beams_for_next_iteration(
+            topk_log_probs=top_lp, topk_running_sequences=top_seq, topk_running_beam_indices=top_idx,
+            next_token_hits_stopping_criteria=hits, num_beams=k)
+        finished, scores, finished_idx, ended = hf._update_finished_beams(
+            sequences=finished, topk_running_sequences=top_seq, beam_scores=scores, topk_log_probs=top_lp,
+            beam_indices=finished_idx, topk_running_beam_indices=top_idx, is_early_stop_heuristic_unsatisfied=improvable,
+            is_sent_finished=ended, next_token_hits_stopping_criteria=hits, top_num_beam_mask=top_mask, num_beams=k,
+            cur_len=cur, decoder_prompt_len=0, length_penalty=length_penalty, early_stopping=early_stopping)
+        rows = running_idx[..., cur].reshape(-1).long()  # the flat cache row each continuing beam extends
+        cur += 1
+        improvable = hf._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=improvable, running_beam_scores=running_scores, beam_scores=scores,
+            is_sent_finished=ended, cur_len=cur, max_length=T, decoder_prompt_len=0, early_stopping=early_stopping,
+            length_penalty=length_penalty)
+        if not bool(hf._beam_search_has_unfinished_sequences(improvable, ended, hits, early_stopping)):
+            break
+        kept.select(rows)
+        logits = decode_step(tmodel, kept, running[:, :, cur - 1].reshape(-1), cur - 1)
+    lengths = ((finished_idx[:, 0] + 1) != 0).sum(1)
+    best = finished[:, 0, :int(lengths.max())].clone()
+    best[torch.arange(best.shape[1], device=dev)[None] >= lengths[:, None]] = pad_token_id
+    return best, lengths.tolist()
+
+
 def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
              attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20, *,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, mode: str = "remove",
              return_logits: bool = False, inputs: dict[str, torch.Tensor] | None = None, do_sample: bool = False,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None) -> LlavaGeneration:
+             generator: torch.Generator | None = None, num_beams: int = 1, length_penalty: float | None = None,
+             early_stopping: bool | str | None = None) -> LlavaGeneration:
     """Greedy or sampled generation from a trimmed LLaVA whose KV cache holds only the kept tokens
     (module docstring).
 
@@ -405,9 +482,22 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
     ``top_p`` default to the model's ``generation_config`` (transformers' defaults: 1.0, 50, 1.0).
     ``generator``: the random source (default the global one, as transformers uses, so under the same
     ``torch.manual_seed`` an untrimmed model samples transformers' own tokens). ``logits`` are the raw
-    next-token logits either way."""
+    next-token logits either way.
+
+    ``num_beams > 1``: beam search with transformers' own beam-search steps (:func:`_beam_search`; the
+    result is its ``generate(num_beams=k)``'s best beam), the prefill's kept-token cache repeated per
+    beam; ``length_penalty`` / ``early_stopping`` default to the model's ``generation_config``
+    (transformers' defaults: 1.0, False). Not with ``do_sample`` (beam sampling) or ``return_logits``."""
     if int(max_new_tokens) < 1:
         raise ValueError(f"trimkit_llava.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if int(num_beams) < 1:
+        raise ValueError(f"trimkit_llava.generate: num_beams must be >= 1, got {num_beams}")
+    if int(num_beams) > 1 and (do_sample or return_logits):
+        raise ValueError("trimkit_llava.generate: num_beams > 1 is beam search; beam sampling (do_sample=True) and "
+                         "return_logits are not supported with it")
+    if int(num_beams) == 1 and (length_penalty is not None or early_stopping is not None):
+        raise ValueError("trimkit_llava.generate: length_penalty and early_stopping apply to beam search; pass "
+                         "num_beams > 1")
     wrapper = _wrapper(tmodel)
     gen_cfg = getattr(wrapper.model, "generation_config", None)
     if not do_sample and any(v is not None for v in (temperature, top_k, top_p, generator)):
@@ -430,6 +520,14 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
                                                   else input_ids.shape[-1]))
     with torch.no_grad():
         logits, kept = prefill(tmodel, input_ids, pixel_values, attention_mask, mode, inputs)
+        if int(num_beams) > 1:
+            lp = length_penalty if length_penalty is not None else getattr(gen_cfg, "length_penalty", None)
+            es = early_stopping if early_stopping is not None else getattr(gen_cfg, "early_stopping", None)
+            cache_lengths, prompt_lengths = kept.lengths, kept.prompt_lengths
+            out, generated = _beam_search(tmodel, wrapper.model, logits, kept, int(max_new_tokens), int(num_beams), eos,
+                                          int(pad_token_id), 1.0 if lp is None else float(lp),
+                                          False if es is None else es)
+            return LlavaGeneration(out, cache_lengths, prompt_lengths, generated, None, starts)
         eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens, scores = [], []

@@ -51,7 +51,7 @@ Not supported yet: videos (refused), several images per instance, trimming insid
 (it runs whole, as one call: its merger makes one LM token of each 2x2 patch group, which
 :class:`trimkit.TokensFrom`'s one-to-one contract does not cover), sliding-window decoder layers (refused), left padding in the wrapper's forward (refused by
 name; :func:`generate` right-aligns a left-padded batch),
-beam search (greedy and sampled decoding only), a cache in the wrapper's own forward.
+beam sampling (greedy, sampled and beam-search decoding are supported), a cache in the wrapper's own forward.
 """
 
 from __future__ import annotations
