@@ -270,3 +270,38 @@ def test_compiled_training_steps_equal_eager(tmp_path):
     assert runs["aot_eager"] == pytest.approx(runs["no"], rel=1e-5)
     with pytest.raises(ValueError, match="compile"):
         _config(tmp_path, compile="fast")
+
+
+def test_a_teacher_model_gives_the_objective_its_logits_and_never_trains(tmp_path):
+    """Trainer(objective=, teacher=) (FTKD's distillation): the objective gets the teacher's logits on
+    the same batch as full_logits, the teacher stays frozen and in eval mode, the student trains;
+    a teacher that shares weights with the student, or next to self-distillation, is refused."""
+    import copy
+
+    cfg = _config(tmp_path, steps=3, trim=False)
+    student = Trainer(cfg).net
+    teacher = copy.deepcopy(student)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    seen = []
+
+    def objective(logits, labels, records, full_logits=None):
+        seen.append((full_logits, teacher.training))
+        mse = torch.nn.functional.mse_loss(logits, full_logits)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels) + mse, "mse": mse}
+
+    trainer = Trainer(cfg, model=student, objective=objective, teacher=teacher)
+    batch = next(trainer._batches(0))
+    trainer.fit()
+    assert len(seen) == 3 and all(f is not None and not f.requires_grad and not training for f, training in seen)
+    teacher.eval()
+    with torch.no_grad():  # the first step's full_logits are the teacher's on that batch
+        torch.testing.assert_close(seen[0][0], teacher(**model_inputs(teacher, batch)))
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert any(not torch.equal(start[k], v) for k, v in trainer.net.state_dict().items())
+    assert [r.get("mse") is not None for r in trainer.history] == [True] * 3
+    with pytest.raises(ConfigError, match="shares .* parameters with the model being trained"):
+        Trainer(cfg, model=student, objective=objective, teacher=student)
+    sd = ExperimentConfig.from_dict({**cfg.model_dump(), "trim": {"token_target": 0.5}, "recipe": {"lambda_sd": 1.0}})
+    with pytest.raises(ConfigError, match="choose one"):
+        Trainer(sd, teacher=teacher)

@@ -128,7 +128,8 @@ def right_align(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
     if not bool(shift.any()):
         return input_ids, attention_mask, [0] * real.shape[0]
     take = (cols + shift[:, None]) % N  # row b's column j reads column j + shift_b: the real run first
-    return input_ids.gather(1, take), attention_mask.gather(1, take), shift.tolist()
+    return (input_ids.gather(1, take.to(input_ids.device)), attention_mask.gather(1, take.to(attention_mask.device)),
+            shift.tolist())
 
 
 def _cache_kwarg(attention: nn.Module) -> str:

@@ -9,8 +9,8 @@ How trimkit sees it (as ``llava``): the decoder's sequence is one stream ``seq``
 segments whose bounds differ per instance (``StreamSpec(segment_starts="segment_starts")``, an input
 made by :func:`qwen2_vl_segment_starts`): ``prompt`` (summary: its first token), ``image`` (summary:
 the mean of its kept tokens) and ``question`` (summary: its last real token; always kept, so the
-next-token logits are there in every mode). Padding is ``attention_mask``, on the right only (left
-padding is refused by name). Token and head trimmers sit in the decoder layers ``trim_layers`` (a
+next-token logits are there in every mode). Padding is ``attention_mask``, on the right only in the
+wrapper's forward (left padding is refused by name; :func:`generate` right-aligns a left-padded batch). Token and head trimmers sit in the decoder layers ``trim_layers`` (a
 build / from_pretrained / :func:`wrap` option; default: the middle half); the others are rewritten
 so the kept-token state reaches them. Attention is trimmed at the kernel (transformers'
 ``AttentionInterface``): the model's RoPE, grouped-query heads and causal masking run unchanged.

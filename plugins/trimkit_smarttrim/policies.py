@@ -146,10 +146,13 @@ class TripsTokenPolicy(nn.Module):
 
     The logits are each token's margin to the cut (the midpoint between the lowest kept and the
     highest dropped score, held constant), at least ``MARGIN`` on the right side: decisions
-    (``logit > 0``) are exactly the top-k, while training's sampled masks are sigmoids of the
-    scores, so the task loss trains ``W_q``/``W_k`` (TRIPS trains them through its fused token,
+    (``logit > 0``) are exactly the top-k, while training's sampled masks are sigmoids of those
+    clamped margins, so the task loss trains ``W_q``/``W_k`` (TRIPS trains them through its fused token,
     which trimkit's mask contract leaves out: a dropped token is neither key nor value). With a
     temperature decaying to ~0 (sampler ``sharpen``) the training masks converge to the decision.
+    Where a row has no cut (its budget keeps every token it decides on, as at a later layer whose
+    share an earlier layer already met, or keeps none) its logits are +-100: nothing to learn there,
+    and a sampled mask then equals the decision.
     """
 
     uses_context = True  # for TokenContext.top (present, protected, budget) ...
@@ -187,6 +190,8 @@ class TripsTokenPolicy(nn.Module):
             cut = torch.where(low >= big, high, torch.where(high <= -big, low, (low + high) / 2))
         margin = scores - cut[:, None]
         logits = torch.where(keep, margin.clamp_min(self.MARGIN), margin.clamp_max(-self.MARGIN))
+        no_cut = ~((keep & free).any(1) & (free & ~keep).any(1))  # every free token kept, or none
+        logits = torch.where(no_cut[:, None], torch.where(keep, 100.0, -100.0).to(logits.dtype), logits)
         return logits.masked_fill(context.protected, 100.0)
 
 

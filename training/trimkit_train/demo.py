@@ -506,7 +506,8 @@ def full_row(bb: Backbone) -> dict[str, Any]:
 
 
 #: row fields averaged over seeds (mean and std) by :func:`aggregate`
-NUMERIC = ("accuracy", "gmacs", "macs_ratio", "latency_ratio", "keep_tokens", "keep_heads", "keep_vision", "keep_text")
+NUMERIC = ("accuracy", "gmacs", "macs_ratio", "latency_ratio", "keep_tokens", "keep_heads", "keep_vision", "keep_text",
+           "macs_ratio_own", "full_accuracy_own")
 
 
 def aggregate(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

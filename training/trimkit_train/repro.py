@@ -81,13 +81,27 @@ class Run:
     # calibration); the run trims with them too (e.g. TRIPS-style: vision tokens of the ViT only, no heads)
     calibrate: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        if self.kind not in RUN_KINDS:
+            raise ValueError(f"Run({self.method!r}).kind must be one of {RUN_KINDS}, got {self.kind!r}")
+
     @property
     def name(self) -> str:
-        slug = "".join(c if c.isalnum() else "-" for c in self.method.lower()).strip("-")
-        while "--" in slug:
-            slug = slug.replace("--", "-")
-        data = "".join(f"-{k}{v}" for k, v in sorted(self.data.items()))
-        return f"{slug}-{self.policy}-{self.ratio:g}x{data}"
+        """The run's directory name (``runs/NAME-seedN``); unique within an experiment (checked)."""
+        data = f"-{_slug(self.data)}" if self.data else ""
+        return f"{_slug(self.method)}-{self.policy}-{self.ratio:g}x{data}"
+
+
+RUN_KINDS = ("trim", "ftkd", "full")
+
+
+def _slug(value: Any) -> str:
+    """A path-safe lower-case slug of a label or of data options (``{"cell": 32}`` -> ``cell-32``)."""
+    text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+    slug = "".join(c if c.isalnum() or c == "." else "-" for c in text.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug
 
 
 @dataclass(frozen=True)
@@ -135,7 +149,9 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
         f" --steps {steps}" if steps is not None else "")
     preset = preset_for(quick, steps)
     runs = exp.runs()
-    ratios = tuple(sorted({r.ratio for r in runs} - {1.0}))  # 1.0: the run gives its own targets
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):  # two runs in one directory: the second would overwrite the first
+        raise ValueError(f"experiment {name!r}: runs share a name: {sorted({n for n in names if names.count(n) > 1})}")
     t0 = time.perf_counter()
 
     def stamp() -> str:
@@ -143,8 +159,9 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
 
     log(f"{stamp()} repro {name}: {len(runs)} configurations x {seeds} seed(s), "
         f"{preset.finetune['steps']} fine-tune steps each")
-    # --quick: a coarser bisection of the targets (its numbers mean nothing anyway)
-    bb = prepare_backbone(preset, out, ratios, progress, log, stamp, calibration_iterations=6 if quick else 12)
+    iterations = 6 if quick else 12  # --quick: a coarser bisection of the targets (its numbers mean nothing anyway)
+    default_ratios = tuple(sorted({r.ratio for r in runs if not r.data} - {1.0}))  # 1.0: the run gives its own
+    bb = prepare_backbone(preset, out, default_ratios, progress, log, stamp, calibration_iterations=iterations)
     models: dict[tuple[int, str], Any] = {}
     per_seed: list[list[dict[str, Any]]] = []
     extra: dict[str, Any] = {}
@@ -152,12 +169,13 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
 
     def backbone_of(run: Run) -> Backbone:
         """The default backbone, or one trained on the run's data options (once per options)."""
-        key = json.dumps(run.data, sort_keys=True) if run.data else ""
+        key = _slug(run.data) if run.data else ""
         if key not in backbones:
-            slug = "data" + "".join(f"-{k}{v}" for k, v in sorted(run.data.items()))
             log(f"{stamp()}     a second backbone for data options {run.data}")
-            backbones[key] = prepare_backbone(replace(preset, data={**preset.data, **run.data}), out / "runs" / slug,
-                                              (), progress, log, stamp)
+            own = tuple(sorted({r.ratio for r in runs if _slug(r.data) == key} - {1.0}))
+            backbones[key] = prepare_backbone(replace(preset, data={**preset.data, **run.data}),
+                                              out / "runs" / f"data-{key}", own, progress, log, stamp,
+                                              calibration_iterations=iterations)
         return backbones[key]
 
     for seed in range(seeds):
@@ -178,7 +196,9 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
                     trim_cfg, ratio = {**_own_targets(rb, run, extra, log, goal), **run.trim}, 1.0
                 tm = finetune(rb, key, run.policy, ratio, seed=seed, trim_cfg=trim_cfg, recipe=run.recipe,
                               stable_init=run.stable_init, prepare=prepare, log=log)
-            row = measure(rb, tm, run.method, run.policy, run.ratio, latency=False, name=key if run.kind != "full" else None)
+            # a checkpoint only where trimkit eval can rebuild it (not the backbone itself, nor FTKD's cut model)
+            row = measure(rb, tm, run.method, run.policy, run.ratio, latency=False,
+                          name=key if run.kind == "trim" else None)
             if rb is not bb:  # MACs against the default backbone's full model, the table's reference row
                 row.update(macs_ratio_own=row["macs_ratio"], macs_ratio=bb.full_eval()["gmacs"] / row["gmacs"],
                            data=run.data, full_accuracy_own=rb.full_eval()["accuracy"])
@@ -215,14 +235,15 @@ def _static_heads(bb: Backbone, run: Run, seed: int, extra: dict[str, Any], log:
     spec = get_registry().adapters.get("meter").describe(bb.net)
     sites = set(run.trim.get("head_layers") or [])
     layers = {layer.path for layer in spec.layers if not sites or layer.site in sites or layer.path in sites}
-    if "importance" not in extra:
+    where = f"importance-{_slug(run.data)}" if run.data else "importance"  # once per backbone
+    if where not in extra:
         t = time.perf_counter()
         n = min(len(bb.train_ds), 8 * bb.preset.macs_instances)
         imp = head_importance(bb.net, spec, bb.train_ds, layers=layers, instances=n)
-        extra["importance"] = {k: v.tolist() for k, v in imp.items()}
-        extra["importance_instances"] = n
+        extra[where] = {k: v.tolist() for k, v in imp.items()}
+        extra[f"{where}_instances"] = n
         log(f"{stamp()}     head importance (Michel et al.) over {n} train instances in {time.perf_counter() - t:.0f}s")
-    imp = {k: torch.tensor(v) for k, v in extra["importance"].items()}
+    imp = {k: torch.tensor(v) for k, v in extra[where].items()}
     masks = static_head_masks(imp, float(run.trim["head_target"]), run.heads, torch.Generator().manual_seed(seed))
     extra.setdefault("static_heads", {})[f"{run.name}-seed{seed}"] = {k: v.int().tolist() for k, v in masks.items()}
     return lambda tm: install_static_heads(tm, masks)
@@ -239,7 +260,7 @@ def _own_targets(bb: Backbone, run: Run, extra: dict[str, Any], log: Callable[[s
 
     fields = run.calibrate or {}
     cache = extra.setdefault("own_calibration", {})
-    data = f" {json.dumps(run.data, sort_keys=True)}" if run.data else ""
+    data = f" {_slug(run.data)}" if run.data else ""
     key = f"{json.dumps(fields, sort_keys=True)} {ratio:.4g}x{data}"
     if key not in cache:
         preset = bb.preset
@@ -276,7 +297,7 @@ def _ftkd(bb: Backbone, run: Run, name: str, seed: int, extra: dict[str, Any], l
 
     preset = bb.preset
     cache = extra.setdefault("ftkd_depths", {})
-    key = f"{run.ratio:g}x"
+    key = f"{run.ratio:g}x" + (f" {_slug(run.data)}" if run.data else "")  # once per backbone and ratio
     if key not in cache:
         collate = collate_of(bb.test_ds)
         xs = [model_inputs(bb.net, collate([bb.test_ds[i]])) for i in range(preset.calibration_instances)]
@@ -294,10 +315,12 @@ def _ftkd(bb: Backbone, run: Run, name: str, seed: int, extra: dict[str, Any], l
     student = select_layers(bb.net, layers)
     cfg = _experiment(preset, preset.finetune, bb.out / "runs" / name, None, None, bb.progress, run.recipe, seed)
     objective = FTKDObjective(task_of(cfg.data, bb.train_ds), student, teacher, layer_pairs(layers))
-    tr = Trainer(cfg, model=student, train_dataset=bb.train_ds, eval_dataset=bb.test_ds, objective=objective,
-                 teacher=teacher)
-    tr.fit(overwrite=True)
-    objective.remove()
+    try:
+        tr = Trainer(cfg, model=student, train_dataset=bb.train_ds, eval_dataset=bb.test_ds, objective=objective,
+                     teacher=teacher)
+        tr.fit(overwrite=True)
+    finally:
+        objective.remove()
     return tr.net
 
 
@@ -404,23 +427,27 @@ def _table5_write(res: Result) -> list[Path]:
     from .demo import cell
 
     p = res.backbone.preset
-    lo = p.data["cell"] * p.data["grid"]
-    hi_rows = [r for r in res.rows if r.get("data")]
-    hi = hi_rows[0]["data"]["cell"] * p.data["grid"] if hi_rows else lo * TABLE5_SCALE
+
+    def pixels(row: dict[str, Any] | None) -> int:  # image side of a row's data (None: the default backbone's)
+        return {**p.data, **((row or {}).get("data") or {})}["cell"] * p.data["grid"]
+
+    lo = pixels(None)
+    hi = max([pixels(r) for r in res.rows] + [lo])
+    patch = res.backbone.test_ds.patch_size
     what = (f"The paper's Table 5: a model at a higher input resolution, trimmed to the MACs of the model at a "
             f"lower resolution, against that lower-resolution model untrimmed. Lower resolution: the default "
-            f"backbone ({lo} px images, one 16 px patch per cell). Higher resolution: a second backbone trained "
-            f"the same way on {hi} px images of the same grids and questions ({hi // lo}x{hi // lo} patches per "
-            f"cell); SmartTrim's keep targets are calibrated so that its MACs equal the lower-resolution full "
-            f"model's. MACs ratios are against the lower-resolution full model (below 1: more MACs).")
+            f"backbone ({lo} px images, {p.data['cell'] // patch}x{p.data['cell'] // patch} {patch} px patch(es) per "
+            f"cell). Higher resolution: a second backbone trained the same way on {hi} px images of the same grids "
+            f"and questions ({hi // lo}x{hi // lo} times the patches); SmartTrim's keep targets are calibrated so "
+            f"that its MACs equal the lower-resolution full model's. MACs ratios are against the lower-resolution "
+            f"full model (below 1: more MACs).")
     lines = ["| model | resolution | accuracy | Δ vs lower-resolution full | GMACs / instance | MACs ratio | "
              "kept vision tokens | kept heads |", "|---|---|---|---|---|---|---|---|",
              f"| METER (full) | {lo} px | {100 * res.full['accuracy']:.1f} | - | {res.full['gmacs']:.4f} | 1.00x | "
              "1.00 | 1.00 |"]
     for r in res.rows:
         d = dict(r, delta=r["accuracy"] - res.full["accuracy"], delta_std=r.get("accuracy_std", 0.0))
-        px = r["data"]["cell"] * p.data["grid"] if r.get("data") else lo
-        lines.append(f"| {r['method'].split(',')[0]} | {px} px | {cell(r, 'accuracy', '.1f', 100)} | "
+        lines.append(f"| {r['method'].split(',')[0]} | {pixels(r)} px | {cell(r, 'accuracy', '.1f', 100)} | "
                      f"{cell(d, 'delta', '+.1f', 100)} | {cell(r, 'gmacs', '.4f')} | "
                      f"{cell(r, 'macs_ratio', '.2f', suffix='x')} | {cell(r, 'keep_vision', '.2f')} | "
                      f"{cell(r, 'keep_heads', '.2f')} |")

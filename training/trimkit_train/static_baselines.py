@@ -116,10 +116,13 @@ class FTKDObjective:
     """``task(student) + alpha_pred * distill(student, teacher) + alpha_hidden * mean_l MSE(h_l, h'_l)``.
 
     ``pairs`` are ``(student module path, teacher module path)`` whose outputs (their first tensor)
-    are matched; forward hooks on those modules record them on every forward of either model (the
-    objective reads the latest ones, then clears them). ``task`` is a
-    :class:`trimkit.protocols.Task` (its ``loss`` and ``distill``). Logged terms: ``task``, ``kd``
-    (prediction layer) and ``hidden``."""
+    are matched. Forward hooks record them: a student forward with gradients starts a new record (a
+    pre-hook on the student clears the last one), the student's layers record only with gradients
+    enabled (evaluation forwards record nothing), the teacher's always (it runs without gradients,
+    after the student, in the Trainer's step); a module called several times per forward (e.g. one
+    tower for two images) is matched call by call. The objective reads the record, then clears it.
+    ``task`` is a :class:`trimkit.protocols.Task` (its ``loss`` and ``distill``). Logged terms:
+    ``task``, ``kd`` (prediction layer) and ``hidden``."""
 
     needs_full_pass = False  # the teacher is another model, run by the Trainer (teacher=)
 
@@ -130,8 +133,8 @@ class FTKDObjective:
                 raise ValueError(f"FTKDObjective: {name} must be finite and >= 0, got {v}")
         self.task, self.alpha_pred, self.alpha_hidden = task, float(alpha_pred), float(alpha_hidden)
         self.pairs = list(pairs)
-        self._out: dict[tuple[str, str], torch.Tensor] = {}
-        self.handles = []
+        self._out: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.handles = [student.register_forward_pre_hook(self._start)]
         for side, model in (("student", student), ("teacher", teacher)):
             for j, pair in enumerate(self.pairs):
                 path = pair[0] if side == "student" else pair[1]
@@ -141,9 +144,15 @@ class FTKDObjective:
                     raise ValueError(f"FTKDObjective: the {side} has no module {path!r}") from None
                 self.handles.append(module.register_forward_hook(self._hook(side, j)))
 
+    def _start(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():
+            self._out.clear()
+
     def _hook(self, side: str, j: int) -> Callable:
         def record(module: nn.Module, args: Any, out: Any) -> None:
-            self._out[(side, str(j))] = _first_tensor(out)
+            if side == "student" and not torch.is_grad_enabled():
+                return  # an evaluation forward (or a checkpointed layer's recomputation)
+            self._out.setdefault((side, j), []).append(_first_tensor(out))
         return record
 
     def remove(self) -> None:
@@ -159,14 +168,24 @@ class FTKDObjective:
         task = self.task.loss(logits, labels)
         kd = self.task.distill(logits, full_logits.detach(), labels)
         hidden = logits.new_zeros(())
-        if self.pairs:
-            terms = []
-            for j in range(len(self.pairs)):
-                s, t = self._out.get(("student", str(j))), self._out.get(("teacher", str(j)))
-                if s is None or t is None:
-                    raise RuntimeError(f"FTKDObjective: layer pair {self.pairs[j]} did not run in this step's forward")
-                terms.append(torch.nn.functional.mse_loss(s.float(), t.detach().float()))
-            hidden = torch.stack(terms).mean()
-        self._out.clear()
+        try:
+            if self.pairs:
+                terms = []
+                for j, pair in enumerate(self.pairs):
+                    s, t = self._out.get(("student", j), []), self._out.get(("teacher", j), [])
+                    if not s or not t:
+                        raise RuntimeError(f"FTKDObjective: layer pair {pair} did not run in this step's forwards "
+                                           f"(student calls {len(s)}, teacher calls {len(t)})")
+                    if len(s) != len(t):
+                        raise RuntimeError(f"FTKDObjective: layer pair {pair} ran {len(s)} times in the student and "
+                                           f"{len(t)} in the teacher")
+                    if logits.requires_grad and not all(x.requires_grad for x in s):
+                        raise RuntimeError(f"FTKDObjective: the student's output of {pair[0]!r} carries no gradient "
+                                           "(reentrant activation checkpointing?): its hidden-state loss would train "
+                                           "nothing")
+                    terms += [torch.nn.functional.mse_loss(a.float(), b.detach().float()) for a, b in zip(s, t)]
+                hidden = torch.stack(terms).mean()
+        finally:
+            self._out.clear()
         loss = task + self.alpha_pred * kd + self.alpha_hidden * hidden
         return {"loss": loss, "task": task, "kd": kd, "hidden": hidden}

@@ -1005,7 +1005,8 @@ class Trainer:
             :class:`trimkit.protocols.Objective`); default: the recipe's (trimmed model) or the
             task loss (plain model).
         teacher: a model run on every training batch without gradients (in eval mode, on the
-            training device, never checkpointed) whose logits the objective gets as
+            training device, in the run's mixed precision, never checkpointed; not sharded: each
+            process holds a whole copy, also under ``train.fsdp``) whose logits the objective gets as
             ``full_logits``: distillation from another model (e.g.
             :class:`trimkit_train.static_baselines.FTKDObjective`). Not with an objective that asks for
             the full pass of a trimmed model (``needs_full_pass``): there is one teacher per step.
@@ -1102,8 +1103,11 @@ class Trainer:
             if self.tmodel is not None and getattr(self.objective, "needs_full_pass", False):
                 raise ConfigError("Trainer: a teacher model and an objective that needs the trimmed model's own full "
                                   "pass (self-distillation: recipe.lambda_sd > 0) both give full_logits; choose one")
-            if teacher is model or teacher is self.net:
-                raise ConfigError("Trainer: the teacher is the model being trained; pass a separate (frozen) copy")
+            own = {id(p) for p in self.net.parameters()}
+            shared = [n for n, p in teacher.named_parameters() if id(p) in own]
+            if shared:  # freezing it would freeze the trained model's weights too
+                raise ConfigError(f"Trainer: the teacher shares {len(shared)} parameters with the model being trained "
+                                  f"(e.g. {shared[0]!r}); pass a separate copy (copy.deepcopy(model))")
             self.teacher = teacher.to(acc.device).eval().requires_grad_(False)
         if tc.freeze_backbone:  # before sharding: FSDP reads requires_grad when it shards
             if self.tmodel is None:
@@ -1214,8 +1218,8 @@ class Trainer:
         failure: BaseException | None = None
         try:
             out, records, full_out = self.model(**inputs)
-            if self.teacher is not None:
-                with torch.no_grad():
+            if self.teacher is not None:  # in the run's mixed precision, as the step module runs
+                with torch.no_grad(), acc.autocast():
                     full_out = self.teacher(**inputs)
             logits = _logits(out)
             full_logits = _logits(full_out) if full_out is not None else None
