@@ -329,6 +329,11 @@ def _full(bb: Backbone) -> dict[str, Any]:
     return {"accuracy": ev["accuracy"], "gmacs": ev["gmacs"]}
 
 
+def _delta(row: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with ``delta`` (its accuracy minus the full model's) and ``delta_std`` (its seed spread)."""
+    return dict(row, delta=row["accuracy"] - full["accuracy"], delta_std=row.get("accuracy_std", 0.0))
+
+
 def _header(res: Result, what: str, finetuned: bool = True) -> str:
     p = res.backbone.preset
     setting = (f"# {res.experiment.title}\n\n{what}\n\nDigit-grid VQA ({p.data['grid']}x{p.data['grid']} cells of "
@@ -446,7 +451,7 @@ def _table5_write(res: Result) -> list[Path]:
              f"| METER (full) | {lo} px | {100 * res.full['accuracy']:.1f} | - | {res.full['gmacs']:.4f} | 1.00x | "
              "1.00 | 1.00 |"]
     for r in res.rows:
-        d = dict(r, delta=r["accuracy"] - res.full["accuracy"], delta_std=r.get("accuracy_std", 0.0))
+        d = _delta(r, res.full)
         lines.append(f"| {r['method'].split(',')[0]} | {pixels(r)} px | {cell(r, 'accuracy', '.1f', 100)} | "
                      f"{cell(d, 'delta', '+.1f', 100)} | {cell(r, 'gmacs', '.4f')} | "
                      f"{cell(r, 'macs_ratio', '.2f', suffix='x')} | {cell(r, 'keep_vision', '.2f')} | "
@@ -579,7 +584,7 @@ def _fig4b_write(res: Result) -> list[Path]:
              "|---|---|---|---|---|---|---|",
              f"| METER (full) | 1.0 | {100 * res.full['accuracy']:.1f} | - | 1.00 | {res.full['gmacs']:.4f} | 1.00x |"]
     for r in res.rows:
-        delta = dict(r, delta=r["accuracy"] - res.full["accuracy"], delta_std=r.get("accuracy_std", 0.0))
+        delta = _delta(r, res.full)
         lines.append(f"| {r['method'].rsplit(' ', 1)[0]} | {r['trim_overrides']['head_target']:g} | "
                      f"{cell(r, 'accuracy', '.1f', 100)} | {cell(delta, 'delta', '+.1f', 100)} | "
                      f"{cell(r, 'keep_heads', '.2f')} | {cell(r, 'gmacs', '.4f')} | "
