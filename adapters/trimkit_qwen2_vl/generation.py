@@ -38,7 +38,8 @@ def generate(tmodel: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Ten
     """Greedy or sampled generation from ``trimkit.trim(trimkit_qwen2_vl.wrap(model), config)`` (eval
     mode) whose KV cache holds only the kept tokens; ``options`` as ``trimkit_llava.generate``'s
     (``mode``, ``eos_token_id``, ``pad_token_id``, ``return_logits``, ``do_sample``, ``temperature``,
-    ``top_k``, ``top_p``, ``generator``). Every fresh (keep-all) trimmer gives transformers' own
-    ``generate(do_sample=False)``."""
+    ``top_k``, ``top_p``, ``generator``, ``num_beams``, ``length_penalty``, ``early_stopping``); a
+    left-padded batch is right-aligned. Every fresh (keep-all) trimmer gives transformers' own
+    ``generate(do_sample=False)`` (and ``generate(num_beams=k)`` with ``num_beams=k``)."""
     return _generate(tmodel, input_ids, _batched(pixel_values, image_grid_thw), attention_mask, max_new_tokens,
                      inputs={"image_grid_thw": image_grid_thw}, **options)
