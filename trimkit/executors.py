@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map
 
 from .engine import packed as P
 from .engine.packed import PackedCall
-from .ops import AttnTrim, TokenState, _rows
+from .ops import AttnTrim, TokenState, _rows, group_logits
 from .segments import SegmentTokenTrimmer
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class MaskedExecutor:
             else:
                 logits, head_logits = layer._decide(seq, cls_self, cls_ctx, cls_attn, self_ctx, cls_ctx)
             hstate, hidden = rt.token_step(layer.key, spec.stream, logits, hidden, hstate, layer.token_dim,
-                                           protected=protected)
+                                           protected=protected, group=layer.group)
             a[layer.hidden_name] = hidden
         layer._align_side(a, hstate, cstate)
         if layer.tokens_only:
@@ -157,7 +157,7 @@ class RemoveExecutor:
         if head_logits is None:
             head_logits = layer._head_logits(cls_self, layer._attn_cls(a, cls_ctx, astates), self_ctx, cls_ctx)
         hstate, hidden, trims = rt.remove_step(layer.key, logits, head_logits, hidden, hstate, layer.token_dim,
-                                               protected, segments, stream=spec.stream)
+                                               protected, segments, stream=spec.stream, group=layer.group)
         a[layer.hidden_name] = hidden
         layer._align_side(a, hstate, cstate)
         if layer.tokens_only:
@@ -246,6 +246,10 @@ class PackedExecutor:
             hb = hidden if bf else hidden.transpose(0, 1)
             B, N = hb.shape[:2]
             real_mask, real = rt.real_tokens(spec.stream, B, N, hb.device)
+            if layer.group > 1 and any(n % layer.group for n in real):
+                raise ValueError(f"layer {spec.path!r}: stream {spec.stream!r} drops tokens in runs of {layer.group} "
+                                 f"(StreamSpec.group), but its instances have {list(real)} real tokens: pad each "
+                                 "instance to whole runs")
             cls_self = hb[:, 0]
             if layer.pooled:
                 w = real_mask.to(hb.dtype) if real_mask is not None else torch.ones(B, N, dtype=hb.dtype,
@@ -306,7 +310,7 @@ class PackedExecutor:
                 else:
                     logits = tokens(hb, cls_self, cls_ctx)
                 rt.watch(layer.key, logits)
-                keep &= logits > 0
+                keep &= group_logits(logits, layer.group, f"token trimmer {layer.key!r}") > 0
             if not layer.segments:
                 # [CLS] (and the stream's other protected tokens) always kept, unless they are padding: the
                 # packed counts must equal the real tokens kept (an all-padding row is refused earlier)
@@ -326,7 +330,8 @@ class PackedExecutor:
             else:
                 logits = P.token_logits(tokens, rows, hp, cls_self, cls_ctx)
             rt.watch(layer.key, logits)
-            keep = logits > 0
+            # runs stay aligned on the rows: every instance keeps whole runs, so its rows start at a multiple
+            keep = group_logits(logits, layer.group, f"token trimmer {layer.key!r}") > 0
             keep.index_fill_(0, summary.reshape(-1) if layer.segments else hp.starts, True)  # summaries always kept
             if layer.last:
                 keep.index_fill_(0, summary[:, 0], True)

@@ -87,6 +87,7 @@ class TrimmedLayer(nn.Module):
         self.update_output = spec.updates[0].output if spec.updates else None
         self.segments = list(stream.segments) if stream is not None else []
         self.protected = stream.protected if stream is not None else 1  # leading tokens never dropped
+        self.group = stream.group if stream is not None else 1  # tokens kept or dropped in runs of this many
         self.pooled = stream is not None and stream.summary == "mean"  # summary: mean of kept tokens, not token 0
         # summary: the last real token (per instance, always kept), found from the stream's layout
         self.last = bool(stream is not None and not stream.segments and stream.summary == "last")

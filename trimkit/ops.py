@@ -140,6 +140,34 @@ def _runs(index: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def group_logits(logits: torch.Tensor, group: int, where: str) -> torch.Tensor:
+    """A stream that drops tokens in runs (:attr:`~trimkit.spec.StreamSpec.group`): token logits
+    ``(..., N)`` with each run of ``group`` consecutive tokens given the mean of its logits, so every
+    decision taken from them (a threshold, a sample per run) keeps or drops the run whole. ``where``
+    names the trimmer in the error for a length that is not whole runs."""
+    if group == 1:
+        return logits
+    n = logits.shape[-1]
+    if n % group:
+        raise ValueError(f"{where}: {n} tokens are not whole runs of {group} (StreamSpec.group): every instance's "
+                         f"tokens (and real tokens) must come in runs of {group}")
+    return logits.unflatten(-1, (n // group, group)).mean(-1).repeat_interleave(group, dim=-1)
+
+
+def _group_host(values: list[float], group: int, where: str) -> list[float]:
+    """:func:`group_logits` on host values (mode remove)."""
+    if group == 1:
+        return values
+    if len(values) % group:
+        raise ValueError(f"{where}: {len(values)} tokens are not whole runs of {group} (StreamSpec.group): every "
+                         f"instance's tokens (and real tokens) must come in runs of {group}")
+    out = []
+    for i in range(0, len(values), group):
+        mean = sum(values[i:i + group]) / group
+        out += [mean] * group
+    return out
+
+
 @dataclass
 class Runtime:
     """State shared by every trimmed layer during one forward of a :class:`TrimmedModel`."""
@@ -237,19 +265,25 @@ class Runtime:
     def token_step(
         self, key: str, stream: str, logits: torch.Tensor, hidden: torch.Tensor, state: TokenState | None, token_dim: int,
         protected: list[int] | torch.Tensor | None = None, segments: tuple[list[str], torch.Tensor] | None = None,
+        group: int = 1,
     ) -> tuple[TokenState, torch.Tensor]:
         """Apply a token trimmer's logits (B, N_cur) to a stream; returns (new state, new hidden).
 
         ``protected``: positions always kept (default: the [CLS] at 0), the same for every instance
         (a list) or per instance (a (B, P) tensor: a segmented stream's summary tokens). ``segments``:
         (names, segment of each position, (N,) or per instance (B, N)) of a segmented stream: one
-        record per segment, keyed ``"{key}:{name}"``, with that segment's kept fraction."""
+        record per segment, keyed ``"{key}:{name}"``, with that segment's kept fraction. ``group``: the
+        stream drops tokens in runs of that many (:func:`group_logits`; one sample per run)."""
         if self.mode == "remove":  # one token trimmer alone (the layer path uses remove_step)
-            state, hidden, _ = self.remove_step(key, logits, [], hidden, state, token_dim)
+            state, hidden, _ = self.remove_step(key, logits, [], hidden, state, token_dim, group=group)
             return state, hidden
         logits = self.forced.get(key, logits)
         self.watch(key, logits)
-        m = self._mask(logits)
+        if group > 1:
+            logits = group_logits(logits, group, f"token trimmer {key!r}")
+            m = self._mask(logits[..., ::group]).repeat_interleave(group, dim=-1)  # one sample per run
+        else:
+            m = self._mask(logits)
         if protected is None:
             ones = torch.ones_like(m[:, :1])
             m = torch.cat([ones, m[:, 1:]], dim=1)  # [CLS] always kept (no in-place write on a graph tensor)
@@ -306,7 +340,7 @@ class Runtime:
         self, key: str, token_logits: torch.Tensor | None, head_logits: list[torch.Tensor | None],
         hidden: torch.Tensor, state: TokenState | None, token_dim: int,
         protected: torch.Tensor | None = None, segments: tuple[list[str], torch.Tensor, list[int]] | None = None,
-        stream: str | None = None,
+        stream: str | None = None, group: int = 1,
     ) -> tuple[TokenState | None, torch.Tensor, list[AttnTrim | None]]:
         """Mode remove (batch 1): a layer's token decision and all its head decisions, taken with one
         host synchronisation. Returns (new token state, hidden with the kept tokens gathered, per
@@ -343,6 +377,7 @@ class Runtime:
         if token_logits is not None:
             values = host.pop(0)
             self._watch_host(key, token_logits, values)
+            values = _group_host(values, group, f"token trimmer {key!r}")  # runs kept or dropped whole
             flags = [v > 0 for v in values]  # NaN: dropped (and reported after the forward)
             for j in (host.pop(0) if protected is not None else (0,)):  # [CLS] / the summaries: always kept
                 flags[int(j)] = True

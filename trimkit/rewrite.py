@@ -325,7 +325,7 @@ def rewrite(
             if st is None:
                 raise TraceError(f"trimkit.restore_tokens({stream!r}): no layer of stream {stream!r} feeds its input "
                                  "in the traced forward")
-            node.kwargs = {**node.kwargs, "trimkit_state": st}
+            node.kwargs = {**node.kwargs, "trimkit_state": st, "trimkit_group": runtime.specs[stream].group}
     # padding masks the model builds itself (StreamSpec.padding_source): recorded where they are made
     for stream, (module, index) in sources.items():
         made = [n for n in graph.nodes if n.op == "call_module" and n.target == module]

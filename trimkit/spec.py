@@ -272,6 +272,10 @@ class TokensFrom:
     its kept tokens: the model puts them back at their places with :func:`trimkit.restore_tokens`
     before it fills the segment (zeros where a token was dropped, which the segment then drops).
 
+    When the source stream drops tokens in runs (:attr:`StreamSpec.group`, a patch merger between
+    the two), each segment token is one run of its tokens from ``skip`` on (``skip`` a multiple of
+    the run length), kept where the source kept that run.
+
     The segment's first token must never be dropped by the source (it is the segment's summary
     anchor, always kept): the source stream's ``protected`` must cover position ``skip``. The
     segment's keep target counts its original tokens, the source's drops included (set it at or
@@ -368,6 +372,13 @@ class StreamSpec:
     [CLS], such as region features; the first token is still never dropped, so no instance is empty)
     or ``"last"`` (its last real token, per instance, for a decoder's sequence; it is always kept, and
     so are the ``protected`` leading tokens).
+    group: tokens are kept or dropped in runs of ``group`` consecutive tokens (from position 0),
+    for a stream whose tokens the model merges that many at a time after its layers (Qwen2-VL's
+    2x2 patch merger, a pixel-shuffle connector): every token of a run gets the mean of the run's
+    token logits, so the run is kept or dropped whole in every mode and the merger always finds
+    whole runs. ``protected`` must then be a multiple of ``group`` (whole runs kept), every instance's
+    length and real-token count a multiple of it (checked at the forward); a
+    :class:`TokensFrom` segment reading this stream takes one token per run. Not with ``segments``.
     """
 
     name: str
@@ -378,8 +389,17 @@ class StreamSpec:
     protected: int = 1
     summary: str = "first"
     segment_starts: str | None = None
+    group: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.group, int) or isinstance(self.group, bool) or self.group < 1:
+            raise ValueError(f"StreamSpec({self.name!r}).group must be an int >= 1, got {self.group!r}")
+        if self.group > 1:
+            if self.segments:
+                raise ValueError(f"StreamSpec({self.name!r}): group applies to unsegmented streams")
+            if isinstance(self.protected, int) and self.protected % self.group:
+                raise ValueError(f"StreamSpec({self.name!r}): protected={self.protected} must be a multiple of "
+                                 f"group={self.group} (the always-kept tokens are whole runs)")
         if self.cls_index != 0:
             raise ValueError(
                 f"StreamSpec({self.name!r}).cls_index={self.cls_index}: trimkit keeps [CLS] first; "
@@ -470,6 +490,11 @@ class ModelSpec:
                                      f"token {src.skip}, which that stream may drop (protected="
                                      f"{self.stream(src.stream).protected}); a segment's first token is always kept, "
                                      f"so declare StreamSpec({src.stream!r}, protected={src.skip + 1})")
+                run = self.stream(src.stream).group
+                if src.skip % run:
+                    raise ValueError(f"stream {st.name!r}, segment {g.name!r}: tokens_from skip={src.skip} must be a "
+                                     f"multiple of stream {src.stream!r}'s group ({run}): each segment token is one "
+                                     "run of its tokens")
                 if not any(l.stream == src.stream for l in self.layers):
                     raise ValueError(f"stream {st.name!r}, segment {g.name!r}: tokens_from stream {src.stream!r} has "
                                      "no described layer")

@@ -43,6 +43,38 @@ class Tracer(fx.Tracer):
             # (fx's private list of module namespaces to patch; present since torch 2.0)
             self._autowrap_search = list(getattr(self, "_autowrap_search", [])) + sorted(homes, key=lambda m: m.__name__)
 
+    def path_of_module(self, mod: nn.Module) -> str:
+        """fx's lookup, and for a module the traced code reaches through a :class:`trimkit.refs.Borrowed`
+        attribute (an adapter's view module that runs modules the backbone owns), its path through that
+        attribute: the generated module copies it from there, and nothing is registered twice."""
+        try:
+            return super().path_of_module(mod)
+        except NameError:
+            path = self._borrowed_paths().get(id(mod))
+            if path is None:
+                raise
+            return path
+
+    def _borrowed_paths(self) -> dict[int, str]:
+        from .refs import Borrowed
+
+        cache = self.__dict__.get("_trimkit_borrowed_paths")
+        if cache is None:
+            cache = {}
+            for prefix, owner in self.root.named_modules():
+                refs = getattr(owner, "_borrowed", None)
+                if not isinstance(refs, Borrowed):
+                    continue
+                for name, ref in vars(refs).items():
+                    # only a reference the owner exposes under the same name resolves as a path
+                    if not isinstance(ref, nn.Module) or getattr(owner, name, None) is not ref:
+                        continue
+                    base = f"{prefix}.{name}" if prefix else name
+                    for sub, m in ref.named_modules():
+                        cache.setdefault(id(m), f"{base}.{sub}" if sub else base)
+            self.__dict__["_trimkit_borrowed_paths"] = cache
+        return cache
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return qualname in self.leaves or super().is_leaf_module(m, qualname) or next(m.children(), None) is None
 

@@ -47,10 +47,17 @@ a model id in the local HF cache, nothing downloaded; ``config.json``'s ``model_
 or ``qwen2_5_vl``) picks the class. ``build("tiny", variant="qwen2_vl" | "qwen2_5_vl")`` makes a
 random one.
 
-Not supported yet: videos (refused), several images per instance, trimming inside the vision tower
-(it runs whole, as one call: its merger makes one LM token of each 2x2 patch group, which
-:class:`trimkit.TokensFrom`'s one-to-one contract does not cover), sliding-window decoder layers (refused), left padding in the wrapper's forward (refused by
-name; :func:`generate` right-aligns a left-padded batch),
+Trimming the vision tower too (Qwen2-VL): ``vision_trim_layers=[...]`` (a build / from_pretrained /
+:func:`wrap` option) runs the tower batched, block by block, as stream ``vision``
+(:class:`~trimkit_qwen2_vl.modeling.VisionLayout`, :class:`~trimkit_qwen2_vl.modeling.TowerBlock`:
+the tower's own modules, borrowed), padded to the largest image of the batch. Its merger makes one LM
+token of each 2x2 patch group, so the stream drops patches in whole groups
+(``StreamSpec(group=4)``) and the LM's image segment takes one token per group
+(:class:`trimkit.TokensFrom`); a group the tower dropped is never computed by the LM.
+
+Not supported yet: videos (refused), several images per instance, trimming inside Qwen2.5-VL's vision
+tower (window attention; refused by name), sliding-window decoder layers (refused), left padding in
+the wrapper's forward (refused by name; :func:`generate` right-aligns a left-padded batch),
 beam sampling (greedy, sampled and beam-search decoding are supported), a cache in the wrapper's own forward.
 """
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from trimkit.spec import ModelSpec
+from trimkit.spec import AttentionSpec, LayerSpec, ModelSpec, StreamSpec, TokensFrom
 from trimkit_llava.adapter import decoder_spec
 
 __all__ = ["TINY_TEXT", "TINY_VISION", "TINY_VISION_2_5", "Qwen2VLAdapter", "describe_qwen2_vl", "wrap"]
@@ -32,7 +32,7 @@ GRIDS = [(1, 4, 4), (1, 4, 6), (1, 6, 4), (1, 2, 4)]
 """``example_inputs``' image grids (t, h, w patches), instance ``b`` gets ``GRIDS[b % 4]``: 4, 6, 6, 2 image tokens."""
 
 VARIANTS = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}
-_OWN_OPTIONS = ("output", "trim_layers")
+_OWN_OPTIONS = ("output", "trim_layers", "vision_trim_layers")
 
 
 def _classes() -> dict[str, type]:
@@ -41,9 +41,12 @@ def _classes() -> dict[str, type]:
     return {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
 
 
-def wrap(model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | None = None) -> nn.Module:
+def wrap(model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | None = None,
+         vision_trim_layers: Sequence[int] | None = None) -> nn.Module:
     """The traceable wrapper of a ``Qwen2VLForConditionalGeneration`` or
-    ``Qwen2_5_VLForConditionalGeneration`` (weights shared, not copied)."""
+    ``Qwen2_5_VLForConditionalGeneration`` (weights shared, not copied); ``vision_trim_layers``: the
+    vision tower's blocks that get token and head trimmers (Qwen2-VL; see
+    :class:`~trimkit_qwen2_vl.modeling.Qwen2VLForTrimming`)."""
     from .modeling import Qwen2VLForTrimming
 
     if isinstance(model, Qwen2VLForTrimming):
@@ -53,7 +56,7 @@ def wrap(model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | 
                         f"Qwen2_5_VLForConditionalGeneration, got {type(model).__name__}"
                         + (" (the bare Qwen2VLModel / Qwen2_5_VLModel has no lm_head: load the "
                            "ForConditionalGeneration class)" if type(model).__name__.endswith("VLModel") else ""))
-    return Qwen2VLForTrimming(model, output=output, trim_layers=trim_layers)
+    return Qwen2VLForTrimming(model, output=output, trim_layers=trim_layers, vision_trim_layers=vision_trim_layers)
 
 
 def describe_qwen2_vl(model: nn.Module) -> ModelSpec:
@@ -63,12 +66,28 @@ def describe_qwen2_vl(model: nn.Module) -> ModelSpec:
     if not isinstance(model, Qwen2VLForTrimming):
         raise TypeError(f"trimkit_qwen2_vl: a {type(model).__name__} cannot be traced as it is; trim "
                         "trimkit_qwen2_vl.wrap(model) (same weights) instead")
-    # the vision tower (its grid arithmetic is host code), the M-RoPE positions (get_rope_index loops over
-    # the rows) and the rotary table run as single calls
-    return decoder_spec(model.config.text_config, model.trim_layers,
-                        input_names=["pixel_values", "input_ids", "image_grid_thw", "attention_mask", "segment_starts"],
-                        leaf_modules=["model.model.visual", "positions", "model.model.language_model.rotary_emb"],
-                        autowrap_functions=[flat_pixel_values])
+    inputs = ["pixel_values", "input_ids", "image_grid_thw", "attention_mask", "segment_starts"]
+    rotary = "model.model.language_model.rotary_emb"
+    if not model.vision_trim_layers:
+        # the vision tower (its grid arithmetic is host code), the M-RoPE positions (get_rope_index loops over
+        # the rows) and the rotary table run as single calls
+        return decoder_spec(model.config.text_config, model.trim_layers, input_names=inputs,
+                            leaf_modules=["model.model.visual", "positions", rotary],
+                            autowrap_functions=[flat_pixel_values])
+    # the tower trimmed too: its blocks are stream "vision" (batched, padded to the largest image), which
+    # drops patches in whole merge groups (its merger makes one LM token of each); the first group is kept,
+    # as the LM image segment's first token always is; no [CLS]: summarised by the mean of its kept patches
+    vision = model.config.vision_config
+    attn = AttentionSpec("attn", "self", vision.num_heads, via="kernel")
+    chosen = set(model.vision_trim_layers)
+    tower = [LayerSpec(f"vision_blocks.{i}", "vision", site="vision", hidden="hidden_states",
+                       hidden_token_args={"cos": 1, "sin": 1, "bias": 3}, attentions=[attn], trimmable=i in chosen)
+             for i in range(len(model.vision_blocks))]
+    stream = StreamSpec("vision", padding_source="vision_layout[4]", protected=model.merge, summary="mean",
+                        group=model.merge)
+    return decoder_spec(model.config.text_config, model.trim_layers, input_names=inputs,
+                        leaf_modules=["vision_layout", "positions", rotary],
+                        vision=(stream, tower, TokensFrom("vision")))
 
 
 class Qwen2VLAdapter:
@@ -132,7 +151,8 @@ class Qwen2VLAdapter:
                 "segment_starts": qwen2_vl_segment_starts(ids, cfg.image_token_id).to(param.device)}
 
     def build(self, size: str = "tiny", seed: int = 0, variant: str = "qwen2_vl", output: str = "logits",
-              trim_layers: Sequence[int] | None = None, **options: Any) -> nn.Module:
+              trim_layers: Sequence[int] | None = None, vision_trim_layers: Sequence[int] | None = None,
+              **options: Any) -> nn.Module:
         """A randomly initialised wrapped Qwen2-VL (``variant="qwen2_vl"``) or Qwen2.5-VL
         (``"qwen2_5_vl"``), sdpa attention: ``output`` ``"logits"`` or ``"hidden"``; ``trim_layers``
         the decoder layers that get trimmers (default: the middle half); ``options`` override the
@@ -152,11 +172,11 @@ class Qwen2VLAdapter:
         config = config_cls(text_config=text, vision_config=vision, **{**SPECIAL, **options})
         config._attn_implementation = "sdpa"
         torch.manual_seed(seed)
-        return wrap(cls(config).eval(), output=output, trim_layers=trim_layers)
+        return wrap(cls(config).eval(), output=output, trim_layers=trim_layers, vision_trim_layers=vision_trim_layers)
 
     def from_pretrained(self, source: str, *, revision: str | None = None, weights: str | None = None,
                         output: str = "logits", trim_layers: Sequence[int] | None = None,
-                        **options: Any) -> nn.Module:
+                        vision_trim_layers: Sequence[int] | None = None, **options: Any) -> nn.Module:
         """A pretrained wrapped Qwen2-VL or Qwen2.5-VL, read offline: ``source`` is a directory written
         by ``save_pretrained`` (of a ``Qwen2VLForConditionalGeneration`` /
         ``Qwen2_5_VLForConditionalGeneration`` or this wrapper's ``model``) or a Hugging Face model id
@@ -173,7 +193,7 @@ class Qwen2VLAdapter:
         def _wrap(model: nn.Module) -> nn.Module:
             for cfg in (model.config, model.config.text_config, model.config.vision_config):
                 cfg._attn_implementation = "sdpa"
-            return wrap(model, output=output, trim_layers=trim_layers)
+            return wrap(model, output=output, trim_layers=trim_layers, vision_trim_layers=vision_trim_layers)
 
         return load_transformers_pretrained(src, _classes()[src.model_type], overrides=options,
                                             accepted=_OWN_OPTIONS, wrap=_wrap)

@@ -4,17 +4,20 @@ module and :func:`qwen2_vl_segment_starts`."""
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from trimkit.entry import restore_tokens
 from trimkit.refs import Borrowed, borrowed
 
 from trimkit_llava.modeling import default_trim_layers, llava_segment_starts
 
-__all__ = ["MRopePositions", "Qwen2VLForTrimming", "batch_pixel_values", "flat_pixel_values",
-           "qwen2_vl_segment_starts"]
+__all__ = ["MRopePositions", "Qwen2VLForTrimming", "TowerAttention", "TowerBlock", "VisionLayout",
+           "batch_pixel_values", "flat_pixel_values", "qwen2_vl_segment_starts"]
 
 
 def qwen2_vl_segment_starts(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -107,6 +110,85 @@ class MRopePositions(nn.Module):
         return deltas.reshape(-1)
 
 
+class VisionLayout(nn.Module):
+    """The vision tower's input as a batched stream (a leaf: its grid arithmetic runs for real):
+    ``(pixel_values, image_grid_thw) -> (hidden (B, N, D), cos (B, N, d), sin (B, N, d), bias
+    (B, 1, 1, N), real (B, N))``, N the largest image's patch count. The tower's own patch embedding
+    and rotary table run on its flat ``(total patches, ...)`` sequence (the processor's patch order:
+    each ``merge x merge`` group of patches consecutive) and are laid out per instance, zero padded;
+    ``bias`` is the additive key mask of the padding, ``real`` 1 for each instance's patches."""
+
+    _visual = borrowed("visual", "The vision tower (registered in the wrapper's model).")
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self._borrowed = Borrowed(visual=visual)
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        from transformers.vision_utils import get_vision_position_ids
+
+        visual = self._visual
+        patches = flat_pixel_values(pixel_values, image_grid_thw)
+        flat = visual.patch_embed(patches.to(visual.get_dtype()))
+        cos, sin = visual.rotary_pos_emb(flat, get_vision_position_ids(image_grid_thw, visual.spatial_merge_size))
+        counts = image_grid_thw.prod(-1).to(flat.device)
+        n = int(counts.max())
+        real = torch.arange(n, device=flat.device)[None] < counts[:, None]
+
+        def batched(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros(real.shape[0], n, x.shape[-1])
+            out[real] = x
+            return out
+
+        bias = torch.zeros(real.shape[0], 1, 1, n, dtype=flat.dtype, device=flat.device)
+        bias = bias.masked_fill(~real[:, None, None, :], torch.finfo(flat.dtype).min)
+        return batched(flat), batched(cos), batched(sin), bias, real.long()
+
+
+class TowerAttention(nn.Module):
+    """Qwen2-VL's ``VisionAttention`` on a batched stream: ``(x (B, N, D), cos, sin (B, N, d), bias
+    (B, 1, 1, N)) -> (B, N, D)``. Its own ``qkv`` and ``proj`` and the model's own rotary function;
+    one ``F.scaled_dot_product_attention`` over each instance's patches (the module's flat form splits
+    the images by ``cu_seqlens`` on the host, which a batched stream does not need). No parameters of
+    its own: the module is borrowed."""
+
+    attention = borrowed("attention", "The tower block's VisionAttention (registered in the wrapper's model).")
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self._borrowed = Borrowed(attention=attention)
+        self.num_heads = int(attention.num_heads)
+        self.scaling = float(attention.scaling)
+        self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, N = x.shape[0], x.shape[1]
+        qkv = self.attention.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 1, 3, 4)
+        q, k, v = qkv.unbind(0)  # (B, N, H, d)
+        q, k = self.rotary(q, k, cos, sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
+                                           scale=self.scaling)
+        return self.attention.proj(y.transpose(1, 2).reshape(B, N, -1))
+
+
+class TowerBlock(nn.Module):
+    """A Qwen2-VL vision block on a batched stream, ``(hidden (B, N, D), cos, sin, bias) -> (B, N, D)``:
+    the block's own norms and MLP around :class:`TowerAttention`, as the block's forward composes them.
+    Borrows the block (its weights stay the model's, listed once)."""
+
+    block = borrowed("block", "The tower's Qwen2VLVisionBlock (registered in the wrapper's model).")
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self._borrowed = Borrowed(block=block)
+        self.attn = TowerAttention(block.attn)
+
+    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.block.norm1(hidden_states), cos, sin, bias)
+        return hidden_states + self.block.mlp(self.block.norm2(hidden_states))
+
+
 class Qwen2VLForTrimming(nn.Module):
     """``Qwen2VLForConditionalGeneration`` (or Qwen2.5-VL's) as one traceable prefill forward
     ``(pixel_values, input_ids, image_grid_thw, attention_mask=None, segment_starts=None)`` -> logits
@@ -123,9 +205,18 @@ class Qwen2VLForTrimming(nn.Module):
     real) or the processor's flat ``(total patches, dim)``; ``image_grid_thw`` ``(B, 3)``, one image
     per instance. ``attention_mask`` (read by the positions and by trimkit as padding) must be right
     padding. ``segment_starts``: :func:`qwen2_vl_segment_starts`, read by trimkit only.
+
+    ``vision_trim_layers``: the vision tower's blocks that get token and head trimmers (Qwen2-VL;
+    default none, and the tower runs as one call). With any, the tower runs batched, block by block
+    (:class:`VisionLayout`, :class:`TowerBlock`, the tower's own modules borrowed), as trimkit's stream
+    ``vision``, padded to the batch's largest image; its own merger then makes one LM token of each
+    ``spatial_merge_size ** 2`` consecutive patches, which the stream keeps or drops whole
+    (``StreamSpec.group``), and :func:`trimkit.restore_tokens` puts the merged tokens of the kept
+    groups back at their placeholders in modes remove/packed.
     """
 
-    def __init__(self, model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | None = None) -> None:
+    def __init__(self, model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | None = None,
+                 vision_trim_layers: Sequence[int] | None = None) -> None:
         super().__init__()
         if output not in ("logits", "hidden"):
             raise ValueError(f"trimkit_qwen2_vl: output must be 'logits' or 'hidden', got {output!r}")
@@ -141,6 +232,21 @@ class Qwen2VLForTrimming(nn.Module):
         self.image_token_id = int(cfg.image_token_id)
         video = getattr(cfg, "video_token_id", None)
         self.positions = MRopePositions(model.model, self.image_token_id, None if video is None else int(video))
+        visual = model.model.visual
+        depth = len(visual.blocks)
+        chosen = sorted(set(int(i) for i in (vision_trim_layers or ())))
+        bad = [i for i in chosen if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"trimkit_qwen2_vl: vision_trim_layers {bad} are not blocks of the vision tower (0.."
+                             f"{depth - 1})")
+        if chosen and hasattr(visual, "fullatt_block_indexes"):
+            raise NotImplementedError("trimkit_qwen2_vl: vision_trim_layers for Qwen2.5-VL (its tower's window "
+                                      "attention) is not supported yet; trim its decoder layers (trim_layers)")
+        self.vision_trim_layers = chosen
+        self.merge = int(visual.spatial_merge_size) ** 2  # patches per LM image token
+        if chosen:  # the tower run block by block on a batched stream (trimkit trims it as stream "vision")
+            self.vision_layout = VisionLayout(visual)
+            self.vision_blocks = nn.ModuleList(TowerBlock(b) for b in visual.blocks)
 
     @property
     def config(self):
@@ -159,8 +265,11 @@ class Qwen2VLForTrimming(nn.Module):
         qwen = self.model.model
         lm = qwen.language_model
         visual = qwen.visual
-        patches = flat_pixel_values(pixel_values, image_grid_thw)
-        features = visual(patches.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
+        if self.vision_trim_layers:
+            features = self._tower(pixel_values, image_grid_thw)
+        else:
+            patches = flat_pixel_values(pixel_values, image_grid_thw)
+            features = visual(patches.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
         h = lm.embed_tokens(input_ids)
         is_image = (input_ids == self.image_token_id)[..., None].expand_as(h)
         h = h.masked_scatter(is_image, features.to(h.dtype))
@@ -171,3 +280,17 @@ class Qwen2VLForTrimming(nn.Module):
         if self.output == "hidden":
             return h
         return self.model.lm_head(h)
+
+    def _tower(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """The vision tower block by block on the batched stream (:class:`VisionLayout`), then its own
+        merger per instance (each ``merge`` consecutive patches one token); the kept tokens back at their
+        places (:func:`trimkit.restore_tokens`) and every instance's image tokens in order, flat, as the
+        tower's ``pooler_output`` is."""
+        visual = self.model.model.visual
+        h, cos, sin, bias, real = self.vision_layout(pixel_values, image_grid_thw)
+        for block in self.vision_blocks:
+            h = block(h, cos, sin, bias)
+        merged = visual.merger(h)  # (B * n / merge, D'): the merger flattens the batch
+        merged = merged.view(h.shape[0], -1, merged.shape[-1])
+        merged = restore_tokens(merged, "vision", 0)
+        return merged[real[:, ::self.merge] != 0]
