@@ -16,6 +16,10 @@ largest one):
 * generation from the removed prefill == from the masked and packed prefill;
 * ``trimkit check`` passes; the weights are listed once (the tower's batched blocks borrow them);
   what cannot be honoured is refused by name.
+
+Both variants: Qwen2-VL, and Qwen2.5-VL, whose windowed blocks attend within windows (a mask over
+the processor's patch order, which is the tower's reorder-attend-restore); packed mode takes only
+key-padding biases, so it refuses Qwen2.5-VL's window masks by name.
 """
 
 from __future__ import annotations
@@ -43,9 +47,20 @@ def adapter():
     return get_registry().adapters.get("qwen2_vl")
 
 
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def variant(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def model(adapter):
-    return adapter.build(seed=4, vision_trim_layers=[0, 1]).eval()
+def model(adapter, variant):
+    return adapter.build(seed=4, variant=variant, vision_trim_layers=[0, 1]).eval()
+
+
+def _packed_refused(variant):
+    """Qwen2.5-VL's windowed blocks mask attention across windows: packed mode takes key-padding
+    biases only and refuses them by name (masked and remove modes run them)."""
+    return variant == "qwen2_5_vl"
 
 
 def _trimmed(model, seed=None):
@@ -72,8 +87,8 @@ def _one(x, b):
             "segment_starts": x["segment_starts"][b:b + 1]}
 
 
-def test_the_batched_tower_is_the_hf_model(adapter, model):
-    plain = adapter.build(seed=4).eval()  # the same weights; the tower runs as one call
+def test_the_batched_tower_is_the_hf_model(adapter, model, variant):
+    plain = adapter.build(seed=4, variant=variant).eval()  # the same weights; the tower runs as one call
     x = adapter.example_inputs(model, 3, seed=1)
     assert len({tuple(g) for g in x["image_grid_thw"].tolist()}) > 1  # images of different sizes: padding
     real = x["attention_mask"].bool()
@@ -94,6 +109,28 @@ def test_the_batched_tower_is_the_hf_model(adapter, model):
     assert [l.path for l in spec.layers if l.stream == "vision"] == TOWER_LAYERS
     assert spec.stream("vision").group == RUN and spec.stream("vision").protected == RUN
     assert "tokens from stream 'vision' from its token 0, dropped where it dropped them" in str(tmodel.plan)
+    windowed = [b.attn.windowed for b in model.vision_blocks]
+    assert windowed == ([True, False] if variant == "qwen2_5_vl" else [False, False])
+
+
+def test_window_attention_is_restricted_to_each_window(adapter):
+    """Qwen2.5-VL's window blocks: the tower's patch order is kept and attention masked per window, which
+    is its reorder-attend-restore. Without the mask the outputs differ (the example images span several
+    windows), so the equality above is not vacuous."""
+    plain = adapter.build(seed=4, variant="qwen2_5_vl").eval()
+    model = adapter.build(seed=4, variant="qwen2_5_vl", vision_trim_layers=[0]).eval()
+    x = adapter.example_inputs(model, 3, seed=1)
+    real = x["attention_mask"].bool()
+    layout = model.vision_layout(x["pixel_values"], x["image_grid_thw"])
+    assert int(layout[5].max()) + 1 > 3  # more windows than images
+    with torch.no_grad():
+        reference = plain(**x)
+        torch.testing.assert_close(model(**x)[real], reference[real], atol=1e-5, rtol=0)
+        model.vision_blocks[0].attn.windowed = False
+        try:
+            assert float((model(**x) - reference)[real].abs().max()) > 1e-4
+        finally:
+            model.vision_blocks[0].attn.windowed = True
 
 
 def _runs_whole(mask_row, n_real):
@@ -101,7 +138,7 @@ def _runs_whole(mask_row, n_real):
     return bool((runs == runs[:, :1]).all())
 
 
-def test_the_tower_drops_whole_runs_and_the_lm_drops_them_too(adapter, model):
+def test_the_tower_drops_whole_runs_and_the_lm_drops_them_too(adapter, model, variant):
     tower_dropped = False
     for seed in range(3):
         tmodel = _trimmed(model, 20 + seed)
@@ -114,14 +151,18 @@ def test_the_tower_drops_whole_runs_and_the_lm_drops_them_too(adapter, model):
                 hard = tmodel(**x)
                 tower = _tower_records(tmodel)[-1].mask  # (B, max patches), after the last tower layer
                 lm_mask = _last_lm_record(tmodel).mask
-            with tmodel.mode("packed"):
-                packed = tmodel(**x)
-                last = _last_lm_record(tmodel)
-                layer = last.key.split(":")[0]
-                counts = [sum(c) for c in zip(*(r.counts for r in tmodel.records
-                                                if r.kind == "token" and r.key.startswith(layer + ":")))]
-            pos, at = last.index.tolist(), 0
-            for b, c in enumerate(counts):
+            packed = None
+            if _packed_refused(variant):
+                with pytest.raises(NotImplementedError, match="only key-padding attention biases"), \
+                        tmodel.mode("packed"):
+                    tmodel(**x)
+            else:
+                with tmodel.mode("packed"):
+                    packed = tmodel(**x)
+                    last = _last_lm_record(tmodel)
+                    pos = last.index.tolist()
+            at = 0
+            for b in range(3):
                 n_real = patches[b]
                 assert _runs_whole(tower[b], n_real)
                 kept_runs = tower[b, :n_real].reshape(-1, RUN)[:, 0] > 0.5  # one per LM image token
@@ -129,17 +170,20 @@ def test_the_tower_drops_whole_runs_and_the_lm_drops_them_too(adapter, model):
                 assert e - s == kept_runs.numel()
                 tower_dropped |= bool((~kept_runs).any())
                 assert not bool(lm_mask[b, s:e][~kept_runs].any())  # dropped by the tower: dropped in the LM
-                kept = pos[at:at + c]
-                at += c
-                assert not ({p - s for p in kept if s <= p < e} - set(torch.nonzero(kept_runs).flatten().tolist()))
-                torch.testing.assert_close(packed[b, :c], hard[b, kept], atol=1e-4, rtol=0)
                 with tmodel.mode("remove"):
                     alone = tmodel(**_one(x, b))
                     tower_index = _tower_records(tmodel)[-1].index.tolist()
-                    removed_at = _last_lm_record(tmodel).index.tolist()
+                    kept = _last_lm_record(tmodel).index.tolist()
                 assert tower_index == torch.nonzero(tower[b, :n_real] > 0.5).flatten().tolist()  # whole runs
-                assert removed_at == kept
+                assert not ({p - s for p in kept if s <= p < e} - set(torch.nonzero(kept_runs).flatten().tolist()))
+                n_tok = int(real[b].sum())
+                assert kept == torch.nonzero(lm_mask[b, :n_tok] > 0.5).flatten().tolist()  # hard keeps the same
                 torch.testing.assert_close(alone[0], hard[b, kept], atol=1e-4, rtol=0)
+                if packed is not None:  # the packed record's index: every instance's kept positions in turn
+                    c = len(kept)
+                    assert pos[at:at + c] == kept
+                    at += c
+                    torch.testing.assert_close(packed[b, :c], hard[b, kept], atol=1e-4, rtol=0)
     assert tower_dropped
 
 
@@ -161,7 +205,7 @@ def test_training_samples_one_mask_per_run_and_reaches_the_tower_trimmers(adapte
         assert grads and max(grads) > 0
 
 
-def test_generation_from_removed_masked_and_packed_prefill_agrees(adapter, model):
+def test_generation_from_removed_masked_and_packed_prefill_agrees(adapter, model, variant):
     from trimkit_qwen2_vl import generate
 
     tmodel = _trimmed(model, 41)
@@ -169,11 +213,13 @@ def test_generation_from_removed_masked_and_packed_prefill_agrees(adapter, model
     args = (x["input_ids"], x["pixel_values"], x["image_grid_thw"], x["attention_mask"])
     removed = generate(tmodel, *args, max_new_tokens=4, eos_token_id=NEVER, return_logits=True)
     masked = generate(tmodel, *args, max_new_tokens=4, eos_token_id=NEVER, return_logits=True, mode="hard")
-    packed = generate(tmodel, *args, max_new_tokens=4, eos_token_id=NEVER, return_logits=True, mode="packed")
-    assert removed.cache_lengths == masked.cache_lengths == packed.cache_lengths
+    assert removed.cache_lengths == masked.cache_lengths
     assert all(row[0] < n for row, n in zip(removed.cache_lengths, removed.prompt_lengths))  # the tower dropped
     torch.testing.assert_close(removed.logits, masked.logits, atol=1e-4, rtol=0)
-    torch.testing.assert_close(packed.logits, masked.logits, atol=1e-4, rtol=0)
+    if not _packed_refused(variant):
+        packed = generate(tmodel, *args, max_new_tokens=4, eos_token_id=NEVER, return_logits=True, mode="packed")
+        assert packed.cache_lengths == masked.cache_lengths
+        torch.testing.assert_close(packed.logits, masked.logits, atol=1e-4, rtol=0)
 
 
 def test_trimkit_check_passes_with_the_tower_trimmed():
@@ -181,13 +227,15 @@ def test_trimkit_check_passes_with_the_tower_trimmed():
 
     report = run_check("qwen2_vl", trials=1, build_options={"vision_trim_layers": [0, 1]})
     assert all(r.ok and not r.skipped for r in report.results), report.format()
+    windowed = run_check("qwen2_vl", trials=1, build_options={"variant": "qwen2_5_vl", "vision_trim_layers": [0, 1]})
+    skipped = [r for r in windowed.results if r.skipped]
+    assert all(r.ok for r in windowed.results), windowed.format()
+    assert len(skipped) == 1 and "only key-padding attention biases" in skipped[0].detail, windowed.format()
 
 
-def test_what_cannot_be_honoured_is_refused_by_name(adapter, model):
+def test_what_cannot_be_honoured_is_refused_by_name(adapter, model, variant):
     with pytest.raises(ValueError, match=r"vision_trim_layers \[2\] are not blocks of the vision tower \(0\.\.1\)"):
         adapter.build(vision_trim_layers=[0, 2])
-    with pytest.raises(NotImplementedError, match="Qwen2.5-VL.*window attention"):
-        adapter.build(variant="qwen2_5_vl", vision_trim_layers=[0])
     with pytest.raises(ValueError, match=r"group must be an int >= 1"):
         StreamSpec("v", group=0)
     with pytest.raises(ValueError, match=r"protected=2 must be a multiple of group=4"):

@@ -47,16 +47,18 @@ a model id in the local HF cache, nothing downloaded; ``config.json``'s ``model_
 or ``qwen2_5_vl``) picks the class. ``build("tiny", variant="qwen2_vl" | "qwen2_5_vl")`` makes a
 random one.
 
-Trimming the vision tower too (Qwen2-VL): ``vision_trim_layers=[...]`` (a build / from_pretrained /
+Trimming the vision tower too: ``vision_trim_layers=[...]`` (a build / from_pretrained /
 :func:`wrap` option) runs the tower batched, block by block, as stream ``vision``
 (:class:`~trimkit_qwen2_vl.modeling.VisionLayout`, :class:`~trimkit_qwen2_vl.modeling.TowerBlock`:
 the tower's own modules, borrowed), padded to the largest image of the batch. Its merger makes one LM
 token of each 2x2 patch group, so the stream drops patches in whole groups
 (``StreamSpec(group=4)``) and the LM's image segment takes one token per group
-(:class:`trimkit.TokensFrom`); a group the tower dropped is never computed by the LM.
+(:class:`trimkit.TokensFrom`); a group the tower dropped is never computed by the LM. Qwen2.5-VL's
+windowed blocks attend within each window by a mask over the processor's patch order (its tower's
+reorder-attend-restore, computed the same), which mode packed refuses by name (key-padding biases only).
 
-Not supported yet: videos (refused), several images per instance, trimming inside Qwen2.5-VL's vision
-tower (window attention; refused by name), sliding-window decoder layers (refused), left padding in
+Not supported yet: videos (refused), several images per instance, mode packed with Qwen2.5-VL's tower
+trimmed (refused), sliding-window decoder layers (refused), left padding in
 the wrapper's forward (refused by name; :func:`generate` right-aligns a left-padded batch),
 beam sampling (greedy, sampled and beam-search decoding are supported), a cache in the wrapper's own forward.
 """

@@ -45,7 +45,7 @@ def wrap(model: nn.Module, output: str = "logits", trim_layers: Sequence[int] | 
          vision_trim_layers: Sequence[int] | None = None) -> nn.Module:
     """The traceable wrapper of a ``Qwen2VLForConditionalGeneration`` or
     ``Qwen2_5_VLForConditionalGeneration`` (weights shared, not copied); ``vision_trim_layers``: the
-    vision tower's blocks that get token and head trimmers (Qwen2-VL; see
+    vision tower's blocks that get token and head trimmers (see
     :class:`~trimkit_qwen2_vl.modeling.Qwen2VLForTrimming`)."""
     from .modeling import Qwen2VLForTrimming
 
@@ -81,7 +81,7 @@ def describe_qwen2_vl(model: nn.Module) -> ModelSpec:
     attn = AttentionSpec("attn", "self", vision.num_heads, via="kernel")
     chosen = set(model.vision_trim_layers)
     tower = [LayerSpec(f"vision_blocks.{i}", "vision", site="vision", hidden="hidden_states",
-                       hidden_token_args={"cos": 1, "sin": 1, "bias": 3}, attentions=[attn], trimmable=i in chosen)
+                       hidden_token_args={"cos": 1, "sin": 1, "bias": 3, "window": 1}, attentions=[attn], trimmable=i in chosen)
              for i in range(len(model.vision_blocks))]
     stream = StreamSpec("vision", padding_source="vision_layout[4]", protected=model.merge, summary="mean",
                         group=model.merge)

@@ -113,10 +113,15 @@ class MRopePositions(nn.Module):
 class VisionLayout(nn.Module):
     """The vision tower's input as a batched stream (a leaf: its grid arithmetic runs for real):
     ``(pixel_values, image_grid_thw) -> (hidden (B, N, D), cos (B, N, d), sin (B, N, d), bias
-    (B, 1, 1, N), real (B, N))``, N the largest image's patch count. The tower's own patch embedding
-    and rotary table run on its flat ``(total patches, ...)`` sequence (the processor's patch order:
-    each ``merge x merge`` group of patches consecutive) and are laid out per instance, zero padded;
-    ``bias`` is the additive key mask of the padding, ``real`` 1 for each instance's patches."""
+    (B, 1, 1, N), real (B, N), window (B, N))``, N the largest image's patch count. The tower's own
+    patch embedding and rotary table run on its flat ``(total patches, ...)`` sequence (the
+    processor's patch order: each ``merge x merge`` group of patches consecutive) and are laid out per
+    instance, zero padded; ``bias`` is the additive key mask of the padding, ``real`` 1 for each
+    instance's patches. ``window``: each patch's attention window in Qwen2.5-VL's windowed blocks
+    (the tower's own ``get_vision_window_index``; ids unique over the batch, -1 on padding), all 0 for
+    Qwen2-VL. The patches stay in the processor's order: Qwen2.5-VL's tower reorders them by window
+    before its blocks and back after its merger, which attention restricted to each window by a mask
+    (:class:`TowerAttention`) does not need."""
 
     _visual = borrowed("visual", "The vision tower (registered in the wrapper's model).")
 
@@ -129,20 +134,37 @@ class VisionLayout(nn.Module):
 
         visual = self._visual
         patches = flat_pixel_values(pixel_values, image_grid_thw)
-        flat = visual.patch_embed(patches.to(visual.get_dtype()))
+        flat = visual.patch_embed(patches.to(visual.patch_embed.proj.weight.dtype))
         cos, sin = visual.rotary_pos_emb(flat, get_vision_position_ids(image_grid_thw, visual.spatial_merge_size))
         counts = image_grid_thw.prod(-1).to(flat.device)
         n = int(counts.max())
         real = torch.arange(n, device=flat.device)[None] < counts[:, None]
 
-        def batched(x: torch.Tensor) -> torch.Tensor:
-            out = x.new_zeros(real.shape[0], n, x.shape[-1])
+        def batched(x: torch.Tensor, fill: float = 0) -> torch.Tensor:
+            out = x.new_full((real.shape[0], n, *x.shape[1:]), fill)
             out[real] = x
             return out
 
         bias = torch.zeros(real.shape[0], 1, 1, n, dtype=flat.dtype, device=flat.device)
         bias = bias.masked_fill(~real[:, None, None, :], torch.finfo(flat.dtype).min)
-        return batched(flat), batched(cos), batched(sin), bias, real.long()
+        window = batched(self._windows(image_grid_thw, flat.shape[0]).to(flat.device), -1)
+        return batched(flat), batched(cos), batched(sin), bias, real.long(), window
+
+    def _windows(self, grid_thw: torch.Tensor, total: int) -> torch.Tensor:
+        """``(total patches,)`` each patch's window, in the processor's patch order."""
+        visual = self._visual
+        if not hasattr(visual, "fullatt_block_indexes"):  # Qwen2-VL: every block attends over the whole image
+            return torch.zeros(total, dtype=torch.long)
+        from transformers.vision_utils import get_vision_window_index
+
+        unit = int(visual.spatial_merge_size) ** 2
+        order, cu = get_vision_window_index(grid_thw.cpu(), spatial_merge_size=visual.spatial_merge_size,
+                                            window_size=visual.window_size, patch_size=visual.patch_size)
+        # order[k]: the merge group at slot k of the window-ordered sequence; cu: window bounds over its patches
+        slot_window = torch.searchsorted(cu.long(), torch.arange(order.numel()) * unit, right=True) - 1
+        group_window = torch.empty(order.numel(), dtype=torch.long)
+        group_window[order] = slot_window
+        return group_window.repeat_interleave(unit)
 
 
 class TowerAttention(nn.Module):
@@ -154,18 +176,22 @@ class TowerAttention(nn.Module):
 
     attention = borrowed("attention", "The tower block's VisionAttention (registered in the wrapper's model).")
 
-    def __init__(self, attention: nn.Module) -> None:
+    def __init__(self, attention: nn.Module, windowed: bool = False) -> None:
         super().__init__()
         self._borrowed = Borrowed(attention=attention)
         self.num_heads = int(attention.num_heads)
         self.scaling = float(attention.scaling)
+        self.windowed = windowed  # Qwen2.5-VL's window blocks: each patch attends within its window only
         self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                window: torch.Tensor) -> torch.Tensor:
         B, N = x.shape[0], x.shape[1]
         qkv = self.attention.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 1, 3, 4)
         q, k, v = qkv.unbind(0)  # (B, N, H, d)
         q, k = self.rotary(q, k, cos, sin)
+        if self.windowed:  # (B, 1, N, N): the padding bias within each window, blocked across windows
+            bias = torch.where(window[:, None, :, None] == window[:, None, None, :], bias, float("-inf"))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
                                            scale=self.scaling)
         return self.attention.proj(y.transpose(1, 2).reshape(B, N, -1))
@@ -178,14 +204,14 @@ class TowerBlock(nn.Module):
 
     block = borrowed("block", "The tower's Qwen2VLVisionBlock (registered in the wrapper's model).")
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, windowed: bool = False) -> None:
         super().__init__()
         self._borrowed = Borrowed(block=block)
-        self.attn = TowerAttention(block.attn)
+        self.attn = TowerAttention(block.attn, windowed)
 
-    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                bias: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.block.norm1(hidden_states), cos, sin, bias)
+    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                window: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.block.norm1(hidden_states), cos, sin, bias, window)
         return hidden_states + self.block.mlp(self.block.norm2(hidden_states))
 
 
@@ -206,8 +232,7 @@ class Qwen2VLForTrimming(nn.Module):
     per instance. ``attention_mask`` (read by the positions and by trimkit as padding) must be right
     padding. ``segment_starts``: :func:`qwen2_vl_segment_starts`, read by trimkit only.
 
-    ``vision_trim_layers``: the vision tower's blocks that get token and head trimmers (Qwen2-VL;
-    default none, and the tower runs as one call). With any, the tower runs batched, block by block
+    ``vision_trim_layers``: the vision tower's blocks that get token and head trimmers (default none, and the tower runs as one call). With any, the tower runs batched, block by block
     (:class:`VisionLayout`, :class:`TowerBlock`, the tower's own modules borrowed), as trimkit's stream
     ``vision``, padded to the batch's largest image; its own merger then makes one LM token of each
     ``spatial_merge_size ** 2`` consecutive patches, which the stream keeps or drops whole
@@ -239,14 +264,12 @@ class Qwen2VLForTrimming(nn.Module):
         if bad:
             raise ValueError(f"trimkit_qwen2_vl: vision_trim_layers {bad} are not blocks of the vision tower (0.."
                              f"{depth - 1})")
-        if chosen and hasattr(visual, "fullatt_block_indexes"):
-            raise NotImplementedError("trimkit_qwen2_vl: vision_trim_layers for Qwen2.5-VL (its tower's window "
-                                      "attention) is not supported yet; trim its decoder layers (trim_layers)")
         self.vision_trim_layers = chosen
         self.merge = int(visual.spatial_merge_size) ** 2  # patches per LM image token
         if chosen:  # the tower run block by block on a batched stream (trimkit trims it as stream "vision")
             self.vision_layout = VisionLayout(visual)
-            self.vision_blocks = nn.ModuleList(TowerBlock(b) for b in visual.blocks)
+            full = set(getattr(visual, "fullatt_block_indexes", range(depth)))  # Qwen2.5-VL: the others windowed
+            self.vision_blocks = nn.ModuleList(TowerBlock(b, windowed=i not in full) for i, b in enumerate(visual.blocks))
 
     @property
     def config(self):
@@ -287,9 +310,9 @@ class Qwen2VLForTrimming(nn.Module):
         places (:func:`trimkit.restore_tokens`) and every instance's image tokens in order, flat, as the
         tower's ``pooler_output`` is."""
         visual = self.model.model.visual
-        h, cos, sin, bias, real = self.vision_layout(pixel_values, image_grid_thw)
+        h, cos, sin, bias, real, window = self.vision_layout(pixel_values, image_grid_thw)
         for block in self.vision_blocks:
-            h = block(h, cos, sin, bias)
+            h = block(h, cos, sin, bias, window)
         merged = visual.merger(h)  # (B * n / merge, D'): the merger flattens the batch
         merged = merged.view(h.shape[0], -1, merged.shape[-1])
         merged = restore_tokens(merged, "vision", 0)
