@@ -51,15 +51,19 @@ def test_processor_style_inputs_with_token_type_ids(adapter):
         torch.testing.assert_close(tmodel(**x), ref, atol=1e-5, rtol=0)
 
 
-def test_selected_and_unwrapped_models_are_refused_by_name(adapter):
+def test_unwrapped_models_are_selected_and_trimmed_through_their_wrapper(adapter):
     from transformers import ViltConfig, ViltForQuestionAnswering
 
     from trimkit_vilt import TINY
+    from trimkit_vilt.modeling import ViltForTrimming
 
     raw = ViltForQuestionAnswering(ViltConfig(**TINY)).eval()
     assert select_adapter(raw) == "vilt"
-    with pytest.raises(TypeError, match=r"trimkit_vilt\.wrap\(model\)"):
-        trimkit.trim(raw, TrimConfig())
+    with pytest.raises(TypeError, match=r"trimkit_vilt\.wrap\(model\)"):  # describing it as it is: refused by name
+        adapter.describe(raw)
+    assert isinstance(trimkit.trim(raw, TrimConfig()).model, ViltForTrimming)  # trim() wraps it (adapter.root)
+    with pytest.raises(TypeError, match=r"trimkit_vilt\.wrap: expected ViltModel.*got Linear"):
+        trimkit.trim(torch.nn.Linear(2, 2), TrimConfig(), adapter="vilt")
     assert select_adapter(adapter.build("tiny")) == "vilt"
 
 

@@ -73,6 +73,15 @@ class Adapter(Protocol):
         them to :meth:`build` under the config's own ``model.overrides`` (those win; dict-valued
         options are merged key by key). Map only the facts that are not ``None``.
 
+    ``root(model: nn.Module) -> nn.Module``
+        The module trimkit traces for ``model``: a thin wrapper (weights shared) for a model the
+        adapter matches but that is not traceable as it is, such as a transformers task model
+        whose forward takes ``**kwargs`` and returns a ``ModelOutput``; the model itself when it
+        already is one. :func:`trimkit.trim` (and so ``TrimmedModel.from_pretrained``) calls it
+        first, so ``trim(LlavaForConditionalGeneration(...))`` works as ``trim(wrap(model))``
+        does; the trimmed model then has the wrapper's forward (its inputs; it returns the
+        wrapper's output, e.g. a logits tensor, not a ``ModelOutput``).
+
     ``from_pretrained(source: str, *, revision: str | None = None, weights: str | None = None, **options) -> nn.Module``
         A model with pretrained weights, of the kind :meth:`build` returns (the same wrapper, so
         it can be trimmed as it is), read from local files only: nothing is downloaded. What

@@ -608,7 +608,10 @@ def trim(model: nn.Module, config: TrimConfig | None = None, *, adapter: str | N
          example_inputs: dict[str, Any] | None = None) -> TrimmedModel:
     """Insert trimmers into ``model`` (no source edits) and return the :class:`TrimmedModel`.
 
-    The adapter is ``adapter`` or ``config.adapter`` or picked by the plugins from the model.
+    The adapter is ``adapter`` or ``config.adapter`` or picked by the plugins from the model. An
+    adapter with a ``root`` method (:class:`trimkit.adapter.Adapter`) may put a thin traceable
+    wrapper around a model it matches (a transformers task model): the result then trims that
+    wrapper, whose forward and outputs are the ones ``tmodel`` has.
     ``example_inputs`` (for shape inference) default to the adapter's random inputs.
     """
     if isinstance(model, TrimmedModel):
@@ -618,10 +621,13 @@ def trim(model: nn.Module, config: TrimConfig | None = None, *, adapter: str | N
     registry = get_registry()
     name = adapter or config.adapter or select_adapter(model)
     impl = registry.adapters.get(name)
+    was_training = model.training  # the caller's model's (a new wrapper around it starts in train mode)
+    root = getattr(impl, "root", None)
+    if callable(root):  # a thin traceable wrapper for a model the adapter matches but cannot trace as it is
+        model = root(model)
     spec = impl.describe(model)
     if example_inputs is None:
         example_inputs = impl.example_inputs(model, batch_size=1, seed=0)
-    was_training = model.training
     model.eval()
     tmodel = TrimmedModel(model, config, name, spec, example_inputs)
     tmodel.train(was_training)

@@ -50,6 +50,11 @@ def wrap(model: nn.Module, interpolate_pos_encoding: bool = False) -> nn.Module:
 class BlipAdapter:
     """Describes the BLIP wrappers; builds ``tiny`` and ``base`` (BLIP base; paper: 288px) models."""
 
+    def root(self, model: nn.Module) -> nn.Module:
+        """The traceable root of ``model``: :func:`wrap` with its defaults (the model itself when it is a
+        wrapper already), so ``trimkit.trim`` takes the transformers model directly."""
+        return wrap(model)
+
     def matches(self, model: nn.Module) -> bool:
         if "transformers.models.blip" not in sys.modules:  # no BLIP model can exist yet: stay cheap
             return False

@@ -37,6 +37,11 @@ class BridgeTowerAdapter:
     """Describes :class:`~trimkit_bridgetower.modeling.BridgeTowerForTrimming`; builds ``tiny`` and
     ``base`` (transformers' default config: BridgeTower base, 288px) models."""
 
+    def root(self, model: nn.Module) -> nn.Module:
+        """The traceable root of ``model``: :func:`wrap` with its defaults (the model itself when it is a
+        wrapper already), so ``trimkit.trim`` takes the transformers model directly."""
+        return wrap(model)
+
     def matches(self, model: nn.Module) -> bool:
         if "transformers.models.bridgetower" not in sys.modules:  # no BridgeTower model can exist yet
             return False

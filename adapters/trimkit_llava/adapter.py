@@ -100,6 +100,11 @@ def decoder_spec(text_config: Any, trim_layers: Sequence[int], *, input_names: S
 class LlavaAdapter:
     """Describes wrapped LLaVA models (``LlavaForConditionalGeneration``); builds ``tiny``."""
 
+    def root(self, model: nn.Module) -> nn.Module:
+        """The traceable root of ``model``: :func:`wrap` with its defaults (the model itself when it is a
+        wrapper already), so ``trimkit.trim`` takes the transformers model directly."""
+        return wrap(model)
+
     def matches(self, model: nn.Module) -> bool:
         if "transformers.models.llava" not in sys.modules:  # no LLaVA model can exist yet
             return False

@@ -94,6 +94,11 @@ class Qwen2VLAdapter:
     """Describes wrapped Qwen2-VL and Qwen2.5-VL models; builds ``tiny`` (``variant="qwen2_vl"`` or
     ``"qwen2_5_vl"``)."""
 
+    def root(self, model: nn.Module) -> nn.Module:
+        """The traceable root of ``model``: :func:`wrap` with its defaults (the model itself when it is a
+        wrapper already), so ``trimkit.trim`` takes the transformers model directly."""
+        return wrap(model)
+
     def matches(self, model: nn.Module) -> bool:
         if not any(f"transformers.models.{v}" in sys.modules for v in VARIANTS):  # no such model can exist yet
             return False

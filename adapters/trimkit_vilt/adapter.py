@@ -78,6 +78,11 @@ def describe_vilt(model: nn.Module) -> ModelSpec:
 class ViltAdapter:
     """Describes wrapped ViLT models; builds ``tiny`` and ``base`` (``dandelin/vilt-b32`` shapes)."""
 
+    def root(self, model: nn.Module) -> nn.Module:
+        """The traceable root of ``model``: :func:`wrap` with its defaults (the model itself when it is a
+        wrapper already), so ``trimkit.trim`` takes the transformers model directly."""
+        return wrap(model)
+
     def matches(self, model: nn.Module) -> bool:
         if "transformers.models.vilt" not in sys.modules:  # no ViLT model can exist yet
             return False
