@@ -1,5 +1,6 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +77,34 @@ def shorter_rows(batch: int, length: int, step: int = 1) -> torch.Tensor:
     for b in range(1, batch):
         mask[b, max(1, length - b * step):] = 0
     return mask
+
+
+TASK_DATA = Path(__file__).parent / "data" / "tasks"
+
+
+@pytest.fixture(scope="module")
+def vqa_files(tmp_path_factory):
+    """VQA v2 sample files in the official format (questions/annotations json, COCO image names; images
+    made here) and a BERT tokenizer over their words: ``(root, tokenizer dir)``."""
+    import re
+    import shutil
+
+    from PIL import Image
+    from transformers import BertTokenizerFast
+
+    tmp = tmp_path_factory.mktemp("vqa_task")
+    words = set()
+    for f in TASK_DATA.rglob("*.json*"):
+        words |= set(re.findall(r"[a-z]+", f.read_text().lower()))
+    tok = tmp / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words),
+                                              *".,?!'-0123456789"]) + "\n")
+    BertTokenizerFast(str(tok / "vocab.txt")).save_pretrained(str(tok))
+    root = tmp / "vqa"
+    shutil.copytree(TASK_DATA / "vqa", root)
+    for image_set, iid in [("train2014", 42), ("train2014", 7), ("val2014", 3)]:
+        path = root / image_set / f"COCO_{image_set}_{iid:012d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), (iid * 20, 100, 50)).save(path)
+    return root, tok

@@ -204,3 +204,54 @@ def test_demo_seeds_option(tmp_path):
     assert "2 fine-tune seeds" in md
     assert sum(1 for line in md.splitlines() if line.startswith("| SmartTrim") and MEAN_STD.search(line)) == 3
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
+    """``--config``: the experiment on a task's files and model instead of digit-grid. The table's full row
+    is the config's model as it is, scored with the task's main metric (VQA score), and every run is the
+    config's fine-tune with the experiment's overrides and keep targets calibrated on that model."""
+    import yaml
+
+    from trimkit_train import ExperimentConfig
+    from trimkit_train.repro import run_experiment
+    from trimkit_train.trainer import build_dataset, build_model, evaluate
+
+    root, tok = vqa_files
+    answers = ["white", "gray", "2", "3", "yes", "no", "laptop"]
+    config = {
+        "model": {"adapter": "meter", "size": "tiny", "overrides": {"patch_size": 8}},
+        "data": {"name": "vqa_v2", "options": {"root": str(root), "answers": answers, "tokenizer": str(tok),
+                                               "image_size": 32},
+                 "train_split": "train", "eval_split": "val", "train_size": None, "eval_size": None},
+        "train": {"steps": 50, "batch_size": 2, "eval_batch_size": 2, "macs_instances": 1, "progress": False,
+                  "out_dir": str(tmp_path / "unused")},
+        "trim": {"token_target": 0.9, "init_logit": 0.3, "sampler": "sharpen"},
+        "recipe": {"curriculum_fraction": 0.0},
+    }
+    path = tmp_path / "vqa.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "switches"
+    assert main(["repro", "switches", "--config", str(path), "--seeds", "1", "--steps", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    md = (out / "switches.md").read_text()
+    assert f"Task config `{path}`: adapter 'meter', dataset 'vqa_v2'" in md and "| setting | target | vqa_score |" in md
+    assert f"--config {path}" in (out / "command.txt").read_text()
+    data = json.loads((out / "results.json").read_text())
+    cfg = ExperimentConfig.load(path)
+    full = evaluate(build_model(cfg.model, cfg.data, build_dataset(cfg.data, "train")), build_dataset(cfg.data, "eval"),
+                    batch_size=2, macs_instances=1)
+    assert data["full"]["accuracy"] == pytest.approx(full["vqa_score"]) and data["full"]["metric"] == "vqa_score"
+    assert f"| meter (full) | - | {100 * full['vqa_score']:.1f} |" in md
+    assert len(data["rows"]) == 5 and {r["run"] for r in data["rows"]} == {r["run"] for r in data["per_seed"][0]}
+    calibrated = {"token_target", "head_target"}
+    for row in data["per_seed"][0]:  # each run: the config's fine-tune (2 steps), the calibrated 2x targets
+        run_cfg = yaml.safe_load((out / "runs" / f"{row['run']}-seed0" / "experiment.yaml").read_text())
+        assert run_cfg["train"]["steps"] == 2 and run_cfg["data"]["name"] == "vqa_v2"
+        assert isinstance(run_cfg["trim"]["token_target"], dict) and calibrated <= set(run_cfg["trim"])
+        assert run_cfg["trim"]["init_logit"] == 0.3  # the config's own trim settings are the base
+        assert 0.0 <= row["accuracy"] <= 1.0
+        if row["run"].startswith("defaults"):  # the calibrated keep targets, by selector
+            want = sorted(round(v, 4) for v in data["calibration"]["2x"]["token_target"].values())
+            assert sorted(run_cfg["trim"]["token_target"].values()) == want and min(want) < 1
+    with pytest.raises(ValueError, match="runs on the digit-grid setting only.*table6, fig4a, switches"):
+        run_experiment("fig5", tmp_path / "fig5", config=path)

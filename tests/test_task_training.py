@@ -6,9 +6,6 @@ evaluated with the VQA score, through the trainer and `trimkit eval`."""
 from __future__ import annotations
 
 import json
-import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,31 +13,7 @@ import torch
 from trimkit.cli import main
 from trimkit_train import ExperimentConfig, Trainer
 
-DATA = Path(__file__).parent / "data" / "tasks"
 ANSWERS = ["white", "gray", "2", "3", "yes", "no", "laptop"]
-
-
-@pytest.fixture(scope="module")
-def vqa_files(tmp_path_factory):
-    from PIL import Image
-    from transformers import BertTokenizerFast
-
-    tmp = tmp_path_factory.mktemp("vqa_task")
-    words = set()
-    for f in DATA.rglob("*.json*"):
-        words |= set(re.findall(r"[a-z]+", f.read_text().lower()))
-    tok = tmp / "tok"
-    tok.mkdir()
-    (tok / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words),
-                                              *".,?!'-0123456789"]) + "\n")
-    BertTokenizerFast(str(tok / "vocab.txt")).save_pretrained(str(tok))
-    root = tmp / "vqa"
-    shutil.copytree(DATA / "vqa", root)
-    for image_set, iid in [("train2014", 42), ("train2014", 7), ("val2014", 3)]:
-        path = root / image_set / f"COCO_{image_set}_{iid:012d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (40, 30), (iid * 20, 100, 50)).save(path)
-    return root, tok
 
 
 def test_smarttrim_on_vqa_v2_files(vqa_files, tmp_path, capsys):

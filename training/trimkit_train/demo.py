@@ -53,7 +53,8 @@ from .trainer import (
 )
 from .trainer import collate_of
 
-__all__ = ["Backbone", "DemoPreset", "FULL", "QUICK", "aggregate", "calibrate", "finetune", "measure",
+__all__ = ["Backbone", "DemoPreset", "FULL", "QUICK", "aggregate", "calibrate", "config_backbone", "finetune",
+           "main_metric", "measure",
            "per_layer_targets", "prepare_backbone", "preset_for", "pretrain_cells", "pretrain_vision",
            "reinit_for_scratch", "reinit_normal", "run_demo", "targets_for"]
 
@@ -346,7 +347,16 @@ def _selector_targets(tmodel: TrimmedModel, tokens: dict[str, float], heads: dic
 # ------------------------------------------------------------------------------------------------
 def _experiment(preset: DemoPreset, train: dict[str, Any], out_dir: Path, trim_cfg: dict[str, Any] | None,
                 init: str | None, progress: bool | None, recipe: dict[str, Any] | None = None,
-                seed: int = 0) -> ExperimentConfig:
+                seed: int = 0, base: ExperimentConfig | None = None) -> ExperimentConfig:
+    if base is not None:  # a user's task config (config_backbone): its model, data and training, our overrides
+        return ExperimentConfig(
+            model=base.model if init is None else base.model.model_copy(update={"init": init}),
+            data=base.data,
+            train=TrainConfig(**{**base.train.model_dump(), **train, "seed": seed, "out_dir": str(out_dir),
+                                 "progress": progress, "eval_every": None, "save_every": None}),
+            trim=TrimConfig(**{**preset.trim, **trim_cfg}) if trim_cfg is not None else None,
+            recipe=RecipeConfig(**{**preset.recipe, **(recipe or {})}),
+        )
     return ExperimentConfig(
         model=ModelConfig(adapter="meter", size="tiny", overrides=dict(preset.model), init=init),
         data=DataConfig(name="digit_grid", options=dict(preset.data), train_size=preset.train_size,
@@ -384,12 +394,34 @@ class Backbone:
     entering_targets: dict[float, dict[str, dict]]  # the same MACs, as per-layer ratios (RecipeConfig.cost_beta)
     progress: bool | None = None
     _full: dict[str, Any] | None = None
+    # a user's task config instead of the demo's digit-grid backbone (config_backbone): every fine-tune is
+    # that config with the experiment's overrides, "accuracy" is its task's main metric
+    base: ExperimentConfig | None = None
+    source: str | None = None  # the config file
+
+    @property
+    def adapter(self) -> str:
+        return self.base.model.adapter if self.base is not None else "meter"
 
     def full_eval(self) -> dict[str, Any]:
-        """The untrimmed backbone's accuracy and GMACs (once)."""
+        """The untrimmed backbone's accuracy (the task's main metric) and GMACs (once)."""
         if self._full is None:
-            self._full = evaluate(self.net, self.test_ds, batch_size=256, macs_instances=self.preset.macs_instances)
+            self._full = main_metric(evaluate(self.net, self.test_ds, batch_size=self.eval_batch_size,
+                                              macs_instances=self.preset.macs_instances))
         return self._full
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.base.train.eval_batch_size if self.base is not None else 256
+
+
+def main_metric(ev: dict[str, Any]) -> dict[str, Any]:
+    """An :func:`evaluate` result with ``accuracy`` set to the task's main metric (what the demo's and
+    repro's tables call accuracy; the digit-grid task's main metric is accuracy itself)."""
+    name = ev.get("main_metric", "accuracy")
+    if name != "accuracy" and name in ev:
+        ev = {**ev, "accuracy_metric": name, "accuracy": ev[name]}
+    return ev
 
 
 def prepare_backbone(preset: DemoPreset, out: Path, ratios: tuple[float, ...], progress: bool | None = None,
@@ -429,6 +461,48 @@ def prepare_backbone(preset: DemoPreset, out: Path, ratios: tuple[float, ...], p
                     entering, progress)
 
 
+def config_backbone(base: ExperimentConfig, out: Path, ratios: tuple[float, ...], progress: bool | None = None,
+                    log: Callable[[str], None] = print, stamp: Callable[[], str] = lambda: "",
+                    calibration_iterations: int = 12, finetune_steps: int | None = None,
+                    calibration_instances: int = 8, source: str | None = None) -> Backbone:
+    """The stages of :func:`prepare_backbone` for a user's task config (``trimkit repro NAME --config``):
+    the config's model as it is (``model.pretrained`` / ``model.init``: the task-fine-tuned full model the
+    table's reference row is), its datasets, keep targets calibrated on it for ``ratios``. Every fine-tune
+    is then ``base`` with the experiment's TrimConfig/RecipeConfig overrides and the calibrated targets
+    (``base.trim``'s own targets are replaced); ``finetune_steps`` overrides ``train.steps``."""
+    if base.trim is None:
+        raise ValueError(f"{source or 'the config'}: `trimkit repro --config` needs a `trim:` section (the SmartTrim "
+                         "fine-tune's settings; its keep targets are replaced by the calibrated ones)")
+    log(f"{stamp()} 1/4 the backbone of {source or 'the config'}: adapter {base.model.adapter!r}, data "
+        f"{base.data.name!r} (no training: the config's model is the full reference)")
+    train_ds = build_dataset(base.data, "train")
+    test_ds = build_dataset(base.data, "eval")
+    net = build_model(base.model, base.data, train_ds)
+    trim_base = base.trim.model_dump(mode="json", exclude={"token_target", "head_target", "adapter"})
+    train = {"steps": int(finetune_steps)} if finetune_steps is not None else {}
+    preset = DemoPreset(data=dict(base.data.options), train_size=len(train_ds), eval_size=len(test_ds),
+                        model=dict(base.model.overrides), backbone={}, finetune=train, trim=trim_base,
+                        recipe=base.recipe.model_dump(mode="json"), ratios=tuple(ratios),
+                        macs_instances=max(1, min(base.train.macs_instances or 8, len(test_ds))),
+                        calibration_instances=max(1, min(calibration_instances, len(test_ds))))
+    probe = trim(net, TrimConfig(**trim_base), adapter=base.model.adapter)
+    segmented = [st.name for st in probe.spec.streams if st.segments]
+    if segmented:
+        raise NotImplementedError(f"{source or 'the config'}: adapter {base.model.adapter!r} lays modalities out as "
+                                  f"segments of stream(s) {segmented}, whose per-segment keep targets the repro "
+                                  "calibration does not set yet; use a model with one stream per modality")
+    if ratios:
+        log(f"{stamp()} 2/4 calibrating keep targets for {', '.join(f'{r:g}x' for r in ratios)} fewer MACs")
+    calib = {r: calibrate(probe, test_ds, r, preset.calibration_instances, calibration_iterations) for r in ratios}
+    for r, c in calib.items():
+        log(f"          {r:g}x: strength {c['strength']:.3f} -> forced MACs ratio {c['forced_ratio']:.2f}")
+    targets = {r: _selector_targets(probe, c["token_target"], c["head_target"]) for r, c in calib.items()}
+    entering = {r: _selector_targets(probe, per_layer_targets(probe, c["token_target"]), c["head_target"])
+                for r, c in calib.items()}
+    return Backbone(preset, out, train_ds, test_ds, net, None, calib, targets, entering, progress, base=base,
+                    source=source)
+
+
 def per_layer_targets(tmodel: TrimmedModel, tokens: dict[str, float]) -> dict[str, float]:
     """Cumulative token keep targets (fractions of a stream's original tokens, what ``cost_beta =
     "original"`` measures) -> the same budget as fractions of the tokens entering each layer
@@ -461,7 +535,7 @@ def finetune(bb: Backbone, name: str, policy: str, ratio: float, *, seed: int = 
         raise KeyError(f"finetune: no keep targets calibrated for {ratio:g}x (calibrated: {sorted(targets)})")
     tcfg = {**targets.get(ratio, {}), "token_policy": policy, **(trim_cfg or {})}
     train = preset.finetune if steps is None else {**preset.finetune, "steps": int(steps)}
-    cfg = _experiment(preset, train, bb.out / "runs" / name, tcfg, bb.checkpoint, bb.progress, recipe, seed)
+    cfg = _experiment(preset, train, bb.out / "runs" / name, tcfg, bb.checkpoint, bb.progress, recipe, seed, bb.base)
     net = build_model(cfg.model, cfg.data, bb.test_ds)
     model: torch.nn.Module = net
     if not stable_init or prepare is not None:
@@ -483,7 +557,7 @@ def measure(bb: Backbone, tm: TrimmedModel, method: str, policy: str | None, rat
     """One row: accuracy, GMACs (batch 1, removal), MACs ratio, kept fractions; CPU latency if asked."""
     preset = bb.preset
     full_ev = bb.full_eval()
-    ev = evaluate(tm, bb.test_ds, batch_size=256, macs_instances=preset.macs_instances)
+    ev = main_metric(evaluate(tm, bb.test_ds, batch_size=bb.eval_batch_size, macs_instances=preset.macs_instances))
     row = {"method": method, "policy": policy, "target": ratio, "accuracy": ev["accuracy"],
            "gmacs": ev["gmacs"], "gmacs_full": ev["gmacs_full"],
            "macs_ratio": full_ev["gmacs"] / ev["gmacs"], "latency_ratio": None, "latency_ms": None,

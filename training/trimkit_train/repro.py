@@ -111,6 +111,8 @@ class Experiment:
     help: str
     runs: Callable[[], list[Run]]
     write: Callable[["Result"], list[Path]]
+    # runs on a user's task config too (``--config``): it needs nothing digit-grid or METER specific
+    any_task: bool = False
 
 
 @dataclass
@@ -133,20 +135,36 @@ class Result:
 # ------------------------------------------------------------------------------------------------
 def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3, quick: bool = False,
                    steps: int | None = None, command: str | None = None, progress: bool | None = False,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, config: str | Path | None = None) -> dict[str, Any]:
     """Run experiment ``name`` (:data:`EXPERIMENTS`) over ``seeds`` fine-tune seeds; write its files into
-    ``out_dir`` (default ``trimkit-repro/NAME``). Returns the content of ``results.json``."""
+    ``out_dir`` (default ``trimkit-repro/NAME``). Returns the content of ``results.json``.
+
+    ``config``: a task's experiment config (YAML, as ``trimkit train`` takes) to run on instead of the
+    digit-grid demo: its model, loaded as the config says (``model.pretrained`` / ``model.init``), is the
+    full reference and the backbone every run fine-tunes; its ``trim`` and ``recipe`` are the base every run
+    overrides, with keep targets calibrated on that model; its ``train`` settings are each fine-tune's
+    (``steps`` overrides ``train.steps``). Only experiments with ``any_task`` run this way (the others need
+    the digit-grid setting); "accuracy" in the table is the task's main metric."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; one of {', '.join(EXPERIMENTS)}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    from .demo import aggregate, finetune, measure, prepare_backbone, preset_for
+    from .demo import aggregate, config_backbone, finetune, measure, prepare_backbone, preset_for
 
     exp = EXPERIMENTS[name]
+    base = None
+    if config is not None:
+        if not exp.any_task:
+            raise ValueError(f"trimkit repro {name}: runs on the digit-grid setting only (it needs its backbone "
+                             f"training, data or questions); with --config run one of "
+                             f"{', '.join(n for n, e in EXPERIMENTS.items() if e.any_task)}")
+        from .trainer import ExperimentConfig
+
+        base = ExperimentConfig.load(config)
     out = Path(out_dir if out_dir is not None else Path("trimkit-repro") / name)
     out.mkdir(parents=True, exist_ok=True)
     command = command or f"trimkit repro {name} --seeds {seeds} --out {out}" + (" --quick" if quick else "") + (
-        f" --steps {steps}" if steps is not None else "")
+        f" --steps {steps}" if steps is not None else "") + (f" --config {config}" if config is not None else "")
     preset = preset_for(quick, steps)
     runs = exp.runs()
     names = [r.name for r in runs]
@@ -161,7 +179,13 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
         f"{preset.finetune['steps']} fine-tune steps each")
     iterations = 6 if quick else 12  # --quick: a coarser bisection of the targets (its numbers mean nothing anyway)
     default_ratios = tuple(sorted({r.ratio for r in runs if not r.data} - {1.0}))  # 1.0: the run gives its own
-    bb = prepare_backbone(preset, out, default_ratios, progress, log, stamp, calibration_iterations=iterations)
+    if base is not None:
+        bb = config_backbone(base, out, default_ratios, progress, log, stamp, calibration_iterations=iterations,
+                             finetune_steps=steps if steps is not None else (preset.finetune["steps"] if quick else None),
+                             calibration_instances=preset.calibration_instances, source=str(config))
+        preset = bb.preset
+    else:
+        bb = prepare_backbone(preset, out, default_ratios, progress, log, stamp, calibration_iterations=iterations)
     models: dict[tuple[int, str], Any] = {}
     per_seed: list[list[dict[str, Any]]] = []
     extra: dict[str, Any] = {}
@@ -326,7 +350,17 @@ def _ftkd(bb: Backbone, run: Run, name: str, seed: int, extra: dict[str, Any], l
 
 def _full(bb: Backbone) -> dict[str, Any]:
     ev = bb.full_eval()
-    return {"accuracy": ev["accuracy"], "gmacs": ev["gmacs"]}
+    return {"accuracy": ev["accuracy"], "gmacs": ev["gmacs"], "metric": ev.get("accuracy_metric", "accuracy"),
+            "label": "METER (full)" if bb.base is None else f"{bb.adapter} (full)"}
+
+
+def _full_label(res: Result) -> str:
+    """The full model's row label: ``METER (full)`` on digit-grid, ``ADAPTER (full)`` on a task config."""
+    return res.full.get("label", "METER (full)")
+
+
+def _metric(res: Result) -> str:
+    return res.full.get("metric", "accuracy")
 
 
 def _delta(row: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
@@ -336,11 +370,20 @@ def _delta(row: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
 
 def _header(res: Result, what: str, finetuned: bool = True) -> str:
     p = res.backbone.preset
-    setting = (f"# {res.experiment.title}\n\n{what}\n\nDigit-grid VQA ({p.data['grid']}x{p.data['grid']} cells of "
-               f"{p.data['cell']} px), METER-architecture backbone (trained once, seed 0) at accuracy "
-               f"{100 * res.full['accuracy']:.1f} and {res.full['gmacs']:.4f} GMACs per instance")
+    bb = res.backbone
+    if bb.base is not None:
+        metric = _metric(res)
+        setting = (f"# {res.experiment.title}\n\n{what}\n\nTask config `{bb.source}`: adapter {bb.adapter!r}, dataset "
+                   f"{bb.base.data.name!r}; its model untrimmed (the full reference) at {metric} "
+                   f"{100 * res.full['accuracy']:.1f} and {res.full['gmacs']:.4f} GMACs per instance"
+                   + (f" (the 'accuracy' columns are {metric}, the task's main metric)" if metric != "accuracy" else ""))
+    else:
+        setting = (f"# {res.experiment.title}\n\n{what}\n\nDigit-grid VQA ({p.data['grid']}x{p.data['grid']} cells of "
+                   f"{p.data['cell']} px), METER-architecture backbone (trained once, seed 0) at accuracy "
+                   f"{100 * res.full['accuracy']:.1f} and {res.full['gmacs']:.4f} GMACs per instance")
     if finetuned:
-        setting += (f"; SmartTrim fine-tunes of {p.finetune['steps']} steps. Cells are mean ± standard deviation over "
+        steps = p.finetune.get("steps", bb.base.train.steps if bb.base is not None else None)
+        setting += (f"; SmartTrim fine-tunes of {steps} steps. Cells are mean ± standard deviation over "
                     f"{res.seeds} fine-tune seed(s) (0..{res.seeds - 1}); accuracy on {len(res.backbone.test_ds)} test "
                     f"questions, GMACs the mean over {p.macs_instances} test instances at batch 1 with tokens and heads "
                     "removed")
@@ -352,9 +395,11 @@ def _header(res: Result, what: str, finetuned: bool = True) -> str:
 def _table(rows: list[dict[str, Any]], full: dict[str, Any], first: str = "method") -> str:
     from .demo import cell
 
-    lines = [f"| {first} | target | accuracy | Δ vs full | GMACs / instance | MACs ratio | kept vision tokens | kept heads |",
+    metric = full.get("metric", "accuracy")
+    lines = [f"| {first} | target | {metric} | Δ vs full | GMACs / instance | MACs ratio | kept vision tokens | kept heads |",
              "|---|---|---|---|---|---|---|---|",
-             f"| METER (full) | - | {100 * full['accuracy']:.1f} | - | {full['gmacs']:.4f} | 1.00x | 1.00 | 1.00 |"]
+             f"| {full.get('label', 'METER (full)')} | - | {100 * full['accuracy']:.1f} | - | {full['gmacs']:.4f} | 1.00x | "
+             "1.00 | 1.00 |"]
     for r in rows:
         delta = dict(r, delta=r["accuracy"] - full["accuracy"])
         if "accuracy_std" in r:
@@ -538,14 +583,14 @@ def _fig4a_write(res: Result) -> list[Path]:
     md.write_text(_header(res, what) + _table(res.rows, res.full) + "\n\n![fig4a](fig4a.png)\n")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.axhline(100 * res.full["accuracy"], color="gray", ls="--", lw=1, label="METER (full)")
+    ax.axhline(100 * res.full["accuracy"], color="gray", ls="--", lw=1, label=_full_label(res))
     for i, (policy, label) in enumerate(FIG4A_POLICIES):
         rs = sorted((r for r in res.rows if r["policy"] == policy), key=lambda r: r["gmacs"])
         ax.errorbar([r["gmacs"] for r in rs], [100 * r["accuracy"] for r in rs],
                     xerr=[r.get("gmacs_std", 0.0) for r in rs], yerr=[100 * r.get("accuracy_std", 0.0) for r in rs],
                     fmt="o-", color=f"C{i}", capsize=3, lw=1.2, label=label)
     ax.set_xlabel("GMACs per instance (batch 1, trimmed tokens/heads removed)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{_metric(res)} (%)")
     ax.set_title(f"token policies (mean ± std, {res.seeds} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -993,7 +1038,7 @@ def _fig6_write(res: Result) -> list[Path]:
 EXPERIMENTS: dict[str, Experiment] = {
     "table6": Experiment("table6", "Table 6: ablations of SmartTrim's training strategies",
                          "SmartTrim at 1.5x/2x/2.5x, minus stable init, minus curriculum, minus self-distillation",
-                         _table6_runs, _table6_write),
+                         _table6_runs, _table6_write, any_task=True),
     "table5": Experiment("table5", "Table 5: higher resolution trimmed vs lower resolution full",
                          "a backbone at twice the image resolution, SmartTrim-trimmed to the MACs of the default "
                          "backbone, vs that backbone untrimmed", _table5_runs, _table5_write),
@@ -1002,7 +1047,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                          "selection, task loss only) vs SmartTrim at 1.5x/2x/3x", _static_runs, _static_write),
     "fig4a": Experiment("fig4a", "Fig. 4a: token trimming policies",
                         "token policies cross_modal/local/random at 1.5x/2x/2.5x/3x fewer MACs, as curves",
-                        _fig4a_runs, _fig4a_write),
+                        _fig4a_runs, _fig4a_write, any_task=True),
     "fig4b": Experiment("fig4b", "Fig. 4b: head trimming, adaptive vs static",
                         "head trimming alone at retention 0.7/0.5/0.3: adaptive vs Random, Grad Layer, Grad All "
                         "(Michel et al.), no self-distillation", _fig4b_runs, _fig4b_write),
@@ -1020,5 +1065,5 @@ EXPERIMENTS: dict[str, Experiment] = {
                        _fig6_write),
     "switches": Experiment("switches", "Fidelity switches at 2x",
                            "SmartTrim 2x with each fidelity switch (cost_beta, sd_teacher, attention_dropout, "
-                           "sampler) flipped", _switches_runs, _switches_write),
+                           "sampler) flipped", _switches_runs, _switches_write, any_task=True),
 }

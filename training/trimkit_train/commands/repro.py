@@ -1,5 +1,6 @@
-"""``trimkit repro NAME [--seeds N] [--quick] [--steps N] [--out DIR]``: one of the paper's experiments
-(trimkit_train.repro.EXPERIMENTS) on digit-grid, mean ± std over seeds, table/plot and command line."""
+"""``trimkit repro NAME [--seeds N] [--quick] [--steps N] [--out DIR] [--config FILE]``: one of the paper's
+experiments (trimkit_train.repro.EXPERIMENTS) on digit-grid or, with ``--config``, on a task's experiment
+config; mean ± std over seeds, table/plot and command line."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def register(sub) -> None:
         "repro", help="reproduce one of the paper's experiments (mean ± std over seeds): " + ", ".join(exps),
         description="Run one of the paper's experiments on the digit-grid setting of `trimkit demo` (a METER-"
                     "architecture backbone trained once, keep targets calibrated per MACs reduction, each "
-                    "configuration fine-tuned once per seed) and write DIR/NAME.md (table: mean ± std over the "
+                    "configuration fine-tuned once per seed), or with --config on your task and model, and write DIR/NAME.md (table: mean ± std over the "
                     "seeds, and the exact command line), DIR/results.json, DIR/command.txt and, for figures, "
                     "DIR/NAME.png. Experiments: " + listing + ".")
     p.add_argument("name", choices=list(exps), metavar="NAME", help="experiment: " + listing)
@@ -31,6 +32,12 @@ def register(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=None, metavar="N",
                    help="steps of every fine-tune (default: the preset's, 300, or 8 with --quick)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: ./trimkit-repro/NAME)")
+    generic = ", ".join(n for n, e in exps.items() if e.any_task)
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help=f"run on a task instead of digit-grid ({generic} only): an experiment config as `trimkit "
+                        "train` takes (YAML); its model (model.pretrained / model.init: the task-fine-tuned full "
+                        "model) is the reference and the backbone every run fine-tunes, its trim/recipe the base of "
+                        "every run (keep targets calibrated on that model), its train settings each fine-tune's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -48,6 +55,8 @@ def run(args) -> int:
         argv += ["--steps", str(args.steps)]
     if args.no_progress:
         argv.append("--no-progress")
+    if args.config is not None:
+        argv += ["--config", args.config]
     run_experiment(args.name, out, seeds=args.seeds, quick=args.quick, steps=args.steps, command=shlex.join(argv),
-                   progress=False if args.no_progress else None)
+                   progress=False if args.no_progress else None, config=args.config)
     return 0
