@@ -212,6 +212,7 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
     config's fine-tune with the experiment's overrides and keep targets calibrated on that model."""
     import yaml
 
+    import trimkit
     from trimkit_train import ExperimentConfig
     from trimkit_train.repro import run_experiment
     from trimkit_train.trainer import build_dataset, build_model, evaluate
@@ -238,8 +239,9 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
     assert f"--config {path}" in (out / "command.txt").read_text()
     data = json.loads((out / "results.json").read_text())
     cfg = ExperimentConfig.load(path)
-    full = evaluate(build_model(cfg.model, cfg.data, build_dataset(cfg.data, "train")), build_dataset(cfg.data, "eval"),
-                    batch_size=2, macs_instances=1)
+    train_ds = build_dataset(cfg.data, "train")
+    full = evaluate(build_model(cfg.model, cfg.data, train_ds), build_dataset(cfg.data, "eval"), batch_size=2,
+                    macs_instances=1)
     assert data["full"]["accuracy"] == pytest.approx(full["vqa_score"]) and data["full"]["metric"] == "vqa_score"
     assert f"| meter (full) | - | {100 * full['vqa_score']:.1f} |" in md
     assert len(data["rows"]) == 5 and {r["run"] for r in data["rows"]} == {r["run"] for r in data["per_seed"][0]}
@@ -253,5 +255,9 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
         if row["run"].startswith("defaults"):  # the calibrated keep targets, by selector
             want = sorted(round(v, 4) for v in data["calibration"]["2x"]["token_target"].values())
             assert sorted(run_cfg["trim"]["token_target"].values()) == want and min(want) < 1
-    with pytest.raises(ValueError, match="runs on the digit-grid setting only.*table6, fig4a, switches"):
+    fig2 = tmp_path / "fig2"  # the analysis of the config's model itself (no fine-tune)
+    assert main(["repro", "fig2", "--config", str(path), "--seeds", "1", "--out", str(fig2), "--no-progress"]) == 0
+    profile = json.loads((fig2 / "results.json").read_text())["fig2"]
+    assert set(profile["tokens"]) == {layer.path for layer in trimkit.trim(build_model(cfg.model, cfg.data, train_ds)).spec.layers}
+    with pytest.raises(ValueError, match="runs on the digit-grid setting only.*table6, fig4a, fig7, fig2, fig6, switches"):
         run_experiment("fig5", tmp_path / "fig5", config=path)

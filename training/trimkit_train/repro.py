@@ -256,7 +256,7 @@ def _static_heads(bb: Backbone, run: Run, seed: int, extra: dict[str, Any], log:
 
     from .head_baselines import head_importance, install_static_heads, static_head_masks
 
-    spec = get_registry().adapters.get("meter").describe(bb.net)
+    spec = get_registry().adapters.get(bb.adapter).describe(bb.net)
     sites = set(run.trim.get("head_layers") or [])
     layers = {layer.path for layer in spec.layers if not sites or layer.site in sites or layer.path in sites}
     where = f"importance-{_slug(run.data)}" if run.data else "importance"  # once per backbone
@@ -788,7 +788,7 @@ def _fig2_write(res: Result) -> list[Path]:
 
     bb = res.backbone
     n = min(len(bb.test_ds), 4 * bb.preset.macs_instances)
-    spec = get_registry().adapters.get("meter").describe(bb.net)
+    spec = get_registry().adapters.get(bb.adapter).describe(bb.net)
     prof = similarity_profile(bb.net, spec, bb.test_ds, instances=n)
     res.extra["fig2"] = {"instances": n, **prof}
     rows = ["| layer | stream | token similarity S_T | head similarity S_A (self-attention) | "
@@ -1053,16 +1053,16 @@ EXPERIMENTS: dict[str, Experiment] = {
                         "(Michel et al.), no self-distillation", _fig4b_runs, _fig4b_write),
     "fig7": Experiment("fig7", "Fig. 7: compute per instance",
                        "SmartTrim 2x: histogram of per-instance GMACs, cheapest and dearest instances",
-                       _fig7_runs, _fig7_write),
+                       _fig7_runs, _fig7_write, any_task=True),
     "fig2": Experiment("fig2", "Fig. 2: token and head similarity per layer",
                        "token and head similarity per layer of the untrimmed backbone (Appendix A)",
-                       _fig2_runs, _fig2_write),
+                       _fig2_runs, _fig2_write, any_task=True),
     "fig5": Experiment("fig5", "Fig. 5: kept patches for two questions about one image",
                        "kept patches through the layers for two questions about one image, cross-modal vs Local at "
                        "3x, with relevance lift and question sensitivity", _fig5_runs, _fig5_write),
     "fig6": Experiment("fig6", "Fig. 6: head retention per attention module",
                        "head retention per attention module over instances, head target 0.5", _fig6_runs,
-                       _fig6_write),
+                       _fig6_write, any_task=True),
     "switches": Experiment("switches", "Fidelity switches at 2x",
                            "SmartTrim 2x with each fidelity switch (cost_beta, sd_teacher, attention_dropout, "
                            "sampler) flipped", _switches_runs, _switches_write, any_task=True),
