@@ -109,6 +109,7 @@ def test_the_batched_tower_is_the_hf_model(adapter, model, variant):
     assert [l.path for l in spec.layers if l.stream == "vision"] == TOWER_LAYERS
     assert spec.stream("vision").group == RUN and spec.stream("vision").protected == RUN
     assert "tokens from stream 'vision' from its token 0, dropped where it dropped them" in str(tmodel.plan)
+    assert "tokens kept or dropped in runs of 4" in str(tmodel.plan)
     windowed = [b.attn.windowed for b in model.vision_blocks]
     assert windowed == ([True, False] if variant == "qwen2_5_vl" else [False, False])
 

@@ -114,6 +114,7 @@ def enter(layer: "TrimmedLayer", hidden: torch.Tensor, sources: list[TokenState 
     lay = layer._layout(B, N, hidden.device)
     name = stream.name
     seg_names = [g.name for g in stream.segments]
+
     def run(src) -> int:  # the source's run length: one segment token per run of its tokens
         st = rt.specs.get(src.stream)
         return st.group if st is not None else 1

@@ -25,6 +25,7 @@ class StreamPlan:
     summary: str = "first"  # what the trimmers read: the first token, the mean of the kept tokens, the last token
     starts: str | None = None  # per-instance segment starts: "input 'NAME'" or the module output they come from
     segment_summaries: tuple[str, ...] = ()  # per segment: "first" | "mean" | "last"
+    group: int = 1  # tokens kept or dropped in runs of this many (StreamSpec.group)
 
 
 _SEGMENT_SUMMARY = {"mean": "summary = mean of its kept tokens", "last": "summary = its last real token"}
@@ -42,12 +43,13 @@ def stream_plan(s, input_names=()) -> StreamPlan:
         src = getattr(g, "tokens_from", None)
         if src is not None:
             parts.append(f"tokens from stream {src.stream!r} from its token {src.skip}, dropped where it dropped them")
+            # one token per run of a source that drops tokens in runs (its merger): said on the source's line
         rules.append((g.name, ", ".join(parts)))
     starts = None
     if per_instance:
         starts = f"input {s.segment_starts!r}" if s.segment_starts in input_names else repr(s.segment_starts)
     return StreamPlan(s.name, s.cls_index, padding, tuple(rules), s.protected, s.summary, starts,
-                      tuple(g.summary for g in s.segments))
+                      tuple(g.summary for g in s.segments), getattr(s, "group", 1))
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class TrimPlan:
                     kept += " (its last real token where the summary is its last)"
                 lines.append(f"  {s.name}: segments {parts}{starts}; {kept}{pad}")
             else:
+                if s.group > 1:
+                    pad += f"; tokens kept or dropped in runs of {s.group} (one token of a stream it enters per run)"
                 first = "first token" if s.protected == 1 else f"first {s.protected} tokens"
                 if s.summary == "mean":
                     lines.append(f"  {s.name}: summary = mean of its kept tokens ({first} always kept){pad}")
