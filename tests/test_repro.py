@@ -261,3 +261,18 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
     assert set(profile["tokens"]) == {layer.path for layer in trimkit.trim(build_model(cfg.model, cfg.data, train_ds)).spec.layers}
     with pytest.raises(ValueError, match="runs on the digit-grid setting only.*table6, fig4a, fig7, fig2, fig6, switches"):
         run_experiment("fig5", tmp_path / "fig5", config=path)
+
+
+def test_only_runs_the_chosen_rows(tmp_path):
+    from trimkit_train.repro import run_experiment
+
+    out = tmp_path / "switches"
+    assert main(["repro", "switches", "--quick", "--seeds", "1", "--steps", "1", "--only", "sampler=gumbel",
+                 "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["sampler=gumbel"]
+    assert data["command"].endswith("--only sampler=gumbel") and "| sampler=gumbel | 2x |" in (out / "switches.md").read_text()
+    with pytest.raises(ValueError, match=r"no configuration labelled \['nonsense'\]; its labels are \['defaults', "):
+        run_experiment("switches", tmp_path / "x", only=["nonsense"])
+    with pytest.raises(ValueError, match="needs all its configurations; --only works with table6, fig4a, switches"):
+        run_experiment("fig5", tmp_path / "y", only=["Local"])

@@ -113,6 +113,8 @@ class Experiment:
     write: Callable[["Result"], list[Path]]
     # runs on a user's task config too (``--config``): it needs nothing digit-grid or METER specific
     any_task: bool = False
+    # its writer takes any subset of its configurations (``--only``): a table of rows, no figure that pairs them
+    subsets: bool = False
 
 
 @dataclass
@@ -135,7 +137,8 @@ class Result:
 # ------------------------------------------------------------------------------------------------
 def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3, quick: bool = False,
                    steps: int | None = None, command: str | None = None, progress: bool | None = False,
-                   log: Callable[[str], None] = print, config: str | Path | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, config: str | Path | None = None,
+                   only: list[str] | None = None) -> dict[str, Any]:
     """Run experiment ``name`` (:data:`EXPERIMENTS`) over ``seeds`` fine-tune seeds; write its files into
     ``out_dir`` (default ``trimkit-repro/NAME``). Returns the content of ``results.json``.
 
@@ -144,7 +147,11 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
     full reference and the backbone every run fine-tunes; its ``trim`` and ``recipe`` are the base every run
     overrides, with keep targets calibrated on that model; its ``train`` settings are each fine-tune's
     (``steps`` overrides ``train.steps``). Only experiments with ``any_task`` run this way (the others need
-    the digit-grid setting); "accuracy" in the table is the task's main metric."""
+    the digit-grid setting); "accuracy" in the table is the task's main metric.
+
+    ``only``: run just the configurations with these row labels (``Run.method``, e.g. ``["defaults",
+    "sd_teacher=detached"]``), to measure some rows with more seeds; an unknown label is an error
+    listing the experiment's."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; one of {', '.join(EXPERIMENTS)}")
     if seeds < 1:
@@ -163,10 +170,22 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
         base = ExperimentConfig.load(config)
     out = Path(out_dir if out_dir is not None else Path("trimkit-repro") / name)
     out.mkdir(parents=True, exist_ok=True)
-    command = command or f"trimkit repro {name} --seeds {seeds} --out {out}" + (" --quick" if quick else "") + (
-        f" --steps {steps}" if steps is not None else "") + (f" --config {config}" if config is not None else "")
-    preset = preset_for(quick, steps)
     runs = exp.runs()
+    if only:
+        if not exp.subsets:
+            raise ValueError(f"trimkit repro {name} --only: this experiment's table or figure needs all its "
+                             f"configurations; --only works with "
+                             f"{', '.join(n for n, e in EXPERIMENTS.items() if e.subsets)}")
+        labels = list(dict.fromkeys(r.method for r in runs))
+        unknown = [o for o in only if o not in labels]
+        if unknown:
+            raise ValueError(f"trimkit repro {name} --only: no configuration labelled {unknown}; its labels are "
+                             f"{labels}")
+        runs = [r for r in runs if r.method in only]
+    command = command or f"trimkit repro {name} --seeds {seeds} --out {out}" + (" --quick" if quick else "") + (
+        f" --steps {steps}" if steps is not None else "") + (f" --config {config}" if config is not None else "") + (
+        " --only " + " ".join(only) if only else "")
+    preset = preset_for(quick, steps)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):  # two runs in one directory: the second would overwrite the first
         raise ValueError(f"experiment {name!r}: runs share a name: {sorted({n for n in names if names.count(n) > 1})}")
@@ -1038,7 +1057,7 @@ def _fig6_write(res: Result) -> list[Path]:
 EXPERIMENTS: dict[str, Experiment] = {
     "table6": Experiment("table6", "Table 6: ablations of SmartTrim's training strategies",
                          "SmartTrim at 1.5x/2x/2.5x, minus stable init, minus curriculum, minus self-distillation",
-                         _table6_runs, _table6_write, any_task=True),
+                         _table6_runs, _table6_write, any_task=True, subsets=True),
     "table5": Experiment("table5", "Table 5: higher resolution trimmed vs lower resolution full",
                          "a backbone at twice the image resolution, SmartTrim-trimmed to the MACs of the default "
                          "backbone, vs that backbone untrimmed", _table5_runs, _table5_write),
@@ -1047,7 +1066,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                          "selection, task loss only) vs SmartTrim at 1.5x/2x/3x", _static_runs, _static_write),
     "fig4a": Experiment("fig4a", "Fig. 4a: token trimming policies",
                         "token policies cross_modal/local/random at 1.5x/2x/2.5x/3x fewer MACs, as curves",
-                        _fig4a_runs, _fig4a_write, any_task=True),
+                        _fig4a_runs, _fig4a_write, any_task=True, subsets=True),
     "fig4b": Experiment("fig4b", "Fig. 4b: head trimming, adaptive vs static",
                         "head trimming alone at retention 0.7/0.5/0.3: adaptive vs Random, Grad Layer, Grad All "
                         "(Michel et al.), no self-distillation", _fig4b_runs, _fig4b_write),
@@ -1065,5 +1084,5 @@ EXPERIMENTS: dict[str, Experiment] = {
                        _fig6_write, any_task=True),
     "switches": Experiment("switches", "Fidelity switches at 2x",
                            "SmartTrim 2x with each fidelity switch (cost_beta, sd_teacher, attention_dropout, "
-                           "sampler) flipped", _switches_runs, _switches_write, any_task=True),
+                           "sampler) flipped", _switches_runs, _switches_write, any_task=True, subsets=True),
 }

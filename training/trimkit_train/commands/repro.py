@@ -38,6 +38,9 @@ def register(sub) -> None:
                         "train` takes (YAML); its model (model.pretrained / model.init: the task-fine-tuned full "
                         "model) is the reference and the backbone every run fine-tunes, its trim/recipe the base of "
                         "every run (keep targets calibrated on that model), its train settings each fine-tune's")
+    p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                   help="run only the configurations with these row labels (as in the table's first column, e.g. "
+                        "--only defaults sd_teacher=detached), to measure some rows with more seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -57,6 +60,8 @@ def run(args) -> int:
         argv.append("--no-progress")
     if args.config is not None:
         argv += ["--config", args.config]
+    if args.only:
+        argv += ["--only", *args.only]
     run_experiment(args.name, out, seeds=args.seeds, quick=args.quick, steps=args.steps, command=shlex.join(argv),
-                   progress=False if args.no_progress else None, config=args.config)
+                   progress=False if args.no_progress else None, config=args.config, only=args.only)
     return 0
