@@ -253,3 +253,38 @@ def test_fastv_generation_with_a_kept_token_cache(llava):
     full = trimkit_llava.generate(tmodel, mode="off", **args)
     lengths = torch.as_tensor(removed.cache_lengths)
     assert (lengths[:, K:] < torch.as_tensor(full.cache_lengths)[:, K:]).all()  # the image tokens left the cache
+
+
+@pytest.mark.parametrize("name, options", [
+    ("llava", {"vision_config": {"num_hidden_layers": 3}, "vision_trim_layers": [1]}),  # CLIP: AttentionInterface
+    ("qwen2_vl", {"vision_trim_layers": [1]}),  # the batched tower: fx intercepts its sdpa call
+])
+def test_visionzip_in_a_decoder_vlms_vision_tower_masked_equals_removed(name, options):
+    """VisionZip in the vision towers of the decoder VLMs, next to FastV in their LMs: the probe reads the
+    previous tower block's attention on either kernel route (transformers' AttentionInterface for LLaVA's
+    CLIP, the fx-intercepted ``F.scaled_dot_product_attention`` of Qwen2-VL's batched tower), and the masked
+    and removed forwards keep the same tokens and compute the same logits."""
+    adapter = get_registry().adapters.get(name)
+    model = adapter.build(seed=0, **options).eval()
+    cfg = TrimConfig(token_policy="visionzip", token_layers=["vision"], token_target=0.5, trim_heads=False)
+    tmodel = trimkit.trim(model, cfg).eval()
+    x = adapter.example_inputs(model, 2, seed=1)
+    with torch.no_grad(), tmodel.mode("hard"):
+        hard = tmodel(**x)
+        tower = next(r for r in tmodel.records if r.kind == "token" and "vision" in r.key and r.mask is not None)
+        masks = tower.mask > 0.5
+    for b in range(2):
+        n = int(x["attention_mask"][b].sum())
+        one = {k: v[b:b + 1] for k, v in x.items()}
+        one["input_ids"], one["attention_mask"] = one["input_ids"][:, :n], one["attention_mask"][:, :n]
+        real = masks.shape[1]
+        if name == "qwen2_vl":
+            real = int(x["image_grid_thw"][b].prod())
+            one["pixel_values"] = one["pixel_values"][:, :real]
+        with torch.no_grad(), tmodel.mode("remove"):
+            alone = tmodel(**one)
+            index = next(r for r in tmodel.records if r.kind == "token" and "vision" in r.key).index.tolist()
+        assert index == torch.nonzero(masks[b, :real]).flatten().tolist()
+        assert 0 < len(index) < real  # visionzip dropped tower tokens
+        # the LM's rows are its kept tokens (the tower's drops never enter it): the next-token logits agree
+        torch.testing.assert_close(alone[0, -1], hard[b, n - 1], atol=1e-4, rtol=0)

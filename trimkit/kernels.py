@@ -180,6 +180,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
          dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
          *, trimkit_trim: AttnTrim | None = None) -> torch.Tensor:
     """Drop-in for ``F.scaled_dot_product_attention`` inside a traced attention module (fx route)."""
+    if trimkit_trim is not None and trimkit_trim.capture is not None:  # an attention probe reads q/k here
+        trimkit_trim.capture(query, key, attn_mask, scale, is_causal, trimkit_trim)
     return attend(query, key, value, attn_mask, dropout_p, is_causal, scale, trimkit_trim)
 
 

@@ -10,15 +10,16 @@ both describe the same tokens (masked == removed holds for such policies too).
 
 The probe is backbone-agnostic: at trim time a forward pre-hook is put on trimkit's own attention
 wrapper of the previous layer (the stream's first self-attention of that layer, in its rewritten
-graph), recording that call. Attention at the kernel (transformers' ``AttentionInterface``): trimkit's
-kernel hands the call's queries and keys (after RoPE, grouped-query heads as they are, the model's
-own mask) to the probe as it attends, so nothing runs twice and no hook of the module fires again.
+graph), recording that call. Attention at the kernel (transformers' ``AttentionInterface``, or an
+``F.scaled_dot_product_attention`` call that fx intercepts inside the module): trimkit's kernel
+hands the call's queries and keys (after RoPE or qk-norm, grouped-query heads as they are, the
+model's own mask) to the probe as it attends, so nothing runs twice and no hook of the module fires
+again (a module with several such calls: its first).
 Attention recomputed from its projections: the queries and keys are recomputed from
 :class:`trimkit.ops.TrimAttention`'s projections when a policy asks (one more q/k projection of that
 layer). Only the asked rows of ``softmax(q k^T * scale + mask)`` are formed, with the call's own
 token mask; the layer's attention itself stays on SDPA. What a probe holds is dropped after every
-forward. Not supported: attention intercepted by fx at an ``F.scaled_dot_product_attention`` call
-inside the module (timm with qk-norm), and mode ``packed``.
+forward. Not supported: mode ``packed``.
 """
 
 from __future__ import annotations
@@ -88,12 +89,8 @@ class AttentionProbe:
 
     def __init__(self, module: nn.Module, where: str) -> None:
         route = getattr(module, "route", "projections")
-        if route == "fx":
-            raise NotImplementedError(
-                f"trimkit: the attention of layer {where!r} is intercepted at an F.scaled_dot_product_attention "
-                "call inside its module (fx route); a context-reading token policy (fastv, visionzip) cannot read "
-                "its attention weights yet: describe the attention by its projections (via='projections')")
         self.module, self.where, self.route = module, where, route
+        self.kernel = route in ("attention_interface", "fx")  # the kernel hands over q/k as it attends
         self._call: tuple[tuple, dict] | None = None
         self._got: _Call | None = None
         self._cache: dict[str, torch.Tensor] = {}
@@ -101,7 +98,7 @@ class AttentionProbe:
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._call, self._got, self._cache = (args, kwargs), None, {}
-        if self.route != "attention_interface":
+        if not self.kernel:
             return None
         from .ops import AttnTrim
 
@@ -130,7 +127,7 @@ class AttentionProbe:
         if getattr(trim, "packed", None) is not None:
             raise NotImplementedError("trimkit: context-reading token policies (fastv, visionzip) do not run in mode "
                                       "'packed'; use tmodel.inference = 'remove' (batch 1) or 'hard'")
-        if self.route == "attention_interface":
+        if self.kernel:
             if self._got is None:
                 raise RuntimeError(f"trimkit attention probe: the attention module of layer {self.where!r} returned "
                                    "without calling its attention function")

@@ -4,7 +4,10 @@
   token in the layer before; for decoder VLMs (the ``llava`` adapter), placed at FastV's layer K.
 * ``visionzip`` (:class:`VisionZipTokenPolicy`, Yang et al. 2024, dominant-token selection; the
   merging of context tokens is left out, see its docstring): keep the tokens most attended by
-  [CLS] in the layer before, plus evenly spread context tokens; for encoders with a [CLS] (``timm``).
+  [CLS] in the layer before, plus evenly spread context tokens; for encoders with a [CLS] (``timm``)
+  and the vision towers of the decoder VLMs (``llava``, ``qwen2_vl`` with ``vision_trim_layers``; Qwen2-VL's
+  tower has no [CLS], so its "first" row is its first patch, and its tokens go in 2x2 runs: a run is
+  kept where most of its patches were chosen, ``StreamSpec.group``).
 
 Neither has parameters: select one as ``TrimConfig.token_policy``; its layer(s) with
 ``token_layers`` and its keep ratio with ``token_target`` (the same targets as SmartTrim's learned
