@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ------------------------------------------------------------------------------------------------
 def test_fields_validated_with_current_defaults():
     r = RecipeConfig()
-    assert (r.cost_beta, r.sd_teacher) == ("original", "joint")
+    assert (r.cost_beta, r.sd_teacher) == ("original", "detached")
     t = TrimConfig()
     assert (t.attention_dropout, t.sampler) == ("kernel_only", "gumbel")
     for bad in ({"cost_beta": "entered"}, {"sd_teacher": "frozen"}):
@@ -45,10 +45,10 @@ def test_fields_validated_with_current_defaults():
 
 def test_recipe_reaches_the_registered_objective():
     factory = get_registry().objectives.get("smarttrim")
-    obj = factory(RecipeConfig(cost_beta="entering", sd_teacher="detached"))
-    assert (obj.cost_beta, obj.sd_teacher) == ("entering", "detached")
+    obj = factory(RecipeConfig(cost_beta="entering", sd_teacher="joint"))
+    assert (obj.cost_beta, obj.sd_teacher) == ("entering", "joint")
     obj = factory(RecipeConfig())
-    assert (obj.cost_beta, obj.sd_teacher) == ("original", "joint")
+    assert (obj.cost_beta, obj.sd_teacher) == ("original", "detached")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def test_detached_teacher_full_pass_gets_no_gradient_from_the_kl():
     task_only = torch.autograd.grad(F.cross_entropy(full, labels), full)[0]
     torch.testing.assert_close(g_full_d, task_only, rtol=0, atol=0)
     g_trim_j, g_full_j, _ = _grads("joint")
-    # joint: the KL reaches the full pass too (the default, as before)
+    # joint: the KL reaches the full pass too (the default before 2026-12-04)
     assert float((g_full_j - task_only).abs().max()) > 1e-3
     # the trimmed pass's gradient is the same either way
     torch.testing.assert_close(g_trim_d, g_trim_j)

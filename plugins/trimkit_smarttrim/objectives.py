@@ -23,7 +23,7 @@ def _batch_means(means: torch.Tensor) -> torch.Tensor:
 
 
 BETAS = ("original", "entering")
-SD_TEACHERS = ("joint", "detached")
+SD_TEACHERS = ("detached", "joint")
 
 
 def _beta(record, beta: str) -> torch.Tensor:
@@ -67,13 +67,14 @@ def softmax_kl(trimmed_logits: torch.Tensor, full_logits: torch.Tensor, labels: 
 def self_distillation(trimmed_logits: torch.Tensor, full_logits: torch.Tensor, labels: torch.Tensor,
                       task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                       distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = softmax_kl,
-                      teacher: str = "joint") -> torch.Tensor:
+                      teacher: str = "detached") -> torch.Tensor:
     """Eq. 11: task(full) + D(f(x, P), f(x, empty)), the full pass from the same model; ``D`` is the
     task's discrepancy (the KL of the softmaxes for classification, the paper's case).
 
-    ``teacher`` (``RecipeConfig.sd_teacher``): ``"joint"`` lets D's gradient reach the full pass too
-    (it is pulled toward the trimmed one); ``"detached"`` makes the full pass a fixed teacher in D
-    (it still learns from its task term)."""
+    ``teacher`` (``RecipeConfig.sd_teacher``): ``"detached"`` (the default) makes the full pass a fixed
+    teacher in D (it still learns from its task term), as the paper's "transfer knowledge from the full
+    capacity model to the pruned model" reads and as measured best (docs/reproducing.md); ``"joint"``
+    lets D's gradient reach the full pass too (it is pulled toward the trimmed one)."""
     if teacher not in SD_TEACHERS:
         raise ValueError(f"self_distillation: teacher must be one of {SD_TEACHERS}, got {teacher!r}")
     target = full_logits.detach() if teacher == "detached" else full_logits
@@ -91,7 +92,7 @@ class SmartTrimObjective:
     task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = softmax_kl
     cost_beta: str = "original"  # RecipeConfig.cost_beta
-    sd_teacher: str = "joint"  # RecipeConfig.sd_teacher
+    sd_teacher: str = "detached"  # RecipeConfig.sd_teacher
 
     def __post_init__(self) -> None:
         if self.cost_beta not in BETAS:
@@ -101,7 +102,7 @@ class SmartTrimObjective:
 
     @classmethod
     def for_task(cls, lambda_cost: float, lambda_sd: float, task=None, cost_beta: str = "original",
-                 sd_teacher: str = "joint") -> "SmartTrimObjective":
+                 sd_teacher: str = "detached") -> "SmartTrimObjective":
         extra = {"cost_beta": cost_beta, "sd_teacher": sd_teacher}
         if task is None:
             return cls(lambda_cost, lambda_sd, **extra)
@@ -111,7 +112,7 @@ class SmartTrimObjective:
     def from_recipe(cls, config, task=None) -> "SmartTrimObjective":
         """From a ``RecipeConfig`` (a config without the fidelity fields gets their defaults)."""
         return cls.for_task(config.lambda_cost, config.lambda_sd, task, getattr(config, "cost_beta", "original"),
-                            getattr(config, "sd_teacher", "joint"))
+                            getattr(config, "sd_teacher", "detached"))
 
     @property
     def needs_full_pass(self) -> bool:

@@ -150,7 +150,7 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
     the digit-grid setting); "accuracy" in the table is the task's main metric.
 
     ``only``: run just the configurations with these row labels (``Run.method``, e.g. ``["defaults",
-    "sd_teacher=detached"]``), to measure some rows with more seeds; an unknown label is an error
+    "sd_teacher=joint"]``), to measure some rows with more seeds; an unknown label is an error
     listing the experiment's."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; one of {', '.join(EXPERIMENTS)}")
@@ -768,7 +768,7 @@ def _fig7_write(res: Result) -> list[Path]:
 def _switches_runs() -> list[Run]:
     return [Run("defaults", "cross_modal", 2.0),
             Run("cost_beta=entering", "cross_modal", 2.0, recipe={"cost_beta": "entering"}),
-            Run("sd_teacher=detached", "cross_modal", 2.0, recipe={"sd_teacher": "detached"}),
+            Run("sd_teacher=joint", "cross_modal", 2.0, recipe={"sd_teacher": "joint"}),
             Run("attention_dropout=model", "cross_modal", 2.0, trim={"attention_dropout": "model"}),
             Run("sampler=gumbel", "cross_modal", 2.0, trim={"sampler": "gumbel"})]
 

@@ -40,7 +40,7 @@ def register(sub) -> None:
                         "every run (keep targets calibrated on that model), its train settings each fine-tune's")
     p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
                    help="run only the configurations with these row labels (as in the table's first column, e.g. "
-                        "--only defaults sd_teacher=detached), to measure some rows with more seeds")
+                        "--only defaults sd_teacher=joint), to measure some rows with more seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
