@@ -271,3 +271,31 @@ def test_kernel_route_refuses_a_module_without_sdpa(rope_registry):
     rope_registry.adapters.register("explicit_toy", A(), replace=True)
     with pytest.raises(TraceError, match=r"blocks\.0\.mix.*never calls F\.scaled_dot_product_attention.*via='projections'"):
         trim(Net(), TrimConfig(), adapter="explicit_toy")
+
+
+def test_a_query_left_without_keys_gives_zeros_not_nan(monkeypatch):
+    """A module mask per query row (Qwen2.5-VL's window blocks) plus trimkit's dropped keys can leave a
+    query row no key at all (its whole window dropped). Some SDPA backends (CUDA's fused kernels) return
+    NaN for such a row, and a NaN hidden state spreads through its value to every query of the next
+    layer even where its weight is 0; the kernel must give 0 there. Simulated with a naive softmax
+    backend (the CPU math backend already returns 0)."""
+    import trimkit.kernels as K
+    from trimkit.ops import AttnTrim
+
+    def naive(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        s = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        if attn_mask is not None:
+            s = s + attn_mask
+        return torch.softmax(s, dim=-1) @ v  # NaN on a row that is all -inf
+
+    monkeypatch.setattr(K.F, "scaled_dot_product_attention", naive)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    window = torch.tensor([0, 0, 1, 1])
+    mask = torch.where(window[None, None, :, None] == window[None, None, None, :], 0.0, float("-inf"))
+    keep = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # window 1 dropped entirely
+    y = K.attend(q, k, v, mask, trim=AttnTrim(key_mask=keep))
+    assert torch.isfinite(y).all()
+    assert torch.equal(y[:, :, 2:], torch.zeros_like(y[:, :, 2:]))  # the rows with no key left
+    torch.testing.assert_close(y[:, :, :2], naive(q[:, :, :2], k[:, :, :2], v[:, :, :2]))
+    assert torch.isnan(naive(q, k, v, mask + K.key_bias(keep, q.dtype))).any()  # the backend alone gives NaN

@@ -256,3 +256,8 @@ def test_group_logits_gives_each_run_its_mean_and_refuses_partial_runs():
     torch.testing.assert_close(group_logits(logits, 2, "t"), torch.tensor([[-1.0, -1.0, 3.0, 3.0, -1.0, -1.0]]))
     with pytest.raises(ValueError, match=r"trimmer 'x': 6 tokens are not whole runs of 4"):
         group_logits(logits, 4, "trimmer 'x'")
+
+
+def test_runs_and_a_last_token_summary_are_refused_together():
+    with pytest.raises(ValueError, match="group=4 with summary='last' would keep the last real token alone"):
+        StreamSpec("v", protected=4, group=4, summary="last")

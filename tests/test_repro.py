@@ -224,7 +224,7 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
         "data": {"name": "vqa_v2", "options": {"root": str(root), "answers": answers, "tokenizer": str(tok),
                                                "image_size": 32},
                  "train_split": "train", "eval_split": "val", "train_size": None, "eval_size": None},
-        "train": {"steps": 50, "batch_size": 2, "eval_batch_size": 2, "macs_instances": 1, "progress": False,
+        "train": {"epochs": 1, "batch_size": 2, "eval_batch_size": 2, "macs_instances": 1, "progress": False,
                   "out_dir": str(tmp_path / "unused")},
         "trim": {"token_target": 0.9, "init_logit": 0.3, "sampler": "sharpen"},
         "recipe": {"curriculum_fraction": 0.0},
@@ -248,7 +248,8 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
     calibrated = {"token_target", "head_target"}
     for row in data["per_seed"][0]:  # each run: the config's fine-tune (2 steps), the calibrated 2x targets
         run_cfg = yaml.safe_load((out / "runs" / f"{row['run']}-seed0" / "experiment.yaml").read_text())
-        assert run_cfg["train"]["steps"] == 2 and run_cfg["data"]["name"] == "vqa_v2"
+        assert (run_cfg["train"]["steps"], run_cfg["train"]["epochs"]) == (2, None)  # --steps replaces epochs
+        assert run_cfg["data"]["name"] == "vqa_v2"
         assert isinstance(run_cfg["trim"]["token_target"], dict) and calibrated <= set(run_cfg["trim"])
         assert run_cfg["trim"]["init_logit"] == 0.3  # the config's own trim settings are the base
         assert 0.0 <= row["accuracy"] <= 1.0

@@ -80,7 +80,10 @@ class Adapter(Protocol):
         already is one. :func:`trimkit.trim` (and so ``TrimmedModel.from_pretrained``) calls it
         first, so ``trim(LlavaForConditionalGeneration(...))`` works as ``trim(wrap(model))``
         does; the trimmed model then has the wrapper's forward (its inputs; it returns the
-        wrapper's output, e.g. a logits tensor, not a ``ModelOutput``).
+        wrapper's output, e.g. a logits tensor, not a ``ModelOutput``). It applies the wrapper's
+        defaults: for other wrapper options (``trim_layers``, ``vision_trim_layers``...) wrap the
+        model yourself, and load a checkpoint trained with such options onto the same wrapper
+        (``TrimmedModel.from_pretrained(wrap(model, ...), directory)``).
 
     ``from_pretrained(source: str, *, revision: str | None = None, weights: str | None = None, **options) -> nn.Module``
         A model with pretrained weights, of the kind :meth:`build` returns (the same wrapper, so

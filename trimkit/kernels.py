@@ -112,6 +112,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if k.shape[1] != heads:
         k, v = _repeat_heads(k, heads, 1), _repeat_heads(v, heads, 1)
     extra = None if trim.key_mask is None else key_bias(trim.key_mask, q.dtype)
+    # a module mask per query row (a window or block mask) can leave a query no key once trimkit's mask
+    # drops keys too (a window whose tokens were all dropped): that row must give 0, not NaN, whatever the
+    # SDPA backend does with a fully masked row, or the NaN spreads through its values to every query later
+    dead_rows = extra is not None and mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1
     if extra is not None or (is_causal and mask is not None):
         mask = _additive(mask, q.dtype)
         if is_causal:
@@ -136,6 +140,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return y
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                        scale=scale)
+    if dead_rows:
+        y = y.masked_fill(torch.isneginf(mask).all(-1, keepdim=True), 0.0)
     if trim.head_mask is not None:
         y = y * trim.head_mask.to(y.dtype)[:, :, None, None]
     return y

@@ -154,20 +154,6 @@ def group_logits(logits: torch.Tensor, group: int, where: str) -> torch.Tensor:
     return logits.unflatten(-1, (n // group, group)).mean(-1).repeat_interleave(group, dim=-1)
 
 
-def _group_host(values: list[float], group: int, where: str) -> list[float]:
-    """:func:`group_logits` on host values (mode remove)."""
-    if group == 1:
-        return values
-    if len(values) % group:
-        raise ValueError(f"{where}: {len(values)} tokens are not whole runs of {group} (StreamSpec.group): every "
-                         f"instance's tokens (and real tokens) must come in runs of {group}")
-    out = []
-    for i in range(0, len(values), group):
-        mean = sum(values[i:i + group]) / group
-        out += [mean] * group
-    return out
-
-
 @dataclass
 class Runtime:
     """State shared by every trimmed layer during one forward of a :class:`TrimmedModel`."""
@@ -275,11 +261,20 @@ class Runtime:
         record per segment, keyed ``"{key}:{name}"``, with that segment's kept fraction. ``group``: the
         stream drops tokens in runs of that many (:func:`group_logits`; one sample per run)."""
         if self.mode == "remove":  # one token trimmer alone (the layer path uses remove_step)
-            state, hidden, _ = self.remove_step(key, logits, [], hidden, state, token_dim, group=group)
+            kept = None if protected is None else (protected[0] if isinstance(protected, torch.Tensor) else
+                                                   torch.tensor(list(protected), dtype=torch.long))
+            state, hidden, _ = self.remove_step(key, logits, [], hidden, state, token_dim, kept, group=group,
+                                                stream=stream)
             return state, hidden
         logits = self.forced.get(key, logits)
         self.watch(key, logits)
         if group > 1:
+            pad = self.padding.get(stream)
+            if pad is not None and tuple(pad.shape) == tuple(logits.shape):  # each instance's real tokens whole runs
+                real = (pad != 0).sum(1)
+                self.defer(f"token trimmer {key!r}: stream {stream!r} drops tokens in runs of {group} "
+                           "(StreamSpec.group), but an instance's real tokens are not whole runs (pad each instance "
+                           "to whole runs); real tokens per instance", (real % group != 0).any(), real)
             logits = group_logits(logits, group, f"token trimmer {key!r}")
             m = self._mask(logits[..., ::group]).repeat_interleave(group, dim=-1)  # one sample per run
         else:
@@ -353,6 +348,9 @@ class Runtime:
             token_logits = self.forced.get(key, token_logits)
             if token_logits.shape[0] != 1:
                 raise RuntimeError("trimkit: physical token removal runs at batch 1 (use mode 'packed' for batches)")
+            # runs kept or dropped whole: their means taken on the device as the masked and packed modes take
+            # them (the same arithmetic, so the decisions agree to the bit)
+            raw_logits, token_logits = token_logits, group_logits(token_logits, group, f"token trimmer {key!r}")
             parts.append(token_logits)
             if protected is not None:
                 parts.append(protected.view(1, -1))  # the always-kept positions (segment summaries, a last token)
@@ -376,14 +374,16 @@ class Runtime:
         host = P.fetch_row(parts)  # the one host synchronisation of this layer
         if token_logits is not None:
             values = host.pop(0)
-            self._watch_host(key, token_logits, values)
-            values = _group_host(values, group, f"token trimmer {key!r}")  # runs kept or dropped whole
+            self._watch_host(key, raw_logits, values)
             flags = [v > 0 for v in values]  # NaN: dropped (and reported after the forward)
             for j in (host.pop(0) if protected is not None else (0,)):  # [CLS] / the summaries: always kept
                 flags[int(j)] = True
             seg_of = host.pop(0) if segments is not None else None
             real_cur = host.pop(0) if pad is not None else [1] * len(flags)
             real_all = host.pop(0) if pad is not None else None
+            if group > 1 and real_all is not None and sum(real_all) % group:
+                raise ValueError(f"token trimmer {key!r}: the stream drops tokens in runs of {group} (StreamSpec.group), "
+                                 f"but this instance has {sum(real_all)} real tokens: pad each instance to whole runs")
             n_cur = len(flags)
             kept_at = [j for j, f in enumerate(flags) if f]
             n_kept = len(kept_at)

@@ -397,6 +397,9 @@ class StreamSpec:
         if self.group > 1:
             if self.segments:
                 raise ValueError(f"StreamSpec({self.name!r}): group applies to unsegmented streams")
+            if self.summary == "last":
+                raise ValueError(f"StreamSpec({self.name!r}): group={self.group} with summary='last' would keep the "
+                                 "last real token alone, not its whole run; use summary='first' or 'mean'")
             if isinstance(self.protected, int) and self.protected % self.group:
                 raise ValueError(f"StreamSpec({self.name!r}): protected={self.protected} must be a multiple of "
                                  f"group={self.group} (the always-kept tokens are whole runs)")

@@ -352,8 +352,9 @@ def _experiment(preset: DemoPreset, train: dict[str, Any], out_dir: Path, trim_c
         return ExperimentConfig(
             model=base.model if init is None else base.model.model_copy(update={"init": init}),
             data=base.data,
-            train=TrainConfig(**{**base.train.model_dump(), **train, "seed": seed, "out_dir": str(out_dir),
-                                 "progress": progress, "eval_every": None, "save_every": None}),
+            train=TrainConfig(**{**base.train.model_dump(), **train, **({"epochs": None} if "steps" in train else {}),
+                                 "seed": seed, "out_dir": str(out_dir), "progress": progress, "eval_every": None,
+                                 "save_every": None}),
             trim=TrimConfig(**{**preset.trim, **trim_cfg}) if trim_cfg is not None else None,
             recipe=RecipeConfig(**{**preset.recipe, **(recipe or {})}),
         )
@@ -475,6 +476,10 @@ def config_backbone(base: ExperimentConfig, out: Path, ratios: tuple[float, ...]
                          "fine-tune's settings; its keep targets are replaced by the calibrated ones)")
     log(f"{stamp()} 1/4 the backbone of {source or 'the config'}: adapter {base.model.adapter!r}, data "
         f"{base.data.name!r} (no training: the config's model is the full reference)")
+    if base.model.pretrained is None and base.model.init is None:
+        log(f"          warning: {source or 'the config'} gives neither model.pretrained nor model.init: the "
+            "reference and every run start from random weights (seed model.seed); point them at the task-fine-"
+            "tuned full model for numbers that mean something")
     train_ds = build_dataset(base.data, "train")
     test_ds = build_dataset(base.data, "eval")
     net = build_model(base.model, base.data, train_ds)

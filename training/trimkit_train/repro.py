@@ -194,8 +194,9 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
     def stamp() -> str:
         return f"[{time.perf_counter() - t0:6.1f}s]"
 
-    log(f"{stamp()} repro {name}: {len(runs)} configurations x {seeds} seed(s), "
-        f"{preset.finetune['steps']} fine-tune steps each")
+    length = (f"{steps} fine-tune steps" if steps is not None else f"{preset.finetune['steps']} fine-tune steps"
+              if base is None or quick else "the config's training length")
+    log(f"{stamp()} repro {name}: {len(runs)} configurations x {seeds} seed(s), {length} each")
     iterations = 6 if quick else 12  # --quick: a coarser bisection of the targets (its numbers mean nothing anyway)
     default_ratios = tuple(sorted({r.ratio for r in runs if not r.data} - {1.0}))  # 1.0: the run gives its own
     if base is not None:
@@ -402,7 +403,8 @@ def _header(res: Result, what: str, finetuned: bool = True) -> str:
                    f"{100 * res.full['accuracy']:.1f} and {res.full['gmacs']:.4f} GMACs per instance")
     if finetuned:
         steps = p.finetune.get("steps", bb.base.train.steps if bb.base is not None else None)
-        setting += (f"; SmartTrim fine-tunes of {steps} steps. Cells are mean ± standard deviation over "
+        length = f"{steps} steps" if steps is not None else f"{bb.base.train.epochs:g} epochs"
+        setting += (f"; SmartTrim fine-tunes of {length}. Cells are mean ± standard deviation over "
                     f"{res.seeds} fine-tune seed(s) (0..{res.seeds - 1}); accuracy on {len(res.backbone.test_ds)} test "
                     f"questions, GMACs the mean over {p.macs_instances} test instances at batch 1 with tokens and heads "
                     "removed")
