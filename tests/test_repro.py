@@ -277,3 +277,35 @@ def test_only_runs_the_chosen_rows(tmp_path):
         run_experiment("switches", tmp_path / "x", only=["nonsense"])
     with pytest.raises(ValueError, match="needs all its configurations; --only works with table6, fig4a, switches"):
         run_experiment("fig5", tmp_path / "y", only=["Local"])
+
+
+def test_a_segmented_decoder_task_config_is_calibrated_per_segment(tmp_path, capsys):
+    """``--config`` with a model whose modalities are segments of one stream (a tiny LLaVA on
+    digit-grid rows): the calibration forces each segment's own keep ratio (``"layer:segment"`` keys of
+    ``Runtime.forced`` in mode remove) and reaches the MACs goal, and the runs get per-segment targets
+    (``image.uni.N`` selectors) that trim the image tokens progressively and keep the text more."""
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "examples" / "llava_digit_grid.yaml").read_text())
+    config["data"].update(train_size=16, eval_size=8)
+    config["data"]["options"].update(grid=3)
+    config["train"].update(steps=1, batch_size=4, eval_every=None, save_every=None, macs_instances=2,
+                           out_dir=str(tmp_path / "unused"))
+    path = tmp_path / "llava.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "switches"
+    assert main(["repro", "switches", "--config", str(path), "--seeds", "1", "--steps", "1", "--only", "defaults",
+                 "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    cal = data["calibration"]["2x"]
+    # forcing per segment moves the MACs (without it every forced ratio is the trimmers' overhead, < 1); 2x is
+    # beyond this model (9 of ~20 tokens are image tokens, 3 of 4 layers trimmed, text kept at >= 0.5): said so
+    assert 1.3 < cal["forced_ratio"] < 2.0, cal["forced_ratio"]
+    assert "warning: 2x is out of reach of this model's trimmers" in capsys.readouterr().out
+    image = {k: v for k, v in cal["token_target"].items() if k.endswith(":image")}
+    text = {k: v for k, v in cal["token_target"].items() if not k.endswith(":image")}
+    assert len(image) == 3 and text and max(image.values()) < min(text.values())
+    run_cfg = yaml.safe_load((out / "runs" / "defaults-cross_modal-2x-seed0" / "experiment.yaml").read_text())
+    assert {f"image.uni.{i}" for i in (1, 2, 3)} <= set(run_cfg["trim"]["token_target"])  # decoder layers 1-3

@@ -163,7 +163,8 @@ class Runtime:
     temperature: float = 1.0
     padding: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> (B, N) 1 = real
     records: list[Record] = field(default_factory=list)
-    forced: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> logits override (tests, profiling)
+    # key -> logits override (tests, profiling, calibration); "layer:segment" keys apply to that segment in mode remove
+    forced: dict[str, torch.Tensor] = field(default_factory=dict)
     targets: dict[str, float] = field(default_factory=dict)  # key -> current (scheduled) target
     real: dict[str, list[int]] = field(default_factory=dict)  # stream -> real tokens per instance (mode packed)
     checks: list[torch.Tensor] = field(default_factory=list)  # deferred device flags (mode packed)
@@ -348,6 +349,8 @@ class Runtime:
             token_logits = self.forced.get(key, token_logits)
             if token_logits.shape[0] != 1:
                 raise RuntimeError("trimkit: physical token removal runs at batch 1 (use mode 'packed' for batches)")
+            if segments is not None:
+                token_logits = self._forced_segments(key, token_logits, segments)
             # runs kept or dropped whole: their means taken on the device as the masked and packed modes take
             # them (the same arithmetic, so the decisions agree to the bit)
             raw_logits, token_logits = token_logits, group_logits(token_logits, group, f"token trimmer {key!r}")
@@ -426,6 +429,27 @@ class Runtime:
             # every head kept: the plain dense path (no slicing at all)
             trims.append(AttnTrim() if len(index) == len(flags) else AttnTrim(head_runs=_runs(index)))
         return state, hidden, trims
+
+    def _forced_segments(self, key: str, logits: torch.Tensor, segments: tuple) -> torch.Tensor:
+        """Mode remove: :attr:`forced` logits given per segment (``"layer:segment"`` keys, what calibrating
+        a segmented stream's per-segment targets forces) applied to that segment's current tokens."""
+        names, member = segments[0], segments[1]
+        hits = [(k, f"{key}:{name}") for k, name in enumerate(names) if f"{key}:{name}" in self.forced]
+        if not hits:
+            return logits
+        logits = logits.clone()
+        member = member.reshape(-1).to(logits.device)
+        for k, seg_key in hits:
+            at = torch.nonzero(member == k).flatten()
+            if at.numel():
+                sub = logits[:, at]
+                got = self.forced.get(seg_key, sub)
+                if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(sub.shape):
+                    raise ValueError(f"Runtime.forced[{seg_key!r}]: expected logits of the segment's current tokens "
+                                     f"{tuple(sub.shape)}, got {tuple(getattr(got, 'shape', ()))} (segment keys take "
+                                     "a callable mapping such as trimkit_train.demo's, per call)")
+                logits[:, at] = got.to(logits.dtype)
+        return logits
 
     # --- mode packed (batches) ----------------------------------------------------------------
     def real_tokens(self, stream: str, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor | None, list[int]]:

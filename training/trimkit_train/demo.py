@@ -235,17 +235,23 @@ def targets_for(strength: float, tmodel: TrimmedModel) -> tuple[dict[str, float]
     layer_stream = {layer.path: layer.stream for layer in tmodel.spec.layers}
     tokens: dict[str, float] = {}
     heads: dict[str, float] = {}
-    seen_vision = 0
+    seen_vision: dict[str, int] = {}
     for key in tmodel.final_targets:
-        if key in layer_stream:
-            if layer_stream[key] == "vision":
-                tokens[key] = s ** 0.5 if seen_vision == 0 else s
-                seen_vision += 1
+        path, _, segment = key.partition(":")  # a segmented stream's token trimmers: "layer:segment"
+        if path in layer_stream:
+            modality = segment or layer_stream[path]
+            if modality in VISION_NAMES:
+                tokens[key] = s ** 0.5 if seen_vision.get(modality, 0) == 0 else s
+                seen_vision[modality] = seen_vision.get(modality, 0) + 1
             else:
                 tokens[key] = 0.5 + 0.5 * s
         else:
             heads[key] = 0.5 + 0.5 * s
     return tokens, heads
+
+
+#: stream or segment names :func:`targets_for` trims progressively as image tokens
+VISION_NAMES = ("vision", "image")
 
 
 class _Forced(dict):
@@ -261,12 +267,16 @@ class _Forced(dict):
     def reset(self) -> None:
         self.original.clear()
 
+    def __contains__(self, key: object) -> bool:  # Runtime.remove_step asks for "layer:segment" keys
+        return key in self.targets
+
     def get(self, key: str, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if key not in self.targets:
             return logits
         n = logits.shape[1]
-        if key in self.layer_stream:  # token trimmer: cumulative fraction of the stream's tokens
-            stream = self.layer_stream[key]
+        path, _, segment = key.partition(":")
+        if path in self.layer_stream:  # token trimmer: cumulative fraction of the stream's (segment's) tokens
+            stream = key if segment else self.layer_stream[path]
             original = self.original.setdefault(stream, n)
             keep = min(n, max(1, math.ceil(self.targets[key] * original - 1e-9)))
         else:
@@ -334,12 +344,19 @@ def _selector_targets(tmodel: TrimmedModel, tokens: dict[str, float], heads: dic
         counts[(layer.stream, layer.site)] = i + 1
         index[layer.path] = f"{layer.stream}.{layer.site}.{i}"
         kinds[layer.path] = [a.kind for a in layer.attentions]
-    tok = {index[k]: round(v, 4) for k, v in tokens.items()}
+    tok = {}
+    for k, v in tokens.items():
+        path, _, segment = k.partition(":")
+        if segment:  # a segment's own selector: SEGMENT.SITE.INDEX
+            _, site, i = index[path].split(".")
+            tok[f"{segment}.{site}.{i}"] = round(v, 4)
+        else:
+            tok[index[path]] = round(v, 4)
     hd: dict[str, float] = {}
     for key, v in heads.items():
         path, _, j = key.rpartition(".")
         hd[f"{index[path]}.{kinds[path][int(j)]}"] = round(v, 4)
-    return {"token_target": tok, "head_target": hd}
+    return {"token_target": tok or 1.0, "head_target": hd or 1.0}  # an empty dict selects nothing (refused)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -491,16 +508,14 @@ def config_backbone(base: ExperimentConfig, out: Path, ratios: tuple[float, ...]
                         macs_instances=max(1, min(base.train.macs_instances or 8, len(test_ds))),
                         calibration_instances=max(1, min(calibration_instances, len(test_ds))))
     probe = trim(net, TrimConfig(**trim_base), adapter=base.model.adapter)
-    segmented = [st.name for st in probe.spec.streams if st.segments]
-    if segmented:
-        raise NotImplementedError(f"{source or 'the config'}: adapter {base.model.adapter!r} lays modalities out as "
-                                  f"segments of stream(s) {segmented}, whose per-segment keep targets the repro "
-                                  "calibration does not set yet; use a model with one stream per modality")
     if ratios:
         log(f"{stamp()} 2/4 calibrating keep targets for {', '.join(f'{r:g}x' for r in ratios)} fewer MACs")
     calib = {r: calibrate(probe, test_ds, r, preset.calibration_instances, calibration_iterations) for r in ratios}
     for r, c in calib.items():
         log(f"          {r:g}x: strength {c['strength']:.3f} -> forced MACs ratio {c['forced_ratio']:.2f}")
+        if abs(math.log(c["forced_ratio"] / r)) > 0.1:  # the nearest the targets get; the table shows the rest
+            log(f"          warning: {r:g}x is out of reach of this model's trimmers (the nearest forced ratio is "
+                f"{c['forced_ratio']:.2f}x: trim more layers or modalities, or read that row as {c['forced_ratio']:.2f}x)")
     targets = {r: _selector_targets(probe, c["token_target"], c["head_target"]) for r, c in calib.items()}
     entering = {r: _selector_targets(probe, per_layer_targets(probe, c["token_target"]), c["head_target"])
                 for r, c in calib.items()}
@@ -515,12 +530,13 @@ def per_layer_targets(tmodel: TrimmedModel, tokens: dict[str, float]) -> dict[st
     out: dict[str, float] = {}
     last: dict[str, float] = {}
     for layer in tmodel.spec.layers:
-        if layer.path not in tokens:
-            continue
-        cum = tokens[layer.path]
-        prev = last.get(layer.stream, 1.0)
-        out[layer.path] = min(1.0, cum / prev)
-        last[layer.stream] = cum
+        for key, cum in tokens.items():
+            path, _, segment = key.partition(":")  # a segmented stream's: per segment
+            if path != layer.path:
+                continue
+            budget = f"{layer.stream}:{segment}" if segment else layer.stream
+            out[key] = min(1.0, cum / last.get(budget, 1.0))
+            last[budget] = cum
     return out
 
 
