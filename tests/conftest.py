@@ -90,17 +90,12 @@ def vqa_files(tmp_path_factory):
     import shutil
 
     from PIL import Image
-    from transformers import BertTokenizerFast
 
     tmp = tmp_path_factory.mktemp("vqa_task")
     words = set()
     for f in TASK_DATA.rglob("*.json*"):
         words |= set(re.findall(r"[a-z]+", f.read_text().lower()))
-    tok = tmp / "tok"
-    tok.mkdir()
-    (tok / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words),
-                                              *".,?!'-0123456789"]) + "\n")
-    BertTokenizerFast(str(tok / "vocab.txt")).save_pretrained(str(tok))
+    tok = write_bert_tokenizer(tmp / "tok", words)
     root = tmp / "vqa"
     shutil.copytree(TASK_DATA / "vqa", root)
     for image_set, iid in [("train2014", 42), ("train2014", 7), ("val2014", 3)]:
@@ -108,3 +103,15 @@ def vqa_files(tmp_path_factory):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (40, 30), (iid * 20, 100, 50)).save(path)
     return root, tok
+
+
+def write_bert_tokenizer(directory: Path, words) -> Path:
+    """A BERT word-piece tokenizer saved in ``directory`` whose vocabulary is the special tokens, ``words``
+    and punctuation/digits (tests build tokenizers from vocab files, nothing is downloaded)."""
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True)
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words),
+                                                    *".,?!'-0123456789"]) + "\n")
+    BertTokenizerFast(str(directory / "vocab.txt")).save_pretrained(str(directory))
+    return directory

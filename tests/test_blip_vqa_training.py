@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import trimkit
-from conftest import randomize_trimmers
+from conftest import randomize_trimmers, write_bert_tokenizer
 from trimkit import TrimConfig
 from trimkit.plugins import get_registry
 
@@ -39,17 +39,12 @@ ANSWERS = ["white", "gray", "2", "3", "yes", "no", "laptop", "a laptop computer"
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     from PIL import Image
-    from transformers import BertTokenizerFast
 
     tmp = tmp_path_factory.mktemp("blip_vqa_train")
     words = {"a", "computer"}
     for f in DATA.rglob("*.json*"):
         words |= set(re.findall(r"[a-z]+", f.read_text().lower()))
-    tok = tmp / "tok"
-    tok.mkdir()
-    (tok / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words),
-                                              *".,?!'-0123456789"]) + "\n")
-    BertTokenizerFast(str(tok / "vocab.txt")).save_pretrained(str(tok))
+    tok = write_bert_tokenizer(tmp / "tok", words)
     root = tmp / "vqa"
     shutil.copytree(DATA / "vqa", root)
     rng = np.random.default_rng(0)
