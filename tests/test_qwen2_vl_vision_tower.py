@@ -198,7 +198,8 @@ def test_training_samples_one_mask_per_run_and_reaches_the_tower_trimmers(adapte
     for rec in _tower_records(tmodel):
         for b, n in enumerate(patches):
             assert _runs_whole(rec.mask[b].detach(), n)
-        assert 0 < float(rec.mask.detach().min()) < 1 or float(rec.mask.detach().max()) < 1  # soft samples
+        m = rec.mask.detach()
+        assert bool(((m > 0) & (m < 1)).any())  # sampled (soft) masks, not the hard decisions
     out[x["attention_mask"].bool()].pow(2).mean().backward()
     for i in (0, 1):
         grads = [float(p.grad.abs().sum()) for n, p in tmodel.trimmers.named_parameters()

@@ -433,6 +433,8 @@ class Runtime:
     def _forced_segments(self, key: str, logits: torch.Tensor, segments: tuple) -> torch.Tensor:
         """Mode remove: :attr:`forced` logits given per segment (``"layer:segment"`` keys, what calibrating
         a segmented stream's per-segment targets forces) applied to that segment's current tokens."""
+        if not self.forced:  # the usual inference: nothing forced, nothing to look up
+            return logits
         names, member = segments[0], segments[1]
         hits = [(k, f"{key}:{name}") for k, name in enumerate(names) if f"{key}:{name}" in self.forced]
         if not hits:
