@@ -433,8 +433,8 @@ class Runtime:
     def _forced_segments(self, key: str, logits: torch.Tensor, segments: tuple) -> torch.Tensor:
         """Mode remove: :attr:`forced` logits given per segment (``"layer:segment"`` keys, what calibrating
         a segmented stream's per-segment targets forces) applied to that segment's current tokens."""
-        if not self.forced:  # the usual inference: nothing forced, nothing to look up
-            return logits
+        if type(self.forced) is dict and not self.forced:  # the usual inference: nothing forced (a mapping
+            return logits                                     # that computes its logits may look empty)
         names, member = segments[0], segments[1]
         hits = [(k, f"{key}:{name}") for k, name in enumerate(names) if f"{key}:{name}" in self.forced]
         if not hits:
