@@ -83,7 +83,8 @@ def _builds(cls):
 def test_check_prints_the_plan_and_every_step(toy_registry, capsys):
     assert main(["check", "--adapter", "toy", "--trials", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.count("[PASS]") == 6 and out.rstrip().endswith("OK"), out
+    assert out.count("[PASS]") == 7 and out.rstrip().endswith("OK"), out
+    assert "[PASS] bucketed removal == removal (3 buckets, slack masked): max |bucketed - removed| = " in out
     lines = out.splitlines()
     assert lines[1] == "  plan:" and lines[2].startswith("    TrimPlan (adapter 'toy'; "), out
     assert "    streams:" in lines and "      text: [CLS] at 0 (always kept), padding from input 'attention_mask'" in lines
@@ -146,7 +147,7 @@ def test_help_describes_the_steps(capsys):
     with pytest.raises(SystemExit):
         main(["check", "--help"])
     out = capsys.readouterr().out
-    for step in ("trace and rewrite", "all masks 1 == original", "hard masks == physical", "packed == masked",
+    for step in ("trace and rewrite", "all masks 1 == original", "hard masks == physical", "bucketed removal", "packed == masked",
                  "per-instance counts", "padding_input", "SKIP", "MACs fall", "--build-option", "--batch"):
         assert step in out, step
 

@@ -287,6 +287,29 @@ def test_head_trimmed_removed_generation_equals_masked_generation(adapter, model
     assert heads_dropped
 
 
+def test_bucketed_model_generates_with_exact_caches(adapter, model):
+    """A model set to bucketed execution (``tmodel.bucketing``, what ``tmodel.compile`` sets) generates
+    what it generates without: the prefill runs with exact kept counts (``tmodel.eager()``), so no slack
+    row enters the cache; the bucketed forward itself does pad (checked), and the setting is kept."""
+    from trimkit.engine.buckets import Bucketing
+    from trimkit_llava import generate
+
+    tmodel = _trimmed(model, 140)
+    x = adapter.example_inputs(model, 2, seed=141)
+    args = (x["input_ids"], x["pixel_values"], x["attention_mask"])
+    plain = generate(tmodel, *args, max_new_tokens=5, eos_token_id=NEVER, return_logits=True)
+    b = tmodel.bucketing = Bucketing(3)
+    with torch.no_grad(), tmodel.mode("remove"):
+        tmodel(**{k: v[:1] for k, v in x.items()})
+    assert b.padded > 0  # the forward pads: generation must not
+    calls = b.calls
+    bucketed = generate(tmodel, *args, max_new_tokens=5, eos_token_id=NEVER, return_logits=True)
+    assert b.calls == calls and tmodel.bucketing is b
+    assert bucketed.cache_lengths == plain.cache_lengths
+    torch.testing.assert_close(bucketed.logits, plain.logits, atol=1e-5, rtol=0)
+    assert torch.equal(bucketed.tokens, plain.tokens)
+
+
 def test_batched_generation_with_per_instance_counts_equals_each_alone(adapter, model):
     from trimkit_llava import generate, prefill
 

@@ -7,6 +7,9 @@ Runs, on a small randomly initialised model built by the adapter (steps in this 
 3. all masks 1 == the original model (batch 1 and batch 2);
 4. hard masks == physical removal at batch 1, on random inputs and random trimmer weights (and
    something really was dropped);
+4b. bucketed removal == removal: batch-1 kept counts padded to 3 sizes (:mod:`trimkit.engine.buckets`,
+   what ``TrimmedModel.compile`` runs; eager here), the same outputs and decisions (and some layer
+   call really had slack rows);
 5. packed == masked: a batch with padding (the adapter's ``example_inputs``: rows after the first
    are shorter) run in mode ``packed`` and mode ``padded`` against mode ``hard``, with per-instance
    kept counts that differ (and the same decisions in every mode);
@@ -20,13 +23,15 @@ passes on mode ``packed``, and the result says that ``padded`` refused it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._pytree import tree_leaves
+from .engine.buckets import Bucketing
 
 
 @dataclass
@@ -167,6 +172,31 @@ def _raised_in(err: BaseException, module: str) -> bool:
     return tb is not None and tb.tb_frame.f_globals.get("__name__") == module
 
 
+def _seeded(tmodel: Any, x: dict[str, Any], seed: int) -> Any:
+    """``tmodel(**x)`` with torch's generators seeded (and restored after)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return tmodel(**x)
+
+
+@contextlib.contextmanager
+def random_trimmers(tmodel: Any, seed: int) -> Iterator[Callable[[], None]]:
+    """For the block: ``draw()`` sets every trimmer weight to N(0, 0.5^2) noise (from ``seed``); the
+    trimmers' own weights are back afterwards."""
+    g = torch.Generator().manual_seed(seed)
+    saved = {k: v.clone() for k, v in tmodel.trimmers.state_dict().items()}
+
+    def draw() -> None:
+        with torch.no_grad():
+            for p in tmodel.trimmers.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    try:
+        yield draw
+    finally:
+        tmodel.trimmers.load_state_dict(saved)
+
+
 def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, atol: float = 1e-4,
               batch: int = 3, build_options: dict[str, Any] | None = None) -> CheckReport:
     """Run every conformance check; never raises for a failing check (it is reported).
@@ -262,13 +292,10 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
     def contract() -> str:
         tmodel = state["tmodel"]
         worst, dropped_tokens, dropped_heads = 0.0, 0, 0
-        g = torch.Generator().manual_seed(seed)
-        saved = {k: v.clone() for k, v in tmodel.trimmers.state_dict().items()}
-        try:
+        with random_trimmers(tmodel, seed) as draw:
             for t in range(trials):
                 with torch.no_grad():
-                    for p in tmodel.trimmers.parameters():
-                        p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                    draw()
                     x = inputs(1, seed + 1 + t)
                     with tmodel.mode("hard"):
                         a = tmodel(**x)
@@ -278,14 +305,43 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
                 worst = max(worst, _layout_diff(a, b, keep_a, _kept_masks(tmodel)))
                 dropped_tokens += sum(r.kind == "token" and float(r.keep) < 1 for r in tmodel.records)
                 dropped_heads += sum(r.kind == "head" and float(r.keep) < 1 for r in tmodel.records)
-        finally:
-            tmodel.trimmers.load_state_dict(saved)
         if dropped_tokens == 0:
             raise AssertionError("no token was ever dropped: the check would be vacuous")
         if worst > atol:
             raise AssertionError(f"max |masked - removed| = {worst:.2e} > {atol:g} over {trials} random trials")
         return (f"max |masked - removed| = {worst:.1e} over {trials} trials "
                 f"({dropped_tokens} token and {dropped_heads} head trimmers dropped something)")
+
+    def bucketed() -> str:
+        tmodel = state["tmodel"]
+        worst, padded, calls = 0.0, 0, 0
+        prev = tmodel.bucketing
+
+        def decisions() -> list:
+            return [(r.key, r.index.tolist()) for r in tmodel.records if r.index is not None]
+
+        try:
+            with random_trimmers(tmodel, seed + 7) as draw:
+                for t in range(trials):
+                    with torch.no_grad(), tmodel.mode("remove"):
+                        draw()
+                        x = inputs(1, seed + 11 + t)
+                        tmodel.bucketing = None
+                        a, kept = _seeded(tmodel, x, seed + t), decisions()
+                        b = tmodel.bucketing = Bucketing(3)
+                        out = _seeded(tmodel, x, seed + t)  # the same draws for a model that samples (ViLT's patches)
+                    padded, calls = padded + b.padded, calls + b.calls
+                    if decisions() != kept:
+                        raise AssertionError(f"bucketed removal kept other tokens or heads: {decisions()} vs {kept}")
+                    worst = max(worst, _max_diff(a, out))
+        finally:
+            tmodel.bucketing = prev
+        if padded == 0:
+            raise AssertionError(f"no layer call had slack rows in {calls} calls: the check would be vacuous")
+        if worst > atol:
+            raise AssertionError(f"max |bucketed - removed| = {worst:.2e} > {atol:g} over {trials} random trials")
+        return (f"max |bucketed - removed| = {worst:.1e} over {trials} trials, the same decisions ({padded} of "
+                f"{calls} layer calls padded)")
 
     def packed() -> str:
         tmodel = state["tmodel"]
@@ -295,6 +351,8 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
         def stream(key: str) -> str:
             if ":" in key:  # a segment's record: "layer:segment"
                 return key.split(":", 1)[1]
+            if "@" in key:  # the other stream's decision in a two-stream layer: "layer@stream"
+                return key.split("@", 1)[1]
             return stream_of.get(key) or next((s for p, s in stream_of.items() if key.startswith(p + ".")), key)
 
         padded_streams = {s.name: s.padding_input for s in spec.streams if s.padding_input}
@@ -303,17 +361,14 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
         worst = dict.fromkeys(engines, 0.0)
         varied, seen, padding_seen, moved = False, [], False, 0.0
         refused: dict[str, str] = {}  # engines other than packed that refuse this model: name -> why
-        g = torch.Generator().manual_seed(seed + 1000)
-        saved = {k: v.clone() for k, v in tmodel.trimmers.state_dict().items()}
-        try:
+        with random_trimmers(tmodel, seed + 1000) as draw:
             for t in range(trials):
                 x = inputs(batch, seed + 100 + t)
                 real = {s: x[n].ne(0).sum(-1).tolist() for s, n in padded_streams.items()
                         if isinstance(x.get(n), torch.Tensor)}
                 padding_seen |= any(bool((x[padded_streams[s]] == 0).any()) for s in real)
                 with torch.no_grad():
-                    for p in tmodel.trimmers.parameters():
-                        p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                    draw()
                     with tmodel.mode("hard"):
                         ref = tmodel(**x)
                     ref_records, ref_keep = list(tmodel.records), _kept_masks(tmodel)
@@ -369,8 +424,6 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
                                 "padded stream's mask, and that nothing after the layers reads every token position "
                                 "(mean pooling over tokens, say)")
                         worst[engine] = max(worst[engine], diff)
-        finally:
-            tmodel.trimmers.load_state_dict(saved)
         if not varied:
             raise AssertionError(f"the kept counts never differed across the {batch} instances while dropping tokens "
                                  f"in {trials} trials ({'; '.join(seen)}): the check would be vacuous")
@@ -392,16 +445,11 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
         x = inputs(1, seed)
         with tmodel.full():
             full = count_macs(tmodel, **x).total
-        g = torch.Generator().manual_seed(seed + 99)
-        saved = {k: v.clone() for k, v in tmodel.trimmers.state_dict().items()}
-        try:
+        with random_trimmers(tmodel, seed + 99) as draw:
             with torch.no_grad():
-                for p in tmodel.trimmers.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                draw()
             with tmodel.mode("remove"):
                 trimmed = count_macs(tmodel, **x).total
-        finally:
-            tmodel.trimmers.load_state_dict(saved)
         if not trimmed < full:
             raise AssertionError(f"MACs did not fall: full {format_macs(full)}, trimmed {format_macs(trimmed)}")
         return f"full {format_macs(full)}MACs -> trimmed {format_macs(trimmed)}MACs ({full / trimmed:.2f}x)"
@@ -410,6 +458,7 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
         plan()
         step("all masks 1 == original", all_ones)
         step("hard masks == physical removal", contract)
+        step("bucketed removal == removal (3 buckets, slack masked)", bucketed)
         step(f"packed == masked (batch {batch}, padding, per-instance counts)", packed)
         step("MACs fall when trimming", macs)
     return report

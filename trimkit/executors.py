@@ -7,7 +7,8 @@ mode-independent parts (its description, trimmers, summaries, argument alignment
 inner graph); the token and head decisions of each mode are :class:`trimkit.ops.Runtime`'s.
 
 * :class:`MaskedExecutor` (``sample``, ``hard``): masks multiply, nothing is removed.
-* :class:`RemoveExecutor` (``remove``, batch 1): every decision first, one host sync, then gather.
+* :class:`RemoveExecutor` (``remove``, batch 1): every decision first, one host sync, then gather
+  (optionally padded to a few sizes, :mod:`trimkit.engine.buckets`, so compiled layers are reused).
 * :class:`PackedExecutor` (``packed``, ``padded``): the batch's kept tokens as one row matrix.
 """
 
@@ -19,6 +20,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .engine import packed as P
+from .engine.buckets import bucketed_run
 from .engine.packed import PackedCall
 from .ops import AttnTrim, TokenState, _rows, group_logits
 from .segments import SegmentTokenTrimmer
@@ -162,7 +164,11 @@ class RemoveExecutor:
         layer._align_side(a, hstate, cstate)
         if layer.tokens_only:
             return a, hstate
-        out = layer._run(a, [t if t is not None else AttnTrim() for t in trims])
+        trims = [t if t is not None else AttnTrim() for t in trims]
+        if rt.bucketing is not None:  # the layer's own code on tensors padded to their buckets (slack cut after)
+            out = bucketed_run(layer, a, hstate, cstate, astates, trims, rt.bucketing)
+        else:
+            out = layer._run(a, trims)
         return ((out, cstate), hstate) if layer.update_output is not None else (out, hstate)
 
 

@@ -107,6 +107,12 @@ class TrimmedLayer(nn.Module):
                                    for a in spec.attentions]
         self.hidden_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.hidden_token_args.items()}
         self.context_side = {_arg_name(k, self.names, spec.path): d for k, d in spec.context_token_args.items()}
+        # every argument at the other stream's tokens: the context's, and those of the stream a two-stream layer
+        # updates (its own token step gathers them)
+        self.other_side = dict(self.context_side) | {_arg_name(k, self.names, spec.path): d for u in spec.updates
+                                                     for k, d in u.token_args.items()}
+        # the inner graph compiled per bucket signature (TrimmedModel.compile; trimkit.engine.buckets.CompiledLayer)
+        self._compiled: Any = None
         self.token_dim = 1 if spec.batch_first else 0
         # token policies that read a TokenContext (training-free ones: budgets, the previous layer's attention)
         token = trimmers.token if trimmers is not None else None
@@ -453,6 +459,7 @@ class TrimmedLayer(nn.Module):
                 a[name] = align(a[name], cstate, dim)
 
     def _run(self, a: dict[str, Any], trims: list[AttnTrim]) -> Any:
+        """The layer's own code (its rewritten inner graph) on the call's arguments."""
         names = self.inner_inputs
         try:
             return self.inner(**{names[k]: v for k, v in a.items() if k in names}, trimkit_attn=trims)

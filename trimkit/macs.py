@@ -123,9 +123,13 @@ def count_macs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> MacsReport:
 
     ``fn`` may be a module or any callable; every op it dispatches is counted, including fused
     attention kernels (see the module docstring). Data-dependent control flow (token trimming)
-    is counted as it actually ran for these inputs.
+    is counted as it actually ran for these inputs. A trimmed model set to compiled or bucketed
+    execution (:meth:`trimkit.TrimmedModel.compile`) is counted eager, with its exact kept counts
+    (compiled kernels are invisible to the counter, and bucket slack is not the model's cost).
     """
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    eager = getattr(fn, "eager", None)
+    exact = eager() if callable(eager) and getattr(fn, "bucketing", None) is not None else contextlib.nullcontext()
+    with torch.no_grad(), exact, FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)
     counts = counter.get_flop_counts()
     by_module = {m: sum(ops.values()) // 2 for m, ops in counts.items() if m != "Global"}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import TrimConfig, TrimConfigError, resolve_target, selector_keys
+from .engine.buckets import Bucketing
 from .engine.packed import fetch
 from .ops import MODES, Record, Runtime
 from .plan import AttentionPlan, LayerPlan, TrimPlan, stream_plan
@@ -304,6 +305,81 @@ class TrimmedModel(nn.Module):
 
     def set_temperature(self, temperature: float) -> None:
         self.runtime.temperature = float(temperature)
+
+    # --- bucketed and compiled inference (batch 1) ---------------------------------------------
+    @property
+    def bucketing(self) -> Bucketing | None:
+        """How batch-1 removal pads kept counts (:class:`~trimkit.engine.buckets.Bucketing`), or
+        ``None`` (exact counts, the default). Set ``tmodel.bucketing = Bucketing(4)`` for eager
+        bucketed execution; :meth:`compile` sets a compiled one."""
+        return self.runtime.bucketing
+
+    @bucketing.setter
+    def bucketing(self, value: Bucketing | None) -> None:
+        if value is not None and not isinstance(value, Bucketing):
+            raise TypeError(f"TrimmedModel.bucketing must be a trimkit.engine.buckets.Bucketing or None, got "
+                            f"{type(value).__name__}")
+        if value is not None and value.compiled and not any(l._compiled for l in self._trimmed_layers()):
+            raise ValueError("a compiled Bucketing needs compiled layers: use tmodel.compile(buckets=...)")
+        self.runtime.bucketing = value
+
+    def _trimmed_layers(self) -> list[Any]:
+        from .layer import TrimmedLayer
+
+        return [m for m in self._graph.modules() if isinstance(m, TrimmedLayer) and m.inner is not None]
+
+    def compile(self, buckets: int = 4, options: dict[str, Any] | None = None, backend: Any = None) -> "TrimmedModel":
+        """Compile batch-1 inference (mode ``remove``): every trimmed layer's own code (attention, MLP,
+        norms) runs as an inductor-compiled graph, on tensors padded to one of ``buckets`` sizes per
+        stream (:mod:`trimkit.engine.buckets`: slack rows masked as keys and cut after the layer), so
+        each layer compiles once per bucket combination it meets (on first use, a few seconds each
+        on CPU) and is reused after. The trimmers, the decision (one host synchronisation per layer)
+        and the gathers stay eager; dropped heads are masked rather than sliced out. Training, batches
+        (modes sample/hard/packed) and calls with gradients enabled are unaffected. ``options``: for
+        ``torch._inductor`` (default ``{"cpp_wrapper": True}``). ``backend``: instead of inductor, a
+        callable ``(graph_module, example_inputs) -> callable`` given each exported layer graph (its
+        inputs flat: parameters, buffers, constants, then the call's tensors). :meth:`eager` undoes it for a block; KV-cached generation must run under
+        it (the shipped generation helpers do). Returns the model."""
+        from .engine.compiled import CompiledLayer, CompiledModule
+        from .layer import PaddingProbe, StartsProbe, TrimmedLayer
+
+        bucketing = Bucketing(buckets, compiled=True)  # validates buckets
+        for layer in self._trimmed_layers():
+            layer._compiled = CompiledLayer(layer, options, backend)
+        # the modules the root graph calls outside the described layers (a text encoder run whole, a
+        # pooler), those with submodules: a lone Linear or LayerNorm gains nothing compiled on its own
+        gm, changed = self._graph, False
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            m = gm.get_submodule(node.target)
+            if isinstance(m, CompiledModule):
+                path = m.graphs.path
+                m = m.module
+            elif isinstance(m, (TrimmedLayer, PaddingProbe, StartsProbe)) or not any(True for _ in m.children()) \
+                    or type(m).__module__.startswith("trimkit."):
+                continue
+            else:
+                path = str(node.target)
+            name = "trimkit_compiled_" + path.replace(".", "_")
+            if hasattr(gm, name):
+                delattr(gm, name)
+            gm.add_submodule(name, CompiledModule(m, path, self.runtime, options, backend))
+            node.target, changed = name, True
+        if changed:
+            gm.recompile()
+        self.runtime.bucketing = bucketing
+        return self
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator["TrimmedModel"]:
+        """Batch-1 removal with exact counts and eager layers for the block (no :attr:`bucketing`):
+        what KV-cached generation needs (slack rows would enter the cache)."""
+        prev, self.runtime.bucketing = self.runtime.bucketing, None
+        try:
+            yield self
+        finally:
+            self.runtime.bucketing = prev
 
     def clear_caches(self) -> None:
         """Drop the weight copies cached for inference (kept-head weights, :mod:`trimkit.headcache`; the

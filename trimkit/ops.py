@@ -180,6 +180,8 @@ class Runtime:
     deferred: list[tuple[str, torch.Tensor, Any]] = field(default_factory=list)  # (message, device flag, values)
     attention_dropout: str = "kernel_only"  # TrimConfig.attention_dropout, handed to each masked attention call
     fuse_trimmers: bool = True  # inference: a layer's trimmers in their fused form (LayerTrimmers.fused), if any
+    # mode remove: kept counts padded to buckets, layer bodies maybe compiled (trimkit.engine.buckets.Bucketing)
+    bucketing: Any = None
 
     def begin(self, mode: str) -> None:
         """Reset the per-forward state."""
@@ -608,6 +610,9 @@ class TrimAttention(nn.Module):
         runs = trim.head_runs
         if runs is None and trim.head_index is not None:
             runs = _runs(trim.head_index.tolist())
+        if runs is not None and trim.key_mask is not None:  # kept heads of keys with slack rows (mode remove, buckets)
+            kb = key_bias(trim.key_mask, x.dtype)
+            bias = kb if bias is None else bias.to(x.dtype) + kb
         y = self._dense(x, ctx, bias, trim) if runs is None else self._kept_heads(x, ctx, bias, runs)
         if not s.batch_first:
             y = y.transpose(0, 1)

@@ -260,7 +260,8 @@ def _prefill_rows(tmodel: nn.Module, wrapper: nn.Module, ids: torch.Tensor, pixe
     packs: dict[int, Any] = {}
     x = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask,
          "segment_starts": llava_segment_starts(ids, wrapper.image_token_id), **inputs}
-    with _capture(lm.layers, cache, mode, valid, packs), tmodel.mode(mode):
+    # exact kept counts: bucketed (compiled) execution would put its slack rows into the cache
+    with _capture(lm.layers, cache, mode, valid, packs), tmodel.mode(mode), tmodel.eager():
         out = tmodel(**x)
     n_layers = len(lm.layers)
     if mode == "packed":  # rows of the whole batch: each instance's kept rows, in order, at offsets[b]

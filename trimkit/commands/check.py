@@ -19,6 +19,9 @@ the adapter builds. Steps, in order (each prints PASS, FAIL or SKIP with its num
                             (batch 1: removal path; batch 2: masked path)
   hard masks == physical    random trimmer weights and inputs: masked (mode hard) == tokens and
     removal                 heads physically removed (mode remove) at batch 1, and something dropped
+  bucketed removal ==       batch-1 kept counts padded to 3 sizes per stream and layer, slack rows
+    removal                 masked (what tmodel.compile runs, eager here) == mode remove, the same
+                            decisions, and some layer call really padded
   packed == masked          a batch of B (--batch) from the adapter's example_inputs, with padding
     (batch B, padding,      where a stream declares StreamSpec.padding_input: modes packed and
     per-instance counts)    padded == mode hard, with the same decisions, per-instance kept counts
@@ -43,7 +46,8 @@ def _build_option(text: str) -> tuple[str, object]:
 
 def register(sub) -> None:
     p = sub.add_parser("check", help="check that an adapter keeps the mask contract (trace, all-ones == original, "
-                                     "masked == removed, packed == masked with padding, MACs)",
+                                     "masked == removed, bucketed == removed, packed == masked with padding, "
+                                     "MACs)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, help="registered adapter name (see `trimkit plugins`)")
     p.add_argument("--size", default="tiny", help="model size the adapter builds (default: tiny)")

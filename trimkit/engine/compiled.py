@@ -1,0 +1,254 @@
+"""Compiled batch-1 inference (:meth:`trimkit.TrimmedModel.compile`): graphs per input signature,
+called without guards.
+
+``torch.compile`` checks its guards at every call of a compiled frame: measured ~100-140 us per call
+on CPU for a trimmed layer (its arguments, its trims, its parameters), as much as a small layer's
+whole compute. Here each distinct *signature* of a call (argument shapes and dtypes, which arguments
+and mask fields are given, constant arguments) is exported once with ``torch.export`` (non-strict:
+the code runs on fake tensors) and compiled by ``torch._inductor`` (or a given backend), with the
+parameters and buffers lifted as inputs; later calls look the signature up in a dict and call the
+compiled graph, handing it the module's parameters as they are then (weight updates,
+``load_state_dict`` and ``.to()`` are seen). With the kept counts padded to buckets
+(:mod:`trimkit.engine.buckets`) a trimmed layer meets a few signatures only.
+
+* :class:`CompiledLayer`: a trimmed layer's own code (its rewritten inner graph and its trims);
+* :class:`CompiledModule`: a module of the model outside the described layers (a text encoder run
+  whole, a pooler), called from the rewritten root graph.
+
+Code that cannot be exported (data-dependent Python control flow, an unsupported operator) runs
+eager, said once in a warning and listed in :attr:`trimkit.engine.buckets.Bucketing.failures`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import warnings
+from dataclasses import fields
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..ops import AttnTrim
+
+__all__ = ["CompiledLayer", "CompiledModule", "compile_graph"]
+
+_TRIM_FIELDS = [f.name for f in fields(AttnTrim)]
+_TENSOR = object()  # a tensor's place among a call's flattened arguments
+DEFAULT_OPTIONS = {"cpp_wrapper": True}  # inductor's Python wrapper costs ~100 us per call of a small graph on CPU
+
+
+def compile_graph(body: nn.Module, example: list[torch.Tensor], options: dict[str, Any] | None,
+                  backend: Callable | None) -> tuple[Callable, list[Callable[[], torch.Tensor] | int], Any]:
+    """Export ``body`` (a module whose forward takes tensors only) on ``example`` and compile it.
+
+    Returns (the compiled function, what to hand it: per flat input the index of a call tensor or a
+    getter of a parameter / buffer / constant, the output's pytree spec)."""
+    from torch.export.graph_signature import InputKind
+
+    with torch.inference_mode(False), torch.no_grad():
+        example = [t.clone() for t in example]  # not inference tensors: export needs plain ones
+        ep = torch.export.export(body, tuple(example), strict=False)
+        _, out_spec = tree_flatten(body(*example))
+        params, buffers = dict(body.named_parameters()), dict(body.named_buffers())
+        feed: list[Callable[[], torch.Tensor] | int] = []
+        flat: list[torch.Tensor] = []
+        user = 0
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind == InputKind.USER_INPUT:
+                feed.append(user)
+                flat.append(example[user])
+                user += 1
+            elif spec.kind == InputKind.PARAMETER:
+                p = params[spec.target]
+                feed.append(lambda p=p: p)  # the parameter object: its current data at each call
+                flat.append(p)
+            elif spec.kind == InputKind.BUFFER:
+                feed.append(lambda n=spec.target: body.get_buffer(n))
+                flat.append(buffers[spec.target])
+            elif spec.kind == InputKind.CONSTANT_TENSOR:
+                c = ep.constants[spec.target]
+                feed.append(lambda c=c: c)
+                flat.append(c)
+            else:
+                raise NotImplementedError(f"an exported input of kind {spec.kind.name}")
+        if backend is not None:
+            fn = backend(ep.graph_module, flat)
+        else:
+            fn = importlib.import_module("torch._inductor").compile(ep.graph_module, flat,
+                                                                     options=DEFAULT_OPTIONS | dict(options or {}))
+    return fn, feed, out_spec
+
+
+class _Graphs:
+    """Compiled graphs by signature, for one piece of code (a layer, a module)."""
+
+    def __init__(self, path: str, options: dict[str, Any] | None, backend: Callable | None,
+                 kind: str = "layer") -> None:
+        self.path, self.kind = path, kind
+        self.options = dict(options or {})
+        self.backend = backend  # (exported graph module, flat example inputs) -> callable; None: torch._inductor
+        self.graphs: dict[Any, Any] = {}  # signature -> (fn, feed, out spec), or False: could not compile
+        self.compile_seconds = 0.0
+
+    def run(self, key: Any, tensors: list[torch.Tensor], make_body: Callable[[], nn.Module], failures: dict) -> Any:
+        entry = self.graphs.get(key)
+        if entry is None:
+            t0 = time.perf_counter()
+            try:
+                entry = compile_graph(make_body(), tensors, self.options, self.backend)
+            except Exception as err:  # data-dependent Python in the code, an operator inductor lacks...
+                entry = False
+                first = str(err).splitlines()[0] if str(err) else ""
+                failures[self.path] = f"{type(err).__name__}: {first}"
+                warnings.warn(f"trimkit compile: {self.kind} {self.path!r} runs eager (its code could not be exported and "
+                              f"compiled: {failures[self.path]})", RuntimeWarning, stacklevel=5)
+            self.compile_seconds += time.perf_counter() - t0
+            self.graphs[key] = entry
+        if entry is False:
+            return None
+        fn, feed, out_spec = entry
+        outs = fn(*[tensors[f] if isinstance(f, int) else f() for f in feed])
+        return tree_unflatten(list(outs), out_spec)
+
+
+def _layer_signature(kw: dict[str, Any]) -> tuple | None:
+    """A layer call's arguments: per argument its shape and dtype (a tuple or list of tensors element by
+    element), ``None``, or a hashable constant; ``None`` when an argument is none of these."""
+    key = []
+    for name, v in kw.items():
+        if isinstance(v, torch.Tensor):
+            key.append((name, v.shape, v.dtype, v.device))
+        elif isinstance(v, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in v):
+            key.append((name, type(v), tuple((t.shape, t.dtype, t.device) for t in v)))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            key.append((name, type(v), v))
+        else:
+            return None
+    return tuple(key)
+
+
+def _layer_tensors(kw: dict[str, Any], trims: list[AttnTrim]) -> list[torch.Tensor]:
+    out = []
+    for v in kw.values():
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            out.extend(v)
+    for t in trims:
+        if t.key_mask is not None:
+            out.append(t.key_mask)
+        if t.head_mask is not None:
+            out.append(t.head_mask)
+    return out
+
+
+class CompiledLayer(_Graphs):
+    """A trimmed layer's own code (:attr:`trimkit.layer.TrimmedLayer.inner`, with the call's trims)
+    compiled per signature (module docstring)."""
+
+    def __init__(self, layer: Any, options: dict[str, Any] | None = None, backend: Callable | None = None) -> None:
+        super().__init__(layer.spec.path, options, backend)
+        self.inner = layer.inner
+        self.names = layer.inner_inputs
+
+    def __call__(self, a: dict[str, Any], trims: list[AttnTrim], failures: dict) -> Any:
+        """The layer's output, or ``None`` (run it eager) for a call this does not compile."""
+        if self.path in failures:
+            return None
+        if any(t.head_runs is not None or t.head_index is not None or t.packed is not None or t.capture is not None
+               for t in trims):
+            return None  # kept-head slices, packing or an attention probe: eager
+        kw = {self.names[k]: v for k, v in a.items() if k in self.names}
+        sig = _layer_signature(kw)
+        if sig is None:
+            return None
+        key = (sig, tuple((t.dropout, None if t.key_mask is None else t.key_mask.shape,
+                           None if t.head_mask is None else t.head_mask.shape) for t in trims))
+        return self.run(key, _layer_tensors(kw, trims), lambda: self._body(kw, trims), failures)
+
+    def _body(self, kw: dict[str, Any], trims: list[AttnTrim]) -> nn.Module:
+        inner = self.inner
+        kinds = [(k, type(v), v if not isinstance(v, (torch.Tensor, tuple, list)) else None, len(v)
+                  if isinstance(v, (tuple, list)) else 0) for k, v in kw.items()]
+        template = [{f: getattr(t, f) for f in _TRIM_FIELDS} for t in trims]
+
+        class LayerBody(nn.Module):  # the call as a function of its tensors only
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, *tensors: torch.Tensor) -> Any:
+                it = iter(tensors)
+                args = {}
+                for name, kind, const, n in kinds:
+                    if kind is torch.Tensor or issubclass(kind, torch.Tensor):
+                        args[name] = next(it)
+                    elif kind in (tuple, list):
+                        args[name] = kind(next(it) for _ in range(n))
+                    else:
+                        args[name] = const
+                rebuilt = []
+                for d in template:
+                    d = dict(d)
+                    for f in ("key_mask", "head_mask"):
+                        if d[f] is not None:
+                            d[f] = next(it)
+                    rebuilt.append(AttnTrim(**d))
+                return self.inner(**args, trimkit_attn=rebuilt)
+
+        return LayerBody()
+
+
+class CompiledModule(nn.Module):
+    """A module of the model outside the described layers, called from the rewritten root graph:
+    compiled per signature when the runtime runs compiled (:meth:`trimkit.TrimmedModel.compile`,
+    mode remove, no gradient), else the module itself. Holds a reference to the module (registered
+    in the model), not a copy."""
+
+    def __init__(self, module: nn.Module, path: str, runtime: Any, options: dict[str, Any] | None = None,
+                 backend: Callable | None = None) -> None:
+        super().__init__()
+        from ..refs import Borrowed
+
+        self._borrowed = Borrowed(module=module)
+        self.runtime = runtime
+        self.graphs = _Graphs(path, options, backend, kind="module")
+
+    @property
+    def module(self) -> nn.Module:
+        return self._borrowed.module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        rt = self.runtime
+        b = rt.bucketing
+        if b is None or not b.compiled or rt.mode != "remove" or torch.is_grad_enabled() or \
+                self.graphs.path in b.failures:
+            return self.module(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+        consts = tuple(_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves)
+        try:
+            key = (spec, consts, tuple((t.shape, t.dtype, t.device) for t in tensors))
+            hash(key)
+        except TypeError:  # an unhashable constant argument: eager
+            return self.module(*args, **kwargs)
+        module = self.module
+
+        def body() -> nn.Module:
+            class ModuleBody(nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.module = module
+
+                def forward(self, *ts: torch.Tensor) -> Any:
+                    it = iter(ts)
+                    a, k = tree_unflatten([next(it) if c is _TENSOR else c for c in consts], spec)
+                    return self.module(*a, **k)
+
+            return ModuleBody()
+
+        out = self.graphs.run(key, tensors, body, b.failures)
+        return self.module(*args, **kwargs) if out is None else out
