@@ -260,8 +260,45 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
     assert main(["repro", "fig2", "--config", str(path), "--seeds", "1", "--out", str(fig2), "--no-progress"]) == 0
     profile = json.loads((fig2 / "results.json").read_text())["fig2"]
     assert set(profile["tokens"]) == {layer.path for layer in trimkit.trim(build_model(cfg.model, cfg.data, train_ds)).spec.layers}
-    with pytest.raises(ValueError, match="runs on the digit-grid setting only.*table6, fig4a, fig7, fig2, fig6, switches"):
+    with pytest.raises(ValueError, match="runs on the digit-grid setting only.*table6, fig4a, fig4b, fig7, fig2, fig6, switches"):
         run_experiment("fig5", tmp_path / "fig5", config=path)
+
+
+def test_fig4b_runs_on_a_task_config(vqa_files, tmp_path):
+    """Fig. 4b on a task: heads trimmed in the layers the config's trim.head_layers selects, Grad Layer's
+    importance taken on the task's train split, its static heads at exactly the retention asked."""
+    import yaml
+
+    root, tok = vqa_files
+    config = {
+        "model": {"adapter": "meter", "size": "tiny", "overrides": {"patch_size": 8}},
+        "data": {"name": "vqa_v2", "options": {"root": str(root), "answers": ["white", "gray", "2", "3", "yes", "no"],
+                                               "tokenizer": str(tok), "image_size": 32},
+                 "train_split": "train", "eval_split": "val", "train_size": None, "eval_size": None},
+        "train": {"epochs": 1, "batch_size": 2, "eval_batch_size": 2, "macs_instances": 1, "progress": False,
+                  "out_dir": str(tmp_path / "unused")},
+        "trim": {"head_layers": ["text.cross"]},  # the text side of the co-attention layers only
+    }
+    path = tmp_path / "vqa.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "fig4b"
+    assert main(["repro", "fig4b", "--config", str(path), "--seeds", "1", "--steps", "1", "--out", str(out),
+                 "--only", "SmartTrim (adaptive) 0.5", "Grad Layer 0.5", "--no-progress"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["SmartTrim (adaptive) 0.5", "Grad Layer 0.5"]
+    md = (out / "fig4b.md").read_text()
+    assert "| method | retention target | vqa_score |" in md and "| meter (full) | 1.0 |" in md
+    assert "head_layers text.cross" in md
+    for row in data["per_seed"][0]:
+        run_cfg = yaml.safe_load((out / "runs" / f"{row['run']}-seed0" / "experiment.yaml").read_text())
+        assert run_cfg["trim"]["head_layers"] == ["text.cross"] and run_cfg["trim"]["trim_tokens"] is False
+    importance = data["importance"]  # Michel et al. over the task's train instances, for the selected layers only
+    assert sorted(importance) == ["cross_modal_text_layers.0.0", "cross_modal_text_layers.0.1",
+                                  "cross_modal_text_layers.1.0", "cross_modal_text_layers.1.1"]
+    masks = data["static_heads"]["grad-layer-0.5-seed0"] if "grad-layer-0.5-seed0" in data["static_heads"] else \
+        next(iter(data["static_heads"].values()))
+    assert sorted(masks) == sorted(importance)
+    assert all(sum(m) == len(m) // 2 for m in masks.values())  # half of each module's heads, exactly
 
 
 def test_only_runs_the_chosen_rows(tmp_path):
@@ -275,7 +312,7 @@ def test_only_runs_the_chosen_rows(tmp_path):
     assert data["command"].endswith("--only sampler=gumbel") and "| sampler=gumbel | 2x |" in (out / "switches.md").read_text()
     with pytest.raises(ValueError, match=r"no configuration labelled \['nonsense'\]; its labels are \['defaults', "):
         run_experiment("switches", tmp_path / "x", only=["nonsense"])
-    with pytest.raises(ValueError, match="needs all its configurations; --only works with table6, fig4a, switches"):
+    with pytest.raises(ValueError, match="needs all its configurations; --only works with table6, fig4a, fig4b, switches"):
         run_experiment("fig5", tmp_path / "y", only=["Local"])
 
 

@@ -56,6 +56,9 @@ def head_importance(model: nn.Module, spec: Any, dataset: Any, *, layers: set[st
     from .trainer import _logits, collate_of, model_inputs
 
     chosen = _modules(spec, layers)
+    if not chosen:
+        raise ValueError(f"head_importance: the layers {sorted(layers) if layers is not None else 'all'} have no "
+                         "described attention")
     gates: dict[str, torch.Tensor] = {}
     sums = {f"{lp}.{j}": torch.zeros(h, dtype=torch.float64) for lp, j, _, h in chosen}
 

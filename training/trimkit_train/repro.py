@@ -182,6 +182,9 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
             raise ValueError(f"trimkit repro {name} --only: no configuration labelled {unknown}; its labels are "
                              f"{labels}")
         runs = [r for r in runs if r.method in only]
+    if base is not None and base.trim.head_layers:  # the config knows its model's layers: its head selection wins
+        runs = [replace(r, trim={**r.trim, "head_layers": list(base.trim.head_layers)}) if "head_layers" in r.trim
+                else r for r in runs]
     command = command or f"trimkit repro {name} --seeds {seeds} --out {out}" + (" --quick" if quick else "") + (
         f" --steps {steps}" if steps is not None else "") + (f" --config {config}" if config is not None else "") + (
         " --only " + " ".join(only) if only else "")
@@ -276,9 +279,12 @@ def _static_heads(bb: Backbone, run: Run, seed: int, extra: dict[str, Any], log:
 
     from .head_baselines import head_importance, install_static_heads, static_head_masks
 
+    from trimkit.model import _layer_index, _selected
+
     spec = get_registry().adapters.get(bb.adapter).describe(bb.net)
-    sites = set(run.trim.get("head_layers") or [])
-    layers = {layer.path for layer in spec.layers if not sites or layer.site in sites or layer.path in sites}
+    # the layers TrimConfig.head_layers selects, by the same selectors (path, stream, site, stream.site...)
+    chosen = _selected(run.trim.get("head_layers"), "head_layers", _layer_index(spec))
+    layers = {key.split("@")[0] for key in chosen}
     where = f"importance-{_slug(run.data)}" if run.data else "importance"  # once per backbone
     if where not in extra:
         t = time.perf_counter()
@@ -639,16 +645,20 @@ def _fig4b_runs() -> list[Run]:
 def _fig4b_write(res: Result) -> list[Path]:
     from .demo import cell
 
-    what = ("The paper's Fig. 4b: head trimming alone (no token trimming) in the co-attention layers, at head "
+    layers = sorted({tuple(r["trim_overrides"].get("head_layers") or ()) for r in res.rows})
+    where = ", ".join("/".join(l) for l in layers) or "every described layer"
+    what = (f"The paper's Fig. 4b: head trimming alone (no token trimming) in the layers selected by head_layers "
+            f"{where} (the co-attention layers on digit-grid; a task config's own trim.head_layers when it sets them), at head "
             f"retention ratios {', '.join(f'{p:g}' for p in FIG4B_RETENTION)}, fine-tuned without self-distillation: "
             "SmartTrim's adaptive head trimmers (the cost loss aims at the ratio) against static heads fine-tuned the "
             "same way: Random (that share of each module's heads at random, per seed), Grad Layer (the top share of "
             "each module by Michel et al.'s importance on pseudo-labels) and Grad All (the top share of all modules "
             "together, importance L2-normalised per module). 'kept heads' is the measured mean retention over the "
             "co-attention modules (static: exactly the ratio up to rounding per module).")
-    lines = ["| method | retention target | accuracy | Δ vs full | kept heads | GMACs / instance | MACs ratio |",
+    lines = [f"| method | retention target | {_metric(res)} | Δ vs full | kept heads | GMACs / instance | MACs ratio |",
              "|---|---|---|---|---|---|---|",
-             f"| METER (full) | 1.0 | {100 * res.full['accuracy']:.1f} | - | 1.00 | {res.full['gmacs']:.4f} | 1.00x |"]
+             f"| {_full_label(res)} | 1.0 | {100 * res.full['accuracy']:.1f} | - | 1.00 | {res.full['gmacs']:.4f} | "
+             "1.00x |"]
     for r in res.rows:
         delta = _delta(r, res.full)
         lines.append(f"| {r['method'].rsplit(' ', 1)[0]} | {r['trim_overrides']['head_target']:g} | "
@@ -659,7 +669,7 @@ def _fig4b_write(res: Result) -> list[Path]:
     md.write_text(_header(res, what) + "\n".join(lines) + "\n\n![fig4b](fig4b.png)\n")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.axhline(100 * res.full["accuracy"], color="gray", ls="--", lw=1, label="METER (full)")
+    ax.axhline(100 * res.full["accuracy"], color="gray", ls="--", lw=1, label=_full_label(res))
     for i, (heads, label) in enumerate(FIG4B_METHODS):
         rs = sorted((r for r in res.rows if r.get("heads_baseline") == heads), key=lambda r: r["trim_overrides"]["head_target"])
         ax.errorbar([r["trim_overrides"]["head_target"] for r in rs], [100 * r["accuracy"] for r in rs],
@@ -1071,7 +1081,8 @@ EXPERIMENTS: dict[str, Experiment] = {
                         _fig4a_runs, _fig4a_write, any_task=True, subsets=True),
     "fig4b": Experiment("fig4b", "Fig. 4b: head trimming, adaptive vs static",
                         "head trimming alone at retention 0.7/0.5/0.3: adaptive vs Random, Grad Layer, Grad All "
-                        "(Michel et al.), no self-distillation", _fig4b_runs, _fig4b_write),
+                        "(Michel et al.), no self-distillation", _fig4b_runs, _fig4b_write, any_task=True,
+                        subsets=True),
     "fig7": Experiment("fig7", "Fig. 7: compute per instance",
                        "SmartTrim 2x: histogram of per-instance GMACs, cheapest and dearest instances",
                        _fig7_runs, _fig7_write, any_task=True),
