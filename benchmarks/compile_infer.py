@@ -32,6 +32,48 @@ def _diff(a, b) -> float:
                 if isinstance(x, torch.Tensor)), default=0.0)
 
 
+def _phases(tmodel, xs) -> str:
+    """Wall time per forward inside the compiled trimmed forward, by part (wrappers timed, 10 passes)."""
+    import collections
+
+    from trimkit.engine.compiled import CompiledLayer, CompiledModule
+    from trimkit.layer import TrimmedLayer
+    from trimkit.ops import Runtime
+
+    spent: collections.Counter = collections.Counter()
+    patched = []
+
+    def timed(owner, name, label):
+        f = getattr(owner, name)
+
+        def g(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[label] += time.perf_counter() - t
+
+        setattr(owner, name, g)
+        patched.append((owner, name, f))
+
+    timed(TrimmedLayer, "_decide", "trimmers")
+    timed(Runtime, "remove_step", "decision sync + gather")
+    timed(CompiledLayer, "__call__", "compiled layer bodies")
+    timed(CompiledModule, "forward", "compiled modules outside the layers")
+    timed(TrimmedLayer, "forward", "trimmed layers in all")
+    timed(type(tmodel), "forward", "forward")
+    try:
+        with torch.inference_mode():
+            for _ in range(10):
+                for x in xs:
+                    tmodel(**x)
+    finally:
+        for owner, name, f in reversed(patched):
+            setattr(owner, name, f)
+    n = 10 * len(xs)
+    return ", ".join(f"{k} {v / n * 1e3:.2f}" for k, v in spent.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -40,6 +82,9 @@ def main() -> None:
     ap.add_argument("--buckets", type=int, default=4, help="sizes per stream and layer")
     ap.add_argument("--inputs", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=40, help="rounds (base: a fifth of them, at least 6)")
+    ap.add_argument("--phases", action="store_true",
+                    help="also time the parts of the compiled trimmed forward (trimmers, decision and gather, layer "
+                         "bodies, modules outside the layers) over a pass of the instances")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from trimkit.engine.calibrate import calibrate
@@ -97,6 +142,10 @@ def main() -> None:
                         repeats=rounds, warmup=len(xs))
         new_graphs = sum(len(c.graphs) for c in layers) - graphs
         ms = {k: f"{t.median(k) * 1e3:.2f}" for k in ("full", "full_c", "eager", "compiled")}
+        if args.phases:
+            tmodel.runtime.bucketing = bucketing
+            notes.append(f"{size}, where a compiled trimmed forward's time goes (ms per forward, {args.inputs} "
+                         f"instances x 10): {_phases(tmodel, xs)}")
         rows.append([size, f"{full_macs / trimmed_macs:.2f}x", ms["full"], ms["eager"],
                      f"**{t.ratio('full', 'eager'):.2f}x**", ms["full_c"], ms["compiled"],
                      f"**{t.ratio('full_c', 'compiled'):.2f}x**", f"{t.ratio('eager', 'compiled'):.2f}x",
