@@ -260,8 +260,19 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
     assert main(["repro", "fig2", "--config", str(path), "--seeds", "1", "--out", str(fig2), "--no-progress"]) == 0
     profile = json.loads((fig2 / "results.json").read_text())["fig2"]
     assert set(profile["tokens"]) == {layer.path for layer in trimkit.trim(build_model(cfg.model, cfg.data, train_ds)).spec.layers}
-    with pytest.raises(ValueError, match="runs on the digit-grid setting only.*table6, fig4a, fig4b, fig7, fig2, fig6, switches"):
-        run_experiment("fig5", tmp_path / "fig5", config=path)
+    with pytest.raises(ValueError, match="runs on the digit-grid setting only.*table6, fig4a, fig4b, fig7, fig2, fig5, "
+                                         "fig6, switches"):
+        run_experiment("static", tmp_path / "static", config=path)
+    fig5 = tmp_path / "fig5"  # two questions about one image: the val split's image 3 is asked two
+    assert main(["repro", "fig5", "--config", str(path), "--seeds", "1", "--steps", "1", "--out", str(fig5),
+                 "--no-progress"]) == 0
+    text = (fig5 / "fig5.md").read_text()
+    assert "| policy | vqa_score |" in text and "Over 1 test images asked two different questions" in text
+    assert "| SmartTrim (cross-modal) |" in text and "| n/a |" in text and (fig5 / "fig5.png").exists()
+    shown = json.loads((fig5 / "results.json").read_text())["fig5"]
+    assert shown["images"] == 1 and len(set(shown["shown"]["questions"])) == 2
+    sens = shown["aggregate"]["cross_modal"]["question_sensitivity"]
+    assert 0.0 <= sens <= 1.0
 
 
 def test_fig4b_runs_on_a_task_config(vqa_files, tmp_path):

@@ -42,6 +42,7 @@ Experiments (:data:`EXPERIMENTS`):
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -182,9 +183,10 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
             raise ValueError(f"trimkit repro {name} --only: no configuration labelled {unknown}; its labels are "
                              f"{labels}")
         runs = [r for r in runs if r.method in only]
-    if base is not None and base.trim.head_layers:  # the config knows its model's layers: its head selection wins
-        runs = [replace(r, trim={**r.trim, "head_layers": list(base.trim.head_layers)}) if "head_layers" in r.trim
-                else r for r in runs]
+    own_heads = getattr(base.trim, "head_layers", None) if base is not None else None  # a config may have no trim
+    if own_heads:  # the config knows its model's layers: its head selection wins
+        runs = [replace(r, trim={**r.trim, "head_layers": list(own_heads)}) if "head_layers" in r.trim else r
+                for r in runs]
     command = command or f"trimkit repro {name} --seeds {seeds} --out {out}" + (" --quick" if quick else "") + (
         f" --steps {steps}" if steps is not None else "") + (f" --config {config}" if config is not None else "") + (
         " --only " + " ".join(only) if only else "")
@@ -906,6 +908,35 @@ def question_pairs(ds: Any, images: int) -> list[dict[str, Any]]:
     return out
 
 
+def image_pairs(ds: Any, images: int, scan: int = 2000) -> list[dict[str, Any]]:
+    """A task's test images asked two different questions (``trimkit repro fig5 --config``): the
+    same dict as :func:`question_pairs`, with ``"patches": None`` (a task has no annotation of the
+    patches a question is about). Images are told apart by the dataset's ``image_ids`` when it has
+    them, else by their pixels, over its first ``scan`` items."""
+    import torch
+
+    ids = getattr(ds, "image_ids", None)
+    questions = getattr(ds, "questions", None)
+    groups: dict[Any, list[int]] = {}
+    for i in range(min(len(ds), scan)):
+        key = int(ids[i]) if ids is not None else hash(ds[i]["pixel_values"].numpy().tobytes())
+        groups.setdefault(key, []).append(i)
+    out = []
+    for idx in groups.values():
+        if len(out) >= images:
+            break
+        items = [ds[i] for i in idx]
+        second = next((j for j in range(1, len(items)) if not torch.equal(items[j]["input_ids"], items[0]["input_ids"])),
+                      None)
+        if second is None:
+            continue
+        pair = [idx[0], idx[second]]
+        out.append({"index": pair[0], "items": [items[0], items[second]], "patches": None,
+                    "questions": [str(questions[i]) for i in pair] if questions is not None else
+                    [f"question of item {i}" for i in pair]})
+    return out
+
+
 def _kept_sets(tm: Any, pairs: list[dict[str, Any]], ds: Any) -> list[list[dict[str, Any]]]:
     """Per pair, per question: the vision keep masks of every trimmed vision layer ((N,) bool, [CLS] first)."""
     from .analysis import vision_keep_masks
@@ -928,7 +959,7 @@ def _fig5_metrics(kept: list[list[dict[str, Any]]], pairs: list[dict[str, Any]])
         last = list(k[0])[-1]
         for q in (0, 1):
             m = k[q][last][1:].float()  # patches, [CLS] left out
-            if m.sum() > 0:  # nothing kept: no lift to speak of
+            if m.sum() > 0 and p["patches"] is not None:  # nothing kept (or no relevant patches known): no lift
                 lifts.append(float(m[p["patches"][q]].mean() / m.mean()))
         a, b = k[0][last][1:], k[1][last][1:]
         union = int((a | b).sum())
@@ -944,9 +975,14 @@ def _fig5_write(res: Result) -> list[Path]:
     from .demo import cell
 
     ds = res.backbone.test_ds
-    pairs = question_pairs(ds, FIG5_IMAGES)
+    task = res.backbone.base is not None  # a task config: no relevant-patch annotation, pairs by image
+    pairs = image_pairs(ds, FIG5_IMAGES) if task else question_pairs(ds, FIG5_IMAGES)
     if not pairs:
-        raise RuntimeError("fig5: no test image has a position question and a second digit to ask about")
+        raise RuntimeError("fig5: no test image is asked two different questions" if task else
+                           "fig5: no test image has a position question and a second digit to ask about")
+    if not any(layer.stream == "vision" for layer in res.models[(0, _fig5_runs()[0].name)].spec.layers):
+        raise RuntimeError(f"fig5: adapter {res.backbone.adapter!r} has no stream named 'vision' (the kept patches "
+                           "are read from it)")
     per_policy: dict[str, list[dict[str, float]]] = {}
     shown: dict[str, list[dict[str, Any]]] = {}
     for seed in range(res.seeds):
@@ -963,13 +999,14 @@ def _fig5_write(res: Result) -> list[Path]:
         agg[policy] = a
     res.extra["fig5"] = {"images": len(pairs), "per_seed": per_policy, "aggregate": agg,
                          "shown": {"index": pairs[0]["index"], "questions": pairs[0]["questions"]}}
-    rows = ["| policy | accuracy | MACs ratio | kept vision tokens | relevance lift | question sensitivity |",
+    rows = [f"| policy | {_metric(res)} | MACs ratio | kept vision tokens | relevance lift | question sensitivity |",
             "|---|---|---|---|---|---|"]
     by = {r["policy"]: r for r in res.rows}
     for policy, label in FIG5_POLICIES:
         r, a = by[policy], agg[policy]
         rows.append(f"| {label} | {cell(r, 'accuracy', '.1f', 100)} | {cell(r, 'macs_ratio', '.2f', suffix='x')} | "
-                    f"{cell(r, 'keep_vision', '.2f')} | {cell(a, 'relevance_lift', '.2f', suffix='x')} | "
+                    f"{cell(r, 'keep_vision', '.2f')} | "
+                    f"{'n/a' if task else cell(a, 'relevance_lift', '.2f', suffix='x')} | "
                     f"{cell(a, 'question_sensitivity', '.3f')} |")
     what = (f"The paper's Fig. 5: which image patches the trimmed model keeps through its layers, for one image asked "
             f"two questions, cross-modal (SmartTrim) vs Local, both fine-tuned at the {FIG5_RATIO:g}x target. Over "
@@ -979,29 +1016,46 @@ def _fig5_write(res: Result) -> list[Path]:
             "sensitivity* = 1 - IoU of the patches kept for the two questions (0 = the same patches whatever the "
             "question). Mean ± std over the seeds. The figure shows seed 0 on the first such image: kept patches "
             "bright, dropped ones dark, the asked cell outlined.")
-    md = res.out / "fig5.md"
-    md.write_text(_header(res, what) + "\n".join(rows) + "\n\n![fig5](fig5.png)\n")
-    plt = _plt()
+    if task:
+        what = (f"The paper's Fig. 5 on a task: which image patches the trimmed model keeps through its layers for one "
+                f"image asked two questions, cross-modal (SmartTrim) vs Local, both fine-tuned at the {FIG5_RATIO:g}x "
+                f"target. Over {len(pairs)} test images asked two different questions, at the last trimmed vision "
+                "layer: *question sensitivity* = 1 - IoU of the patches kept for the two questions (0 = the same "
+                "patches whatever the question). *Relevance lift* needs the patches each question is about, which the "
+                "task does not annotate: n/a. Mean ± std over the seeds; the figure shows seed 0 on the first image.")
     first = pairs[0]
     layers = list(shown[FIG5_POLICIES[0][0]][0])
+    img = first["items"][0]["pixel_values"].float()
+    n_patches = shown[FIG5_POLICIES[0][0]][0][layers[0]].numel() - 1
+    side = ds.image_size // ds.patch_size if not task else math.isqrt(n_patches)
+    patch = ds.patch_size if not task else img.shape[-1] // max(side, 1)
+    drawable = side * side == n_patches and patch * side == img.shape[-1] == img.shape[-2]
+    md = res.out / "fig5.md"
+    figure = "![fig5](fig5.png)" if drawable else (f"(no figure: the {n_patches} vision tokens after [CLS] are not a "
+                                                    "square grid over the square image)")
+    md.write_text(_header(res, what) + "\n".join(rows) + f"\n\n{figure}\n")
+    if not drawable:
+        return [md]
+    plt = _plt()
     panels = [(p, q) for p, _ in FIG5_POLICIES for q in (0, 1)]
     fig, axes = plt.subplots(len(panels), len(layers) + 1, figsize=(1.9 * (len(layers) + 1), 2.0 * len(panels)),
                              squeeze=False)
-    img = first["items"][0]["pixel_values"].float()
-    img = ((img - img.min()) / (img.max() - img.min()).clamp_min(1e-6))[0].numpy()
-    side = ds.image_size // ds.patch_size
+    img = ((img - img.min()) / (img.max() - img.min()).clamp_min(1e-6))
+    img = img.permute(1, 2, 0).numpy() if task and img.shape[0] == 3 else img[0].numpy()  # RGB, or one channel
     labels = dict(FIG5_POLICIES)
     for row, (policy, q) in enumerate(panels):
         axes[row, 0].imshow(img, cmap="gray")
         axes[row, 0].set_title(f"{labels[policy]}\n{first['questions'][q]}", fontsize=6)
         for col, layer in enumerate(layers, start=1):
             keep = shown[policy][q][layer][1:].float().view(side, side)
-            shade = torch.kron(keep, torch.ones(ds.patch_size, ds.patch_size)).numpy()
+            shade = torch.kron(keep, torch.ones(patch, patch)).numpy()
+            if img.ndim == 3:
+                shade = shade[..., None]
             axes[row, col].imshow(img * (0.25 + 0.75 * shade), cmap="gray", vmin=0, vmax=1)
-            for pidx in first["patches"][q]:
+            for pidx in first["patches"][q] if first["patches"] is not None else ():
                 y, x = divmod(pidx, side)
-                axes[row, col].add_patch(plt.Rectangle((x * ds.patch_size - 0.5, y * ds.patch_size - 0.5), ds.patch_size,
-                                                       ds.patch_size, fill=False, color="red", lw=1))
+                axes[row, col].add_patch(plt.Rectangle((x * patch - 0.5, y * patch - 0.5), patch, patch, fill=False,
+                                                       color="red", lw=1))
             axes[row, col].set_title(f"{_label(layer)}: {int(keep.sum())}/{keep.numel()}", fontsize=6)
     for ax in axes.flat:
         ax.axis("off")
@@ -1091,7 +1145,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                        _fig2_runs, _fig2_write, any_task=True),
     "fig5": Experiment("fig5", "Fig. 5: kept patches for two questions about one image",
                        "kept patches through the layers for two questions about one image, cross-modal vs Local at "
-                       "3x, with relevance lift and question sensitivity", _fig5_runs, _fig5_write),
+                       "3x, with relevance lift and question sensitivity", _fig5_runs, _fig5_write, any_task=True),
     "fig6": Experiment("fig6", "Fig. 6: head retention per attention module",
                        "head retention per attention module over instances, head target 0.5", _fig6_runs,
                        _fig6_write, any_task=True),
