@@ -63,3 +63,14 @@ def test_profile_cuda_unavailable_is_clear():
         pytest.skip("CUDA is available here")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         profile("meter", size="tiny", device="cuda")
+
+
+def test_profile_compile_times_the_compiled_model_alongside(capsys):
+    """``--compile BUCKETS``: the compiled trimmed model in the same interleaved rounds (inductor, the real
+    path), every layer compiled (no eager fallback); refused at batch > 1."""
+    assert main(["profile", "--adapter", "meter", "--size", "tiny", "--reduction", "2", "--repeats", "1",
+                 "--instances", "2", "--threads", "1", "--compile", "2", "--new-tokens", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "  compiled (2 buckets, " in text and "the eager trimmed model" in text and "run eager" not in text
+    with pytest.raises(ValueError, match="compile .* is batch-1 inference; got batch 3"):
+        profile("meter", size="tiny", batch=3, repeats=1, instances=1, compile_buckets=2)

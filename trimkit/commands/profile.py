@@ -2,13 +2,14 @@
 
 ``trimkit profile --adapter NAME [--size tiny|base] [--batch B] [--device cpu|cuda] [--reduction R]
 [--checkpoint DIR] [--json] [--repeats N] [--instances K] [--threads T] [--dtype float32|bfloat16]
-[--new-tokens T]``
+[--new-tokens T] [--compile BUCKETS]``
 
 * MACs per instance (``count_macs`` at batch 1 over ``--instances`` inputs), full (mode ``off``) and
   trimmed (mode ``remove``).
 * Speed: batch 1 -> median latency over the instances; batch > 1 -> throughput of one batch
   (trimmed = mode ``packed``). The full and the trimmed model are timed interleaved in the same run;
-  ``speed_ratio`` is the median over rounds of full time / trimmed time.
+  ``speed_ratio`` is the median over rounds of full time / trimmed time. ``--compile BUCKETS`` (batch
+  1) adds the trimmed model compiled (:meth:`trimkit.TrimmedModel.compile`) to the same rounds.
 * Keep decisions come from a trained checkpoint (``--checkpoint``, ``trimkit.model.load_trimmed``) or,
   without one, from untrained trimmers set to reach ``--reduction`` (``trimkit.engine.calibrate``:
   random weights, so the kept fraction varies per instance, and final biases found by bisection on
@@ -64,6 +65,9 @@ def register(sub) -> None:
     p.add_argument("--new-tokens", metavar="T", type=nonneg_int, default=8,
                    help="decoder adapters (those exposing generation): greedy decode steps timed per round, "
                         "full vs trimmed cache (>= 0, default: 8; 0: no decoder section)")
+    p.add_argument("--compile", metavar="BUCKETS", type=positive_int, default=None,
+                   help="batch 1: also time the trimmed model compiled (tmodel.compile(buckets=BUCKETS), each "
+                        "trimmed layer through inductor per bucket of kept counts), interleaved with the others")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
 
@@ -95,7 +99,7 @@ def _check_arguments(**values: Any) -> None:
 def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu", reduction: float = 2.0,
             checkpoint: str | None = None, repeats: int = 5, instances: int = 3, seed: int = 0,
             dtype: str | None = None, threads: int | None = None, model: Any = None,
-            new_tokens: int = 8) -> dict[str, Any]:
+            new_tokens: int = 8, compile_buckets: int | None = None) -> dict[str, Any]:
     """Everything ``trimkit profile`` prints, as a dict (see the module docstring); decoders (adapters
     with :func:`generation_of`) and ``new_tokens >= 1`` add ``out["decoder"]`` (module docstring)."""
     import torch
@@ -109,6 +113,8 @@ def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu
 
     _check_arguments(batch=batch, reduction=reduction, repeats=repeats, instances=instances, threads=threads,
                      seed=seed, new_tokens=new_tokens)
+    if compile_buckets is not None and batch != 1:
+        raise ValueError(f"profile: compile (buckets {compile_buckets}) is batch-1 inference; got batch {batch}")
     if threads is not None:
         torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
@@ -174,7 +180,28 @@ def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu
         with tmodel.mode(mode):
             tmodel(**runs[r % len(runs)])
 
-    t = interleaved({"full": full_fn, "trimmed": trim_fn}, repeats=repeats * len(runs), warmup=1, device=device)
+    fns = {"full": full_fn, "trimmed": trim_fn}
+    compiled = None
+    if compile_buckets is not None:
+        import time
+
+        t0 = time.perf_counter()
+        compiled = tmodel.compile(buckets=compile_buckets).bucketing
+        with torch.inference_mode(), tmodel.mode("remove"):
+            for x in runs:  # every bucket combination these instances reach, compiled before timing
+                tmodel(**x)
+        compile_s = time.perf_counter() - t0
+
+        def trim_fn(r: int) -> None:  # noqa: F811  (eager removal, exact counts)
+            with tmodel.eager(), tmodel.mode(mode):
+                tmodel(**runs[r % len(runs)])
+
+        def compiled_fn(r: int) -> None:
+            with tmodel.mode(mode):
+                tmodel(**runs[r % len(runs)])
+
+        fns = {"full": full_fn, "trimmed": trim_fn, "compiled": compiled_fn}
+    t = interleaved(fns, repeats=repeats * len(runs), warmup=1, device=device)
     macs_full, macs_trimmed = statistics.mean(full), statistics.mean(trimmed)
     out: dict[str, Any] = {
         "adapter": adapter, "size": size, "batch": batch, "device": device, "dtype": str(dt).replace("torch.", ""),
@@ -194,6 +221,11 @@ def profile(adapter: str, size: str = "tiny", batch: int = 1, device: str = "cpu
     if batch == 1:
         out["latency_full_ms"] = t.median("full") * 1e3
         out["latency_trimmed_ms"] = t.median("trimmed") * 1e3
+    if compiled is not None:
+        out["compiled"] = {"buckets": compile_buckets, "latency_ms": t.median("compiled") * 1e3,
+                           "speed_ratio": t.ratio("full", "compiled"), "vs_eager": t.ratio("trimmed", "compiled"),
+                           "compile_s": compile_s, "failures": dict(compiled.failures)}
+        tmodel.bucketing = None
     else:
         out["throughput_full"] = batch / t.median("full")
         out["throughput_trimmed"] = batch / t.median("trimmed")
@@ -338,7 +370,7 @@ def run(args) -> int:
               f"--checkpoint {args.checkpoint}", file=sys.stderr)
     out = profile(args.adapter, size=args.size, batch=args.batch, device=args.device, reduction=reduction,
                   checkpoint=args.checkpoint, repeats=args.repeats, instances=args.instances, seed=args.seed,
-                  dtype=args.dtype, threads=args.threads, new_tokens=args.new_tokens)
+                  dtype=args.dtype, threads=args.threads, new_tokens=args.new_tokens, compile_buckets=args.compile)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -357,6 +389,11 @@ def run(args) -> int:
               f"trimmed {out['throughput_trimmed']:.1f}/s")
     print(f"  speed ratio (full time / trimmed time, interleaved, {out['repeats']} rounds): {out['speed_ratio']:.2f}x "
           f"(MACs ratio {out['macs_ratio']:.2f}x)")
+    if "compiled" in out:
+        c = out["compiled"]
+        eager = f"; layers run eager: {c['failures']}" if c["failures"] else ""
+        print(f"  compiled ({c['buckets']} buckets, {c['compile_s']:.0f} s to compile): {c['latency_ms']:.1f} ms, speed "
+              f"ratio {c['speed_ratio']:.2f}x, {c['vs_eager']:.2f}x the eager trimmed model{eager}")
     if "decoder" in out:
         print(_decoder_table(out["decoder"], out["batch"]))
     return 0
