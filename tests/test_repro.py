@@ -260,9 +260,9 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
     assert main(["repro", "fig2", "--config", str(path), "--seeds", "1", "--out", str(fig2), "--no-progress"]) == 0
     profile = json.loads((fig2 / "results.json").read_text())["fig2"]
     assert set(profile["tokens"]) == {layer.path for layer in trimkit.trim(build_model(cfg.model, cfg.data, train_ds)).spec.layers}
-    with pytest.raises(ValueError, match="runs on the digit-grid setting only.*table6, fig4a, fig4b, fig7, fig2, fig5, "
-                                         "fig6, switches"):
-        run_experiment("static", tmp_path / "static", config=path)
+    with pytest.raises(ValueError, match="runs on the digit-grid setting only.*table6, static, fig4a, fig4b, fig7, "
+                                         "fig2, fig5, fig6, switches"):
+        run_experiment("table5", tmp_path / "table5", config=path)
     fig5 = tmp_path / "fig5"  # two questions about one image: the val split's image 3 is asked two
     assert main(["repro", "fig5", "--config", str(path), "--seeds", "1", "--steps", "1", "--out", str(fig5),
                  "--no-progress"]) == 0
@@ -273,6 +273,47 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
     assert shown["images"] == 1 and len(set(shown["shown"]["questions"])) == 2
     sens = shown["aggregate"]["cross_modal"]["question_sensitivity"]
     assert 0.0 <= sens <= 1.0
+
+
+def test_static_baselines_run_on_a_task_config(vqa_files, tmp_path):
+    """Table 1's static baselines on a task: FTKD's stacks come from the model's description (the
+    co-attention streams cut alike, as on digit-grid), and its student trains on the task's data."""
+    import yaml
+
+    from trimkit.plugins import get_registry
+    from trimkit_train.repro import FTKD_GROUPS
+    from trimkit_train.static_baselines import layer_groups
+    from trimkit_meter import build_meter
+
+    meter = build_meter("tiny")
+    assert layer_groups(meter, get_registry().adapters.get("meter").describe(meter)) == FTKD_GROUPS
+    root, tok = vqa_files
+    config = {
+        "model": {"adapter": "meter", "size": "tiny", "overrides": {"patch_size": 8}},
+        "data": {"name": "vqa_v2", "options": {"root": str(root), "answers": ["white", "gray", "2", "3", "yes", "no"],
+                                               "tokenizer": str(tok), "image_size": 32},
+                 "train_split": "train", "eval_split": "val", "train_size": None, "eval_size": None},
+        "train": {"epochs": 1, "batch_size": 2, "eval_batch_size": 2, "macs_instances": 1, "progress": False,
+                  "out_dir": str(tmp_path / "unused")},
+        "trim": {"token_target": 0.9},
+    }
+    path = tmp_path / "vqa.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "static"
+    assert main(["repro", "static", "--config", str(path), "--seeds", "1", "--steps", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in data["rows"]} == {"SmartTrim", "TRIPS-style", "FTKD"}
+    depths = data["ftkd_depths"]
+    assert set(depths) == {"1.5x", "2x", "3x"}
+    for d in depths.values():  # the two cross stacks keep the same layers; every stack keeps at least one
+        assert d["layers"]["cross_modal_image_layers"] == d["layers"]["cross_modal_text_layers"]
+        assert all(len(v) >= 1 for v in d["layers"].values())
+    ftkd = next(r for r in data["per_seed"][0] if r["method"] == "FTKD")
+    run_cfg = yaml.safe_load((out / "runs" / f"{ftkd['run']}-seed0" / "experiment.yaml").read_text())
+    assert run_cfg["data"]["name"] == "vqa_v2" and run_cfg["train"]["steps"] == 1  # the task's fine-tune
+    md = (out / "static.md").read_text()
+    assert "| method | target | vqa_score |" in md and "| meter (full) | - |" in md and "| FTKD 2x | layers kept: " in md
 
 
 def test_fig4b_runs_on_a_task_config(vqa_files, tmp_path):

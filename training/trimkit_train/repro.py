@@ -344,7 +344,9 @@ def _ftkd(bb: Backbone, run: Run, name: str, seed: int, extra: dict[str, Any], l
     from trimkit.macs import count_macs
 
     from .demo import _experiment
-    from .static_baselines import FTKDObjective, choose_depths, layer_pairs, select_layers
+    from trimkit.plugins import get_registry
+
+    from .static_baselines import FTKDObjective, choose_depths, layer_groups, layer_pairs, select_layers
     from .trainer import Trainer, collate_of, model_inputs, task_of
 
     preset = bb.preset
@@ -359,13 +361,16 @@ def _ftkd(bb: Backbone, run: Run, name: str, seed: int, extra: dict[str, Any], l
             with torch.no_grad():
                 return sum(count_macs(model, **x).total for x in xs) / len(xs)
 
-        cache[key] = choose_depths(bb.net, FTKD_GROUPS, run.ratio, macs)
+        groups = FTKD_GROUPS if bb.base is None else layer_groups(  # a task's model: its stacks, from its description
+            bb.net, get_registry().adapters.get(bb.adapter).describe(bb.net))
+        cache[key] = choose_depths(bb.net, groups, run.ratio, macs)
         log(f"{stamp()}     FTKD {run.ratio:g}x: layers {cache[key]['layers']} -> {cache[key]['macs_ratio']:.2f}x "
             "fewer MACs")
     layers = cache[key]["layers"]
     teacher = copy.deepcopy(bb.net)  # frozen by the Trainer; the backbone itself stays as it is
     student = select_layers(bb.net, layers)
-    cfg = _experiment(preset, preset.finetune, bb.out / "runs" / name, None, None, bb.progress, run.recipe, seed)
+    cfg = _experiment(preset, preset.finetune, bb.out / "runs" / name, None, None, bb.progress, run.recipe, seed,
+                      bb.base)
     objective = FTKDObjective(task_of(cfg.data, bb.train_ds), student, teacher, layer_pairs(layers))
     try:
         tr = Trainer(cfg, model=student, train_dataset=bb.train_ds, eval_dataset=bb.test_ds, objective=objective,
@@ -565,7 +570,7 @@ def _static_write(res: Result) -> list[Path]:
     what = ("The paper's Table 1 baselines that need only task fine-tuning, at the same MACs reductions: "
             "SmartTrim (adaptive tokens and heads, the full recipe); **TRIPS-style** (token policy `trips`: a learned "
             "text-guided score, the ViT's vision tokens only, the same share kept for every instance, task loss "
-            "only); **FTKD** (a shallower METER of layers copied from the backbone, TinyBERT's uniform mapping, "
+            "only); **FTKD** (a shallower model of layers copied from the backbone, TinyBERT's uniform mapping, "
             "fine-tuned with the task loss plus distillation of the backbone's logits and of each kept layer's "
             "output). FTKD's depth is chosen by counted MACs, so its MACs ratio is the nearest a whole number "
             "of layers gives.")
@@ -580,7 +585,7 @@ def _static_write(res: Result) -> list[Path]:
                   + "\n\n![static](static.png)\n")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.axhline(100 * res.full["accuracy"], color="gray", ls="--", lw=1, label="METER (full)")
+    ax.axhline(100 * res.full["accuracy"], color="gray", ls="--", lw=1, label=_full_label(res))
     for method, color in STATIC_METHODS:
         rs = sorted((r for r in res.rows if r["method"] == method), key=lambda r: r["gmacs"])
         ax.errorbar([r["gmacs"] for r in rs], [100 * r["accuracy"] for r in rs],
@@ -588,6 +593,7 @@ def _static_write(res: Result) -> list[Path]:
                     fmt="o-", color=color, capsize=3, lw=1.2, label=method)
     ax.set_xlabel("GMACs per instance (batch 1)")
     ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{_metric(res)} (%)")
     ax.set_title(f"static baselines vs SmartTrim (mean ± std, {res.seeds} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -1129,7 +1135,8 @@ EXPERIMENTS: dict[str, Experiment] = {
                          "backbone, vs that backbone untrimmed", _table5_runs, _table5_write),
     "static": Experiment("static", "Table 1: static baselines FTKD and TRIPS-style",
                          "FTKD (layers of the backbone + distillation) and TRIPS-style (text-guided fixed-share patch "
-                         "selection, task loss only) vs SmartTrim at 1.5x/2x/3x", _static_runs, _static_write),
+                         "selection, task loss only) vs SmartTrim at 1.5x/2x/3x", _static_runs, _static_write,
+                         any_task=True),
     "fig4a": Experiment("fig4a", "Fig. 4a: token trimming policies",
                         "token policies cross_modal/local/random at 1.5x/2x/2.5x/3x fewer MACs, as curves",
                         _fig4a_runs, _fig4a_write, any_task=True, subsets=True),

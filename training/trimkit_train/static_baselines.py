@@ -74,6 +74,31 @@ def select_layers(model: nn.Module, layers: dict[str, Sequence[int]]) -> nn.Modu
     return student
 
 
+def layer_groups(model: nn.Module, spec: Any) -> tuple[tuple[str, ...], ...]:
+    """FTKD's stacks of a described model: every ``nn.ModuleList`` holding described layers (a
+    ``LayerSpec`` path ``STACK.INDEX``), grouped so that stacks of one site with as many layers are
+    cut alike (a co-attention model's two streams), in the order the description lists them. Stacks
+    the description does not trim (``trimmable=False``, e.g. a caption decoder) are left whole."""
+    stacks: dict[str, str] = {}  # stack path -> site
+    for layer in spec.layers:
+        parent, _, index = layer.path.rpartition(".")
+        if not index.isdigit() or not parent or not getattr(layer, "trimmable", True):
+            continue
+        try:
+            stack = model.get_submodule(parent)
+        except AttributeError:
+            continue
+        if isinstance(stack, nn.ModuleList):
+            stacks.setdefault(parent, layer.site)
+    groups: dict[tuple[str, int], list[str]] = {}
+    for path, site in stacks.items():
+        groups.setdefault((site, len(model.get_submodule(path))), []).append(path)
+    if not groups:
+        raise ValueError(f"layer_groups: no described layer of {type(model).__name__} sits in an nn.ModuleList "
+                         "(FTKD copies layers out of such stacks)")
+    return tuple(tuple(g) for g in groups.values())
+
+
 def layer_pairs(layers: dict[str, Sequence[int]]) -> list[tuple[str, str]]:
     """``(student module path, teacher module path)`` of every kept layer: student ``path.j`` is
     teacher ``path.layers[path][j]``."""
