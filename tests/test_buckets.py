@@ -197,3 +197,140 @@ def test_inductor_compiled_removal_is_removal():
     assert not b.failures and b.compiled_calls == b.calls > 0
     for out, r in zip(outs, ref):
         assert _diff(out, r) < 1e-5
+
+
+def test_train_mode_hooks_and_autocast_run_eager_and_nothing_sticks():
+    """Calls a compiled graph would get wrong run eager: the model in train mode (dropout: a graph built
+    then would keep it), a forward hook on one of the layer's modules (it must fire), autocast."""
+    impl, model, tmodel = _model()
+    model.cross_t[0].mlp.append(torch.nn.Dropout(0.5))  # a layer with dropout, active in train mode
+    tmodel = trim(model, TrimConfig(token_target=0.5, head_target=0.5), adapter="toy").eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in tmodel.trimmers.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x = impl.example_inputs(model, 1, seed=2)
+    with torch.no_grad():
+        ref = tmodel(**x)
+    tmodel.compile(buckets=3, backend=_exported_as_is)
+    b = tmodel.bucketing
+    tmodel.train()
+    with torch.no_grad(), tmodel.mode("remove"):
+        tmodel(**x)  # train mode, forced removal: eager, no graph built with dropout in it
+    assert b.compiled_calls == 0
+    tmodel.eval()
+    with torch.no_grad():
+        assert _diff(tmodel(**x), ref) < 1e-5 and _diff(tmodel(**x), ref) < 1e-5  # deterministic: no dropout
+    calls = b.compiled_calls
+    assert calls > 0
+    seen = []
+    handle = model.cross_t[0].mlp[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        with torch.no_grad():
+            assert _diff(tmodel(**x), ref) < 1e-5
+    finally:
+        handle.remove()
+    assert len(seen) == 1  # the hook fired, on the exact kept tokens (the layer ran unpadded)
+    with torch.no_grad():
+        tmodel(**x)
+        layer = next(l for l in tmodel._trimmed_layers() if l.spec.path == "cross_t.0")
+        n_kept = len(next(r for r in tmodel.records if r.key == "cross_t.0").index)
+    assert seen[0][1] == n_kept
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = b.compiled_calls
+        tmodel(**x)
+    assert b.compiled_calls == before and layer is not None
+
+
+def test_replaced_weights_and_copies_read_their_own_weights():
+    import copy
+
+    impl, model, tmodel = _model()
+    x = impl.example_inputs(model, 1, seed=3)
+    tmodel.compile(buckets=3, backend=_exported_as_is)
+    with torch.no_grad():
+        tmodel(**x)
+    state = {k: v * 1.3 if k.endswith("weight") else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)  # new parameter objects
+    with torch.no_grad():
+        compiled = tmodel(**x)
+        with tmodel.eager():
+            eager = tmodel(**x)
+    assert _diff(compiled, eager) < 1e-5
+    twin = copy.deepcopy(tmodel)
+    with torch.no_grad():
+        for p in twin.model.parameters():
+            p.mul_(0.7)
+        got = twin(**x)
+        with twin.eager():
+            want = twin(**x)
+    assert twin.bucketing.compiled_calls > 0
+    assert _diff(got, want) < 1e-5 and _diff(got, compiled) > 1e-3
+
+
+def test_an_attention_reading_the_layers_context_argument_as_its_own_masks_the_slack():
+    """AttentionSpec.context naming the layer's own context argument: the slack padded into it is masked."""
+    import dataclasses
+
+    from toyvlm import ToyAdapter
+
+    from trimkit.plugins import get_registry
+
+    class OwnContext(ToyAdapter):
+        def describe(self, model):
+            spec = super().describe(model)
+            layers = [dataclasses.replace(l, attentions=[dataclasses.replace(a, context="context")
+                                                         if a.kind == "cross" else a for a in l.attentions])
+                      if l.context is not None else l for l in spec.layers]
+            return dataclasses.replace(spec, layers=layers)
+
+    get_registry().adapters.register("toy_own_context", OwnContext(), replace=True)
+    impl, model, _ = _model()
+    tmodel = trim(model, TrimConfig(token_target=0.5, head_target=0.5), adapter="toy_own_context").eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in tmodel.trimmers.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    assert any(a.context == "context" for l in tmodel.spec.layers for a in l.attentions)
+    for s in range(4):
+        x = impl.example_inputs(model, 1, seed=s)
+        with torch.no_grad():
+            tmodel.bucketing = None
+            ref = tmodel(**x)
+            tmodel.bucketing = Bucketing(3)
+            assert _diff(tmodel(**x), ref) < 1e-5
+    assert tmodel.bucketing.padded > 0
+
+
+def test_decoders_compile_their_kernel_route_layers_and_fastv_stays_exact():
+    """LLaVA: the decoder's layers (attention intercepted at the kernel, weights shared by the wrapper)
+    compile, every call; a FastV model (its attention probe records the exact kept tokens) pads nothing
+    where the probe reads and equals mode remove."""
+    import trimkit
+    from trimkit.plugins import get_registry
+
+    adapter = get_registry().adapters.get("llava")
+    model = adapter.build()
+    tmodel = trimkit.trim(model, TrimConfig(token_target={"image": 0.5, "prompt": 0.8, "question": 0.8},
+                                            head_target=0.6), adapter="llava").eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in tmodel.trimmers.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x = {k: v[:1] for k, v in adapter.example_inputs(model, 1, seed=8).items()}
+    with torch.no_grad():
+        ref = tmodel(**x)
+    tmodel.compile(buckets=3, backend=_exported_as_is)
+    with torch.no_grad():
+        assert _diff(tmodel(**x), ref) < 1e-5
+    b = tmodel.bucketing
+    assert not b.failures and b.compiled_calls == b.calls > 0
+    fastv = trimkit.trim(model, TrimConfig(token_policy="fastv", token_layers=["seq.uni.2"], token_target={"image": 0.5},
+                                           trim_heads=False), adapter="llava").eval()
+    for s in range(3):
+        x = {k: v[:1] for k, v in adapter.example_inputs(model, 1, seed=20 + s).items()}
+        with torch.no_grad():
+            fastv.bucketing = None
+            ref = fastv(**x)
+            fastv.bucketing = Bucketing(2)
+            assert _diff(fastv(**x), ref) < 1e-5

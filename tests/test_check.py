@@ -84,7 +84,8 @@ def test_check_prints_the_plan_and_every_step(toy_registry, capsys):
     assert main(["check", "--adapter", "toy", "--trials", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("[PASS]") == 7 and out.rstrip().endswith("OK"), out
-    assert "[PASS] bucketed removal == removal (3 buckets, slack masked): max |bucketed - removed| = " in out
+    assert "[PASS] bucketed removal == removal (3 buckets, slack masked; and compiled): max |bucketed - removed| = " in out
+    assert "; compiled (exported graphs): " in out and "layers left eager" not in out
     lines = out.splitlines()
     assert lines[1] == "  plan:" and lines[2].startswith("    TrimPlan (adapter 'toy'; "), out
     assert "    streams:" in lines and "      text: [CLS] at 0 (always kept), padding from input 'attention_mask'" in lines

@@ -8,8 +8,9 @@ Runs, on a small randomly initialised model built by the adapter (steps in this 
 4. hard masks == physical removal at batch 1, on random inputs and random trimmer weights (and
    something really was dropped);
 4b. bucketed removal == removal: batch-1 kept counts padded to 3 sizes (:mod:`trimkit.engine.buckets`,
-   what ``TrimmedModel.compile`` runs; eager here), the same outputs and decisions (and some layer
-   call really had slack rows);
+   what ``TrimmedModel.compile`` runs), the same outputs and decisions (and some layer call really
+   had slack rows), eager and then compiled (each layer's exported graphs run as they are: the
+   export, the signatures and the masks checked without inductor's code generation);
 5. packed == masked: a batch with padding (the adapter's ``example_inputs``: rows after the first
    are shorter) run in mode ``packed`` and mode ``padded`` against mode ``hard``, with per-instance
    kept counts that differ (and the same decisions in every mode);
@@ -340,8 +341,31 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
             raise AssertionError(f"no layer call had slack rows in {calls} calls: the check would be vacuous")
         if worst > atol:
             raise AssertionError(f"max |bucketed - removed| = {worst:.2e} > {atol:g} over {trials} random trials")
+        # compiled as tmodel.compile() runs it: each layer exported per bucket signature (the exported graphs
+        # run as they are here, no inductor: the code path and the masks are what is checked, in seconds)
+        try:
+            with random_trimmers(tmodel, seed + 7) as draw:
+                with torch.no_grad(), tmodel.mode("remove"):
+                    draw()
+                    x = inputs(1, seed + 11)
+                    tmodel.bucketing = None
+                    a, kept = _seeded(tmodel, x, seed), decisions()
+                    with warnings.catch_warnings():  # a layer left eager is reported below, not warned
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        c = tmodel.compile(buckets=3, backend=lambda gm, example: gm).bucketing
+                        out = _seeded(tmodel, x, seed)
+                if decisions() != kept:
+                    raise AssertionError("compiled removal kept other tokens or heads than removal")
+                compiled = _max_diff(a, out)
+        finally:
+            tmodel.bucketing = prev
+        if compiled > atol:
+            raise AssertionError(f"max |compiled - removed| = {compiled:.2e} > {atol:g} (tmodel.compile, exported "
+                                 f"graphs run as they are)")
+        eager = f", layers left eager: {dict(c.failures)}" if c.failures else ""
         return (f"max |bucketed - removed| = {worst:.1e} over {trials} trials, the same decisions ({padded} of "
-                f"{calls} layer calls padded)")
+                f"{calls} layer calls padded); compiled (exported graphs): {compiled:.1e}, {c.compiled_calls} of "
+                f"{c.calls} layer calls compiled{eager}")
 
     def packed() -> str:
         tmodel = state["tmodel"]
@@ -458,7 +482,7 @@ def run_check(adapter: str, size: str = "tiny", seed: int = 0, trials: int = 5, 
         plan()
         step("all masks 1 == original", all_ones)
         step("hard masks == physical removal", contract)
-        step("bucketed removal == removal (3 buckets, slack masked)", bucketed)
+        step("bucketed removal == removal (3 buckets, slack masked; and compiled)", bucketed)
         step(f"packed == masked (batch {batch}, padding, per-instance counts)", packed)
         step("MACs fall when trimming", macs)
     return report

@@ -126,6 +126,8 @@ class TrimmedLayer(nn.Module):
         # the layer's own attribute reads (fx copies them), found once here: a forward only syncs them (and
         # builds nothing torch.compile would have to break its graph for)
         self._attr_links = attribute_links(self.inner, layer) if self.inner is not None else []
+        # the modules the layer's code calls, found once: a forward hook on one keeps bucketed calls unpadded
+        self._inner_modules = list(self.inner.modules()) if self.inner is not None else []
 
     def _trace_inner(self, layer: nn.Module, symbolic: set[str], autowrap: Sequence[Callable],
                      constants: dict[str, Any]) -> fx.GraphModule:

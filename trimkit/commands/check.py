@@ -20,8 +20,9 @@ the adapter builds. Steps, in order (each prints PASS, FAIL or SKIP with its num
   hard masks == physical    random trimmer weights and inputs: masked (mode hard) == tokens and
     removal                 heads physically removed (mode remove) at batch 1, and something dropped
   bucketed removal ==       batch-1 kept counts padded to 3 sizes per stream and layer, slack rows
-    removal                 masked (what tmodel.compile runs, eager here) == mode remove, the same
-                            decisions, and some layer call really padded
+    removal                 masked (what tmodel.compile runs) == mode remove, the same decisions, and
+                            some layer call really padded; then compiled (exported layer graphs run
+                            as they are), with the layers left eager listed
   packed == masked          a batch of B (--batch) from the adapter's example_inputs, with padding
     (batch B, padding,      where a stream declares StreamSpec.padding_input: modes packed and
     per-instance counts)    padded == mode hard, with the same decisions, per-instance kept counts

@@ -31,6 +31,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from ..ops import AttnTrim, TokenState
+from .compiled import _hooked
 
 if TYPE_CHECKING:
     from ..layer import TrimmedLayer
@@ -140,6 +141,11 @@ def bucketed_run(layer: "TrimmedLayer", a: dict[str, Any], hstate: TokenState | 
     its output with the slack rows cut (see the module docstring)."""
     spec, tdim = layer.spec, layer.token_dim
     b.calls += 1
+    if _hooked(layer._inner_modules):
+        # a forward hook watches the layer's code (an attention probe recording this layer's attention for the
+        # next layer's policy, FastV or VisionZip, which scores the exact kept tokens; a user's hook): the
+        # call runs as mode remove runs it, unpadded and eager
+        return layer._run(a, trims)
     hidden = a[layer.hidden_name]
     nh, lh = _length(hidden, hstate, tdim)
     kh = b.size(nh, lh)
@@ -154,10 +160,11 @@ def bucketed_run(layer: "TrimmedLayer", a: dict[str, Any], hstate: TokenState | 
     # the other stream: the layer's context argument, or the stream a two-stream layer updates
     other = layer.context_name
     ctx = a.get(other) if other is not None else None
+    sides_args: dict[str, tuple[int, int]] = {}
     if isinstance(ctx, torch.Tensor) and ctx.dim() >= 3:
         nc, lc = _length(ctx, cstate, tdim)
         kc = b.size(nc, lc)
-        sides[spec.context_stream] = (nc, kc)
+        sides[spec.context_stream] = sides_args[other] = (nc, kc)
         if kc > nc:
             padded = True
             idx = b.pad_index(nc, kc, ctx.device)
@@ -166,6 +173,8 @@ def bucketed_run(layer: "TrimmedLayer", a: dict[str, Any], hstate: TokenState | 
                 if name in a:
                     a[name] = pad_tokens(a[name], dim, nc, kc, idx)
     own: dict[str, tuple[int, int]] = {}  # attentions with their own context argument
+    if other in sides_args:  # an attention naming the layer's context as its own: padded above already
+        own[other] = sides_args[other]
     for name, st in zip(layer.attn_context_names, astates):
         t = a.get(name) if name is not None else None
         if name in own or not isinstance(t, torch.Tensor) or t.dim() < 3:

@@ -40,6 +40,15 @@ _TENSOR = object()  # a tensor's place among a call's flattened arguments
 DEFAULT_OPTIONS = {"cpp_wrapper": True}  # inductor's Python wrapper costs ~100 us per call of a small graph on CPU
 
 
+def _live(body: nn.Module, target: str) -> Callable[[], torch.Tensor]:
+    """A getter of ``body``'s parameter or buffer at ``target`` as it is at each call: the owning
+    module is found once, the attribute read every time (``load_state_dict(assign=True)`` and
+    ``.to()`` replace or move what it holds)."""
+    prefix, _, name = target.rpartition(".")
+    owner = body.get_submodule(prefix) if prefix else body
+    return lambda: getattr(owner, name)
+
+
 def compile_graph(body: nn.Module, example: list[torch.Tensor], options: dict[str, Any] | None,
                   backend: Callable | None) -> tuple[Callable, list[Callable[[], torch.Tensor] | int], Any]:
     """Export ``body`` (a module whose forward takes tensors only) on ``example`` and compile it.
@@ -51,8 +60,7 @@ def compile_graph(body: nn.Module, example: list[torch.Tensor], options: dict[st
     with torch.inference_mode(False), torch.no_grad():
         example = [t.clone() for t in example]  # not inference tensors: export needs plain ones
         ep = torch.export.export(body, tuple(example), strict=False)
-        _, out_spec = tree_flatten(body(*example))
-        params, buffers = dict(body.named_parameters()), dict(body.named_buffers())
+        out_spec = ep.call_spec.out_spec
         feed: list[Callable[[], torch.Tensor] | int] = []
         flat: list[torch.Tensor] = []
         user = 0
@@ -61,13 +69,10 @@ def compile_graph(body: nn.Module, example: list[torch.Tensor], options: dict[st
                 feed.append(user)
                 flat.append(example[user])
                 user += 1
-            elif spec.kind == InputKind.PARAMETER:
-                p = params[spec.target]
-                feed.append(lambda p=p: p)  # the parameter object: its current data at each call
-                flat.append(p)
-            elif spec.kind == InputKind.BUFFER:
-                feed.append(lambda n=spec.target: body.get_buffer(n))
-                flat.append(buffers[spec.target])
+            elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                get = _live(body, spec.target)  # shared weights (a module borrowed twice) resolve by path too
+                feed.append(get)
+                flat.append(get())
             elif spec.kind == InputKind.CONSTANT_TENSOR:
                 c = ep.constants[spec.target]
                 feed.append(lambda c=c: c)
@@ -82,8 +87,28 @@ def compile_graph(body: nn.Module, example: list[torch.Tensor], options: dict[st
     return fn, feed, out_spec
 
 
+def _hooked(modules: list[nn.Module]) -> bool:
+    """Whether a forward hook watches one of ``modules`` (or every module): then the code runs eager, so
+    that it fires."""
+    from torch.nn.modules import module as M
+
+    if M._global_forward_hooks or M._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _eager_context(tensors: list[torch.Tensor]) -> bool:
+    """Calls that run eager whatever was compiled: with gradients, or under autocast."""
+    if torch.is_grad_enabled():
+        return True
+    device = tensors[0].device.type if tensors else "cpu"
+    return torch.is_autocast_enabled(device) if device in ("cpu", "cuda") else False
+
+
 class _Graphs:
     """Compiled graphs by signature, for one piece of code (a layer, a module)."""
+
+    MAX_GRAPHS = 64  # signatures compiled per piece of code; later new ones run eager (inputs not bucketed)
 
     def __init__(self, path: str, options: dict[str, Any] | None, backend: Callable | None,
                  kind: str = "layer") -> None:
@@ -93,24 +118,38 @@ class _Graphs:
         self.graphs: dict[Any, Any] = {}  # signature -> (fn, feed, out spec), or False: could not compile
         self.compile_seconds = 0.0
 
+    def __deepcopy__(self, memo: dict) -> "_Graphs":
+        # compiled graphs read the modules they were exported from: a copy compiles its own on first use
+        return _Graphs(self.path, self.options, self.backend, self.kind)
+
+    def _fail(self, failures: dict, what: str, err: Exception) -> None:
+        first = str(err).splitlines()[0] if str(err) else ""
+        failures[self.path] = f"{type(err).__name__}: {first}"
+        warnings.warn(f"trimkit compile: {self.kind} {self.path!r} runs eager (its code could not be {what}: "
+                      f"{failures[self.path]})", RuntimeWarning, stacklevel=6)
+
     def run(self, key: Any, tensors: list[torch.Tensor], make_body: Callable[[], nn.Module], failures: dict) -> Any:
         entry = self.graphs.get(key)
         if entry is None:
+            if len(self.graphs) >= self.MAX_GRAPHS:
+                return None
             t0 = time.perf_counter()
             try:
                 entry = compile_graph(make_body(), tensors, self.options, self.backend)
             except Exception as err:  # data-dependent Python in the code, an operator inductor lacks...
                 entry = False
-                first = str(err).splitlines()[0] if str(err) else ""
-                failures[self.path] = f"{type(err).__name__}: {first}"
-                warnings.warn(f"trimkit compile: {self.kind} {self.path!r} runs eager (its code could not be exported and "
-                              f"compiled: {failures[self.path]})", RuntimeWarning, stacklevel=5)
+                self._fail(failures, "exported and compiled", err)
             self.compile_seconds += time.perf_counter() - t0
             self.graphs[key] = entry
         if entry is False:
             return None
         fn, feed, out_spec = entry
-        outs = fn(*[tensors[f] if isinstance(f, int) else f() for f in feed])
+        try:
+            outs = fn(*[tensors[f] if isinstance(f, int) else f() for f in feed])
+        except Exception as err:  # a compiled graph's own checks (strides, counts): eager from now on
+            self.graphs[key] = False
+            self._fail(failures, "run compiled", err)
+            return None
         return tree_unflatten(list(outs), out_spec)
 
 
@@ -152,11 +191,23 @@ class CompiledLayer(_Graphs):
     def __init__(self, layer: Any, options: dict[str, Any] | None = None, backend: Callable | None = None) -> None:
         super().__init__(layer.spec.path, options, backend)
         self.inner = layer.inner
+        self.layer = layer.layer  # the backbone's module: its train/eval state is the model's
         self.names = layer.inner_inputs
+        self._modules = list(self.inner.modules())
+
+    def __deepcopy__(self, memo: dict) -> "CompiledLayer":
+        new = object.__new__(CompiledLayer)
+        new.__dict__.update(_Graphs(self.path, self.options, self.backend, self.kind).__dict__)
+        new.inner = memo.get(id(self.inner), self.inner)  # the copy's own layer code (copied with its layer)
+        new.layer = memo.get(id(self.layer), self.layer)
+        new.names = self.names
+        new._modules = list(new.inner.modules())
+        return new
 
     def __call__(self, a: dict[str, Any], trims: list[AttnTrim], failures: dict) -> Any:
-        """The layer's output, or ``None`` (run it eager) for a call this does not compile."""
-        if self.path in failures:
+        """The layer's output, or ``None`` (run it eager) for a call this does not compile: the layer in
+        train mode (dropout), a forward hook on one of its modules, autocast."""
+        if self.path in failures or self.layer.training or _hooked(self._modules):
             return None
         if any(t.head_runs is not None or t.head_index is not None or t.packed is not None or t.capture is not None
                for t in trims):
@@ -165,9 +216,12 @@ class CompiledLayer(_Graphs):
         sig = _layer_signature(kw)
         if sig is None:
             return None
-        key = (sig, tuple((t.dropout, None if t.key_mask is None else t.key_mask.shape,
-                           None if t.head_mask is None else t.head_mask.shape) for t in trims))
-        return self.run(key, _layer_tensors(kw, trims), lambda: self._body(kw, trims), failures)
+        key = (sig, tuple((t.dropout, None if t.key_mask is None else (t.key_mask.shape, t.key_mask.dtype),
+                           None if t.head_mask is None else (t.head_mask.shape, t.head_mask.dtype)) for t in trims))
+        tensors = _layer_tensors(kw, trims)
+        if _eager_context(tensors):
+            return None
+        return self.run(key, tensors, lambda: self._body(kw, trims), failures)
 
     def _body(self, kw: dict[str, Any], trims: list[AttnTrim]) -> nn.Module:
         inner = self.inner
@@ -216,6 +270,7 @@ class CompiledModule(nn.Module):
         self._borrowed = Borrowed(module=module)
         self.runtime = runtime
         self.graphs = _Graphs(path, options, backend, kind="module")
+        self._watched = list(module.modules())  # a forward hook on any of them: eager, so that it fires
 
     @property
     def module(self) -> nn.Module:
@@ -224,18 +279,20 @@ class CompiledModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         rt = self.runtime
         b = rt.bucketing
-        if b is None or not b.compiled or rt.mode != "remove" or torch.is_grad_enabled() or \
-                self.graphs.path in b.failures:
-            return self.module(*args, **kwargs)
+        module = self.module
+        if b is None or not b.compiled or rt.mode != "remove" or self.graphs.path in b.failures or \
+                module.training or _hooked(self._watched):
+            return module(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+        if _eager_context(tensors):
+            return module(*args, **kwargs)
         consts = tuple(_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves)
         try:
             key = (spec, consts, tuple((t.shape, t.dtype, t.device) for t in tensors))
             hash(key)
         except TypeError:  # an unhashable constant argument: eager
-            return self.module(*args, **kwargs)
-        module = self.module
+            return module(*args, **kwargs)
 
         def body() -> nn.Module:
             class ModuleBody(nn.Module):
@@ -251,4 +308,4 @@ class CompiledModule(nn.Module):
             return ModuleBody()
 
         out = self.graphs.run(key, tensors, body, b.failures)
-        return self.module(*args, **kwargs) if out is None else out
+        return module(*args, **kwargs) if out is None else out
