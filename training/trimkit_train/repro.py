@@ -1136,7 +1136,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "static": Experiment("static", "Table 1: static baselines FTKD and TRIPS-style",
                          "FTKD (layers of the backbone + distillation) and TRIPS-style (text-guided fixed-share patch "
                          "selection, task loss only) vs SmartTrim at 1.5x/2x/3x", _static_runs, _static_write,
-                         any_task=True),
+                         any_task=True, subsets=True),
     "fig4a": Experiment("fig4a", "Fig. 4a: token trimming policies",
                         "token policies cross_modal/local/random at 1.5x/2x/2.5x/3x fewer MACs, as curves",
                         _fig4a_runs, _fig4a_write, any_task=True, subsets=True),
