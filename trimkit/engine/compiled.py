@@ -21,11 +21,15 @@ eager, said once in a warning and listed in :attr:`trimkit.engine.buckets.Bucket
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import logging
+import sys
 import time
 import warnings
 from dataclasses import fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -49,6 +53,29 @@ def _live(body: nn.Module, target: str) -> Callable[[], torch.Tensor]:
     return lambda: getattr(owner, name)
 
 
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """A failed export prints its partial graph to stderr and logs warnings about it (torch.export);
+    trimkit reports the failure itself (one warning naming the layer), so both are held back for the
+    export: torch's loggers at CRITICAL, stderr captured (and printed if the export succeeded, so
+    nothing else is lost)."""
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    held = io.StringIO()
+    failed = True
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+        failed = False
+    finally:
+        if not failed and held.getvalue():
+            sys.stderr.write(held.getvalue())
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def compile_graph(body: nn.Module, example: list[torch.Tensor], options: dict[str, Any] | None,
                   backend: Callable | None) -> tuple[Callable, list[Callable[[], torch.Tensor] | int], Any]:
     """Export ``body`` (a module whose forward takes tensors only) on ``example`` and compile it.
@@ -57,7 +84,7 @@ def compile_graph(body: nn.Module, example: list[torch.Tensor], options: dict[st
     getter of a parameter / buffer / constant, the output's pytree spec)."""
     from torch.export.graph_signature import InputKind
 
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), _quiet_export():
         example = [t.clone() for t in example]  # not inference tensors: export needs plain ones
         ep = torch.export.export(body, tuple(example), strict=False)
         out_spec = ep.call_spec.out_spec
