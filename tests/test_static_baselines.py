@@ -245,3 +245,59 @@ def test_trips_score_is_trained_by_the_task_loss(meter):
     torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 2])).backward()
     grads = [p.grad for n, p in tm.named_parameters() if "query" in n and p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_ftkd_attention_map_loss_compares_each_kept_attention_call(meter):
+    """TinyBERT's attention-map term: per matched attention call, the MSE of the unnormalised scores
+    q k^T / sqrt(d) (recomputed from the declared projections) on the keys the call attends; zero for an
+    identical student, positive once the student's query weights move, and it trains the student."""
+    from trimkit.plugins import get_registry
+    from trimkit_train.static_baselines import attention_pairs, attention_scores
+
+    model, x = meter
+    spec = get_registry().adapters.get("meter").describe(model)
+    assert [(s, t) for s, t, _ in attention_pairs(spec, {CROSS[0]: [1], CROSS[1]: [1]})] == [
+        (f"{CROSS[0]}.0.attention.self", f"{CROSS[0]}.1.attention.self"),
+        (f"{CROSS[0]}.0.crossattention.self", f"{CROSS[0]}.1.crossattention.self"),
+        (f"{CROSS[1]}.0.attention.self", f"{CROSS[1]}.1.attention.self"),
+        (f"{CROSS[1]}.0.crossattention.self", f"{CROSS[1]}.1.crossattention.self")]
+    layers = {CROSS[0]: [0, 1], CROSS[1]: [0, 1]}  # every layer kept: the student computes the teacher's scores
+    pairs = attention_pairs(spec, layers)
+    assert len(pairs) == 8
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    student = select_layers(model, layers).eval()
+    obj = FTKDObjective(_Task(), student, teacher, layer_pairs(layers), attentions=pairs)
+    labels = torch.tensor([0, 1, 2])
+
+    def terms():
+        s = student(**x)
+        with torch.no_grad():
+            t = teacher(**x)
+        return obj(s, labels, [], full_logits=t)
+
+    same = terms()
+    assert same["attn"].item() < 1e-10  # the student is the teacher: the same scores
+    # the reference value of one call, computed independently: scores from the module's own q/k Linears
+    captured = {}
+    module = student.get_submodule(pairs[0][0])
+    handle = module.register_forward_pre_hook(lambda m, a, k: captured.setdefault("call", (a, k)), with_kwargs=True)
+    with torch.no_grad():
+        w = student.get_submodule(pairs[0][0]).query.weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))  # random init scores are ~1e-4
+    student(**x)
+    handle.remove()
+    got, valid = attention_scores(module, pairs[0][2], *captured["call"])
+    hidden = captured["call"][0][0] if captured["call"][0] else captured["call"][1]["hidden_states"]
+    h = pairs[0][2].num_heads
+    q = module.query(hidden).view(*hidden.shape[:2], h, -1).transpose(1, 2)
+    k = module.key(hidden).view(*hidden.shape[:2], h, -1).transpose(1, 2)
+    torch.testing.assert_close(got, q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, atol=1e-5, rtol=0)
+    moved = terms()
+    assert moved["attn"] > 1e-6
+    assert moved["loss"].item() == pytest.approx((moved["task"] + moved["kd"] + moved["hidden"]
+                                                  + moved["attn"]).item(), rel=1e-6)
+    moved["loss"].backward()
+    assert student.get_submodule(pairs[0][0]).query.weight.grad.abs().sum() > 0
+    obj.remove()
+    with pytest.raises(ValueError, match="alpha_attn"):
+        FTKDObjective(_Task(), student, teacher, [], attentions=pairs, alpha_attn=-1.0)

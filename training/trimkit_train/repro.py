@@ -346,7 +346,8 @@ def _ftkd(bb: Backbone, run: Run, name: str, seed: int, extra: dict[str, Any], l
     from .demo import _experiment
     from trimkit.plugins import get_registry
 
-    from .static_baselines import FTKDObjective, choose_depths, layer_groups, layer_pairs, select_layers
+    from .static_baselines import (FTKDObjective, attention_pairs, choose_depths, layer_groups, layer_pairs,
+                                   select_layers)
     from .trainer import Trainer, collate_of, model_inputs, task_of
 
     preset = bb.preset
@@ -371,7 +372,9 @@ def _ftkd(bb: Backbone, run: Run, name: str, seed: int, extra: dict[str, Any], l
     student = select_layers(bb.net, layers)
     cfg = _experiment(preset, preset.finetune, bb.out / "runs" / name, None, None, bb.progress, run.recipe, seed,
                       bb.base)
-    objective = FTKDObjective(task_of(cfg.data, bb.train_ds), student, teacher, layer_pairs(layers))
+    spec = get_registry().adapters.get(bb.adapter).describe(bb.net)
+    objective = FTKDObjective(task_of(cfg.data, bb.train_ds), student, teacher, layer_pairs(layers),
+                              attentions=attention_pairs(spec, layers))  # TinyBERT's attention-map loss too
     try:
         tr = Trainer(cfg, model=student, train_dataset=bb.train_ds, eval_dataset=bb.test_ds, objective=objective,
                      teacher=teacher)
@@ -571,8 +574,8 @@ def _static_write(res: Result) -> list[Path]:
             "SmartTrim (adaptive tokens and heads, the full recipe); **TRIPS-style** (token policy `trips`: a learned "
             "text-guided score, the ViT's vision tokens only, the same share kept for every instance, task loss "
             "only); **FTKD** (a shallower model of layers copied from the backbone, TinyBERT's uniform mapping, "
-            "fine-tuned with the task loss plus distillation of the backbone's logits and of each kept layer's "
-            "output). FTKD's depth is chosen by counted MACs, so its MACs ratio is the nearest a whole number "
+            "fine-tuned with the task loss plus distillation of the backbone's logits, of each kept layer's "
+            "output and of its attention scores, TinyBERT's three terms). FTKD's depth is chosen by counted MACs, so its MACs ratio is the nearest a whole number "
             "of layers gives.")
     lines = ["", "| run | what was calibrated | MACs ratio of that choice |", "|---|---|---|"]
     for k, d in depths.items():

@@ -9,12 +9,15 @@ backbone, fine-tuned with knowledge distillation from the backbone (Jiao et al. 
   reduction.
 * :class:`FTKDObjective`: task loss + the task's distillation discrepancy between student and
   teacher logits (TinyBERT's prediction-layer loss) + the mean squared error between each student
-  layer's output and the teacher layer it was copied from (TinyBERT's hidden-state loss). The
-  teacher is run by the :class:`~trimkit_train.trainer.Trainer` (``teacher=``) without gradients.
+  layer's output and the teacher layer it was copied from (TinyBERT's hidden-state loss) + with
+  ``attentions`` (:func:`attention_pairs`) TinyBERT's attention-map loss: the MSE of the
+  unnormalised attention scores of each matched attention call, recomputed from the module's
+  declared projections (the models attend through fused SDPA kernels, which never form the
+  matrix). The teacher is run by the :class:`~trimkit_train.trainer.Trainer` (``teacher=``)
+  without gradients.
+* :func:`layer_groups`: a described model's stacks, grouped as FTKD cuts them.
 
-TinyBERT's attention-map loss is left out: trimkit's models attend through fused SDPA kernels, which
-never form the attention matrix (it would be recomputed for every layer pair, for a term TinyBERT
-reports as the smallest of its ablations). The TRIPS-style baseline is a token policy
+The TRIPS-style baseline is a token policy
 (``trimkit_smarttrim.TripsTokenPolicy``, ``token_policy: trips``) and is trained by the Trainer as
 any trimmed model.
 
@@ -33,7 +36,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["FTKDObjective", "choose_depths", "layer_pairs", "select_layers", "uniform_layers"]
+__all__ = ["FTKDObjective", "attention_pairs", "attention_scores", "choose_depths", "layer_groups", "layer_pairs",
+           "select_layers", "uniform_layers"]
 
 
 def uniform_layers(n: int, k: int) -> list[int]:
@@ -137,8 +141,50 @@ def _first_tensor(out: Any) -> torch.Tensor:
     return out
 
 
+def attention_pairs(spec: Any, layers: dict[str, Sequence[int]]) -> list[tuple[str, str, Any]]:
+    """``(student module path, teacher module path, AttentionSpec)`` of every described attention of
+    every kept layer (:func:`layer_pairs`), for TinyBERT's attention-map loss; attentions on the kernel
+    route (``via="kernel"``: no declared projections to recompute the scores from) are left out."""
+    by_path = {layer.path: layer for layer in spec.layers}
+    out = []
+    for student, teacher in layer_pairs(layers):
+        layer = by_path.get(teacher)
+        for a in layer.attentions if layer is not None else ():
+            if a.via == "projections":
+                out.append((f"{student}.{a.path}", f"{teacher}.{a.path}", a))
+    return out
+
+
+def attention_scores(module: nn.Module, spec: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """TinyBERT's fitting target for one attention call: the unnormalised scores ``q k^T * scale`` per
+    head (B, H, Nq, Nk), from the module's declared projections (``spec``: its AttentionSpec) and the
+    call's inputs; and the (broadcastable) mask of the keys the call may attend (its additive bias above
+    -1e4), where the scores are compared."""
+    from trimkit.ops import TrimAttention
+
+    call = spec.inputs(args, kwargs)
+    x, ctx = call.x, call.context
+    if ctx is x:
+        ctx = None
+    if not spec.batch_first:
+        x = x.transpose(0, 1)
+        ctx = ctx.transpose(0, 1) if ctx is not None else None
+    q, k, _ = TrimAttention(module, spec)._qkv(x, ctx)
+    B, Nq, _ = q.shape
+    h = spec.num_heads
+    q = q.view(B, Nq, h, -1).transpose(1, 2)
+    k = k.view(B, k.shape[1], h, -1).transpose(1, 2)
+    scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+    scores = q @ k.transpose(-2, -1) * scale
+    valid = torch.ones((1, 1, 1, k.shape[2]), dtype=torch.bool, device=q.device)
+    if call.bias is not None:
+        valid = call.bias > -1e4
+    return scores, valid
+
+
 class FTKDObjective:
-    """``task(student) + alpha_pred * distill(student, teacher) + alpha_hidden * mean_l MSE(h_l, h'_l)``.
+    """``task(student) + alpha_pred * distill(student, teacher) + alpha_hidden * mean_l MSE(h_l, h'_l)
+    + alpha_attn * mean_a MSE(A_a, A'_a)``.
 
     ``pairs`` are ``(student module path, teacher module path)`` whose outputs (their first tensor)
     are matched. Forward hooks record them: a student forward with gradients starts a new record (a
@@ -146,18 +192,24 @@ class FTKDObjective:
     enabled (evaluation forwards record nothing), the teacher's always (it runs without gradients,
     after the student, in the Trainer's step); a module called several times per forward (e.g. one
     tower for two images) is matched call by call. The objective reads the record, then clears it.
-    ``task`` is a :class:`trimkit.protocols.Task` (its ``loss`` and ``distill``). Logged terms:
-    ``task``, ``kd`` (prediction layer) and ``hidden``."""
+    ``task`` is a :class:`trimkit.protocols.Task` (its ``loss`` and ``distill``). ``attentions``
+    (:func:`attention_pairs`): TinyBERT's attention-map loss, the unnormalised scores of each
+    matched attention call (:func:`attention_scores`) compared on the keys the call attends, recorded
+    the same way by forward pre-hooks. Logged terms: ``task``, ``kd`` (prediction layer), ``hidden``
+    and, with attentions, ``attn``."""
 
     needs_full_pass = False  # the teacher is another model, run by the Trainer (teacher=)
 
     def __init__(self, task: Any, student: nn.Module, teacher: nn.Module, pairs: Sequence[tuple[str, str]],
-                 alpha_pred: float = 1.0, alpha_hidden: float = 1.0) -> None:
-        for name, v in (("alpha_pred", alpha_pred), ("alpha_hidden", alpha_hidden)):
+                 alpha_pred: float = 1.0, alpha_hidden: float = 1.0,
+                 attentions: Sequence[tuple[str, str, Any]] = (), alpha_attn: float = 1.0) -> None:
+        for name, v in (("alpha_pred", alpha_pred), ("alpha_hidden", alpha_hidden), ("alpha_attn", alpha_attn)):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"FTKDObjective: {name} must be finite and >= 0, got {v}")
         self.task, self.alpha_pred, self.alpha_hidden = task, float(alpha_pred), float(alpha_hidden)
+        self.alpha_attn = float(alpha_attn)
         self.pairs = list(pairs)
+        self.attentions = list(attentions)
         self._out: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.handles = [student.register_forward_pre_hook(self._start)]
         for side, model in (("student", student), ("teacher", teacher)):
@@ -168,6 +220,21 @@ class FTKDObjective:
                 except AttributeError:
                     raise ValueError(f"FTKDObjective: the {side} has no module {path!r}") from None
                 self.handles.append(module.register_forward_hook(self._hook(side, j)))
+            for j, (s_path, t_path, spec) in enumerate(self.attentions):
+                path = s_path if side == "student" else t_path
+                try:
+                    module = model.get_submodule(path)
+                except AttributeError:
+                    raise ValueError(f"FTKDObjective: the {side} has no attention module {path!r}") from None
+                self.handles.append(module.register_forward_pre_hook(self._attn_hook(side, j, spec),
+                                                                     with_kwargs=True))
+
+    def _attn_hook(self, side: str, j: int, spec: Any) -> Callable:
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if side == "student" and not torch.is_grad_enabled():
+                return
+            self._out.setdefault(("attn_" + side, j), []).append(attention_scores(module, spec, args, kwargs))
+        return record
 
     def _start(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled():
@@ -210,7 +277,29 @@ class FTKDObjective:
                                            "nothing")
                     terms += [torch.nn.functional.mse_loss(a.float(), b.detach().float()) for a, b in zip(s, t)]
                 hidden = torch.stack(terms).mean()
+            attn = self._attention_loss(logits) if self.attentions else None
         finally:
             self._out.clear()
         loss = task + self.alpha_pred * kd + self.alpha_hidden * hidden
-        return {"loss": loss, "task": task, "kd": kd, "hidden": hidden}
+        out = {"loss": loss, "task": task, "kd": kd, "hidden": hidden}
+        if attn is not None:
+            out["loss"] = loss + self.alpha_attn * attn
+            out["attn"] = attn
+        return out
+
+    def _attention_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean over the matched attention calls of the MSE between the student's and the teacher's scores,
+        on the keys each call attends (the teacher's mask: both models see the same inputs)."""
+        terms = []
+        for j, (s_path, t_path, _) in enumerate(self.attentions):
+            s, t = self._out.get(("attn_student", j), []), self._out.get(("attn_teacher", j), [])
+            if not s or not t or len(s) != len(t):
+                raise RuntimeError(f"FTKDObjective: attention pair {(s_path, t_path)} ran {len(s)} times in the "
+                                   f"student and {len(t)} in the teacher in this step")
+            for (a, _), (b, valid) in zip(s, t):
+                if a.shape != b.shape:
+                    raise RuntimeError(f"FTKDObjective: attention {s_path!r} gives scores {tuple(a.shape)}, the "
+                                       f"teacher's {t_path!r} {tuple(b.shape)}")
+                w = valid.expand_as(b).float()
+                terms.append(((a.float() - b.detach().float()) ** 2 * w).sum() / w.sum().clamp_min(1.0))
+        return torch.stack(terms).mean() if terms else logits.new_zeros(())
