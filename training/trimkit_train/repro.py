@@ -575,8 +575,8 @@ def _static_write(res: Result) -> list[Path]:
             "text-guided score, the ViT's vision tokens only, the same share kept for every instance, task loss "
             "only); **FTKD** (a shallower model of layers copied from the backbone, TinyBERT's uniform mapping, "
             "fine-tuned with the task loss plus distillation of the backbone's logits, of each kept layer's "
-            "output and of its attention scores, TinyBERT's three terms). FTKD's depth is chosen by counted MACs, so its MACs ratio is the nearest a whole number "
-            "of layers gives.")
+            "output and of its attention scores, TinyBERT's three terms). FTKD's depth is chosen by counted "
+            "MACs, so its MACs ratio is the nearest a whole number of layers gives.")
     lines = ["", "| run | what was calibrated | MACs ratio of that choice |", "|---|---|---|"]
     for k, d in depths.items():
         lines.append(f"| FTKD {k} | layers kept: {d['layers']} | {d['macs_ratio']:.2f}x |")
