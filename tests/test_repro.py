@@ -275,6 +275,25 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
     assert 0.0 <= sens <= 1.0
 
 
+def _vqa_config(vqa_files, tmp_path, trim: dict):
+    """A task config on the VQA v2 sample files with a tiny METER, written to ``tmp_path``: its path."""
+    import yaml
+
+    root, tok = vqa_files
+    config = {
+        "model": {"adapter": "meter", "size": "tiny", "overrides": {"patch_size": 8}},
+        "data": {"name": "vqa_v2", "options": {"root": str(root), "answers": ["white", "gray", "2", "3", "yes", "no"],
+                                               "tokenizer": str(tok), "image_size": 32},
+                 "train_split": "train", "eval_split": "val", "train_size": None, "eval_size": None},
+        "train": {"epochs": 1, "batch_size": 2, "eval_batch_size": 2, "macs_instances": 1, "progress": False,
+                  "out_dir": str(tmp_path / "unused")},
+        "trim": trim,
+    }
+    path = tmp_path / "vqa.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def test_static_baselines_run_on_a_task_config(vqa_files, tmp_path):
     """Table 1's static baselines on a task: FTKD's stacks come from the model's description (the
     co-attention streams cut alike, as on digit-grid), and its student trains on the task's data."""
@@ -287,18 +306,7 @@ def test_static_baselines_run_on_a_task_config(vqa_files, tmp_path):
 
     meter = build_meter("tiny")
     assert layer_groups(meter, get_registry().adapters.get("meter").describe(meter)) == FTKD_GROUPS
-    root, tok = vqa_files
-    config = {
-        "model": {"adapter": "meter", "size": "tiny", "overrides": {"patch_size": 8}},
-        "data": {"name": "vqa_v2", "options": {"root": str(root), "answers": ["white", "gray", "2", "3", "yes", "no"],
-                                               "tokenizer": str(tok), "image_size": 32},
-                 "train_split": "train", "eval_split": "val", "train_size": None, "eval_size": None},
-        "train": {"epochs": 1, "batch_size": 2, "eval_batch_size": 2, "macs_instances": 1, "progress": False,
-                  "out_dir": str(tmp_path / "unused")},
-        "trim": {"token_target": 0.9},
-    }
-    path = tmp_path / "vqa.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _vqa_config(vqa_files, tmp_path, {"token_target": 0.9})
     out = tmp_path / "static"
     assert main(["repro", "static", "--config", str(path), "--seeds", "1", "--steps", "1", "--out", str(out),
                  "--only", "FTKD", "TRIPS-style", "--no-progress"]) == 0
@@ -321,18 +329,7 @@ def test_fig4b_runs_on_a_task_config(vqa_files, tmp_path):
     importance taken on the task's train split, its static heads at exactly the retention asked."""
     import yaml
 
-    root, tok = vqa_files
-    config = {
-        "model": {"adapter": "meter", "size": "tiny", "overrides": {"patch_size": 8}},
-        "data": {"name": "vqa_v2", "options": {"root": str(root), "answers": ["white", "gray", "2", "3", "yes", "no"],
-                                               "tokenizer": str(tok), "image_size": 32},
-                 "train_split": "train", "eval_split": "val", "train_size": None, "eval_size": None},
-        "train": {"epochs": 1, "batch_size": 2, "eval_batch_size": 2, "macs_instances": 1, "progress": False,
-                  "out_dir": str(tmp_path / "unused")},
-        "trim": {"head_layers": ["text.cross"]},  # the text side of the co-attention layers only
-    }
-    path = tmp_path / "vqa.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _vqa_config(vqa_files, tmp_path, {"head_layers": ["text.cross"]})  # the text side of the co-attention layers
     out = tmp_path / "fig4b"
     assert main(["repro", "fig4b", "--config", str(path), "--seeds", "1", "--steps", "1", "--out", str(out),
                  "--only", "SmartTrim (adaptive) 0.5", "Grad Layer 0.5", "--no-progress"]) == 0
