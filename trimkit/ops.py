@@ -584,6 +584,25 @@ class TrimAttention(nn.Module):
         q, k, v = (m.get_submodule(n) for n in (s.q, s.k, s.v))
         return q.weight, q.bias, k.weight, k.bias, v.weight, v.bias
 
+    def heads_qk(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One call's queries and keys per head, recomputed from the declared projections: q (B, H, Nq, d),
+        k (B, H, Nk, d), and the call's additive bias (what an attention probe and FTKD's attention-map
+        loss read)."""
+        s = self.spec
+        call = s.inputs(args, kwargs)
+        x, ctx = call.x, call.context
+        if ctx is x:
+            ctx = None
+        if not s.batch_first:
+            x = x.transpose(0, 1)
+            ctx = ctx.transpose(0, 1) if ctx is not None else None
+        q, k, _ = self._qkv(x, ctx)
+        B, Nq = x.shape[:2]
+        d = q.shape[-1] // s.num_heads
+        q = q.view(B, Nq, s.num_heads, d).transpose(1, 2)
+        k = k.view(B, k.shape[1], s.num_heads, d).transpose(1, 2)
+        return q, k, call.bias
+
     def _qkv(self, x: torch.Tensor, ctx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections of x (..., D) (keys from ctx, or x when None): (..., width) each.
         Self-attention with a fused projection is one matmul."""

@@ -132,20 +132,8 @@ class AttentionProbe:
                 raise RuntimeError(f"trimkit attention probe: the attention module of layer {self.where!r} returned "
                                    "without calling its attention function")
             return self._got
-        s = self.module.spec
-        call = s.inputs(args, {k: v for k, v in kwargs.items() if k != "trimkit_trim"})
-        x, ctx = call.x, call.context
-        if ctx is x:
-            ctx = None
-        if not s.batch_first:
-            x = x.transpose(0, 1)
-            ctx = ctx.transpose(0, 1) if ctx is not None else None
-        q, k, _ = self.module._qkv(x, ctx)
-        B, Nq = x.shape[:2]
-        d = q.shape[-1] // s.num_heads
-        q = q.view(B, Nq, s.num_heads, d).transpose(1, 2)
-        k = k.view(B, k.shape[1], s.num_heads, d).transpose(1, 2)
-        return _Call(q, k, call.bias, s.scale, False, trim)
+        q, k, bias = self.module.heads_qk(args, {k: v for k, v in kwargs.items() if k != "trimkit_trim"})
+        return _Call(q, k, bias, self.module.spec.scale, False, trim)
 
     def received(self, query: str, rows: torch.Tensor) -> torch.Tensor:
         """(B, Nk) the mean over heads of the attention each key received from query row ``rows[b]``

@@ -162,23 +162,12 @@ def attention_scores(module: nn.Module, spec: Any, args: tuple, kwargs: dict) ->
     -1e4), where the scores are compared."""
     from trimkit.ops import TrimAttention
 
-    call = spec.inputs(args, kwargs)
-    x, ctx = call.x, call.context
-    if ctx is x:
-        ctx = None
-    if not spec.batch_first:
-        x = x.transpose(0, 1)
-        ctx = ctx.transpose(0, 1) if ctx is not None else None
-    q, k, _ = TrimAttention(module, spec)._qkv(x, ctx)
-    B, Nq, _ = q.shape
-    h = spec.num_heads
-    q = q.view(B, Nq, h, -1).transpose(1, 2)
-    k = k.view(B, k.shape[1], h, -1).transpose(1, 2)
+    q, k, bias = TrimAttention(module, spec).heads_qk(args, kwargs)
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
     scores = q @ k.transpose(-2, -1) * scale
     valid = torch.ones((1, 1, 1, k.shape[2]), dtype=torch.bool, device=q.device)
-    if call.bias is not None:
-        valid = call.bias > -1e4
+    if bias is not None:
+        valid = bias > -1e4
     return scores, valid
 
 

@@ -220,7 +220,6 @@ class CompiledLayer(_Graphs):
         self.inner = layer.inner
         self.layer = layer.layer  # the backbone's module: its train/eval state is the model's
         self.names = layer.inner_inputs
-        self._modules = list(self.inner.modules())
 
     def __deepcopy__(self, memo: dict) -> "CompiledLayer":
         new = object.__new__(CompiledLayer)
@@ -228,13 +227,13 @@ class CompiledLayer(_Graphs):
         new.inner = memo.get(id(self.inner), self.inner)  # the copy's own layer code (copied with its layer)
         new.layer = memo.get(id(self.layer), self.layer)
         new.names = self.names
-        new._modules = list(new.inner.modules())
         return new
 
     def __call__(self, a: dict[str, Any], trims: list[AttnTrim], failures: dict) -> Any:
         """The layer's output, or ``None`` (run it eager) for a call this does not compile: the layer in
-        train mode (dropout), a forward hook on one of its modules, autocast."""
-        if self.path in failures or self.layer.training or _hooked(self._modules):
+        train mode (dropout), autocast. (A layer a forward hook watches never gets here: its bucketed call
+        runs unpadded and eager, :func:`trimkit.engine.buckets.bucketed_run`.)"""
+        if self.path in failures or self.layer.training:
             return None
         if any(t.head_runs is not None or t.head_index is not None or t.packed is not None or t.capture is not None
                for t in trims):
