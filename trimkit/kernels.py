@@ -39,10 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .engine import packed as P
-from .ops import AttnTrim, key_bias
+from .ops import AttnTrim, SlicedHeads, key_bias
+from .spec import AttentionSpec
 from .trace import TraceError, Tracer, fixed_args, param_names, plain_codegen, traceable_view
 
-__all__ = ["INTERFACE_NAME", "KernelAttention", "sdpa", "attend", "module_dropout", "DROPOUT_ATTRIBUTES"]
+__all__ = ["INTERFACE_NAME", "KernelAttention", "HeadSlices", "sdpa", "attend", "module_dropout", "DROPOUT_ATTRIBUTES"]
 
 INTERFACE_NAME = "trimkit"
 """The name trimkit's attention function is registered under in ``transformers.AttentionInterface``."""
@@ -108,6 +109,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         dropout_p = 0.0
     if trim.packed is not None:
         return _attend_packed(q, k, v, mask, is_causal, scale, trim)
+    if trim.sliced is not None:  # the projections computed the kept heads only: every head here is kept
+        k, v, mask = _sliced_inputs(q, k, v, mask, trim.sliced)
+        trim = AttnTrim(key_mask=trim.key_mask, dropout=trim.dropout)
     heads = q.shape[1]
     if k.shape[1] != heads:
         k, v = _repeat_heads(k, heads, 1), _repeat_heads(v, heads, 1)
@@ -145,6 +149,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if trim.head_mask is not None:
         y = y * trim.head_mask.to(y.dtype)[:, :, None, None]
     return y
+
+
+def _sliced_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   sl: SlicedHeads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keys/values (and a per-head mask) of a head-sliced call, one per kept query head; checks that the
+    module shaped its sliced projections into the kept heads (a module that reshapes by head *count*
+    would have split them into heads of the wrong size)."""
+    kept = sl.heads.numel()
+    if q.shape[1] != kept or q.shape[-1] != sl.head_dim or k.shape[1] != sl.kv_heads or v.shape[1] != sl.kv_heads:
+        raise RuntimeError(
+            f"trimkit: attention {sl.path!r} with AttentionSpec.head_slices: its kernel got q {tuple(q.shape)} and k "
+            f"{tuple(k.shape)} but its sliced projections make {kept} query heads and {sl.kv_heads} key/value heads of "
+            f"size {sl.head_dim}: the module does not shape its projections by head size (view(..., -1, head_dim)); "
+            "set head_slices=False for it")
+    if sl.kv_index is not None:
+        k, v = k.index_select(1, sl.kv_index), v.index_select(1, sl.kv_index)
+    if mask is not None and mask.dim() == 4 and mask.shape[1] == sl.total and sl.total > 1:
+        mask = mask.index_select(1, sl.heads)
+    return k, v, mask
 
 
 def _attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -233,6 +256,133 @@ def _uses_attention_interface(module: nn.Module) -> bool:
     return "ALL_ATTENTION_FUNCTIONS" in names or "get_interface" in names
 
 
+#: Keyword arguments through which a module receives a KV cache (transformers' names): a call given one
+#: is not head-sliced, since the cache must keep every key/value head for the steps after it.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+_MAX_SLICE_SETS = 64
+
+
+class _Linear(nn.Module):
+    """A projection restricted to some rows (outputs) or columns (inputs) of its weights for one call:
+    what :class:`HeadSlices` puts in place of a declared projection while the module runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: tuple = ()  # (weight, bias): a tuple, so a parameter's bias is not registered here
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, *self.weights)
+
+
+def _pick(t: torch.Tensor | None, sel: slice | torch.Tensor, dim: int) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if isinstance(sel, slice):
+        return t[sel] if dim == 0 else t[:, sel]
+    return t.index_select(dim, sel)
+
+
+class HeadSlices:
+    """A kernel-route attention's declared projections, sliced to the kept heads for a call
+    (``AttentionSpec.head_slices``, mode ``remove``).
+
+    Built once per module: the ``q``/``k``/``v``/``out`` children must be ``nn.Linear`` of matching
+    shapes (``num_heads`` query heads, key/value heads dividing them). At a call, each projection is
+    replaced in the running module by its kept rows (``out``: its kept columns) and put back after;
+    a call falls back to the full projections (``None`` from :meth:`enter`) when a projection is no
+    longer a plain ``nn.Linear`` or has hooks, or the module has hooks (a forward pre-hook may hand it a
+    KV cache, which must keep every head: what ``trimkit_llava``'s generation does). Row selections are cached per kept-head set; a single
+    run of consecutive heads is a view of the weights, several are gathered (``index_select``)."""
+
+    def __init__(self, module: nn.Module, spec: AttentionSpec, path: str) -> None:
+        self.path = path
+        self.names = (spec.q, spec.k, spec.v, spec.out)
+        found = []
+        for role, name in zip(("q", "k", "v", "out"), self.names):
+            try:
+                found.append(module.get_submodule(name))
+            except AttributeError:
+                raise ValueError(f"attention {path!r} (AttentionSpec.head_slices): its {role} projection {name!r} "
+                                 f"does not exist; name it with AttentionSpec({role}=...)") from None
+        q, k, v, o = found
+        for role, m in zip(("q", "k", "v", "out"), found):
+            if not isinstance(m, nn.Linear):
+                raise ValueError(f"attention {path!r} (AttentionSpec.head_slices): its {role} projection "
+                                 f"{m.__class__.__name__} is not an nn.Linear")
+        heads = spec.num_heads
+        if q.out_features % heads:
+            raise ValueError(f"attention {path!r}: q projection of {q.out_features} outputs cannot make {heads} heads")
+        self.total, self.head_dim = heads, q.out_features // heads
+        if k.out_features != v.out_features or k.out_features % self.head_dim:
+            raise ValueError(f"attention {path!r}: k/v projections of {k.out_features}/{v.out_features} outputs do not "
+                             f"make heads of size {self.head_dim}")
+        self.kv_total = k.out_features // self.head_dim
+        if heads % self.kv_total or o.in_features != q.out_features:
+            raise ValueError(f"attention {path!r}: {heads} query heads cannot share {self.kv_total} key/value heads, "
+                             f"or the out projection takes {o.in_features} inputs, not {q.out_features}")
+        self.group = heads // self.kv_total
+        self._stand_ins = (_Linear(), _Linear(), _Linear(), _Linear())
+        self._sets: dict[tuple, tuple] = {}
+
+    def _selection(self, runs: list[tuple[int, int]], device: torch.device) -> tuple:
+        key = tuple(runs)
+        hit = self._sets.get(key)
+        if hit is not None and hit[0].device == device:
+            return hit
+        d, g = self.head_dim, self.group
+        kept = [h for a, e in runs for h in range(a, e)]
+        kv = sorted({h // g for h in kept})
+        if len(runs) == 1:
+            a, e = runs[0]
+            q_sel: slice | torch.Tensor = slice(a * d, e * d)
+            kv_sel: slice | torch.Tensor = slice(kv[0] * d, (kv[-1] + 1) * d)
+        else:
+            q_sel = torch.tensor([h * d + i for h in kept for i in range(d)], dtype=torch.long, device=device)
+            kv_sel = q_sel if g == 1 else torch.tensor([h * d + i for h in kv for i in range(d)], dtype=torch.long,
+                                                       device=device)
+        kv_index = None
+        if g > 1:
+            at = {h: j for j, h in enumerate(kv)}
+            kv_index = torch.tensor([at[h // g] for h in kept], dtype=torch.long, device=device)
+        heads = torch.tensor(kept, dtype=torch.long, device=device)
+        hit = (heads, q_sel, kv_sel, kv_index, len(kv))
+        if len(self._sets) >= _MAX_SLICE_SETS:
+            self._sets.pop(next(iter(self._sets)))
+        self._sets[key] = hit
+        return hit
+
+    def enter(self, run: nn.Module, runs: list[tuple[int, int]]) -> tuple[SlicedHeads, list] | None:
+        """Put the kept heads' projections in place in ``run`` (the module, or its traced graph); returns
+        the kernel's check and what :meth:`leave` restores, or ``None`` to run the full projections (also
+        when no head is kept: a module cannot shape zero features by head size)."""
+        if not runs or run._forward_pre_hooks or run._forward_hooks:  # a hook may hand it a KV cache, or read its
+            return None                                                   # outputs whole
+        found = [run.get_submodule(n) for n in self.names]
+        for m in found:
+            if type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+                return None
+        heads, q_sel, kv_sel, kv_index, n_kv = self._selection(runs, found[0].weight.device)
+        restore = []
+        for i, (name, m, sel) in enumerate(zip(self.names, found, (q_sel, kv_sel, kv_sel, q_sel))):
+            stand_in = self._stand_ins[i]
+            if i < 3:
+                stand_in.weights = (_pick(m.weight, sel, 0), _pick(m.bias, sel, 0))
+            else:
+                stand_in.weights = (_pick(m.weight, sel, 1), m.bias)
+            parent, _, leaf = name.rpartition(".")
+            owner = run.get_submodule(parent) if parent else run
+            restore.append((owner, leaf, m))
+            owner._modules[leaf] = stand_in
+        return SlicedHeads(self.path, heads, self.total, self.head_dim, n_kv, kv_index), restore
+
+    def leave(self, restore: list) -> None:
+        for owner, leaf, m in restore:
+            owner._modules[leaf] = m
+        for stand_in in self._stand_ins:  # hold no weights between calls
+            stand_in.weights = ()
+
+
 class KernelAttention(nn.Module):
     """An attention module run as it is, with its ``softmax(QK^T)V`` call under trimkit's control.
 
@@ -241,9 +391,10 @@ class KernelAttention(nn.Module):
     """
 
     def __init__(self, module: nn.Module, path: str, concrete: dict[str, Any], symbolic: set[str],
-                 autowrap: Sequence[Callable] = ()) -> None:
+                 autowrap: Sequence[Callable] = (), spec: AttentionSpec | None = None) -> None:
         super().__init__()
         self.path = path
+        self.slices = HeadSlices(module, spec, path) if spec is not None and spec.head_slices else None
         if _uses_attention_interface(module):
             _register_interface()
             self.route = "attention_interface"
@@ -285,6 +436,25 @@ class KernelAttention(nn.Module):
         return gm
 
     def forward(self, *args: Any, trimkit_trim: AttnTrim | None = None, **kwargs: Any) -> Any:
+        if (self.slices is not None and trimkit_trim is not None and trimkit_trim.head_runs is not None
+                and trimkit_trim.capture is None and all(kwargs.get(n) is None for n in CACHE_ARGUMENTS)):
+            entered = self.slices.enter(self.run, trimkit_trim.head_runs)
+            if entered is not None:
+                sliced, restore = entered
+                trim = AttnTrim(key_mask=trimkit_trim.key_mask, sliced=sliced, dropout=trimkit_trim.dropout)
+                try:
+                    return self._call(args, trim, kwargs)
+                except RuntimeError as err:
+                    if "head_slices" in str(err):
+                        raise
+                    raise RuntimeError(f"trimkit: attention {self.path!r} failed with its projections sliced to the "
+                                       f"kept heads (AttentionSpec.head_slices): {err}. The module must shape them "
+                                       "by head size (view(..., -1, head_dim)); set head_slices=False for it") from err
+                finally:
+                    self.slices.leave(restore)
+        return self._call(args, trimkit_trim, kwargs)
+
+    def _call(self, args: tuple, trimkit_trim: AttnTrim | None, kwargs: dict) -> Any:
         if self.route == "fx":
             call = dict(zip(self.names, args)) | kwargs
             return self.run(**{k: v for k, v in call.items() if k in self.inputs}, trimkit_trim=trimkit_trim)

@@ -191,7 +191,7 @@ class TrimmedLayer(nn.Module):
 
     def _attention(self, module: nn.Module, a: AttentionSpec, node: fx.Node, autowrap: Sequence[Callable]) -> nn.Module:
         if a.via == "kernel":
-            return KernelAttention(module, f"{self.spec.path}.{a.path}", *_call_arguments(node, module), autowrap)
+            return KernelAttention(module, f"{self.spec.path}.{a.path}", *_call_arguments(node, module), autowrap, a)
         return TrimAttention(module, a)
 
     def forward(self, *args: Any, trimkit_hidden_state: TokenState | None = None, trimkit_context_state: TokenState | None = None,

@@ -66,6 +66,24 @@ class TokenState:
     packing: Packing | None = None
 
 
+@dataclass(frozen=True)
+class SlicedHeads:
+    """A kernel-route call whose projections computed the kept heads only
+    (``AttentionSpec.head_slices``): what the kernel checks the queries and keys against.
+
+    ``path``: the attention module (for errors). ``heads``: the kept query heads (H_kept,) long.
+    ``total``: the module's query heads. ``head_dim``: their size. ``kv_heads``: the kept key/value
+    heads' count. ``kv_index``: per kept query head, its key/value head among the kept ones
+    (``None``: one each, in order)."""
+
+    path: str
+    heads: torch.Tensor
+    total: int
+    head_dim: int
+    kv_heads: int
+    kv_index: torch.Tensor | None
+
+
 @dataclass
 class AttnTrim:
     """Per-call instructions for one :class:`TrimAttention`."""
@@ -75,6 +93,7 @@ class AttnTrim:
     head_index: torch.Tensor | None = None  # (H_kept,) long, mode remove
     head_runs: list[tuple[int, int]] | None = None  # kept heads as [start, end) runs (host), mode remove
     packed: PackedCall | None = None  # mode packed
+    sliced: SlicedHeads | None = None  # mode remove, route via="kernel" with head_slices: q/k/v are the kept heads'
     # attention dropout in train mode (TrimConfig.attention_dropout): "kernel_only" = as the module's own
     # kernel call passes it (route via="kernel"), none where trimkit recomputes attention; "model" = the
     # module's own probability on every route; "none" = never

@@ -64,7 +64,15 @@ class AttentionSpec:
     GQA...). ``"kernel"``: the module runs itself and only its ``softmax(QK^T)V`` call is intercepted
     (:mod:`trimkit.kernels`: ``F.scaled_dot_product_attention`` in its traced code, or transformers'
     ``AttentionInterface``), so whatever it does to q/k/v keeps working; the projection fields are
-    then unused and dropped heads save their attention but not their projections.
+    then unused and dropped heads save their attention but not their projections (unless ``head_slices``).
+    head_slices: route ``"kernel"``, mode ``remove``: the declared ``q``/``k``/``v`` projections (plain
+    ``nn.Linear`` children) compute only the kept heads' rows and ``out`` only their columns, so dropped
+    heads save their projections too. For modules that shape their projections by head *size* (HF's
+    ``view(..., -1, head_dim)``: Llama, Qwen2, CLIP, SigLIP...), with grouped-query keys/values (a
+    key/value head is kept while any query head it serves is). A call falls back to the full projections
+    (heads then only skip their attention) when a projection is not a plain ``nn.Linear`` (LoRA,
+    quantised) or has hooks, when the module has hooks or is passed a KV cache, or when an attention probe
+    reads the call.
     call: which call of the module this describes, counted from 0 in the layer's forward, for a
     module the layer calls more than once in different roles (one cross-attention module used for
     text-to-image and image-to-text); ``None``: every call, all in this role.
@@ -100,8 +108,15 @@ class AttentionSpec:
     via: str = "projections"
     call: int | None = None
     query_stream: str | None = None
+    head_slices: bool = False
 
     def __post_init__(self) -> None:
+        if self.head_slices and self.via != "kernel":
+            raise ValueError(f"AttentionSpec({self.path!r}).head_slices applies to via='kernel' only (via='projections' "
+                             "already computes only the kept heads' projections)")
+        if self.head_slices and (self.qkv is not None or self.in_proj is not None or self.out is None):
+            raise ValueError(f"AttentionSpec({self.path!r}).head_slices needs separate q/k/v projections and the "
+                             "output projection named (q=, k=, v=, out=); a fused qkv or in_proj cannot be sliced")
         if self.via not in ("projections", "kernel"):
             raise ValueError(f"AttentionSpec({self.path!r}).via must be 'projections' or 'kernel', got {self.via!r}")
         if self.call is not None and (not isinstance(self.call, int) or self.call < 0):

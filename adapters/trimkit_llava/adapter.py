@@ -55,7 +55,8 @@ def describe_llava(model: nn.Module) -> ModelSpec:
     # patch is protected with its [CLS]: it is the LM image segment's first token, which is always kept
     vision = model.config.vision_config
     crop = int(model.crop_cls)
-    attn = AttentionSpec("self_attn", "self", vision.num_attention_heads, via="kernel")
+    attn = AttentionSpec("self_attn", "self", vision.num_attention_heads, via="kernel", q="q_proj", k="k_proj",
+                         v="v_proj", out="out_proj", head_slices=True)
     chosen = set(model.vision_trim_layers)
     path = f"model.{model.tower_path}"
     tower = [LayerSpec(f"{path}.encoder.layers.{i}", "vision", site="vision", hidden="hidden_states",
@@ -77,7 +78,8 @@ def decoder_spec(text_config: Any, trim_layers: Sequence[int], *, input_names: S
     the llava and qwen2_vl adapters; ``input_names``, ``leaf_modules`` and ``autowrap_functions`` are
     the wrapper's. ``vision``: a trimmed vision tower (its stream, its layers, and where the image
     segment's tokens come from in it); ``None``: the tower is not described."""
-    attn = AttentionSpec("self_attn", "self", text_config.num_attention_heads, via="kernel")
+    attn = AttentionSpec("self_attn", "self", text_config.num_attention_heads, via="kernel", q="q_proj", k="k_proj",
+                         v="v_proj", out="o_proj", head_slices=True)
     chosen = set(trim_layers)
     layers = [LayerSpec(f"{layers_path}.{i}", "seq", hidden="hidden_states",
                         hidden_token_args={"position_embeddings": 1}, attentions=[attn], trimmable=i in chosen)
