@@ -251,6 +251,8 @@ def test_decoder_adapters_slice_and_count_fewer_macs():
     sliced = trimkit.trim(model, cfg, adapter="llava").eval()
     full = trimkit.trim(model, cfg, adapter="llava-unsliced").eval()
     assert any(a.head_slices for l in sliced.spec.layers for a in l.attentions)
+    assert "kernel/attention_interface (head slices)" in str(sliced.plan)
+    assert "(head slices)" not in str(full.plan)
     _same_trimmers(sliced, full, 11)
     x = llava.example_inputs(model, 1, seed=3)
     with torch.no_grad(), sliced.mode("remove"), full.mode("remove"):

@@ -658,6 +658,8 @@ def _make_plan(tmodel: "TrimmedModel", rewritten: Any) -> TrimPlan:
             impl = next((m for n, m in wrapper.inner.named_children()
                          if n == f"trimkit_attn_{i}" or n.startswith(f"trimkit_attn_{i}_call")), None)
             route = f"kernel/{impl.route}" if a.via == "kernel" and impl is not None else a.via
+            if a.head_slices:  # the kept heads' projections only, at batch 1
+                route += " (head slices)"
             attentions.append(AttentionPlan(i, a.path, a.call, a.kind, queries, keys, route,
                                             targets.get(f"{lspec.path}.{i}")))
         args = [f"{k} (dim {d})" for k, d in wrapper.hidden_side.items()]

@@ -60,7 +60,7 @@ class AttentionPlan:
     kind: str  # "self" | "cross"
     queries: str  # stream of the queries
     keys: str  # stream of the keys/values
-    route: str  # "projections" | "kernel/fx" | "kernel/attention_interface"
+    route: str  # "projections" | "kernel/fx" | "kernel/attention_interface", + " (head slices)" with head_slices
     head_target: float | None  # None: no head trimmer
 
 
