@@ -4,6 +4,7 @@ line, plots; ``trimkit demo --seeds`` aggregation (quick sizes: the numbers mean
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -260,8 +261,7 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
     assert main(["repro", "fig2", "--config", str(path), "--seeds", "1", "--out", str(fig2), "--no-progress"]) == 0
     profile = json.loads((fig2 / "results.json").read_text())["fig2"]
     assert set(profile["tokens"]) == {layer.path for layer in trimkit.trim(build_model(cfg.model, cfg.data, train_ds)).spec.layers}
-    with pytest.raises(ValueError, match="runs on the digit-grid setting only.*table6, static, fig4a, fig4b, fig7, "
-                                         "fig2, fig5, fig6, switches"):
+    with pytest.raises(ValueError, match="also give --high-config FILE"):  # a second model, at the higher resolution
         run_experiment("table5", tmp_path / "table5", config=path)
     fig5 = tmp_path / "fig5"  # two questions about one image: the val split's image 3 is asked two
     assert main(["repro", "fig5", "--config", str(path), "--seeds", "1", "--steps", "1", "--out", str(fig5),
@@ -275,7 +275,7 @@ def test_an_experiment_runs_on_a_task_config(vqa_files, tmp_path):
     assert 0.0 <= sens <= 1.0
 
 
-def _vqa_config(vqa_files, tmp_path, trim: dict):
+def _vqa_config(vqa_files, tmp_path, trim: dict, image_size: int = 32, name: str = "vqa.yaml"):
     """A task config on the VQA v2 sample files with a tiny METER, written to ``tmp_path``: its path."""
     import yaml
 
@@ -283,15 +283,51 @@ def _vqa_config(vqa_files, tmp_path, trim: dict):
     config = {
         "model": {"adapter": "meter", "size": "tiny", "overrides": {"patch_size": 8}},
         "data": {"name": "vqa_v2", "options": {"root": str(root), "answers": ["white", "gray", "2", "3", "yes", "no"],
-                                               "tokenizer": str(tok), "image_size": 32},
+                                               "tokenizer": str(tok), "image_size": image_size},
                  "train_split": "train", "eval_split": "val", "train_size": None, "eval_size": None},
         "train": {"epochs": 1, "batch_size": 2, "eval_batch_size": 2, "macs_instances": 1, "progress": False,
                   "out_dir": str(tmp_path / "unused")},
         "trim": trim,
     }
-    path = tmp_path / "vqa.yaml"
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def test_table5_runs_on_a_pair_of_task_configs(vqa_files, tmp_path):
+    """Table 5 on a task: --high-config's model (the same task at 64 px) full and SmartTrim-trimmed to the
+    MACs of --config's model (32 px), against that one untrimmed; every MACs ratio against the 32 px model."""
+    import yaml
+
+    low = _vqa_config(vqa_files, tmp_path, {"token_target": 0.9})
+    high = _vqa_config(vqa_files, tmp_path, {"token_target": 0.9}, image_size=64, name="vqa-64.yaml")
+    out = tmp_path / "table5"
+    assert main(["repro", "table5", "--config", str(low), "--high-config", str(high), "--seeds", "1", "--steps", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    full_hi, trimmed = data["rows"]
+    assert full_hi["image_side"] == trimmed["image_side"] == 64
+    assert full_hi["macs_ratio"] < 0.5  # 4x the patches: far more MACs than the 32 px model
+    # its keep targets calibrated to the 32 px model's MACs (one fine-tune step leaves the trimmers as they start)
+    (goal,) = data["own_calibration"].values()
+    assert goal["ratio"] == pytest.approx(1 / full_hi["macs_ratio"], rel=1e-6)
+    assert abs(math.log(goal["forced_ratio"] / goal["ratio"])) < 0.1 and goal["data"] == {"high_config": "vqa-64"}
+    (saved,) = out.glob(f"runs/data-high-config-vqa-64/runs/{trimmed['run']}-seed0/experiment.yaml")
+    run_cfg = yaml.safe_load(saved.read_text())
+    assert run_cfg["data"]["options"]["image_size"] == 64 and run_cfg["train"]["steps"] == 1
+    md = (out / "table5.md").read_text()
+    assert "| meter (full) | 32 px |" in md and "| meter (full) | 64 px |" in md and "| SmartTrim | 64 px |" in md
+    assert "--high-config" in (out / "command.txt").read_text()
+
+
+def test_high_config_is_for_paired_experiments_on_a_task(vqa_files, tmp_path):
+    from trimkit_train.repro import run_experiment
+
+    low = _vqa_config(vqa_files, tmp_path, {"token_target": 0.9})
+    with pytest.raises(ValueError, match="--high-config goes with --config, for table5 only"):
+        run_experiment("fig4b", tmp_path / "f4", seeds=1, steps=1, config=low, high_config=low)
+    with pytest.raises(ValueError, match="--high-config goes with --config, for table5 only"):
+        run_experiment("table5", tmp_path / "t5", seeds=1, steps=1, high_config=low)
 
 
 def test_static_baselines_run_on_a_task_config(vqa_files, tmp_path):

@@ -116,6 +116,9 @@ class Experiment:
     any_task: bool = False
     # its writer takes any subset of its configurations (``--only``): a table of rows, no figure that pairs them
     subsets: bool = False
+    # on a task it compares the config's model with a second one (``--high-config``: the same task at a
+    # higher input resolution, Table 5); runs with ``data`` use that model
+    paired: bool = False
 
 
 @dataclass
@@ -139,7 +142,7 @@ class Result:
 def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3, quick: bool = False,
                    steps: int | None = None, command: str | None = None, progress: bool | None = False,
                    log: Callable[[str], None] = print, config: str | Path | None = None,
-                   only: list[str] | None = None) -> dict[str, Any]:
+                   only: list[str] | None = None, high_config: str | Path | None = None) -> dict[str, Any]:
     """Run experiment ``name`` (:data:`EXPERIMENTS`) over ``seeds`` fine-tune seeds; write its files into
     ``out_dir`` (default ``trimkit-repro/NAME``). Returns the content of ``results.json``.
 
@@ -152,7 +155,11 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
 
     ``only``: run just the configurations with these row labels (``Run.method``, e.g. ``["defaults",
     "sd_teacher=joint"]``), to measure some rows with more seeds; an unknown label is an error
-    listing the experiment's."""
+    listing the experiment's.
+
+    ``high_config``: with ``config``, for a paired experiment (``table5``): the same task's config at the
+    higher input resolution (its model fine-tuned at that resolution, its data sections producing those
+    images); its model is the higher-resolution full row and the backbone SmartTrim fine-tunes there."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; one of {', '.join(EXPERIMENTS)}")
     if seeds < 1:
@@ -160,9 +167,20 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
     from .demo import aggregate, config_backbone, finetune, measure, prepare_backbone, preset_for
 
     exp = EXPERIMENTS[name]
-    base = None
+    base = high = None
+    if high_config is not None and (config is None or not exp.paired):
+        raise ValueError(f"trimkit repro {name}: --high-config goes with --config, for "
+                         f"{', '.join(n for n, e in EXPERIMENTS.items() if e.paired)} only")
+    if config is not None and exp.paired:
+        if high_config is None:
+            raise ValueError(f"trimkit repro {name} --config: also give --high-config FILE, the same task's config at "
+                             "the higher resolution (its model fine-tuned at that resolution, its data producing those "
+                             "images): trimkit cannot resize a task model's position embeddings and retrain it for you")
+        from .trainer import ExperimentConfig
+
+        high = ExperimentConfig.load(high_config)
     if config is not None:
-        if not exp.any_task:
+        if not (exp.any_task or exp.paired):
             raise ValueError(f"trimkit repro {name}: runs on the digit-grid setting only (it needs its backbone "
                              f"training, data or questions); with --config run one of "
                              f"{', '.join(n for n, e in EXPERIMENTS.items() if e.any_task)}")
@@ -183,13 +201,15 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
             raise ValueError(f"trimkit repro {name} --only: no configuration labelled {unknown}; its labels are "
                              f"{labels}")
         runs = [r for r in runs if r.method in only]
+    if high is not None:  # the runs on the second model: named after its config, not digit-grid's data options
+        runs = [replace(r, data={"high_config": Path(high_config).stem}) if r.data else r for r in runs]
     own_heads = getattr(base.trim, "head_layers", None) if base is not None else None  # a config may have no trim
     if own_heads:  # the config knows its model's layers: its head selection wins
         runs = [replace(r, trim={**r.trim, "head_layers": list(own_heads)}) if "head_layers" in r.trim else r
                 for r in runs]
     command = command or f"trimkit repro {name} --seeds {seeds} --out {out}" + (" --quick" if quick else "") + (
         f" --steps {steps}" if steps is not None else "") + (f" --config {config}" if config is not None else "") + (
-        " --only " + " ".join(only) if only else "")
+        f" --high-config {high_config}" if high_config is not None else "") + (" --only " + " ".join(only) if only else "")
     preset = preset_for(quick, steps)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):  # two runs in one directory: the second would overwrite the first
@@ -215,13 +235,23 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
     per_seed: list[list[dict[str, Any]]] = []
     extra: dict[str, Any] = {}
     backbones: dict[str, Backbone] = {"": bb}
+    if high is not None:
+        extra["high_config"] = str(high_config)
 
     def backbone_of(run: Run) -> Backbone:
         """The default backbone, or one trained on the run's data options (once per options)."""
         key = _slug(run.data) if run.data else ""
         if key not in backbones:
-            log(f"{stamp()}     a second backbone for data options {run.data}")
             own = tuple(sorted({r.ratio for r in runs if _slug(r.data) == key} - {1.0}))
+            if high is not None:  # a task: the second model is the one --high-config describes
+                log(f"{stamp()}     the higher-resolution model of {high_config}")
+                backbones[key] = config_backbone(high, out / "runs" / f"data-{key}", own, progress, log, stamp,
+                                                 calibration_iterations=iterations,
+                                                 finetune_steps=steps if steps is not None else None,
+                                                 calibration_instances=preset.calibration_instances,
+                                                 source=str(high_config))
+                return backbones[key]
+            log(f"{stamp()}     a second backbone for data options {run.data}")
             backbones[key] = prepare_backbone(replace(preset, data={**preset.data, **run.data}),
                                               out / "runs" / f"data-{key}", own, progress, log, stamp,
                                               calibration_iterations=iterations)
@@ -251,6 +281,8 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
             if rb is not bb:  # MACs against the default backbone's full model, the table's reference row
                 row.update(macs_ratio_own=row["macs_ratio"], macs_ratio=bb.full_eval()["gmacs"] / row["gmacs"],
                            data=run.data, full_accuracy_own=rb.full_eval()["accuracy"])
+                if high is not None:
+                    row["image_side"] = _image_side(rb.test_ds)
             row.update(run=run.name, trim_overrides=run.trim, recipe_overrides=run.recipe, stable_init=run.stable_init,
                        heads_baseline=run.heads)
             rows.append(row)
@@ -316,7 +348,7 @@ def _own_targets(bb: Backbone, run: Run, extra: dict[str, Any], log: Callable[[s
     key = f"{json.dumps(fields, sort_keys=True)} {ratio:.4g}x{data}"
     if key not in cache:
         preset = bb.preset
-        probe = trim(bb.net, TrimConfig(**{**preset.trim, **fields}), adapter="meter")
+        probe = trim(bb.net, TrimConfig(**{**preset.trim, **fields}), adapter=bb.adapter)
         c = calibrate(probe, bb.test_ds, ratio, preset.calibration_instances)
         cache[key] = {"calibrate": fields, "data": run.data, "ratio": ratio, "forced_ratio": c["forced_ratio"],
                       **_selector_targets(probe, c["token_target"], c["head_target"])}
@@ -510,31 +542,54 @@ def _table5_runs() -> list[Run]:
             Run("SmartTrim, higher resolution", "cross_modal", 1.0, data=hi, match_default_macs=True)]
 
 
+def _image_side(ds: Any) -> int | None:
+    """The width in pixels of a dataset's first image (its first (C, H, W) tensor), ``None`` without one."""
+    import torch
+
+    item = ds[0]
+    for value in (item.values() if isinstance(item, dict) else item):
+        if isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[0] in (1, 3, 4):
+            return int(value.shape[-1])
+    return None
+
+
 def _table5_write(res: Result) -> list[Path]:
     from .demo import cell
 
     p = res.backbone.preset
+    task = res.backbone.base is not None
 
     def pixels(row: dict[str, Any] | None) -> int:  # image side of a row's data (None: the default backbone's)
+        if task:  # a task: the side its own test images have
+            return (row or {}).get("image_side") or _image_side(res.backbone.test_ds)
         return {**p.data, **((row or {}).get("data") or {})}["cell"] * p.data["grid"]
 
     lo = pixels(None)
     hi = max([pixels(r) for r in res.rows] + [lo])
-    patch = res.backbone.test_ds.patch_size
-    what = (f"The paper's Table 5: a model at a higher input resolution, trimmed to the MACs of the model at a "
-            f"lower resolution, against that lower-resolution model untrimmed. Lower resolution: the default "
-            f"backbone ({lo} px images, {p.data['cell'] // patch}x{p.data['cell'] // patch} {patch} px patch(es) per "
-            f"cell). Higher resolution: a second backbone trained the same way on {hi} px images of the same grids "
-            f"and questions ({hi // lo}x{hi // lo} times the patches); SmartTrim's keep targets are calibrated so "
-            f"that its MACs equal the lower-resolution full model's. MACs ratios are against the lower-resolution "
-            f"full model (below 1: more MACs).")
+    if task:
+        what = (f"The paper's Table 5 on a task: the model of `{res.extra.get('high_config')}` at a higher input "
+                f"resolution ({hi} px), untrimmed and SmartTrim-trimmed with keep targets calibrated so that its MACs "
+                f"equal the lower-resolution full model's (`{res.backbone.source}`, {lo} px), against that model "
+                "untrimmed. MACs ratios are against the lower-resolution full model (below 1: more MACs).")
+    else:
+        patch = res.backbone.test_ds.patch_size
+        what = (f"The paper's Table 5: a model at a higher input resolution, trimmed to the MACs of the model at a "
+                f"lower resolution, against that lower-resolution model untrimmed. Lower resolution: the default "
+                f"backbone ({lo} px images, {p.data['cell'] // patch}x{p.data['cell'] // patch} {patch} px patch(es) per "
+                f"cell). Higher resolution: a second backbone trained the same way on {hi} px images of the same grids "
+                f"and questions ({hi // lo}x{hi // lo} times the patches); SmartTrim's keep targets are calibrated so "
+                f"that its MACs equal the lower-resolution full model's. MACs ratios are against the lower-resolution "
+                f"full model (below 1: more MACs).")
     lines = ["| model | resolution | accuracy | Δ vs lower-resolution full | GMACs / instance | MACs ratio | "
              "kept vision tokens | kept heads |", "|---|---|---|---|---|---|---|---|",
-             f"| METER (full) | {lo} px | {100 * res.full['accuracy']:.1f} | - | {res.full['gmacs']:.4f} | 1.00x | "
-             "1.00 | 1.00 |"]
+             f"| {_full_label(res)} | {lo} px | {100 * res.full['accuracy']:.1f} | - | {res.full['gmacs']:.4f} | "
+             "1.00x | 1.00 | 1.00 |"]
     for r in res.rows:
         d = _delta(r, res.full)
-        lines.append(f"| {r['method'].split(',')[0]} | {pixels(r)} px | {cell(r, 'accuracy', '.1f', 100)} | "
+        label = r['method'].split(',')[0]
+        if task and label == "METER (full)":
+            label = _full_label(res)
+        lines.append(f"| {label} | {pixels(r)} px | {cell(r, 'accuracy', '.1f', 100)} | "
                      f"{cell(d, 'delta', '+.1f', 100)} | {cell(r, 'gmacs', '.4f')} | "
                      f"{cell(r, 'macs_ratio', '.2f', suffix='x')} | {cell(r, 'keep_vision', '.2f')} | "
                      f"{cell(r, 'keep_heads', '.2f')} |")
@@ -1135,7 +1190,8 @@ EXPERIMENTS: dict[str, Experiment] = {
                          _table6_runs, _table6_write, any_task=True, subsets=True),
     "table5": Experiment("table5", "Table 5: higher resolution trimmed vs lower resolution full",
                          "a backbone at twice the image resolution, SmartTrim-trimmed to the MACs of the default "
-                         "backbone, vs that backbone untrimmed", _table5_runs, _table5_write),
+                         "backbone, vs that backbone untrimmed (on a task: --config and --high-config)",
+                         _table5_runs, _table5_write, paired=True),
     "static": Experiment("static", "Table 1: static baselines FTKD and TRIPS-style",
                          "FTKD (layers of the backbone + distillation) and TRIPS-style (text-guided fixed-share patch "
                          "selection, task loss only) vs SmartTrim at 1.5x/2x/3x", _static_runs, _static_write,

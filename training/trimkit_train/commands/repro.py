@@ -1,4 +1,4 @@
-"""``trimkit repro NAME [--seeds N] [--quick] [--steps N] [--out DIR] [--config FILE]``: one of the paper's
+"""``trimkit repro NAME [--seeds N] [--quick] [--steps N] [--out DIR] [--config FILE [--high-config FILE]]``: one of the paper's
 experiments (trimkit_train.repro.EXPERIMENTS) on digit-grid or, with ``--config``, on a task's experiment
 config; mean ± std over seeds, table/plot and command line."""
 
@@ -33,11 +33,17 @@ def register(sub) -> None:
                    help="steps of every fine-tune (default: the preset's, 300, or 8 with --quick)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: ./trimkit-repro/NAME)")
     generic = ", ".join(n for n, e in exps.items() if e.any_task)
+    paired = ", ".join(n for n, e in exps.items() if e.paired)
     p.add_argument("--config", default=None, metavar="FILE",
-                   help=f"run on a task instead of digit-grid ({generic} only): an experiment config as `trimkit "
+                   help=f"run on a task instead of digit-grid ({generic}; and {paired} with --high-config): an "
+                        "experiment config as `trimkit "
                         "train` takes (YAML); its model (model.pretrained / model.init: the task-fine-tuned full "
                         "model) is the reference and the backbone every run fine-tunes, its trim/recipe the base of "
                         "every run (keep targets calibrated on that model), its train settings each fine-tune's")
+    p.add_argument("--high-config", default=None, metavar="FILE",
+                   help=f"with --config, for {paired}: the same task's config at the higher input resolution (its "
+                        "model fine-tuned at that resolution, its data producing those images), compared with "
+                        "--config's model")
     p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
                    help="run only the configurations with these row labels (as in the table's first column, e.g. "
                         "--only defaults sd_teacher=joint), to measure some rows with more seeds")
@@ -60,8 +66,11 @@ def run(args) -> int:
         argv.append("--no-progress")
     if args.config is not None:
         argv += ["--config", args.config]
+    if args.high_config is not None:
+        argv += ["--high-config", args.high_config]
     if args.only:
         argv += ["--only", *args.only]
     run_experiment(args.name, out, seeds=args.seeds, quick=args.quick, steps=args.steps, command=shlex.join(argv),
-                   progress=False if args.no_progress else None, config=args.config, only=args.only)
+                   progress=False if args.no_progress else None, config=args.config, only=args.only,
+                   high_config=args.high_config)
     return 0
