@@ -31,7 +31,7 @@ class GQAAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, kv_heads: int, by_count: bool = False) -> None:
         super().__init__()
-        self.heads, self.d, self.by_count = heads, dim // heads, by_count
+        self.heads, self.kv_heads, self.d, self.by_count = heads, kv_heads, dim // heads, by_count
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, kv_heads * self.d)
         self.v_proj = nn.Linear(dim, kv_heads * self.d)
@@ -40,11 +40,11 @@ class GQAAttention(nn.Module):
     def forward(self, x):
         B, N, _ = x.shape
         # by_count: the head count fixed and the size inferred, which slicing cannot follow
-        shape = (B, N, self.heads, -1) if self.by_count else (B, N, -1, self.d)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(B, N, -1, self.d).transpose(1, 2)
-        v = self.v_proj(x).view(B, N, -1, self.d).transpose(1, 2)
-        angle = torch.arange(self.d, dtype=x.dtype) * 0.3  # per channel (per position would need position ids)
+        shape = (lambda h, B, N: (B, N, h, -1)) if self.by_count else (lambda h, B, N: (B, N, -1, self.d))
+        q = self.q_proj(x).view(shape(self.heads, B, N)).transpose(1, 2)
+        k = self.k_proj(x).view(shape(self.kv_heads, B, N)).transpose(1, 2)
+        v = self.v_proj(x).view(shape(self.kv_heads, B, N)).transpose(1, 2)
+        angle = torch.arange(q.shape[-1], dtype=x.dtype) * 0.3  # per channel (per position would need position ids)
         q, k = q * angle.cos() + q.flip(-1) * angle.sin(), k * angle.cos() + k.flip(-1) * angle.sin()
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, N, -1))
@@ -197,17 +197,56 @@ def test_hooked_projections_fall_back_to_full_projections(towers):
 
 
 def test_a_module_shaping_by_head_count_is_refused_with_its_name():
+    """The silent case: plain multi-head attention (8 heads of 4) that views q, k and v as (B, N, 8, -1).
+    With 4 heads kept its sliced projections (16 features) reshape without an error into 8 heads of 2;
+    only the kernel's check of the head size stops it."""
     get_registry().adapters.register("tower-sliced", TowerAdapter(True), replace=True)
     torch.manual_seed(1)
-    model = Tower(by_count=True).eval()
+    model = Tower(kv_heads=8, by_count=True).eval()
     tmodel = trimkit.trim(model, TrimConfig(head_target=0.5), adapter="tower-sliced").eval()
-    randomize_trimmers(tmodel, 5)
+    logits = torch.full((1, 8), -5.0)
+    logits[0, [0, 1, 4, 6]] = 5.0  # two runs, an even count
+    tmodel.runtime.forced = {f"blocks.{i}.0": logits for i in range(3)}
     x = {"patches": torch.randn(1, 12, 6)}
     with tmodel.mode("hard"), torch.no_grad():
         tmodel(**x)  # the masked modes do not slice
-        assert any(float(r.keep.min()) < 1 for r in tmodel.records if r.kind == "head")
-    with tmodel.mode("remove"), pytest.raises(RuntimeError, match=r"blocks\.\d\.attn.*head_slices"):
+        assert all(float(r.keep.max()) == 0.5 for r in tmodel.records if r.kind == "head")
+    with tmodel.mode("remove"), pytest.raises(RuntimeError, match=r"'blocks\.0\.attn'.*head_slices: its kernel got q "
+                                                               r"\(1, 8, 13, 2\)"):
         tmodel(**x)
+    for block in model.blocks:  # and the module is left as it was
+        assert type(block.attn.q_proj) is nn.Linear and block.attn.q_proj.out_features == 32
+
+
+def test_sliced_removal_trains_after_inference_mode(towers):
+    """Index tensors cached under inference_mode must not reach a later forward with gradients."""
+    model, sliced, full = towers
+    _same_trimmers(sliced, full, 2)
+    x = {"patches": torch.randn(1, 12, 6, generator=torch.Generator().manual_seed(9))}
+    with sliced.mode("remove"):
+        with torch.inference_mode():
+            ref = sliced(**x)
+        out = sliced(**x)
+        assert any(0 < len(r.index) < r.total for r in sliced.records if r.kind == "head")
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), ref, atol=1e-6, rtol=0)
+    assert model.blocks[0].attn.q_proj.weight.grad is not None
+    model.zero_grad()
+
+
+def test_a_cache_passed_positionally_is_not_sliced():
+    from trimkit.kernels import KernelAttention
+
+    class Cached(GQAAttention):
+        def forward(self, x, cache=None):
+            return super().forward(x)
+
+    attn = Cached(32, 8, 2)
+    spec = AttentionSpec("attn", "self", 8, via="kernel", q="q_proj", k="k_proj", v="v_proj", out="o_proj",
+                         head_slices=True)
+    ka = KernelAttention(attn, "attn", {}, {"x", "cache"}, spec=spec)
+    assert ka._given_cache((torch.zeros(1), object()), {}) and ka._given_cache((torch.zeros(1),), {"cache": 1})
+    assert not ka._given_cache((torch.zeros(1), None), {})
 
 
 def test_head_slices_description_errors():
@@ -279,3 +318,25 @@ def test_decoder_adapters_slice_and_count_fewer_macs():
         m_wrapped = count_macs(sliced, **x).total
     torch.testing.assert_close(c, b, atol=1e-4, rtol=0)
     assert m_sliced < m_wrapped < m_full  # that layer fell back to its full projections, the others still slice
+
+
+def test_kept_heads_give_zero_where_a_query_has_no_key_left():
+    """A window mask plus dropped keys can leave a query no key: every kernel path gives 0 there (not NaN),
+    kept-head runs (unsliced removal) as the dense path and the sliced path do. (torch 2.13's CPU SDPA
+    already returns 0 for such a row; trimkit zeroes it itself for backends that give NaN.)"""
+    from trimkit.kernels import attend
+    from trimkit.ops import AttnTrim, SlicedHeads
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 6, 8, generator=g) for _ in range(3))
+    window = torch.ones(6, 6, dtype=torch.bool).tril(1).triu(-1)[None, None]  # each query sees its neighbours
+    key_mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 1.0]])  # query 3 sees keys 2-4: all dropped
+    heads = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    dense = attend(q, k, v, window, trim=AttnTrim(key_mask=key_mask, head_mask=heads))
+    runs = attend(q, k, v, window, trim=AttnTrim(key_mask=key_mask, head_runs=[(0, 1), (2, 4)]))
+    kept = torch.tensor([0, 2, 3])
+    sliced = attend(q[:, kept], k[:, kept], v[:, kept], window,
+                    trim=AttnTrim(key_mask=key_mask, sliced=SlicedHeads("a", kept, 4, 8, 3, None)))
+    assert not dense.isnan().any() and float(dense[0, :, 3].abs().max()) == 0.0
+    torch.testing.assert_close(runs, dense)
+    torch.testing.assert_close(sliced, dense[:, kept])

@@ -138,9 +138,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
             sel_mask = mask
             if mask is not None and mask.dim() == 4 and mask.shape[1] == heads:
                 sel_mask = mask.index_select(1, keep)
-            y[:, keep] = F.scaled_dot_product_attention(
+            part = F.scaled_dot_product_attention(
                 q.index_select(1, keep), k.index_select(1, keep), v.index_select(1, keep), attn_mask=sel_mask,
                 dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+            if dead_rows:  # as on the dense path: a query left no key gives 0
+                part = part.masked_fill(torch.isneginf(sel_mask).all(-1, keepdim=True), 0.0)
+            y[:, keep] = part
         return y
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                        scale=scale)
@@ -291,7 +294,7 @@ class HeadSlices:
     shapes (``num_heads`` query heads, key/value heads dividing them). At a call, each projection is
     replaced in the running module by its kept rows (``out``: its kept columns) and put back after;
     a call falls back to the full projections (``None`` from :meth:`enter`) when a projection is no
-    longer a plain ``nn.Linear`` or has hooks, or the module has hooks (a forward pre-hook may hand it a
+    longer a plain ``nn.Linear`` or has hooks, or the module has forward pre-hooks (one may hand it a
     KV cache, which must keep every head: what ``trimkit_llava``'s generation does). Row selections are cached per kept-head set; a single
     run of consecutive heads is a view of the weights, several are gathered (``index_select``)."""
 
@@ -326,7 +329,8 @@ class HeadSlices:
         self._sets: dict[tuple, tuple] = {}
 
     def _selection(self, runs: list[tuple[int, int]], device: torch.device) -> tuple:
-        key = tuple(runs)
+        # index tensors made under inference_mode cannot be saved for a backward later: cached apart
+        key = (tuple(runs), torch.is_inference_mode_enabled())
         hit = self._sets.get(key)
         if hit is not None and hit[0].device == device:
             return hit
@@ -356,25 +360,35 @@ class HeadSlices:
         """Put the kept heads' projections in place in ``run`` (the module, or its traced graph); returns
         the kernel's check and what :meth:`leave` restores, or ``None`` to run the full projections (also
         when no head is kept: a module cannot shape zero features by head size)."""
-        if not runs or run._forward_pre_hooks or run._forward_hooks:  # a hook may hand it a KV cache, or read its
-            return None                                                   # outputs whole
-        found = [run.get_submodule(n) for n in self.names]
-        for m in found:
-            if type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
-                return None
+        # a forward pre-hook may hand the module a KV cache (which must keep every head); post-hooks see its
+        # full-width output and need nothing
+        if not runs or run._forward_pre_hooks:
+            return None
+        found = self.projections(run)
+        if found is None or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                or m._backward_pre_hooks for m in found):
+            return None
         heads, q_sel, kv_sel, kv_index, n_kv = self._selection(runs, found[0].weight.device)
+        # every slice taken before anything is swapped: a failure leaves the module as it was
+        weights = [(_pick(m.weight, sel, 0), _pick(m.bias, sel, 0)) for m, sel in zip(found[:3], (q_sel, kv_sel, kv_sel))]
+        weights.append((_pick(found[3].weight, q_sel, 1), found[3].bias))
         restore = []
-        for i, (name, m, sel) in enumerate(zip(self.names, found, (q_sel, kv_sel, kv_sel, q_sel))):
-            stand_in = self._stand_ins[i]
-            if i < 3:
-                stand_in.weights = (_pick(m.weight, sel, 0), _pick(m.bias, sel, 0))
-            else:
-                stand_in.weights = (_pick(m.weight, sel, 1), m.bias)
+        for name, m, stand_in, w in zip(self.names, found, self._stand_ins, weights):
+            stand_in.weights = w
             parent, _, leaf = name.rpartition(".")
             owner = run.get_submodule(parent) if parent else run
             restore.append((owner, leaf, m))
             owner._modules[leaf] = stand_in
         return SlicedHeads(self.path, heads, self.total, self.head_dim, n_kv, kv_index), restore
+
+    def projections(self, run: nn.Module) -> list[nn.Linear] | None:
+        """The declared projections as ``run`` calls them now, or ``None`` when one is missing or is no
+        longer a plain ``nn.Linear`` (replaced by LoRA or a quantised linear after trimming)."""
+        try:
+            found = [run.get_submodule(n) for n in self.names]
+        except AttributeError:
+            return None
+        return found if all(type(m) is nn.Linear for m in found) else None
 
     def leave(self, restore: list) -> None:
         for owner, leaf, m in restore:
@@ -395,6 +409,7 @@ class KernelAttention(nn.Module):
         super().__init__()
         self.path = path
         self.slices = HeadSlices(module, spec, path) if spec is not None and spec.head_slices else None
+        self.names = param_names(module)
         if _uses_attention_interface(module):
             _register_interface()
             self.route = "attention_interface"
@@ -402,9 +417,15 @@ class KernelAttention(nn.Module):
             return
         self.route = "fx"
         self.run = self._trace(module, path, concrete, symbolic, autowrap)
-        self.names = param_names(module)
         # the traced forward's inputs: arguments that were constants at the call site are fixed in it
         self.inputs = {n.target for n in self.run.graph.nodes if n.op == "placeholder"} - {"trimkit_trim"}
+        if self.slices is not None:
+            called = {str(n.target) for n in self.run.graph.nodes if n.op == "call_module"}
+            missing = [n for n in self.slices.names if n not in called]
+            if missing:
+                raise ValueError(f"attention {path!r} (AttentionSpec.head_slices): its traced forward does not call "
+                                 f"the projections {missing} as modules (it reads their weights, or they are not its "
+                                 "projections); name the nn.Linear children it calls, or set head_slices=False")
 
     @staticmethod
     def _trace(module: nn.Module, path: str, concrete: dict[str, Any], symbolic: set[str],
@@ -437,7 +458,7 @@ class KernelAttention(nn.Module):
 
     def forward(self, *args: Any, trimkit_trim: AttnTrim | None = None, **kwargs: Any) -> Any:
         if (self.slices is not None and trimkit_trim is not None and trimkit_trim.head_runs is not None
-                and trimkit_trim.capture is None and all(kwargs.get(n) is None for n in CACHE_ARGUMENTS)):
+                and trimkit_trim.capture is None and not self._given_cache(args, kwargs)):
             entered = self.slices.enter(self.run, trimkit_trim.head_runs)
             if entered is not None:
                 sliced, restore = entered
@@ -445,7 +466,8 @@ class KernelAttention(nn.Module):
                 try:
                     return self._call(args, trim, kwargs)
                 except RuntimeError as err:
-                    if "head_slices" in str(err):
+                    # only the plain errors a wrong shape gives (not NotImplementedError, out of memory...)
+                    if type(err) is not RuntimeError or "head_slices" in str(err):
                         raise
                     raise RuntimeError(f"trimkit: attention {self.path!r} failed with its projections sliced to the "
                                        f"kept heads (AttentionSpec.head_slices): {err}. The module must shape them "
@@ -453,6 +475,11 @@ class KernelAttention(nn.Module):
                 finally:
                     self.slices.leave(restore)
         return self._call(args, trimkit_trim, kwargs)
+
+    def _given_cache(self, args: tuple, kwargs: dict) -> bool:
+        """Whether this call hands the module a KV cache (by keyword, or positionally by its parameter name)."""
+        call = dict(zip(self.names, args)) | kwargs
+        return any(call.get(n) is not None for n in CACHE_ARGUMENTS)
 
     def _call(self, args: tuple, trimkit_trim: AttnTrim | None, kwargs: dict) -> Any:
         if self.route == "fx":

@@ -71,8 +71,8 @@ class AttentionSpec:
     ``view(..., -1, head_dim)``: Llama, Qwen2, CLIP, SigLIP...), with grouped-query keys/values (a
     key/value head is kept while any query head it serves is). A call falls back to the full projections
     (heads then only skip their attention) when a projection is not a plain ``nn.Linear`` (LoRA,
-    quantised) or has hooks, when the module has hooks or is passed a KV cache, or when an attention probe
-    reads the call.
+    quantised; on the attention-interface route) or has hooks, when the module has forward pre-hooks or is
+    passed a KV cache argument, or when an attention probe reads the call.
     call: which call of the module this describes, counted from 0 in the layer's forward, for a
     module the layer calls more than once in different roles (one cross-attention module used for
     text-to-image and image-to-text); ``None``: every call, all in this role.
