@@ -603,6 +603,15 @@ class TrimAttention(nn.Module):
         q, k, v = (m.get_submodule(n) for n in (s.q, s.k, s.v))
         return q.weight, q.bias, k.weight, k.bias, v.weight, v.bias
 
+    def _batch_first(self, x: torch.Tensor, ctx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A call's queries' and keys' inputs as (B, N, D), ``ctx`` None for a self-attention."""
+        if ctx is x:
+            ctx = None
+        if not self.spec.batch_first:
+            x = x.transpose(0, 1)
+            ctx = ctx.transpose(0, 1) if ctx is not None else None
+        return x, ctx
+
     def heads_qk(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One call's queries and keys per head, recomputed from the declared projections: q (B, H, Nq, d),
         k (B, H, Nk, d), and the call's additive bias (what an attention probe and FTKD's attention-map
@@ -610,11 +619,7 @@ class TrimAttention(nn.Module):
         s = self.spec
         call = s.inputs(args, kwargs)
         x, ctx = call.x, call.context
-        if ctx is x:
-            ctx = None
-        if not s.batch_first:
-            x = x.transpose(0, 1)
-            ctx = ctx.transpose(0, 1) if ctx is not None else None
+        x, ctx = self._batch_first(x, ctx)
         q, k, _ = self._qkv(x, ctx)
         B, Nq = x.shape[:2]
         d = q.shape[-1] // s.num_heads
@@ -640,11 +645,7 @@ class TrimAttention(nn.Module):
         if trim.packed is not None:
             return s.output(self._packed(call.x, call.context, call.bias, trim))
         x, ctx, bias = call.x, call.context, call.bias
-        if ctx is x:
-            ctx = None
-        if not s.batch_first:
-            x = x.transpose(0, 1)
-            ctx = ctx.transpose(0, 1) if ctx is not None else None
+        x, ctx = self._batch_first(x, ctx)
         runs = trim.head_runs
         if runs is None and trim.head_index is not None:
             runs = _runs(trim.head_index.tolist())
@@ -786,11 +787,7 @@ class TrimAttention(nn.Module):
     def _padded(self, x: torch.Tensor, ctx: torch.Tensor | None, bias: torch.Tensor | None, trim: AttnTrim) -> torch.Tensor:
         """Mode padded: (B, max kept, D) inputs, keys beyond each instance's count masked."""
         s, pc = self.spec, trim.packed
-        if ctx is x:
-            ctx = None
-        if not s.batch_first:
-            x = x.transpose(0, 1)
-            ctx = ctx.transpose(0, 1) if ctx is not None else None
+        x, ctx = self._batch_first(x, ctx)
         flag = P.key_bias_flag(bias, pc.k)
         if flag is not None:
             pc.checks.append(flag)
