@@ -132,3 +132,74 @@ def test_borrowed_modules_are_registered_once_and_copied_with_the_model():
         for p in twin.model.parameters():
             p.add_(0.1)
         assert not torch.allclose(twin(**x), tmodel(**x))  # the copy runs its own weights
+
+
+def test_layers_without_trimmers_run_the_modules_own_attention_on_the_kept_tokens():
+    """Sparse placement (token trimmers in one early layer, no head trimmers): no attention has heads to
+    drop, so mode remove hands each to the module's own forward (one fused nn.MultiheadAttention call)
+    on the tokens the first layer kept. Guard: that they really see fewer
+    tokens, that the result is the masked forward's, and that the full model is untouched."""
+    torch.manual_seed(0)
+    model = build_meter("tiny").eval()
+    tmodel = trim(model, TrimConfig(token_layers=["vision.uni.0"], token_target=0.5, trim_heads=False)).eval()
+    seen: list[tuple[int, int]] = []  # (block, tokens) for each call of a block's own attention module
+    blocks = model.vit_model.transformer.resblocks
+
+    def spy(i: int, forward):  # an instance forward, not a hook: hooks on the module turn the hand-over off
+        def call(*args, **kwargs):
+            seen.append((i, args[0].shape[1]))
+            return forward(*args, **kwargs)
+        return call
+
+    for i, blk in enumerate(blocks):
+        blk.attn.forward = spy(i, blk.attn.forward)
+    one = meter_example_inputs(model, batch_size=1, seed=1)
+    with torch.no_grad():
+        for p in tmodel.trimmers.parameters():
+            p.normal_(0, 0.5)
+        with tmodel.full():
+            seen.clear()
+            full = tmodel(**one)
+            full_tokens = dict(seen)
+        with tmodel.mode("hard"):
+            masked = tmodel(**one)
+        seen.clear()
+        removed = tmodel(**one)  # eval at batch 1: physical removal
+        removed_tokens = dict(seen)
+    for blk in blocks:
+        del blk.attn.forward
+    keep = [float(r.keep) for r in tmodel.records if r.kind == "token"]
+    assert len(keep) == 1 and keep[0] < 1.0  # one decision, and it dropped tokens
+    n = full_tokens[0]
+    # every block called its own module (the trimmed one too: its decision is taken at its input, and with
+    # every head kept nothing is left for trimkit to do inside its attention) ...
+    assert sorted(removed_tokens) == list(range(len(blocks))) == sorted(full_tokens)
+    assert all(removed_tokens[i] < n for i in removed_tokens)  # ... on fewer tokens than the full model's
+    torch.testing.assert_close(removed, masked, atol=1e-5, rtol=1e-4)
+    assert (removed - full).abs().max() > 1e-4
+
+
+def test_hooks_on_an_attention_module_see_every_call_or_none():
+    """A hook a user put on the model's attention module: trimkit's recomputation never calls the module, the
+    hand-over of untouched calls would. With a hook on it, every call is recomputed (the hook sees none), so
+    it never fires for some calls of a forward and not others; without, untouched calls go to the module."""
+    torch.manual_seed(0)
+    model = build_meter("tiny").eval()
+    tmodel = trim(model, TrimConfig(token_layers=["vision.uni.0"], token_target=0.5, trim_heads=False)).eval()
+    attn = model.vit_model.transformer.resblocks[-1].attn  # after the trimmed layer: on its kept tokens
+    fired: list[int] = []
+    handle = attn.register_forward_hook(lambda m, args, out: fired.append(1))
+    one = meter_example_inputs(model, batch_size=1, seed=1)
+    with torch.no_grad():
+        hooked = tmodel(**one)
+        assert fired == []
+        handle.remove()
+        calls: list[int] = []
+        attn.forward = lambda *a, _f=attn.forward, **k: (calls.append(1), _f(*a, **k))[1]
+        try:
+            handed = tmodel(**one)
+        finally:
+            del attn.forward
+    assert calls == [1]
+    torch.testing.assert_close(handed, hooked, atol=1e-5, rtol=1e-4)
+

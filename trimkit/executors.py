@@ -114,6 +114,13 @@ class RemoveExecutor:
         """Mode remove (batch 1): every decision of the layer first, one host sync, then gather."""
         rt, spec = layer.runtime, layer.spec
         tokens = layer.trimmers.token
+        if tokens is None and not len(layer.trimmers.heads):
+            # a layer without trimmers (TrimConfig.token_layers / head_layers left it out): no summary, no
+            # decision, no sync; it runs on the tokens the layers before it kept
+            layer._align_side(a, hstate, cstate)
+            if layer.tokens_only:
+                return a, hstate
+            return _run_removed(layer, a, hstate, cstate, astates, [AttnTrim() for _ in spec.attentions])
         cls_ctx = layer._cls_context(context, cstate)
         # [CLS] is always kept: the same before and after trimming; a pooled summary is taken at the input
         cls_self = layer._pooled(hidden if spec.batch_first else hidden.transpose(0, 1), hstate, spec.stream) \
@@ -164,12 +171,17 @@ class RemoveExecutor:
         layer._align_side(a, hstate, cstate)
         if layer.tokens_only:
             return a, hstate
-        trims = [t if t is not None else AttnTrim() for t in trims]
-        if rt.bucketing is not None:  # the layer's own code on tensors padded to their buckets (slack cut after)
-            out = bucketed_run(layer, a, hstate, cstate, astates, trims, rt.bucketing)
-        else:
-            out = layer._run(a, trims)
-        return ((out, cstate), hstate) if layer.update_output is not None else (out, hstate)
+        return _run_removed(layer, a, hstate, cstate, astates, [t if t is not None else AttnTrim() for t in trims])
+
+
+def _run_removed(layer: "TrimmedLayer", a: dict, hstate, cstate, astates, trims: list[AttnTrim]):
+    """Mode remove: the layer's own code on its kept tokens (arguments already gathered)."""
+    rt = layer.runtime
+    if rt.bucketing is not None:  # the layer's own code on tensors padded to their buckets (slack cut after)
+        out = bucketed_run(layer, a, hstate, cstate, astates, trims, rt.bucketing)
+    else:
+        out = layer._run(a, trims)
+    return ((out, cstate), hstate) if layer.update_output is not None else (out, hstate)
 
 
 class PackedExecutor:

@@ -143,6 +143,10 @@ def _mha_inputs(args: tuple, kwargs: dict) -> AttnCall:
         raise NotImplementedError("trimkit: nn.MultiheadAttention key_padding_mask is not supported; "
                                   "pass padding as attn_mask or describe it as a token argument")
     query, key, mask = call["query"], call.get("key"), call.get("attn_mask")
+    value = call.get("value")
+    if value is not None and value is not key:
+        raise NotImplementedError("trimkit: nn.MultiheadAttention called with a value different from its key is not "
+                                  "supported (the recomputation projects the key for both)")
     if mask is not None:
         if mask.dim() > 2:
             raise NotImplementedError("trimkit: per-head (3-D) nn.MultiheadAttention masks are not supported")
