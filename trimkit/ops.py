@@ -25,10 +25,9 @@ model.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -558,31 +557,6 @@ def key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 _NO_TRIM = AttnTrim()
 
-# Set by :func:`recomputed_attention`: every call recomputes, untouched ones too.
-_ALWAYS_RECOMPUTE = [False]
-
-
-@contextlib.contextmanager
-def recomputed_attention() -> Iterator[None]:
-    """Within it, :class:`TrimAttention` recomputes every call from its spec, also calls that trim nothing
-    (which otherwise run the module's own forward). ``trimkit check`` uses it so that the batch-1 removal
-    path still tests the :class:`~trimkit.spec.AttentionSpec` against the module; benchmarks use it to
-    measure what the hand-over saves."""
-    before = _ALWAYS_RECOMPUTE[0]
-    _ALWAYS_RECOMPUTE[0] = True
-    try:
-        yield
-    finally:
-        _ALWAYS_RECOMPUTE[0] = before
-
-
-def _untouched(trim: AttnTrim) -> bool:
-    """Whether a call's instructions leave its attention as the module computes it (no key mask, no
-    head mask or kept-head subset, not packed, no probe reading its queries and keys)."""
-    return trim is _NO_TRIM or (trim.key_mask is None and trim.head_mask is None and trim.head_index is None
-                                and trim.head_runs is None and trim.packed is None and trim.sliced is None
-                                and trim.capture is None)
-
 
 class TrimAttention(nn.Module):
     """An attention module recomputed with its own weights, honouring token and head masks.
@@ -666,19 +640,8 @@ class TrimAttention(nn.Module):
 
     def forward(self, *args: Any, trimkit_trim: AttnTrim | None = None, **kwargs: Any) -> Any:
         s = self.spec
-        trim = trimkit_trim or _NO_TRIM
-        m = self.module
-        if (_untouched(trim) and not m.training and not _ALWAYS_RECOMPUTE[0]
-                and not (m._forward_hooks or m._forward_pre_hooks)):
-            # nothing to trim in this call (no key dropped from it, every head kept): the module's own forward is
-            # the function trimkit would recompute, and often one fused kernel (nn.MultiheadAttention's eval fast
-            # path) where the recomputation dispatches ~8 operators, which at small sizes costs more than the
-            # tokens saved elsewhere (benchmarks/placement.py). Not where hooks are on the module: they would fire
-            # for some calls of a forward and not others. Its first output only, in the spec's form, as the
-            # recomputation returns it (no attention weights kept alive or handed to the layer).
-            out = m(*args, **kwargs)
-            return s.output(out[0]) if isinstance(out, tuple) else out
         call = s.inputs(args, kwargs)
+        trim = trimkit_trim or _NO_TRIM
         if trim.packed is not None:
             return s.output(self._packed(call.x, call.context, call.bias, trim))
         x, ctx, bias = call.x, call.context, call.bias
