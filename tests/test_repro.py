@@ -20,7 +20,7 @@ def test_help_lists_the_experiments(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["repro", "--help"])
     text = capsys.readouterr().out
-    for name in ("table6", "table5", "static", "fig4a", "fig7", "fig2", "fig5", "fig6", "switches"):
+    for name in ("table6", "table5", "static", "fig4a", "fig7", "fig2", "fig5", "fig6", "switches", "placement"):
         assert name in text
     with pytest.raises(SystemExit) as err:
         main(["repro", "nonsense"])
@@ -386,6 +386,25 @@ def test_fig4b_runs_on_a_task_config(vqa_files, tmp_path):
     assert all(sum(m) == len(m) // 2 for m in masks.values())  # half of each module's heads, exactly
 
 
+def test_placement_trims_only_where_placed_and_measures_latency(tmp_path):
+    from trimkit_train.repro import run_experiment
+
+    data = run_experiment("placement", tmp_path / "placement", seeds=1, quick=True, steps=1, log=lambda s: None)
+    rows = {r["method"]: r for r in data["rows"]}
+    assert list(rows) == ["every layer (paper)", "first vision layer", "first vision + first text layer"]
+    for r in rows.values():  # each row is timed against the full model, interleaved
+        assert r["latency_ratio"] > 0 and r["latency_ms"] > 0 and r["latency_full_ms"] > 0
+    assert rows["first vision layer"]["keep_heads"] == 1.0 and rows["every layer (paper)"]["keep_heads"] < 1.0
+    # the placement's own calibration, on its one trimmer: the forced reduction is reached from there
+    own = data["own_calibration"]
+    assert {json.dumps(c["calibrate"], sort_keys=True) for c in own.values()} == {
+        json.dumps({"token_layers": ["vision.uni.0"], "trim_heads": False}, sort_keys=True),
+        json.dumps({"token_layers": ["vision.uni.0", "text.cross.0"], "trim_heads": False}, sort_keys=True)}
+    assert all(c["forced_ratio"] > 1.5 for c in own.values())
+    md = (tmp_path / "placement" / "placement.md").read_text()
+    assert "| first vision layer | 2x |" in md and "CPU latency ratio" in md
+
+
 def test_only_runs_the_chosen_rows(tmp_path):
     from trimkit_train.repro import run_experiment
 
@@ -397,7 +416,7 @@ def test_only_runs_the_chosen_rows(tmp_path):
     assert data["command"].endswith("--only sampler=gumbel") and "| sampler=gumbel | 2x |" in (out / "switches.md").read_text()
     with pytest.raises(ValueError, match=r"no configuration labelled \['nonsense'\]; its labels are \['defaults', "):
         run_experiment("switches", tmp_path / "x", only=["nonsense"])
-    with pytest.raises(ValueError, match="needs all its configurations; --only works with table6, static, fig4a, fig4b, switches"):
+    with pytest.raises(ValueError, match="needs all its configurations; --only works with table6, static, fig4a, fig4b, switches, placement"):
         run_experiment("fig5", tmp_path / "y", only=["Local"])
 
 

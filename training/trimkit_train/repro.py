@@ -34,6 +34,9 @@ Experiments (:data:`EXPERIMENTS`):
 * ``fig6``: head retention per attention module over instances at head target 0.5.
 * ``switches``: SmartTrim 2x with each fidelity switch flipped from its default (issue 12.2):
   ``cost_beta``, ``sd_teacher``, ``attention_dropout`` and the sampler, to measure what each changes.
+* ``placement`` (not in the paper): SmartTrim 2x with trimmers in every layer against one token trimmer
+  at the first vision block (and one on the text stream at the first co-attention layer), with CPU
+  batch-1 latency: fewer trimmed layers pay less fixed cost per forward (issue 13).
 
 ``quick=True`` uses the demo's smoke-test sizes (seconds per run: the numbers mean nothing);
 ``steps`` overrides every fine-tune's steps.
@@ -119,6 +122,8 @@ class Experiment:
     # on a task it compares the config's model with a second one (``--high-config``: the same task at a
     # higher input resolution, Table 5); runs with ``data`` use that model
     paired: bool = False
+    # each run's CPU batch-1 latency against the full model is measured too (interleaved; slower)
+    latency: bool = False
 
 
 @dataclass
@@ -276,7 +281,7 @@ def run_experiment(name: str, out_dir: str | Path | None = None, seeds: int = 3,
                 tm = finetune(rb, key, run.policy, ratio, seed=seed, trim_cfg=trim_cfg, recipe=run.recipe,
                               stable_init=run.stable_init, prepare=prepare, log=log)
             # a checkpoint only where trimkit eval can rebuild it (not the backbone itself, nor FTKD's cut model)
-            row = measure(rb, tm, run.method, run.policy, run.ratio, latency=False,
+            row = measure(rb, tm, run.method, run.policy, run.ratio, latency=exp.latency,
                           name=key if run.kind == "trim" else None)
             if rb is not bb:  # MACs against the default backbone's full model, the table's reference row
                 row.update(macs_ratio_own=row["macs_ratio"], macs_ratio=bb.full_eval()["gmacs"] / row["gmacs"],
@@ -863,6 +868,46 @@ def _switches_write(res: Result) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Trimmer placement (not in the paper: what sparser placements cost in accuracy and gain in latency)
+# ------------------------------------------------------------------------------------------------
+#: the placements compared against the paper's (trimmers in every layer), as TrimConfig fields; their keep
+#: targets are calibrated on the placement itself (Run.calibrate) to the same MACs reduction
+PLACEMENTS = {"first vision layer": {"token_layers": ["vision.uni.0"], "trim_heads": False},
+              "first vision + first text layer": {"token_layers": ["vision.uni.0", "text.cross.0"],
+                                                  "trim_heads": False}}
+
+
+def _placement_runs() -> list[Run]:
+    return [Run("every layer (paper)", "cross_modal", 2.0)] + [
+        Run(label, "cross_modal", 2.0, calibrate=fields) for label, fields in PLACEMENTS.items()]
+
+
+def _placement_write(res: Result) -> list[Path]:
+    from .demo import cell
+
+    what = ("Where the trimmers sit, at 2x fewer MACs: the paper's placement (token and head trimmers in every "
+            "layer) against one token trimmer at the first vision block (`TrimConfig(token_layers=[\"vision.uni.0\"], "
+            "trim_heads=False)`; every later layer runs on the tokens it keeps) and that plus one on the text stream at "
+            "the first co-attention layer (`\"text.cross.0\"`), each placement's keep targets calibrated on itself. "
+            "On CPU at this model's size a forward is bound by the operators it dispatches, not its MACs "
+            "(benchmarks/RESULTS.md, layer overhead): fewer trimmed layers pay fewer trimmer calls, host "
+            "synchronisations and gathers. 'CPU latency ratio': median full / median trimmed, batch 1, interleaved "
+            "(above 1: faster than the full model).")
+    lines = ["| placement | MACs target | accuracy | Δ vs full | MACs ratio | CPU latency ratio | kept vision tokens | "
+             "kept heads |", "|---|---|---|---|---|---|---|---|",
+             f"| {_full_label(res)} | - | {100 * res.full['accuracy']:.1f} | - | 1.00x | 1.00x | 1.00 | 1.00 |"]
+    for r in res.rows:
+        d = _delta(r, res.full)
+        lines.append(f"| {r['method']} | {r['target']:g}x | {cell(r, 'accuracy', '.1f', 100)} | "
+                     f"{cell(d, 'delta', '+.1f', 100)} | {cell(r, 'macs_ratio', '.2f', suffix='x')} | "
+                     f"{cell(r, 'latency_ratio', '.2f', suffix='x')} | {cell(r, 'keep_vision', '.2f')} | "
+                     f"{cell(r, 'keep_heads', '.2f')} |")
+    path = res.out / "placement.md"
+    path.write_text(_header(res, what) + "\n".join(lines) + "\n")
+    return [path]
+
+
+# ------------------------------------------------------------------------------------------------
 # Figure 2: token and head similarity per layer (Appendix A), on the untrimmed backbone
 # ------------------------------------------------------------------------------------------------
 def _fig2_runs() -> list[Run]:
@@ -1218,4 +1263,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "switches": Experiment("switches", "Fidelity switches at 2x",
                            "SmartTrim 2x with each fidelity switch (cost_beta, sd_teacher, attention_dropout, "
                            "sampler) flipped", _switches_runs, _switches_write, any_task=True, subsets=True),
+    "placement": Experiment("placement", "Trimmer placement at 2x: accuracy and CPU latency",
+                            "SmartTrim 2x with trimmers in every layer (the paper's) vs one token trimmer at the "
+                            "first vision block (and one at the first text co-attention layer), accuracy and CPU "
+                            "batch-1 latency against the full model", _placement_runs, _placement_write,
+                            subsets=True, latency=True),
 }
