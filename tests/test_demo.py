@@ -76,3 +76,10 @@ def test_calibrate_returns_the_nearest_tried_strength(monkeypatch):
     out = demo.calibrate(Stub(), [None] * 4, 1.5, instances=2, iterations=12)
     assert out["forced_ratio"] == pytest.approx(1.6)
     assert 0.5 < out["strength"] <= 0.625
+
+
+def test_results_explain_a_latency_ratio_below_one_only_where_there_is_one():
+    from trimkit_train.demo import _latency_note
+
+    assert "bound by the operators it dispatches" in _latency_note([{"latency_ratio": 1.0}, {"latency_ratio": 0.7}])
+    assert _latency_note([{"latency_ratio": 1.0}, {"latency_ratio": 1.3}, {"latency_ratio": None}]) == ""

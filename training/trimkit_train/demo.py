@@ -728,7 +728,20 @@ def _report(table: str, result: dict[str, Any]) -> str:
             f"removed (trimkit.macs.count_macs); the latency ratio is the CPU batch-1 median, full vs trimmed, "
             f"measured interleaved on the same inputs ({result['torch_threads']} threads). Total wall time "
             f"{result['wall_s']:.0f} s." + (f" Mean ± standard deviation over {result['seeds']} fine-tune seeds "
-            f"(one backbone)." if result.get("seeds", 1) > 1 else "") + f"\n\n{table}\n")
+            f"(one backbone)." if result.get("seeds", 1) > 1 else "") + f"\n\n{table}\n" + _latency_note(result["rows"]))
+
+
+def _latency_note(rows: list[dict[str, Any]]) -> str:
+    """Why a CPU latency ratio below 1 is what this model's size gives (said only where one is)."""
+    slower = [r for r in rows if r.get("latency_ratio") is not None and r["latency_ratio"] < 1]
+    if not slower:
+        return ""
+    return ("\nLatency ratios below 1 (trimmed slower than full): at this model's size a CPU forward is bound by "
+            "the operators it dispatches, not by its MACs, so the trimmers' fixed cost per trimmed layer outweighs "
+            "the compute they save. benchmarks/RESULTS.md, \"Trimmer placement\", measures the ceiling of any token "
+            "pruning at this size (the full model built for fewer image tokens), the placement that comes closest "
+            "(`trimkit repro placement`), and the METER-base size where the same engine is faster than the full "
+            "model.\n")
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: str | Path) -> Path:
