@@ -88,6 +88,37 @@ def test_fig4a_and_fig7_write_their_plots(tmp_path, monkeypatch):
     md = (tmp_path / "fig7" / "fig7.md").read_text()
     assert "Cheapest" in md and "Dearest" in md and "question" in md
     assert (tmp_path / "fig7" / "fig7.png").stat().st_size > 0
+    # hardness measured on the full model for the same instances, and its correlation with compute tabled
+    hard = f7["full_model"]
+    assert len(hard["loss"]) == len(hard["right"]) == len(g)
+    assert "Spearman rho" in md and "wrong / right" in md
+
+
+def test_full_model_difficulty_is_the_full_models_loss_per_instance():
+    """A model that is sure and right on even items and sure and wrong on odd ones: hardness must say so, and
+    a compute that follows it must correlate positively."""
+    import torch
+    from trimkit_train.repro import full_model_difficulty, spearman
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            right = (x[:, 0] % 2 == 0).float()
+            return torch.stack([10 * right - 5, 5 - 10 * right], dim=1)  # label 0 is the right answer
+
+    class Data:
+        collate_fn = staticmethod(lambda items: {"x": torch.stack([i["x"] for i in items]),
+                                                 "labels": torch.stack([i["labels"] for i in items])})
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return {"x": torch.tensor([float(i)]), "labels": torch.tensor(0)}
+
+    hard = full_model_difficulty(Net(), Data(), 5, batch_size=2)
+    assert hard["right"] == [True, False, True, False, True]
+    assert all(hard["loss"][i] < 0.01 for i in (0, 2, 4)) and all(hard["loss"][i] > 9 for i in (1, 3))
+    assert spearman([0.1, 0.3, 0.1, 0.3, 0.1], hard["loss"]) > 0.9
 
 
 def test_fig4b_static_head_baselines_keep_what_they_chose(tmp_path, monkeypatch):

@@ -776,6 +776,47 @@ def per_instance_gmacs(tmodel: Any, dataset: Any, instances: int) -> list[float]
                 for i in range(min(instances, len(dataset)))]
 
 
+def full_model_difficulty(net: Any, dataset: Any, instances: int, batch_size: int = 64) -> dict[str, list] | None:
+    """How hard each of the first ``instances`` items is for the untrimmed model: its cross-entropy on the
+    item's label and whether its top answer is right. ``None`` where the task is not single-label
+    classification (no integer ``labels`` of one per item, or logits that are not (B, classes))."""
+    import torch
+    import torch.nn.functional as F
+
+    from .trainer import _logits, collate_of, model_inputs
+
+    collate, n = collate_of(dataset), min(instances, len(dataset))
+    loss, right = [], []
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                batch = collate([dataset[i] for i in range(start, min(n, start + batch_size))])
+                labels = batch.get("labels") if isinstance(batch, dict) else None
+                if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype != torch.long:
+                    return None
+                logits = _logits(net(**model_inputs(net, batch)))
+                if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+                    return None
+                loss += F.cross_entropy(logits.float(), labels, reduction="none").tolist()
+                right += (logits.argmax(-1) == labels).tolist()
+    finally:
+        net.train(was)
+    return {"loss": loss, "right": right}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists (nan where either is constant)."""
+    import warnings
+
+    from scipy.stats import spearmanr  # scikit-learn's dependency (the train extra)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant input: nan, said as such in the table
+        return float(spearmanr(a, b).statistic)
+
+
 def _fig7_runs() -> list[Run]:
     return [Run("SmartTrim", "cross_modal", 2.0)]
 
@@ -795,7 +836,15 @@ def _fig7_write(res: Result) -> list[Path]:
         std = (sum((x - mean) ** 2 for x in g) / max(1, len(g) - 1)) ** 0.5
         stats.append({"seed": s, "mean": mean, "std": std, "min": min(g), "max": max(g), "spread": max(g) / min(g)})
     agg: dict[str, Any] = {"seeds": res.seeds}
-    for key in ("mean", "std", "spread"):
+    # harder instances get more compute? hardness = the untrimmed model's loss on the item (and whether it is wrong)
+    hard = full_model_difficulty(bb.net, ds, n)
+    if hard is not None:
+        for st, g in zip(stats, per_seed.values()):
+            wrong = [x for x, ok in zip(g, hard["right"]) if not ok]
+            ok = [x for x, r in zip(g, hard["right"]) if r]
+            st.update(rho=spearman(g, hard["loss"]),
+                      wrong_over_right=(sum(wrong) / len(wrong)) / (sum(ok) / len(ok)) if wrong and ok else float("nan"))
+    for key in ("mean", "std", "spread") + (("rho", "wrong_over_right") if hard is not None else ()):
         vals = [st[key] for st in stats]
         m = sum(vals) / len(vals)
         agg[key] = m
@@ -803,7 +852,8 @@ def _fig7_write(res: Result) -> list[Path]:
     g0 = per_seed[0]
     order = sorted(range(len(g0)), key=lambda i: g0[i])
     cheap, dear = order[:FIG7_SHOW], order[-FIG7_SHOW:][::-1]
-    res.extra["fig7"] = {"instances": n, "per_seed_gmacs": per_seed, "stats": stats, "cheapest": cheap, "dearest": dear}
+    res.extra["fig7"] = {"instances": n, "per_seed_gmacs": per_seed, "stats": stats, "cheapest": cheap, "dearest": dear,
+                         "full_model": hard}
 
     def describe(i: int) -> str:
         d = ds.describe(i) if hasattr(ds, "describe") else {}
@@ -818,6 +868,14 @@ def _fig7_write(res: Result) -> list[Path]:
              f"| mean GMACs / instance | {cell(agg, 'mean', '.5f')} |\n"
              f"| std of GMACs over instances | {cell(agg, 'std', '.5f')} |\n"
              f"| dearest / cheapest instance | {cell(agg, 'spread', '.2f', suffix='x')} |\n")
+    if hard is not None:
+        table += (f"| Spearman rho, GMACs vs the full model's loss on the instance | {cell(agg, 'rho', '+.2f')} |\n"
+                  f"| mean GMACs, instances the full model gets wrong / right "
+                  f"({len(hard['right']) - sum(hard['right'])} / {sum(hard['right'])}) | "
+                  f"{cell(agg, 'wrong_over_right', '.3f', suffix='x')} |\n")
+        what += (" Harder instances get more compute? Hardness is measured on the untrimmed backbone: its "
+                 "cross-entropy on each instance (a positive rank correlation: the instances it finds harder "
+                 "are given more GMACs) and whether its answer is wrong.")
     lists = ("\n**Cheapest (seed 0):**\n\n" + "\n".join(f"- {describe(i)}" for i in cheap) +
              "\n\n**Dearest (seed 0):**\n\n" + "\n".join(f"- {describe(i)}" for i in dear) + "\n")
     md = res.out / "fig7.md"
