@@ -535,3 +535,19 @@ def test_unreadable_pickle_explains_how_to_extract(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=1e-5)}, path)  # not weights-only
     with pytest.raises(MeterCheckpointError, match="weights_only"):
         load_meter_checkpoint(path, _model())
+
+
+def test_multihead_attention_with_a_value_other_than_its_key_is_refused():
+    """trimkit's recomputation of an nn.MultiheadAttention call projects its key for keys and values: a call
+    with another value would be silently wrong, so it is refused by name; value = key is the context."""
+    from trimkit.spec import multihead_attention
+
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    spec = multihead_attention("attn", mha, kind="cross")
+    q, k, v = torch.randn(1, 3, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    with pytest.raises(NotImplementedError, match="value different from its key"):
+        spec.inputs((q, k, v), {})
+    with pytest.raises(NotImplementedError, match="value different from its key"):
+        spec.inputs((q,), {"key": k, "value": v})
+    assert spec.inputs((q, k, k), {}).context is k
+    assert spec.inputs((q, q, q), {}).context is None  # self-attention

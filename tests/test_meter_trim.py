@@ -137,8 +137,9 @@ def test_borrowed_modules_are_registered_once_and_copied_with_the_model():
 def test_layers_without_trimmers_run_on_the_kept_tokens_without_deciding():
     """Sparse placement (one token trimmer, at the first vision block; no head trimmers): mode remove makes
     one decision, and every vision block's attention runs on the tokens that decision kept (the decision
-    is taken at the first block's input). Guards: that the blocks really see fewer tokens than in the
-    masked forward, that the result is the masked forward's, and that the full model is untouched."""
+    is taken at the first block's input). Guards: that only the trimmed layer goes through the decision
+    path, that the blocks really see fewer tokens than in the masked forward, that the result is the
+    masked forward's, and that the full model is untouched."""
     from unittest import mock
 
     from trimkit.ops import TrimAttention
@@ -155,8 +156,18 @@ def test_layers_without_trimmers_run_on_the_kept_tokens_without_deciding():
             seen[block_of[id(self.module)]] = args[0].shape[1]
         return forward(self, *args, **kwargs)
 
+    from trimkit.layer import TrimmedLayer
+
+    decided: list[str] = []  # layers that took the decision path (a [CLS] context for trimmers) in mode remove
+    context = TrimmedLayer._cls_context
+
+    def deciding(self, *args, **kwargs):
+        decided.append(self.spec.path)
+        return context(self, *args, **kwargs)
+
     one = meter_example_inputs(model, batch_size=1, seed=1)
-    with torch.no_grad(), mock.patch.object(TrimAttention, "forward", spy):
+    with torch.no_grad(), mock.patch.object(TrimAttention, "forward", spy), \
+            mock.patch.object(TrimmedLayer, "_cls_context", deciding):
         for p in tmodel.trimmers.parameters():
             p.normal_(0, 0.5)
         with tmodel.full():
@@ -165,7 +176,10 @@ def test_layers_without_trimmers_run_on_the_kept_tokens_without_deciding():
             masked = tmodel(**one)
         masked_seen = dict(seen)
         seen.clear()
+        decided.clear()
         removed = tmodel(**one)  # eval at batch 1: physical removal
+    # only the layer with a trimmer went through the decision (summary, logits, host sync); the rest skipped it
+    assert len(decided) == 1, decided
     records = [r for r in tmodel.records if r.kind == "token"]
     assert len(records) == 1 and float(records[0].keep) < 1.0  # one decision, and it dropped tokens
     n = masked_seen[0]  # masks keep every token in place

@@ -119,6 +119,21 @@ def test_full_model_difficulty_is_the_full_models_loss_per_instance():
     assert hard["right"] == [True, False, True, False, True]
     assert all(hard["loss"][i] < 0.01 for i in (0, 2, 4)) and all(hard["loss"][i] > 9 for i in (1, 3))
     assert spearman([0.1, 0.3, 0.1, 0.3, 0.1], hard["loss"]) > 0.9
+    assert spearman([0.1, 0.3, float("nan"), 0.2], [1.0, 3.0, 2.0, 2.0]) == pytest.approx(1.0)  # nan pair left out
+
+    class Ignored(Data):  # ignore-index labels: not one class per item
+        def __getitem__(self, i):
+            return {"x": torch.tensor([float(i)]), "labels": torch.tensor(-100 if i == 3 else 0)}
+
+    class Float(Data):  # regression-style targets
+        def __getitem__(self, i):
+            return {"x": torch.tensor([float(i)]), "labels": torch.tensor(0.5)}
+
+    class Tuple(Data):
+        collate_fn = staticmethod(lambda items: (torch.stack([i["x"] for i in items]),))
+
+    for data in (Ignored(), Float(), Tuple()):
+        assert full_model_difficulty(Net(), data, 5, batch_size=4) is None, type(data).__name__
 
 
 def test_fig4b_static_head_baselines_keep_what_they_chose(tmp_path, monkeypatch):

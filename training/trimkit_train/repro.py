@@ -779,7 +779,8 @@ def per_instance_gmacs(tmodel: Any, dataset: Any, instances: int) -> list[float]
 def full_model_difficulty(net: Any, dataset: Any, instances: int, batch_size: int = 64) -> dict[str, list] | None:
     """How hard each of the first ``instances`` items is for the untrimmed model: its cross-entropy on the
     item's label and whether its top answer is right. ``None`` where the task is not single-label
-    classification (no integer ``labels`` of one per item, or logits that are not (B, classes))."""
+    classification (no integer ``labels`` of one per item in ``[0, classes)``, or logits that are not
+    (B, classes)). A non-finite loss (the model's logits) is given as is; :func:`spearman` leaves it out."""
     import torch
     import torch.nn.functional as F
 
@@ -797,8 +798,9 @@ def full_model_difficulty(net: Any, dataset: Any, instances: int, batch_size: in
                 if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype != torch.long:
                     return None
                 logits = _logits(net(**model_inputs(net, batch)))
-                if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
-                    return None
+                if (logits.dim() != 2 or logits.shape[0] != labels.shape[0]
+                        or int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+                    return None  # not one class per item among the logits (e.g. ignore-index labels, a 1-logit head)
                 loss += F.cross_entropy(logits.float(), labels, reduction="none").tolist()
                 right += (logits.argmax(-1) == labels).tolist()
     finally:
@@ -807,14 +809,19 @@ def full_model_difficulty(net: Any, dataset: Any, instances: int, batch_size: in
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation of two equally long lists (nan where either is constant)."""
+    """Spearman's rank correlation of two equally long lists, over the pairs where both are finite (nan where
+    fewer than 3 are, or either side is constant)."""
+    import math
     import warnings
 
     from scipy.stats import spearmanr  # scikit-learn's dependency (the train extra)
 
+    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+    if len(pairs) < 3:
+        return float("nan")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a constant input: nan, said as such in the table
-        return float(spearmanr(a, b).statistic)
+        warnings.simplefilter("ignore")  # a constant input: nan
+        return float(spearmanr([x for x, _ in pairs], [y for _, y in pairs])[0])
 
 
 def _fig7_runs() -> list[Run]:
@@ -869,6 +876,7 @@ def _fig7_write(res: Result) -> list[Path]:
              f"| std of GMACs over instances | {cell(agg, 'std', '.5f')} |\n"
              f"| dearest / cheapest instance | {cell(agg, 'spread', '.2f', suffix='x')} |\n")
     if hard is not None:
+        # nan: every instance's compute, or every loss, the same (or the full model all right / all wrong below)
         table += (f"| Spearman rho, GMACs vs the full model's loss on the instance | {cell(agg, 'rho', '+.2f')} |\n"
                   f"| mean GMACs, instances the full model gets wrong / right "
                   f"({len(hard['right']) - sum(hard['right'])} / {sum(hard['right'])}) | "
