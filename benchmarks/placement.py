@@ -20,8 +20,9 @@ of that fixed cost. For each size and each placement, untrained trimmers are cal
 
 A second table gives the ceiling of any token pruning at each size: the full model itself, built
 for a smaller image (fewer patch tokens from the input on, so no trimmer, decision or gather at
-all), timed interleaved against the same model at its own resolution. No trimmed model can beat
-that speed for the MACs it saves (``--no-ceiling`` leaves it out).
+all), timed interleaved against the same model at its own resolution: about the best a pruned
+forward saving those MACs in the vision stream can do (an approximate bound: placements that also
+prune text tokens save MACs this table does not; ``--no-ceiling`` leaves it out).
 
 This measures speed only; what a placement costs in accuracy is a training question:
 ``trimkit repro placement`` fine-tunes each placement on digit-grid.
@@ -73,7 +74,7 @@ def measure(size: str, placement: str, reduction: float, repeats: int, instances
             str(layers)]
 
 
-CEILING_IMAGES = {"tiny": (64, 48, 32), "demo": (64, 48, 32), "base": (288, 208)}
+CEILING_IMAGES = {"tiny": (64, 48, 32), "demo": (64, 48, 32), "base": (288, 208, 192)}
 """Image sizes of the ceiling table, per model size (the first is the model's own)."""
 
 
@@ -129,7 +130,8 @@ def main() -> None:
     ceiling_table = "" if not ceil else f"""
 Ceiling of token pruning: the full model built for a smaller image (fewer vision tokens from the
 input on; no trimmer, decision or gather), interleaved against the same model at its own
-resolution. A trimmed model saving the same MACs cannot run faster than this.
+resolution: about the best speed a forward that saves those MACs by dropping vision tokens can reach
+(approximate: a placement that also drops text tokens saves MACs this table does not).
 
 {common.table(["size", "image", "vision tokens", "MACs ratio", "own ms", "smaller ms", "speed ratio", "speed/MACs"], ceil)}
 """
